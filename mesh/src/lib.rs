@@ -1,0 +1,68 @@
+//! The words every Kanava component shares.
+//!
+//! - [`Identity`]: a workload's SPIFFE identity, the thing mTLS proves.
+//! - [`Workload`]: a pod as the data plane sees it.
+//! - [`names`], [`ports`], [`marks`]: values fixed for users and for
+//!   compatibility with Istio ambient (see `DESIGN.md`).
+//!
+//! Conversions to and from the wire types of [`kanava_proto`] live beside the
+//! types, so each component validates what it receives the same way.
+
+mod error;
+mod identity;
+mod workload;
+
+pub use error::Error;
+pub use identity::{DEFAULT_TRUST_DOMAIN, Identity};
+pub use workload::{TunnelProtocol, Workload};
+
+/// Labels and other names users see.
+pub mod names {
+    /// Label on a Namespace that enrolls its pods (value [`AMBIENT`]), or on a
+    /// Pod that opts it out (value [`NONE`]).
+    pub const DATAPLANE_MODE_LABEL: &str = "kanava.io/dataplane-mode";
+    /// Value of [`DATAPLANE_MODE_LABEL`] that enrolls a namespace.
+    pub const AMBIENT: &str = "ambient";
+    /// Value of [`DATAPLANE_MODE_LABEL`] that opts a pod out.
+    pub const NONE: &str = "none";
+    /// Namespace the mesh's own components run in.
+    pub const SYSTEM_NAMESPACE: &str = "kanava-system";
+    /// Service account assumed when a pod names none.
+    pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+    /// DNS name in the control plane's serving certificate, and the name a
+    /// ztunnel verifies by default.
+    pub const CONTROL_PLANE_SERVER_NAME: &str = "kanava-control-plane.kanava-system.svc";
+}
+
+/// Well-known ports.
+pub mod ports {
+    /// ztunnel admin API (node network namespace, localhost only).
+    pub const ADMIN: u16 = 15000;
+    /// Outbound capture listener inside each enrolled pod.
+    pub const OUTBOUND: u16 = 15001;
+    /// Inbound plaintext capture listener inside each enrolled pod.
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    /// HBONE (mTLS tunnel) listener inside each enrolled pod.
+    pub const HBONE: u16 = 15008;
+    /// Control plane gRPC: discovery and certificates, over TLS.
+    pub const CONTROL_PLANE: u16 = 15012;
+    /// ztunnel Prometheus metrics.
+    pub const METRICS: u16 = 15020;
+    /// ztunnel readiness.
+    pub const READINESS: u16 = 15021;
+}
+
+/// Packet marks shared by the ztunnel's sockets and the capture rules.
+pub mod marks {
+    /// Mark on every socket the ztunnel opens; capture rules exempt it, so
+    /// the proxy's own traffic is never redirected back to itself.
+    pub const PROXY: u32 = 0x539;
+    /// Connection mark for connections the ztunnel made with a spoofed
+    /// source address; replies carrying it are routed back to the ztunnel.
+    pub const ORIGINAL_SOURCE: u32 = 0x111;
+    /// Bits of the mark that Kanava owns.
+    pub const MASK: u32 = 0xfff;
+    /// Routing table (in the pod's namespace) that delivers marked replies
+    /// locally.
+    pub const ROUTE_TABLE: u32 = 100;
+}

@@ -1,0 +1,171 @@
+//! A Unix `SOCK_SEQPACKET` socket that can carry file descriptors.
+//!
+//! Sequenced packets keep message boundaries (one protobuf message per
+//! packet, no framing of our own) and descriptors travel in the same packet
+//! as the message that explains them. The standard library offers neither,
+//! so this wraps the system calls through `rustix`, which hands back owned
+//! descriptors and needs no `unsafe` here.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType, sockopt,
+};
+
+/// Largest message accepted; handoff messages are a few hundred bytes.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Most descriptors accepted with one message.
+const MAX_FDS: usize = 4;
+
+/// A listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+}
+
+impl Listener {
+    /// Binds `path` (replacing a stale socket file) and listens.
+    pub fn bind(path: &Path) -> std::io::Result<Self> {
+        if path.exists() {
+            std::fs::remove_file(path)?;
+        }
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+        rustix::net::listen(&fd, 64)?;
+        Ok(Listener { fd })
+    }
+
+    /// Waits for the next connection.
+    pub fn accept(&self) -> std::io::Result<Conn> {
+        let fd = rustix::net::accept_with(&self.fd, SocketFlags::CLOEXEC)?;
+        Ok(Conn { fd })
+    }
+}
+
+/// One connection.
+#[derive(Debug)]
+pub struct Conn {
+    fd: OwnedFd,
+}
+
+impl Conn {
+    /// Connects to a listener at `path`.
+    pub fn connect(path: &Path) -> std::io::Result<Self> {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )?;
+        rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+        Ok(Conn { fd })
+    }
+
+    /// Bounds how long `recv` waits (`None`: forever).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        sockopt::set_socket_timeout(&self.fd, sockopt::Timeout::Recv, timeout)?;
+        Ok(())
+    }
+
+    /// Sends one message, with `fds` attached.
+    pub fn send(&self, message: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(std::io::Error::other(
+                "too many descriptors for one message",
+            ));
+        }
+        let sent = rustix::net::sendmsg(
+            &self.fd,
+            &[IoSlice::new(message)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?;
+        if sent != message.len() {
+            return Err(std::io::Error::other("message truncated on send"));
+        }
+        Ok(())
+    }
+
+    /// Receives one message and the descriptors attached to it. An empty
+    /// message means the peer closed the connection.
+    pub fn recv(&self) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let received = rustix::net::recvmsg(
+            &self.fd,
+            &mut [IoSliceMut::new(&mut buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        let mut fds = Vec::new();
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(received_fds) = message {
+                fds.extend(received_fds);
+            }
+        }
+        if received.flags.contains(rustix::net::ReturnFlags::TRUNC)
+            || received.flags.contains(rustix::net::ReturnFlags::CTRUNC)
+        {
+            return Err(std::io::Error::other(format!(
+                "message larger than {MAX_MESSAGE} bytes or with more than {MAX_FDS} descriptors"
+            )));
+        }
+        buf.truncate(received.bytes);
+        Ok((buf, fds))
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carries_messages_and_descriptors() {
+        let dir = std::env::temp_dir().join(format!("kanava-seqpacket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = Listener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let conn = listener.accept().unwrap();
+            let (msg, fds) = conn.recv().unwrap();
+            assert_eq!(msg, b"hello");
+            assert_eq!(fds.len(), 1);
+            let file = std::fs::File::from(fds.into_iter().next().unwrap());
+            let len = file.metadata().unwrap().len();
+            conn.send(format!("{len}").as_bytes(), &[]).unwrap();
+            let (end, _) = conn.recv().unwrap();
+            assert!(end.is_empty(), "close reads as an empty message");
+        });
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        let conn = Conn::connect(&path).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conn.send(b"hello", &[file.as_fd()]).unwrap();
+        let (reply, _) = conn.recv().unwrap();
+        assert_eq!(
+            String::from_utf8(reply).unwrap(),
+            file.metadata().unwrap().len().to_string()
+        );
+        drop(conn);
+        server.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

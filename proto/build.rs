@@ -1,0 +1,19 @@
+//! Compiles `kanava/v1/*.proto` with `protox` (pure Rust), so building Kanava
+//! needs no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "kanava/v1/discovery.proto",
+        "kanava/v1/certificates.proto",
+        "kanava/v1/handoff.proto",
+    ];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(files, ["."])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

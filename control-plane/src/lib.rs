@@ -1,1 +1,75 @@
+//! Kanava's control plane.
+//!
+//! ```text
+//!  source ──► translate ──► store ──► discovery ──► every ztunnel
+//!  (manifest dir,          (versioned    (xDS-like gRPC stream)
+//!   later Kubernetes)       snapshot +
+//!                           deltas)  ──► certificates (the mesh CA)
+//! ```
+//!
+//! - [`source`]: where cluster objects come from. A directory of Kubernetes
+//!   manifests, watched for changes; the Kubernetes API source feeds the same
+//!   [`source::ClusterObjects`].
+//! - [`translate`]: Kubernetes objects → mesh model (workloads).
+//! - [`store`]: the current mesh state, its version, and the changes between
+//!   versions, computed once and shared by every stream.
+//! - [`discovery`]: the gRPC service ztunnels subscribe to.
+//! - [`ca`] and [`certificates`]: the certificate authority and the gRPC
+//!   service that signs workload certificates for the node that runs them.
+//! - [`auth`]: how a ztunnel proves which node it speaks for.
+//! - [`server`]: TLS listener and gRPC router.
 
+pub mod auth;
+pub mod ca;
+pub mod certificates;
+pub mod config;
+pub mod discovery;
+mod error;
+pub mod server;
+pub mod source;
+pub mod store;
+pub mod translate;
+
+use std::sync::Arc;
+
+pub use config::Config;
+pub use error::Error;
+use tokio_util::sync::CancellationToken;
+
+/// Runs the control plane until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let translate = translate::TranslateConfig {
+        trust_domain: config.trust_domain.clone(),
+    };
+    let ca = Arc::new(ca::CertificateAuthority::load_or_create(
+        &config.ca_dir,
+        &config.trust_domain,
+    )?);
+    let auth = Arc::new(auth::NodeAuthenticator::from_file(
+        &config.node_tokens_file,
+    )?);
+    let store = Arc::new(store::Store::new());
+
+    let (objects_tx, mut objects_rx) =
+        tokio::sync::watch::channel(source::ClusterObjects::default());
+    let watcher = source::manifests::watch(config.manifest_dir.clone(), objects_tx)?;
+
+    // Translate every new view of the cluster into the store.
+    let translator_store = store.clone();
+    let translator = tokio::spawn(async move {
+        while objects_rx.changed().await.is_ok() {
+            let objects = objects_rx.borrow_and_update().clone();
+            let state = translate::translate(&objects, &translate);
+            for problem in &state.problems {
+                tracing::warn!(%problem, "object skipped");
+            }
+            translator_store.replace(state.workloads);
+        }
+    });
+
+    let server = server::Server::new(&config, ca, auth, store)?;
+    let result = server.serve(shutdown).await;
+    translator.abort();
+    drop(watcher);
+    result
+}

@@ -66,3 +66,48 @@ pub mod marks {
     /// locally.
     pub const ROUTE_TABLE: u32 = 100;
 }
+
+/// Whether a pod is enrolled in the mesh: its namespace is labelled
+/// `kanava.io/dataplane-mode=ambient` and the pod does not opt out with
+/// `kanava.io/dataplane-mode=none`.
+///
+/// The one rule shared by the control plane (which tells peers to use HBONE)
+/// and by whoever hands pods to the ztunnel (which captures them).
+pub fn is_enrolled(
+    namespace_labels: Option<&std::collections::BTreeMap<String, String>>,
+    pod_labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> bool {
+    fn mode(labels: Option<&std::collections::BTreeMap<String, String>>) -> Option<&str> {
+        labels.and_then(|l| l.get(names::DATAPLANE_MODE_LABEL).map(String::as_str))
+    }
+    mode(namespace_labels) == Some(names::AMBIENT) && mode(pod_labels) != Some(names::NONE)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn labels(value: Option<&str>) -> BTreeMap<String, String> {
+        value
+            .map(|v| [(names::DATAPLANE_MODE_LABEL.to_string(), v.to_string())].into())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn enrollment_follows_namespace_label_and_pod_opt_out() {
+        let ambient = labels(Some("ambient"));
+        let none = labels(Some("none"));
+        let empty = labels(None);
+        assert!(is_enrolled(Some(&ambient), Some(&empty)));
+        assert!(is_enrolled(Some(&ambient), None));
+        assert!(!is_enrolled(Some(&ambient), Some(&none)));
+        assert!(
+            !is_enrolled(Some(&empty), Some(&ambient)),
+            "pods cannot enroll themselves"
+        );
+        assert!(!is_enrolled(None, None));
+        assert!(!is_enrolled(Some(&labels(Some("sidecar"))), None));
+    }
+}

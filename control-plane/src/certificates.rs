@@ -1,0 +1,89 @@
+//! The certificate service: signs workload certificates, only for the node
+//! that runs the workload.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use kanava_mesh::Identity;
+use kanava_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::Error;
+use crate::auth::NodeAuthenticator;
+use crate::ca::CertificateAuthority;
+use crate::store::Store;
+
+pub struct CertificateService {
+    ca: Arc<CertificateAuthority>,
+    auth: Arc<NodeAuthenticator>,
+    store: Arc<Store>,
+    default_ttl: Duration,
+    max_ttl: Duration,
+}
+
+impl CertificateService {
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        auth: Arc<NodeAuthenticator>,
+        store: Arc<Store>,
+        default_ttl: Duration,
+        max_ttl: Duration,
+    ) -> Self {
+        CertificateService {
+            ca,
+            auth,
+            store,
+            default_ttl,
+            max_ttl,
+        }
+    }
+
+    fn sign(&self, node: &str, request: &pb::SignRequest) -> Result<pb::SignResponse, Error> {
+        let identity: Identity = request.identity.parse()?;
+        if identity.trust_domain() != self.ca.trust_domain() {
+            return Err(Error::ForeignTrustDomain {
+                identity: identity.to_string(),
+                trust_domain: self.ca.trust_domain().to_string(),
+            });
+        }
+        if !self.store.snapshot().node_runs(node, &identity) {
+            return Err(Error::NotOnNode {
+                identity: identity.to_string(),
+                node: node.to_string(),
+            });
+        }
+        let ttl = match request.ttl_seconds {
+            0 => self.default_ttl,
+            secs => Duration::from_secs(secs).min(self.max_ttl),
+        };
+        let issued = self.ca.sign_workload(&request.csr, &identity, ttl)?;
+        let not_after = issued
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        tracing::info!(%node, %identity, ttl = ?ttl, "signed workload certificate");
+        Ok(pb::SignResponse {
+            cert_chain: issued.chain_pem,
+            trust_roots: vec![self.ca.root_pem().to_string()],
+            not_after_unix: not_after,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::certificates_server::Certificates for CertificateService {
+    async fn sign(
+        &self,
+        request: Request<pb::SignRequest>,
+    ) -> Result<Response<pb::SignResponse>, Status> {
+        let node = self.auth.authenticate(request.metadata())?;
+        match self.sign(&node, request.get_ref()) {
+            Ok(response) => Ok(Response::new(response)),
+            Err(error) => {
+                tracing::warn!(%node, identity = %request.get_ref().identity, %error, "certificate request refused");
+                Err(error.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Where the control plane learns what exists in the cluster.
+//!
+//! Every source produces the same thing, a [`ClusterObjects`] view made of
+//! the Kubernetes API's own types, so everything downstream (translation,
+//! validation, discovery) is shared between production and the lab.
+
+pub mod manifests;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+
+/// `namespace/name` of a namespaced object.
+pub type ObjectKey = (String, String);
+
+/// The cluster objects the mesh cares about, as the API server would return
+/// them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterObjects {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub services: BTreeMap<ObjectKey, Service>,
+}
+
+/// One object read from a manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+            Object::Service(_) => "Service",
+        }
+    }
+
+    /// `Kind namespace/name` (or `Kind name` for cluster-scoped objects).
+    pub fn describe(&self) -> String {
+        let meta = match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+        };
+        let name = meta.name.as_deref().unwrap_or("<unnamed>");
+        match (&meta.namespace, self) {
+            (_, Object::Namespace(_)) => format!("Namespace {name}"),
+            (Some(ns), _) => format!("{} {ns}/{name}", self.kind()),
+            (None, _) => format!("{} default/{name}", self.kind()),
+        }
+    }
+}
+
+/// A manifest that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("document {document}{}: {reason}", kind.as_ref().map(|k| format!(" ({k})")).unwrap_or_default())]
+pub struct ManifestError {
+    /// 1-based position of the YAML document in its file.
+    pub document: usize,
+    /// `kind` of the document, when it has one.
+    pub kind: Option<String>,
+    pub reason: String,
+}
+
+/// A document of a kind the mesh does not use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Other {
+    pub document: usize,
+    pub kind: String,
+    /// The whole document, for callers that understand more kinds.
+    pub value: serde_yaml::Value,
+}
+
+/// Reads a multi-document YAML (or JSON) stream of Kubernetes objects.
+///
+/// Namespaced objects without `metadata.namespace` land in `default`, as
+/// `kubectl apply` would put them. Documents of other kinds are returned in
+/// the second list for the caller to use or ignore.
+pub fn parse_manifests(text: &str) -> Result<(Vec<Object>, Vec<Other>), ManifestError> {
+    use serde::Deserialize;
+
+    let mut objects = Vec::new();
+    let mut others = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let number = index + 1;
+        let value = serde_yaml::Value::deserialize(document).map_err(|e| ManifestError {
+            document: number,
+            kind: None,
+            reason: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing `---`
+        }
+        let kind = value
+            .get("kind")
+            .and_then(serde_yaml::Value::as_str)
+            .ok_or_else(|| ManifestError {
+                document: number,
+                kind: None,
+                reason: "missing `kind`".into(),
+            })?
+            .to_string();
+        let error = |e: serde_yaml::Error| ManifestError {
+            document: number,
+            kind: Some(kind.clone()),
+            reason: e.to_string(),
+        };
+        let object = match kind.as_str() {
+            "Namespace" => {
+                Object::Namespace(Box::new(serde_yaml::from_value(value).map_err(error)?))
+            }
+            "Pod" => {
+                let mut pod: Pod = serde_yaml::from_value(value).map_err(error)?;
+                pod.metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".into());
+                Object::Pod(Box::new(pod))
+            }
+            "Service" => {
+                let mut service: Service = serde_yaml::from_value(value).map_err(error)?;
+                service
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".into());
+                Object::Service(Box::new(service))
+            }
+            _ => {
+                others.push(Other {
+                    document: number,
+                    kind,
+                    value,
+                });
+                continue;
+            }
+        };
+        objects.push(object);
+    }
+    Ok((objects, others))
+}
+
+impl ClusterObjects {
+    /// Adds or replaces an object. Returns the description of the object it
+    /// replaced, if any.
+    pub fn insert(&mut self, object: Object) -> Option<String> {
+        let describe = object.describe();
+        let replaced = match object {
+            Object::Namespace(ns) => {
+                let name = ns.metadata.name.clone().unwrap_or_default();
+                self.namespaces.insert(name, *ns).is_some()
+            }
+            Object::Pod(pod) => {
+                let key = key_of(&pod.metadata);
+                self.pods.insert(key, *pod).is_some()
+            }
+            Object::Service(svc) => {
+                let key = key_of(&svc.metadata);
+                self.services.insert(key, *svc).is_some()
+            }
+        };
+        replaced.then_some(describe)
+    }
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_multi_document_manifests() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    kanava.io/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+spec:
+  serviceAccountName: web
+  containers:
+  - name: web
+    image: nginx
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: loose
+spec:
+  containers: []
+---
+kind: Lab
+nodes: 2
+---
+"#;
+        let (objects, others) = parse_manifests(text).unwrap();
+        assert_eq!(objects.len(), 3);
+        assert_eq!(objects[0].describe(), "Namespace shop");
+        assert_eq!(objects[1].describe(), "Pod shop/web");
+        assert_eq!(objects[2].describe(), "Pod default/loose");
+        assert_eq!(others.len(), 1);
+        assert_eq!(others[0].kind, "Lab");
+        assert_eq!(others[0].document, 4);
+    }
+
+    #[test]
+    fn errors_name_the_document() {
+        let err = parse_manifests("kind: Pod\napiVersion: v1\nmetadata: {name: a}\n---\nkind: Pod\napiVersion: v1\nspec: 7\n")
+            .unwrap_err();
+        assert_eq!(err.document, 2);
+        assert_eq!(err.kind.as_deref(), Some("Pod"));
+
+        let err = parse_manifests("metadata: {name: a}\n").unwrap_err();
+        assert!(err.reason.contains("kind"), "{err}");
+
+        let err = parse_manifests("kind: [unclosed\n").unwrap_err();
+        assert_eq!(err.document, 1);
+    }
+}

@@ -1,0 +1,223 @@
+//! The mesh state served to ztunnels: a versioned snapshot plus the change
+//! from each version to the next.
+//!
+//! A change is computed once, when the state is replaced, and shared by every
+//! discovery stream; streams never diff state themselves.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use kanava_mesh::{Identity, Workload};
+use kanava_proto::v1 as pb;
+use tokio::sync::{broadcast, watch};
+
+/// How many changes a slow stream may fall behind before it is sent a fresh
+/// snapshot instead.
+const CHANGE_BACKLOG: usize = 256;
+
+/// All resources at one version.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub resources: BTreeMap<String, Arc<pb::Resource>>,
+    /// Identities of the pods scheduled on each node (for the CA).
+    identities_by_node: HashMap<String, HashSet<Identity>>,
+}
+
+impl Snapshot {
+    /// Whether a pod with `identity` is scheduled on `node`.
+    pub fn node_runs(&self, node: &str, identity: &Identity) -> bool {
+        self.identities_by_node
+            .get(node)
+            .is_some_and(|ids| ids.contains(identity))
+    }
+}
+
+/// What changed from `version - 1` to `version`.
+#[derive(Debug)]
+pub struct Delta {
+    pub version: u64,
+    pub upserts: Vec<Arc<pb::Resource>>,
+    pub removed: Vec<String>,
+}
+
+pub struct Store {
+    current: Mutex<Arc<Snapshot>>,
+    changes: broadcast::Sender<Arc<Delta>>,
+    /// Becomes true once the source has been read for the first time, so no
+    /// ztunnel is ever told "the mesh is empty" during start-up.
+    loaded: watch::Sender<bool>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    pub fn new() -> Self {
+        Store {
+            current: Mutex::new(Arc::new(Snapshot::default())),
+            changes: broadcast::channel(CHANGE_BACKLOG).0,
+            loaded: watch::channel(false).0,
+        }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.lock().clone()
+    }
+
+    /// Waits for the first load, then returns the current snapshot and a
+    /// receiver of every later change, with no gap between them.
+    pub async fn subscribe(&self) -> (Arc<Snapshot>, broadcast::Receiver<Arc<Delta>>) {
+        let mut loaded = self.loaded.subscribe();
+        // Err only if the sender is gone, which cannot happen while `self` lives.
+        let _ = loaded.wait_for(|loaded| *loaded).await;
+        let current = self.lock();
+        (current.clone(), self.changes.subscribe())
+    }
+
+    /// Replaces the state with `workloads`. Returns the change, or `None`
+    /// when nothing changed.
+    pub fn replace(&self, workloads: Vec<Workload>) -> Option<Arc<Delta>> {
+        let mut resources = BTreeMap::new();
+        let mut identities_by_node: HashMap<String, HashSet<Identity>> = HashMap::new();
+        for workload in workloads {
+            identities_by_node
+                .entry(workload.node.clone())
+                .or_default()
+                .insert(workload.identity.clone());
+            let name = workload.resource_name();
+            resources.insert(
+                name.clone(),
+                Arc::new(pb::Resource {
+                    name,
+                    kind: Some(pb::resource::Kind::Workload(workload.to_proto())),
+                }),
+            );
+        }
+
+        let mut current = self.lock();
+        let upserts: Vec<_> = resources
+            .iter()
+            .filter(|(name, resource)| current.resources.get(*name) != Some(*resource))
+            .map(|(_, resource)| resource.clone())
+            .collect();
+        let removed: Vec<_> = current
+            .resources
+            .keys()
+            .filter(|name| !resources.contains_key(*name))
+            .cloned()
+            .collect();
+        self.loaded.send_replace(true);
+        if upserts.is_empty() && removed.is_empty() && current.version > 0 {
+            return None;
+        }
+        let version = current.version + 1;
+        *current = Arc::new(Snapshot {
+            version,
+            resources,
+            identities_by_node,
+        });
+        let delta = Arc::new(Delta {
+            version,
+            upserts,
+            removed,
+        });
+        tracing::info!(
+            version,
+            resources = current.resources.len(),
+            changed = delta.upserts.len(),
+            removed = delta.removed.len(),
+            "mesh state updated"
+        );
+        // Err only when no stream is listening.
+        let _ = self.changes.send(delta.clone());
+        Some(delta)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Arc<Snapshot>> {
+        // The lock guards a pointer swap; a panic while holding it cannot
+        // leave the snapshot half-written, so a poisoned lock is still good.
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kanava_mesh::TunnelProtocol;
+
+    use super::*;
+
+    fn workload(uid: &str, node: &str, sa: &str) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "shop".into(),
+            service_account: sa.into(),
+            node: node.into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            identity: Identity::new("cluster.local", "shop", sa).unwrap(),
+            protocol: TunnelProtocol::Hbone,
+            labels: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_are_computed_once_and_in_order() {
+        let store = Store::new();
+        let first = store
+            .replace(vec![workload("a", "n1", "web"), workload("b", "n2", "db")])
+            .unwrap();
+        assert_eq!(first.version, 1);
+        assert_eq!(first.upserts.len(), 2);
+
+        let (snapshot, mut changes) = store.subscribe().await;
+        assert_eq!(snapshot.version, 1);
+        assert!(snapshot.node_runs(
+            "n1",
+            &Identity::new("cluster.local", "shop", "web").unwrap()
+        ));
+        assert!(!snapshot.node_runs(
+            "n2",
+            &Identity::new("cluster.local", "shop", "web").unwrap()
+        ));
+
+        assert!(
+            store
+                .replace(vec![workload("a", "n1", "web"), workload("b", "n2", "db")])
+                .is_none(),
+            "no change, no new version"
+        );
+        let mut moved = workload("a", "n2", "web");
+        moved.ips = vec!["10.0.0.2".parse().unwrap()];
+        store.replace(vec![moved]).unwrap();
+        let delta = changes.recv().await.unwrap();
+        assert_eq!(delta.version, 2);
+        assert_eq!(delta.upserts.len(), 1);
+        assert_eq!(delta.removed, vec!["workload/b".to_string()]);
+        assert!(store.snapshot().node_runs(
+            "n2",
+            &Identity::new("cluster.local", "shop", "web").unwrap()
+        ));
+    }
+
+    #[tokio::test]
+    async fn subscribers_wait_for_the_first_load() {
+        let store = Arc::new(Store::new());
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.subscribe().await.0.version }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        store.replace(vec![]);
+        assert_eq!(
+            waiting.await.unwrap(),
+            1,
+            "an empty but loaded mesh is version 1"
+        );
+    }
+}

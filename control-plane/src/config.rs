@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kanava_mesh::{DEFAULT_TRUST_DOMAIN, names, ports};
-use kanava_telemetry::LogFormat;
+use kanava_runtime::LogFormat;
 
 /// Configuration of `kanava-control-plane`, from flags or environment.
 #[derive(Clone, Debug, clap::Parser)]

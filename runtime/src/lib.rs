@@ -1,0 +1,57 @@
+//! What every Kanava binary does at start-up.
+//!
+//! - [`init`]: logging (human-readable text by default, one JSON object per
+//!   line with `--log-format json`, filtered by `RUST_LOG`, default `info`,
+//!   written to standard error) and the one TLS crypto provider.
+//! - [`shutdown_on_signal`]: a token cancelled on SIGTERM or Ctrl-C.
+
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Installs logging and the crypto provider. Call first thing in `main`.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Err only when a subscriber is already installed (e.g. in tests).
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    kanava_tls::install_default_provider();
+}
+
+/// A token cancelled when the process receives SIGTERM or SIGINT. Must be
+/// called inside a Tokio runtime.
+pub fn shutdown_on_signal() -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("termination signal received; shutting down");
+        cancel.cancel();
+    });
+    token
+}

@@ -1,0 +1,172 @@
+//! The ztunnel's HTTP endpoints:
+//!
+//! | address | path | what |
+//! | --- | --- | --- |
+//! | admin (127.0.0.1:15000) | `/config_dump` | JSON: captured pods, known workloads, certificates |
+//! | metrics (:15020) | `/metrics` | Prometheus text format |
+//! | readiness (:15021) | `/healthz/ready` | 200 once the first configuration arrived, else 503 |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::pods::PodRegistry;
+use crate::proxy::Proxy;
+
+/// What the endpoints read from.
+pub struct State {
+    pub node: String,
+    pub proxy: Arc<Proxy>,
+    pub pods: Arc<PodRegistry>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Endpoint {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+/// Binds `address` and serves `endpoint` until `stop`.
+pub async fn serve(
+    address: SocketAddr,
+    endpoint: Endpoint,
+    state: Arc<State>,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(Error::io(format!("bind {endpoint:?} endpoint {address}")))?;
+    tracing::info!(%address, ?endpoint, "serving");
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "accept failed");
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(respond(endpoint, &state, &request)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn respond(
+    endpoint: Endpoint,
+    state: &State,
+    request: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    match (endpoint, request.uri().path()) {
+        (Endpoint::Metrics, "/metrics") => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.proxy.metrics.encode(),
+        ),
+        (Endpoint::Readiness, "/healthz/ready") => {
+            if state.proxy.workloads.is_ready() {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "waiting for configuration from the control plane\n".into(),
+                )
+            }
+        }
+        (Endpoint::Admin, "/config_dump") => text(
+            StatusCode::OK,
+            "application/json",
+            config_dump(state).to_string(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn config_dump(state: &State) -> serde_json::Value {
+    let pods: Vec<_> = state
+        .pods
+        .list()
+        .iter()
+        .map(|pod| {
+            serde_json::json!({
+                "uid": pod.uid,
+                "namespace": pod.namespace,
+                "name": pod.name,
+                "identity": pod.identity.to_string(),
+                "ips": pod.ips,
+            })
+        })
+        .collect();
+    let workloads: Vec<_> = state
+        .proxy
+        .workloads
+        .all()
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "uid": w.uid,
+                "namespace": w.namespace,
+                "name": w.name,
+                "node": w.node,
+                "ips": w.ips,
+                "identity": w.identity.to_string(),
+                "inMesh": w.in_mesh(),
+            })
+        })
+        .collect();
+    let certificates: Vec<_> = state
+        .proxy
+        .certs
+        .list()
+        .into_iter()
+        .map(|(identity, not_after)| {
+            serde_json::json!({
+                "identity": identity.to_string(),
+                "notAfter": not_after.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "node": state.node,
+        "ready": state.proxy.workloads.is_ready(),
+        "version": state.proxy.workloads.version(),
+        "capturedPods": pods,
+        "workloads": workloads,
+        "certificates": certificates,
+        "pooledConnections": state.proxy.pool.len(),
+    })
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
+    }
+    response
+}

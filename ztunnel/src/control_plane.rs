@@ -1,0 +1,96 @@
+//! The ztunnel's connection to the control plane: one TLS channel, shared by
+//! discovery and certificate requests, authenticated with the node's
+//! credential on every call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use kanava_proto::v1::certificates_client::CertificatesClient;
+use kanava_proto::v1::discovery_client::DiscoveryClient;
+use kanava_tls::MeshRoots;
+use kanava_tls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Config, Error};
+
+#[derive(Clone)]
+pub struct ControlPlane {
+    channel: Channel,
+    authorization: Arc<MetadataValue<Ascii>>,
+    max_message_bytes: usize,
+}
+
+impl ControlPlane {
+    /// Prepares the channel; it connects on first use and reconnects by
+    /// itself after failures.
+    pub fn new(config: &Config, roots: &MeshRoots) -> Result<Self, Error> {
+        let token = std::fs::read_to_string(&config.node_token_file).map_err(Error::io(
+            format!("read node credential {}", config.node_token_file.display()),
+        ))?;
+        let authorization = format!("Bearer {}", token.trim())
+            .parse::<MetadataValue<Ascii>>()
+            .map_err(|_| {
+                Error::Config(format!(
+                    "node credential in {} is not printable ASCII",
+                    config.node_token_file.display()
+                ))
+            })?;
+        let server_name = ServerName::try_from(config.control_plane_name.clone()).map_err(|e| {
+            Error::Config(format!(
+                "control plane name {:?}: {e}",
+                config.control_plane_name
+            ))
+        })?;
+        let tls = TlsConnector::from(kanava_tls::control_plane_client_config(roots)?);
+        let address = config.control_plane_address.clone();
+        // The URI only labels the channel: the connector below decides where
+        // to connect and wraps the connection in TLS itself.
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Error::Config(format!("control plane address {address:?}: {e}")))?
+            .connect_timeout(config.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        let connector = tower::service_fn(move |_uri| {
+            let tls = tls.clone();
+            let server_name = server_name.clone();
+            let address = address.clone();
+            async move {
+                let tcp = TcpStream::connect(&address).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tls.connect(server_name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        Ok(ControlPlane {
+            channel: endpoint.connect_with_connector_lazy(connector),
+            authorization: Arc::new(authorization),
+            max_message_bytes: config.max_message_bytes,
+        })
+    }
+
+    pub fn discovery(&self) -> DiscoveryClient<Channel> {
+        DiscoveryClient::new(self.channel.clone())
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    pub fn certificates(&self) -> CertificatesClient<Channel> {
+        CertificatesClient::new(self.channel.clone())
+            .max_decoding_message_size(self.max_message_bytes)
+    }
+
+    /// Wraps a message in a request that carries the node credential.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", (*self.authorization).clone());
+        request
+    }
+}

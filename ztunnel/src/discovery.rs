@@ -1,0 +1,112 @@
+//! The discovery client: subscribes as this node, applies every response to
+//! the [`WorkloadStore`], and ACKs or NACKs it.
+//!
+//! While the control plane is unreachable the store keeps its last good
+//! state, so existing and new connections are served as before; the client
+//! reconnects with capped, jittered backoff and resyncs from the full
+//! snapshot the server sends on every new stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kanava_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::backoff::Backoff;
+use crate::control_plane::ControlPlane;
+use crate::metrics::{Metrics, ResultLabels};
+use crate::workloads::WorkloadStore;
+
+pub async fn run(
+    control_plane: ControlPlane,
+    store: Arc<WorkloadStore>,
+    metrics: Arc<Metrics>,
+    node: String,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
+    loop {
+        let result = tokio::select! {
+            result = session(&control_plane, &store, &metrics, &node, &mut backoff) => result,
+            _ = shutdown.cancelled() => return,
+        };
+        let delay = backoff.next_delay();
+        match result {
+            Ok(()) => {
+                tracing::warn!(retry_in = ?delay, "control plane closed the discovery stream")
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?delay, "discovery stream failed; serving the last good state")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn session(
+    control_plane: &ControlPlane,
+    store: &WorkloadStore,
+    metrics: &Metrics,
+    node: &str,
+    backoff: &mut Backoff,
+) -> Result<(), Error> {
+    let (requests, rx) = mpsc::channel(8);
+    let subscribe = pb::DiscoveryRequest {
+        node_name: node.to_string(),
+        version_info: store.version(),
+        ..Default::default()
+    };
+    // The channel has room; the receiver is alive until the call ends.
+    let _ = requests.send(subscribe).await;
+    let mut responses = control_plane
+        .discovery()
+        .stream(control_plane.request(ReceiverStream::new(rx)))
+        .await?
+        .into_inner();
+    while let Some(response) = responses.message().await? {
+        backoff.reset();
+        let reply = match store.apply(&response) {
+            Ok(()) => {
+                metrics
+                    .discovery_responses
+                    .get_or_create(&ResultLabels { result: "ack" })
+                    .inc();
+                tracing::info!(
+                    version = %response.version_info,
+                    full = response.full_snapshot,
+                    resources = response.resources.len(),
+                    removed = response.removed.len(),
+                    "applied discovery update"
+                );
+                pb::DiscoveryRequest {
+                    response_nonce: response.nonce,
+                    version_info: response.version_info,
+                    ..Default::default()
+                }
+            }
+            Err(reason) => {
+                metrics
+                    .discovery_responses
+                    .get_or_create(&ResultLabels { result: "nack" })
+                    .inc();
+                tracing::warn!(version = %response.version_info, %reason, "rejected discovery update; keeping the last good state");
+                pb::DiscoveryRequest {
+                    response_nonce: response.nonce,
+                    version_info: store.version(),
+                    error_detail: Some(pb::ErrorDetail { message: reason }),
+                    ..Default::default()
+                }
+            }
+        };
+        if requests.send(reply).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

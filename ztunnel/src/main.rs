@@ -1,0 +1,20 @@
+use clap::Parser;
+use kanava_ztunnel::Config;
+
+fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    kanava_runtime::init(config.log_format);
+    tracing::info!(?config, "ztunnel starting");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads.max(1))
+        .thread_name("ztunnel-worker")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        // Capture rules stay in the pods on shutdown, so they fail closed.
+        let shutdown = kanava_runtime::shutdown_on_signal();
+        kanava_ztunnel::run(config, shutdown).await
+    })?;
+    Ok(())
+}

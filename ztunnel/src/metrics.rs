@@ -1,0 +1,172 @@
+//! Prometheus metrics of the ztunnel, served on `/metrics` (port 15020).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Which way a proxied connection goes, seen from the pod.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    /// Leaving an enrolled pod.
+    Outbound,
+    /// Arriving at an enrolled pod.
+    Inbound,
+}
+
+/// How a proxied connection ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    /// Bytes flowed until both sides closed.
+    Success,
+    /// Refused on purpose (bad request, policy, plaintext to a strict pod).
+    Denied,
+    /// Could not be carried (upstream unreachable, TLS failure, reset).
+    Failed,
+}
+
+/// How the bytes travel.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Transport {
+    /// HBONE: mTLS + HTTP/2 CONNECT.
+    Hbone,
+    /// Plain TCP (destination outside the mesh, or inbound plaintext).
+    Passthrough,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub direction: Direction,
+    pub transport: Transport,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Proxied connections, counted when they end.
+    pub connections: Family<ConnectionLabels, Counter>,
+    /// Proxied connections open now.
+    pub connections_open: Family<BytesLabels, Gauge>,
+    /// Bytes sent by the connection's originator.
+    pub bytes_sent: Family<BytesLabels, Counter>,
+    /// Bytes sent back to the connection's originator.
+    pub bytes_received: Family<BytesLabels, Counter>,
+    /// Outbound HBONE (TLS) connections opened.
+    pub hbone_connections_opened: Counter,
+    /// Outbound HBONE connections open now.
+    pub hbone_connections_open: Gauge,
+    /// Inbound HBONE (TLS) connections accepted after a successful handshake.
+    pub hbone_connections_accepted: Counter,
+    /// Inbound TLS handshakes that failed (no or untrusted client certificate...).
+    pub hbone_handshake_failures: Counter,
+    /// Certificate signing requests, by result.
+    pub certificate_requests: Family<ResultLabels, Counter>,
+    /// Discovery responses, by result (`ack`, `nack`).
+    pub discovery_responses: Family<ResultLabels, Counter>,
+    /// Pods captured now.
+    pub pods_captured: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kanava");
+        let metrics = Metrics {
+            connections: Family::default(),
+            connections_open: Family::default(),
+            bytes_sent: Family::default(),
+            bytes_received: Family::default(),
+            hbone_connections_opened: Counter::default(),
+            hbone_connections_open: Gauge::default(),
+            hbone_connections_accepted: Counter::default(),
+            hbone_handshake_failures: Counter::default(),
+            certificate_requests: Family::default(),
+            discovery_responses: Family::default(),
+            pods_captured: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Proxied TCP connections, counted when they end",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Proxied TCP connections open now",
+            metrics.connections_open.clone(),
+        );
+        registry.register(
+            "bytes_sent",
+            "Bytes sent by connection originators",
+            metrics.bytes_sent.clone(),
+        );
+        registry.register(
+            "bytes_received",
+            "Bytes sent back to connection originators",
+            metrics.bytes_received.clone(),
+        );
+        registry.register(
+            "hbone_connections_opened",
+            "Outbound HBONE (TLS) connections opened",
+            metrics.hbone_connections_opened.clone(),
+        );
+        registry.register(
+            "hbone_connections_open",
+            "Outbound HBONE (TLS) connections open now",
+            metrics.hbone_connections_open.clone(),
+        );
+        registry.register(
+            "hbone_connections_accepted",
+            "Inbound HBONE connections past the TLS handshake",
+            metrics.hbone_connections_accepted.clone(),
+        );
+        registry.register(
+            "hbone_handshake_failures",
+            "Inbound TLS handshakes that failed",
+            metrics.hbone_handshake_failures.clone(),
+        );
+        registry.register(
+            "certificate_requests",
+            "Certificate signing requests by result",
+            metrics.certificate_requests.clone(),
+        );
+        registry.register(
+            "discovery_responses",
+            "Discovery responses by result (ack, nack)",
+            metrics.discovery_responses.clone(),
+        );
+        registry.register(
+            "pods_captured",
+            "Pods whose traffic this ztunnel captures",
+            metrics.pods_captured.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}

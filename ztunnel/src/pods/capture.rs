@@ -1,0 +1,258 @@
+//! The redirection rules installed inside an enrolled pod's namespace.
+//!
+//! ```text
+//! nat OUTPUT      TCP leaving the pod, not to loopback, not the proxy's own → :15001
+//! nat PREROUTING  TCP arriving, not for :15008, not the proxy's own         → :15006
+//! mangle          the proxy's spoofed-source connections get connmark 0x111;
+//!                 replies restore it and `ip rule fwmark 0x111 lookup 100`
+//!                 (a local route for everything) delivers them to the proxy
+//! ```
+//!
+//! Rules go into chains of our own (`KANAVA_*`), installed atomically with
+//! `iptables-restore`, and nothing is touched outside the pod's namespace.
+//! The tools run as child processes that enter the namespace before exec.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use kanava_mesh::{marks, ports};
+use kanava_netns::NetNs;
+
+use crate::Error;
+
+const CHAIN_PREROUTING: &str = "KANAVA_PRERT";
+const CHAIN_OUTPUT: &str = "KANAVA_OUTPUT";
+/// Priority of the `ip rule` for marked replies (just before `main`).
+const RULE_PRIORITY: u32 = 32764;
+
+/// The iptables-restore input that captures a pod's traffic.
+pub fn capture_rules(loopback: &str) -> String {
+    let proxy = format!("{:#x}/{:#x}", marks::PROXY, marks::MASK);
+    let original_source = format!("{:#x}/{:#x}", marks::ORIGINAL_SOURCE, marks::MASK);
+    let pre = CHAIN_PREROUTING;
+    let out = CHAIN_OUTPUT;
+    let outbound = ports::OUTBOUND;
+    let inbound = ports::INBOUND_PLAINTEXT;
+    let hbone = ports::HBONE;
+    format!(
+        "*mangle
+:{pre} - [0:0]
+:{out} - [0:0]
+-A PREROUTING -j {pre}
+-A OUTPUT -j {out}
+-A {pre} -m mark --mark {proxy} -j CONNMARK --set-xmark {original_source}
+-A {out} -m connmark --mark {original_source} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+*nat
+:{pre} - [0:0]
+:{out} - [0:0]
+-A PREROUTING -j {pre}
+-A OUTPUT -j {out}
+-A {pre} ! -d {loopback} -p tcp ! --dport {hbone} -m mark ! --mark {proxy} -j REDIRECT --to-ports {inbound}
+-A {out} -p tcp -m mark --mark {original_source} -j ACCEPT
+-A {out} ! -d {loopback} -o lo -j ACCEPT
+-A {out} ! -d {loopback} -p tcp -m mark ! --mark {proxy} -j REDIRECT --to-ports {outbound}
+COMMIT
+"
+    )
+}
+
+/// The iptables-restore input that removes what [`capture_rules`] added.
+pub fn release_rules() -> String {
+    let mut rules = String::new();
+    for table in ["mangle", "nat"] {
+        rules.push_str(&format!(
+            "*{table}
+-D PREROUTING -j {CHAIN_PREROUTING}
+-D OUTPUT -j {CHAIN_OUTPUT}
+-F {CHAIN_PREROUTING}
+-F {CHAIN_OUTPUT}
+-X {CHAIN_PREROUTING}
+-X {CHAIN_OUTPUT}
+COMMIT
+"
+        ));
+    }
+    rules
+}
+
+/// Captures the pod's traffic. Replaces earlier rules of ours if present
+/// (e.g. after a ztunnel restart), so it can be repeated safely.
+pub fn install(netns: &NetNs) -> Result<(), Error> {
+    if has_rules(netns, "iptables-save")? {
+        restore(netns, "iptables-restore", &release_rules())?;
+    }
+    restore(netns, "iptables-restore", &capture_rules("127.0.0.0/8"))?;
+    match has_rules(netns, "ip6tables-save") {
+        Ok(true) => {
+            restore(netns, "ip6tables-restore", &release_rules())?;
+            restore(netns, "ip6tables-restore", &capture_rules("::1/128"))?;
+        }
+        Ok(false) => restore(netns, "ip6tables-restore", &capture_rules("::1/128"))?,
+        // A namespace without IPv6 has no IPv6 traffic to capture.
+        Err(error) => tracing::debug!(netns = netns.name(), %error, "no IPv6 capture"),
+    }
+
+    let mark = format!("{:#x}/{:#x}", marks::ORIGINAL_SOURCE, marks::MASK);
+    let table = marks::ROUTE_TABLE.to_string();
+    let priority = RULE_PRIORITY.to_string();
+    // Delete-then-add keeps exactly one copy of the rule.
+    let _ = run(
+        netns,
+        "ip",
+        &[
+            "rule", "del", "fwmark", &mark, "priority", &priority, "lookup", &table,
+        ],
+        None,
+    );
+    run(
+        netns,
+        "ip",
+        &[
+            "rule", "add", "fwmark", &mark, "priority", &priority, "lookup", &table,
+        ],
+        None,
+    )?;
+    run(
+        netns,
+        "ip",
+        &[
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ],
+        None,
+    )?;
+    let _ = run(
+        netns,
+        "ip",
+        &[
+            "-6", "rule", "del", "fwmark", &mark, "priority", &priority, "lookup", &table,
+        ],
+        None,
+    );
+    if run(
+        netns,
+        "ip",
+        &[
+            "-6", "rule", "add", "fwmark", &mark, "priority", &priority, "lookup", &table,
+        ],
+        None,
+    )
+    .is_ok()
+    {
+        let _ = run(
+            netns,
+            "ip",
+            &[
+                "-6", "route", "replace", "local", "::/0", "dev", "lo", "table", &table,
+            ],
+            None,
+        );
+    }
+    Ok(())
+}
+
+/// Stops capturing the pod's traffic.
+pub fn remove(netns: &NetNs) -> Result<(), Error> {
+    if has_rules(netns, "iptables-save")? {
+        restore(netns, "iptables-restore", &release_rules())?;
+    }
+    if has_rules(netns, "ip6tables-save").unwrap_or(false) {
+        restore(netns, "ip6tables-restore", &release_rules())?;
+    }
+    let mark = format!("{:#x}/{:#x}", marks::ORIGINAL_SOURCE, marks::MASK);
+    let table = marks::ROUTE_TABLE.to_string();
+    let priority = RULE_PRIORITY.to_string();
+    let _ = run(
+        netns,
+        "ip",
+        &[
+            "rule", "del", "fwmark", &mark, "priority", &priority, "lookup", &table,
+        ],
+        None,
+    );
+    let _ = run(netns, "ip", &["route", "flush", "table", &table], None);
+    let _ = run(
+        netns,
+        "ip",
+        &[
+            "-6", "rule", "del", "fwmark", &mark, "priority", &priority, "lookup", &table,
+        ],
+        None,
+    );
+    let _ = run(
+        netns,
+        "ip",
+        &["-6", "route", "flush", "table", &table],
+        None,
+    );
+    Ok(())
+}
+
+/// Whether the namespace holds our chains.
+pub fn has_rules(netns: &NetNs, save: &str) -> Result<bool, Error> {
+    let output = run(netns, save, &[], None)?;
+    Ok(output.contains(&format!(":{CHAIN_PREROUTING} ")))
+}
+
+fn restore(netns: &NetNs, program: &str, rules: &str) -> Result<(), Error> {
+    run(netns, program, &["--noflush", "--wait", "10"], Some(rules)).map(|_| ())
+}
+
+/// Runs a tool inside `netns` and returns its standard output.
+fn run(netns: &NetNs, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    netns.enter_in_child(&mut command);
+    let describe = || format!("{program} {} in {}", args.join(" "), netns.name());
+    let mut child = command
+        .spawn()
+        .map_err(|e| Error::Capture(format!("{}: {e}", describe())))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| Error::Capture(format!("{}: {e}", describe())))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| Error::Capture(format!("{}: {e}", describe())))?;
+    if !output.status.success() {
+        return Err(Error::Capture(format!(
+            "{} failed ({}): {}",
+            describe(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_follow_the_design() {
+        let rules = capture_rules("127.0.0.0/8");
+        assert!(rules.contains("-A KANAVA_OUTPUT ! -d 127.0.0.0/8 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001"));
+        assert!(rules.contains("-A KANAVA_PRERT ! -d 127.0.0.0/8 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006"));
+        assert!(rules.contains(
+            "-A KANAVA_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff"
+        ));
+        assert_eq!(rules.matches("COMMIT").count(), 2);
+        assert_eq!(release_rules().matches("-X ").count(), 4);
+    }
+}

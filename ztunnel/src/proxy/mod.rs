@@ -1,0 +1,180 @@
+//! The data path.
+//!
+//! ```text
+//!  pod netns                                   pod netns
+//!  app ─► :15001 outbound ══ HBONE (mTLS, HTTP/2 CONNECT) ══► :15008 inbound ─► app
+//!             └─ not in the mesh: plain TCP passthrough        :15006 plaintext → refused
+//! ```
+//!
+//! Each captured pod has its three listeners, all created inside its own
+//! network namespace. A connection therefore arrives already knowing which
+//! pod it belongs to, and the proxy never has to trust a source address to
+//! decide whose identity to use.
+
+mod access_log;
+pub mod hbone;
+mod inbound;
+mod outbound;
+mod plaintext;
+pub mod pool;
+pub mod socket;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kanava_mesh::Identity;
+use kanava_netns::{NetNs, NetNsExecutor};
+use kanava_tls::MeshRoots;
+use kanava_tls::rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::certs::CertManager;
+use crate::metrics::Metrics;
+use crate::workloads::WorkloadStore;
+use crate::{Config, Error};
+
+/// Longest an inbound TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pod whose traffic this ztunnel carries.
+#[derive(Debug)]
+pub struct CapturedPod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: Identity,
+    pub ips: Vec<IpAddr>,
+    pub netns: Arc<NetNs>,
+    /// TLS server configuration presenting this pod's identity on :15008.
+    pub hbone_tls: Arc<ServerConfig>,
+}
+
+impl CapturedPod {
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.ips.contains(&ip)
+    }
+}
+
+/// The listeners of one pod, created inside its namespace.
+pub struct PodListeners {
+    pub outbound: std::net::TcpListener,
+    pub inbound_plaintext: std::net::TcpListener,
+    pub hbone: std::net::TcpListener,
+}
+
+/// Everything the data path shares.
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub workloads: Arc<WorkloadStore>,
+    pub certs: Arc<CertManager>,
+    pub pool: pool::Pool,
+    pub netns: NetNsExecutor,
+    pub roots: MeshRoots,
+    pub metrics: Arc<Metrics>,
+    handshakes: Arc<Semaphore>,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        workloads: Arc<WorkloadStore>,
+        certs: Arc<CertManager>,
+        roots: MeshRoots,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
+        Ok(Proxy {
+            pool: pool::Pool::new(
+                config.max_streams_per_connection as usize,
+                config.pool_idle_timeout,
+            ),
+            handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes)),
+            netns: NetNsExecutor::start()?,
+            config,
+            workloads,
+            certs,
+            roots,
+            metrics,
+        })
+    }
+
+    /// Starts accepting on a pod's listeners until `stop` is cancelled.
+    /// Connections already accepted run to completion.
+    pub fn serve_pod(
+        self: &Arc<Self>,
+        pod: Arc<CapturedPod>,
+        listeners: PodListeners,
+        stop: CancellationToken,
+    ) -> Result<(), Error> {
+        let listen = |listener: std::net::TcpListener| {
+            TcpListener::from_std(listener).map_err(Error::io("register pod listener"))
+        };
+        let outbound = listen(listeners.outbound)?;
+        let plaintext = listen(listeners.inbound_plaintext)?;
+        let hbone = listen(listeners.hbone)?;
+
+        let proxy = self.clone();
+        let for_pod = pod.clone();
+        tokio::spawn(accept_loop(outbound, stop.clone(), move |stream, peer| {
+            outbound::handle(proxy.clone(), for_pod.clone(), stream, peer)
+        }));
+        let proxy = self.clone();
+        let for_pod = pod.clone();
+        tokio::spawn(accept_loop(plaintext, stop.clone(), move |stream, peer| {
+            plaintext::handle(proxy.clone(), for_pod.clone(), stream, peer)
+        }));
+        let proxy = self.clone();
+        tokio::spawn(accept_loop(hbone, stop, move |stream, peer| {
+            inbound::handle(proxy.clone(), pod.clone(), stream, peer)
+        }));
+        Ok(())
+    }
+
+    /// Closes idle pooled connections every so often.
+    pub async fn evict_idle_connections(self: Arc<Self>, stop: CancellationToken) {
+        let period =
+            (self.pool.idle_timeout() / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {
+                    let evicted = self.pool.evict_idle();
+                    if evicted > 0 {
+                        tracing::debug!(evicted, "closed idle HBONE connections");
+                    }
+                }
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, socket::canonical(peer)));
+            }
+            Err(error) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Outbound HBONE connections, pooled and multiplexed.
+//!
+//! A connection is keyed by who speaks (the source pod and its identity), to
+//! whom (the destination identity) and where (the destination address): only
+//! streams that would present and expect exactly the same certificates, from
+//! the same pod's namespace, share it. Each connection carries up to
+//! `max_streams_per_connection` CONNECT streams; when all are busy, a new
+//! connection is opened. Opening is serialised per key, so a burst of new
+//! streams waits for one handshake instead of starting a hundred. Connections
+//! without streams for `pool_idle_timeout` are closed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use kanava_mesh::Identity;
+
+use crate::Error;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// UID of the pod whose namespace the connection is made from.
+    pub source_pod: String,
+    pub source: Identity,
+    pub destination: Identity,
+    pub address: SocketAddr,
+}
+
+/// One HTTP/2 connection and its bookkeeping.
+pub struct Connection {
+    sender: SendRequest<Bytes>,
+    streams: AtomicUsize,
+    closed: Arc<AtomicBool>,
+    idle_since: Mutex<Instant>,
+}
+
+impl Connection {
+    /// Wraps a connection; `closed` becomes true when its driver task ends.
+    pub fn new(sender: SendRequest<Bytes>, closed: Arc<AtomicBool>) -> Self {
+        Connection {
+            sender,
+            streams: AtomicUsize::new(0),
+            closed,
+            idle_since: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Takes a stream slot if one is free.
+    fn try_reserve(self: &Arc<Self>, max: usize) -> Option<StreamSlot> {
+        let mut current = self.streams.load(Ordering::Acquire);
+        loop {
+            if current >= max || self.is_closed() {
+                return None;
+            }
+            match self.streams.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Some(StreamSlot {
+                        connection: self.clone(),
+                    });
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+/// A reserved stream on a pooled connection; dropping it frees the slot.
+pub struct StreamSlot {
+    connection: Arc<Connection>,
+}
+
+impl StreamSlot {
+    pub fn sender(&self) -> SendRequest<Bytes> {
+        self.connection.sender.clone()
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.connection.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .connection
+                .idle_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+type Opening = Arc<tokio::sync::Mutex<()>>;
+
+pub struct Pool {
+    connections: Mutex<HashMap<PoolKey, Vec<Arc<Connection>>>>,
+    opening: Mutex<HashMap<PoolKey, Opening>>,
+    max_streams: usize,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(max_streams: usize, idle_timeout: Duration) -> Self {
+        Pool {
+            connections: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
+            max_streams: max_streams.max(1),
+            idle_timeout,
+        }
+    }
+
+    /// A stream slot on a connection for `key`, opening one with `open` if
+    /// every pooled connection is full.
+    pub async fn checkout<F, Fut>(&self, key: &PoolKey, open: F) -> Result<StreamSlot, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Connection, Error>>,
+    {
+        if let Some(slot) = self.reuse(key) {
+            return Ok(slot);
+        }
+        let opening = self.lock_opening().entry(key.clone()).or_default().clone();
+        let _turn = opening.lock().await;
+        // Whoever opened a connection while we waited may have room for us.
+        if let Some(slot) = self.reuse(key) {
+            return Ok(slot);
+        }
+        let connection = Arc::new(open().await?);
+        let slot = connection
+            .try_reserve(self.max_streams)
+            .ok_or_else(|| Error::Timeout("new HBONE connection closed at once".into()))?;
+        self.lock_connections()
+            .entry(key.clone())
+            .or_default()
+            .push(connection);
+        Ok(slot)
+    }
+
+    fn reuse(&self, key: &PoolKey) -> Option<StreamSlot> {
+        let mut connections = self.lock_connections();
+        let list = connections.get_mut(key)?;
+        list.retain(|c| !c.is_closed());
+        list.iter().find_map(|c| c.try_reserve(self.max_streams))
+    }
+
+    /// Drops closed connections and connections idle for longer than the
+    /// idle timeout. Dropping the last handle makes h2 close the connection
+    /// gracefully.
+    pub fn evict_idle(&self) -> usize {
+        let now = Instant::now();
+        let mut evicted = 0;
+        let mut connections = self.lock_connections();
+        connections.retain(|_, list| {
+            list.retain(|c| {
+                let idle = c.streams.load(Ordering::Acquire) == 0
+                    && now.duration_since(*c.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
+                        >= self.idle_timeout;
+                let keep = !c.is_closed() && !idle;
+                if !keep {
+                    evicted += 1;
+                }
+                keep
+            });
+            !list.is_empty()
+        });
+        drop(connections);
+        let connections = self.lock_connections();
+        self.lock_opening()
+            .retain(|key, lock| connections.contains_key(key) || Arc::strong_count(lock) > 1);
+        evicted
+    }
+
+    /// Number of pooled connections (for tests and the admin API).
+    pub fn len(&self) -> usize {
+        self.lock_connections().values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    fn lock_connections(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Arc<Connection>>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_opening(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Opening>> {
+        self.opening.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

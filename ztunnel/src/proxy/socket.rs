@@ -1,0 +1,129 @@
+//! Sockets the proxy makes inside pods' network namespaces.
+//!
+//! Every one carries the proxy mark, which the capture rules exempt, so the
+//! proxy's own traffic is never captured again.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kanava_mesh::marks;
+use kanava_netns::{NetNs, NetNsExecutor};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::Error;
+
+/// Backlog of the listeners in pods.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Creates a listener on `[::]:port` (both IPv4 and IPv6), falling back to
+/// `0.0.0.0:port` where IPv6 is disabled. Must run inside the pod's
+/// namespace. SO_REUSEPORT lets a new ztunnel listen beside the old one
+/// during an upgrade.
+pub fn bind_pod_listener(port: u16) -> io::Result<std::net::TcpListener> {
+    let socket = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)) {
+        Ok(socket) => {
+            socket.set_only_v6(false)?;
+            socket.set_reuse_port(true)?;
+            socket.set_mark(marks::PROXY)?;
+            socket.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
+            socket
+        }
+        Err(e) if e.raw_os_error() == Some(libc_eafnosupport()) => {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_port(true)?;
+            socket.set_mark(marks::PROXY)?;
+            socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            socket
+        }
+        Err(e) => return Err(e),
+    };
+    socket.set_reuse_address(true)?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// EAFNOSUPPORT on Linux.
+const fn libc_eafnosupport() -> i32 {
+    97
+}
+
+/// Connects to `destination` from inside `netns`.
+///
+/// With `source`, the socket is transparent and bound to that address, so
+/// the destination sees the original client's IP; the reply routing the
+/// capture rules install brings the answers back to this socket.
+pub async fn connect_in(
+    executor: &NetNsExecutor,
+    netns: &Arc<NetNs>,
+    destination: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, Error> {
+    let socket = executor
+        .run(netns, move || new_socket(destination, source))
+        .await?
+        .map_err(Error::io(format!("create socket for {destination}")))?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let stream = tokio::time::timeout(timeout, socket.connect(destination))
+        .await
+        .map_err(|_| Error::Timeout(format!("connect to {destination}")))?
+        .map_err(Error::io(format!("connect to {destination}")))?;
+    Ok(stream)
+}
+
+fn new_socket(destination: SocketAddr, source: Option<IpAddr>) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(destination),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_mark(marks::PROXY)?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(source) = source {
+        match source {
+            IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+    }
+    Ok(socket)
+}
+
+/// Where a redirected connection was going before the capture rules sent it
+/// to the proxy.
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let socket = SockRef::from(stream);
+    let local = stream.local_addr()?;
+    let ipv4 = match local.ip() {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
+    };
+    // IPv4 connections to the dual-stack listener still keep their original
+    // destination in the IPv4 conntrack entry.
+    let original = if ipv4 {
+        socket.original_dst_v4()?
+    } else {
+        socket.original_dst_v6()?
+    };
+    original
+        .as_socket()
+        .map(canonical)
+        .ok_or_else(|| io::Error::other("original destination is not an IP address"))
+}
+
+/// `::ffff:10.0.0.1` → `10.0.0.1`.
+pub fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
+}
+
+/// Closes with a reset instead of an orderly close, so a refused client sees
+/// "connection reset" rather than an empty response.
+pub fn reset(stream: TcpStream) {
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}

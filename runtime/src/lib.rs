@@ -5,6 +5,8 @@
 //!   written to standard error) and the one TLS crypto provider.
 //! - [`shutdown_on_signal`]: a token cancelled on SIGTERM or Ctrl-C.
 
+use std::io::IsTerminal;
+
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -23,6 +25,7 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // Err only when a subscriber is already installed (e.g. in tests).
     let _ = match format {

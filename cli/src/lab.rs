@@ -1,0 +1,299 @@
+//! `kanava lab ...`
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use kanava_lab::{Lab, LabSpec, LabState, UpOptions, process, spec::DEFAULT_NODES};
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Build a lab from a file of Kubernetes manifests and start the mesh in
+    /// it. Returns once every pod runs and every enrolled pod is captured.
+    Up {
+        /// Lab file: Namespace, Pod and Service manifests, and optionally a
+        /// `kind: Lab` document with `nodes`.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Name of the lab (lowercase letters, digits, '-').
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// Number of nodes when the file has no `kind: Lab` document.
+        #[arg(long, default_value_t = DEFAULT_NODES)]
+        nodes: usize,
+    },
+    /// Show the nodes, pods and mesh components of a lab.
+    Status {
+        #[command(flatten)]
+        lab: LabName,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Run a command inside a target's network namespace and return its exit
+    /// code. TARGET is NAMESPACE/POD, node/NODE or fabric.
+    Exec {
+        #[command(flatten)]
+        lab: LabName,
+        target: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print the output of a pod's process (NAMESPACE/POD), of a ztunnel
+    /// (ztunnel/NODE) or of the control plane (control-plane).
+    Logs {
+        #[command(flatten)]
+        lab: LabName,
+        target: String,
+    },
+    /// Stop every process and remove every namespace of a lab.
+    Down {
+        #[command(flatten)]
+        lab: LabName,
+        /// Take down every lab.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+    },
+    /// Remove what any lab left behind (namespaces, processes, files).
+    Clean,
+}
+
+#[derive(Args)]
+pub struct LabName {
+    /// Which lab; may be left out when exactly one runs.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+pub fn run(command: LabCommand) -> anyhow::Result<i32> {
+    match command {
+        LabCommand::Up { file, name, nodes } => up(&file, &name, nodes),
+        LabCommand::Status { lab, output } => {
+            let lab = Lab::attach(lab.name.as_deref())?;
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status_json(lab.state()))?
+                ),
+                Output::Table => print!("{}", status_table(lab.state())),
+            }
+            Ok(0)
+        }
+        LabCommand::Exec {
+            lab,
+            target,
+            command,
+        } => {
+            let lab = Lab::attach(lab.name.as_deref())?;
+            let netns = lab.netns(&target)?;
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &netns])
+                .args(&command)
+                .env("PATH", kanava_lab::path_with_bin_dir())
+                .status()
+                .with_context(|| format!("run {}", command.join(" ")))?;
+            Ok(status.code().unwrap_or(1))
+        }
+        LabCommand::Logs { lab, target } => {
+            let lab = Lab::attach(lab.name.as_deref())?;
+            print!("{}", lab.logs(&target)?);
+            Ok(0)
+        }
+        LabCommand::Down { lab, all } => {
+            if all {
+                for name in kanava_lab::state::list_labs() {
+                    kanava_lab::down(&name)?;
+                    eprintln!("lab {name} removed");
+                }
+            } else {
+                let name = kanava_lab::state::resolve_name(lab.name.as_deref())?;
+                kanava_lab::down(&name)?;
+                eprintln!("lab {name} removed");
+            }
+            Ok(0)
+        }
+        LabCommand::Clean => {
+            let removed = kanava_lab::clean()?;
+            if removed.is_empty() {
+                eprintln!("nothing to clean");
+            } else {
+                eprintln!("removed: {}", removed.join(", "));
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn up(file: &PathBuf, name: &str, nodes: usize) -> anyhow::Result<i32> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let spec = LabSpec::parse(&text, nodes).with_context(|| format!("{}", file.display()))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut options = UpOptions::named(name);
+    options.cancel = Some(cancel.clone());
+    options.progress = Some(Arc::new(|step: &str| eprintln!("  {step}")));
+
+    eprintln!(
+        "bringing up lab {name} ({} nodes, {} pods)",
+        spec.nodes.len(),
+        spec.pods.len()
+    );
+    // Build on a worker thread so Ctrl-C (or SIGTERM) can interrupt it; the
+    // builder notices the flag between steps and removes what it built.
+    let builder = std::thread::spawn(move || Lab::up(&spec, &options).map(Lab::detach));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let state = runtime.block_on(async {
+        let interrupted = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let finished = tokio::task::spawn_blocking(move || builder.join());
+        tokio::pin!(finished);
+        tokio::select! {
+            joined = &mut finished => joined,
+            _ = interrupted => {
+                eprintln!("interrupted; removing what was built");
+                cancel.store(true, Ordering::SeqCst);
+                finished.await
+            }
+        }
+    })?;
+    let state = state.map_err(|_| anyhow::anyhow!("lab builder panicked"))??;
+    print!("{}", status_table(&state));
+    eprintln!(
+        "\nlab {name} is up. Try:\n  kanava lab exec --name {name} NAMESPACE/POD -- curl -s http://POD_IP/\n  kanava lab logs --name {name} ztunnel/{}\n  kanava lab down --name {name}",
+        state
+            .nodes
+            .first()
+            .map(|n| n.name.as_str())
+            .unwrap_or("node-1")
+    );
+    Ok(0)
+}
+
+fn status_json(state: &LabState) -> serde_json::Value {
+    serde_json::json!({
+        "name": state.name,
+        "nodes": state.nodes.iter().map(|n| serde_json::json!({
+            "name": n.name,
+            "ip": n.ip,
+            "podCIDR": n.pod_cidr,
+        })).collect::<Vec<_>>(),
+        "pods": state.pods.iter().map(|p| serde_json::json!({
+            "namespace": p.namespace,
+            "name": p.name,
+            "node": p.node,
+            "ip": p.ip,
+            "enrolled": p.enrolled,
+            "identity": p.identity,
+            "pid": p.pid,
+            "running": p.pid.is_some_and(process::alive),
+        })).collect::<Vec<_>>(),
+        "components": state.components().iter().map(|c| serde_json::json!({
+            "name": c.name,
+            "pid": c.pid,
+            "address": c.address,
+            "running": c.pid.is_some_and(process::alive),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn status_table(state: &LabState) -> String {
+    let mut out = format!("lab {}\n\n", state.name);
+    let mut rows = vec![vec!["NODE".to_string(), "IP".into(), "POD CIDR".into()]];
+    for node in &state.nodes {
+        rows.push(vec![
+            node.name.clone(),
+            node.ip.to_string(),
+            node.pod_cidr.clone(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    let mut rows = vec![vec![
+        "POD".to_string(),
+        "NODE".into(),
+        "IP".into(),
+        "MESH".into(),
+        "IDENTITY".into(),
+        "PID".into(),
+    ]];
+    for pod in &state.pods {
+        rows.push(vec![
+            pod.key(),
+            pod.node.clone(),
+            pod.ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "-".into()),
+            if pod.enrolled { "captured" } else { "-" }.into(),
+            if pod.enrolled {
+                pod.identity.clone()
+            } else {
+                "-".into()
+            },
+            describe_pid(pod.pid),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&table(&rows));
+    let mut rows = vec![vec![
+        "COMPONENT".to_string(),
+        "PID".into(),
+        "ADDRESS".into(),
+    ]];
+    for component in state.components() {
+        rows.push(vec![
+            component.name.clone(),
+            describe_pid(component.pid),
+            component.address.clone(),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&table(&rows));
+    out
+}
+
+fn describe_pid(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) if process::alive(pid) => pid.to_string(),
+        Some(pid) => format!("{pid} (exited)"),
+        None => "-".into(),
+    }
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let line: Vec<String> = row
+                .iter()
+                .enumerate()
+                .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+                .collect();
+            format!("{}\n", line.join("  ").trim_end())
+        })
+        .collect()
+}

@@ -1,0 +1,186 @@
+//! What a running lab is made of, persisted as `state.json` in the lab's
+//! directory so that later commands (`status`, `exec`, `logs`, `down`) can
+//! find it. Written after every step of `up`, so a lab that failed halfway
+//! can still be taken down completely.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::layout::{Layout, lab_root};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabState {
+    pub name: String,
+    pub dir: PathBuf,
+    pub fabric_netns: String,
+    pub control_plane: Component,
+    pub nodes: Vec<NodeState>,
+    pub pods: Vec<PodState>,
+}
+
+/// One of the mesh's own processes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Component {
+    /// `control-plane` or `ztunnel/<node>`.
+    pub name: String,
+    pub pid: Option<u32>,
+    /// Where it serves: gRPC for the control plane, the handoff socket for a
+    /// ztunnel.
+    pub address: String,
+    pub netns: String,
+    pub log: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeState {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub pod_cidr: String,
+    pub ztunnel: Component,
+    pub handoff_socket: PathBuf,
+    pub token_file: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodState {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: String,
+    pub ip: Option<Ipv4Addr>,
+    pub enrolled: bool,
+    pub service_account: String,
+    pub identity: String,
+    pub netns: String,
+    pub pid: Option<u32>,
+    pub command: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl PodState {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl LabState {
+    pub fn new(layout: &Layout) -> Self {
+        LabState {
+            name: layout.name.clone(),
+            dir: layout.dir.clone(),
+            fabric_netns: layout.fabric_netns(),
+            control_plane: Component {
+                name: "control-plane".into(),
+                pid: None,
+                address: crate::layout::control_plane_address().to_string(),
+                netns: layout.fabric_netns(),
+                log: layout.log_dir().join("control-plane.log"),
+            },
+            nodes: Vec::new(),
+            pods: Vec::new(),
+        }
+    }
+
+    pub fn layout(&self) -> Layout {
+        Layout {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Writes the state atomically.
+    pub fn save(&self) -> Result<(), Error> {
+        let path = self.layout().state_file();
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::State {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        write_atomically(&path, text.as_bytes())
+    }
+
+    pub fn load(name: &str) -> Result<Self, Error> {
+        let path = Layout::new(name).state_file();
+        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NoSuchLab(name.to_string()),
+            _ => Error::Io {
+                context: format!("read {}", path.display()),
+                source: e,
+            },
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::State {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeState> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodState> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+
+    /// Every mesh process: the control plane and the ztunnels.
+    pub fn components(&self) -> Vec<&Component> {
+        std::iter::once(&self.control_plane)
+            .chain(self.nodes.iter().map(|n| &n.ztunnel))
+            .collect()
+    }
+}
+
+/// Names of the labs that have a directory under the lab root.
+pub fn list_labs() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(lab_root())
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The lab a command is about: the one named, or the only one running.
+pub fn resolve_name(name: Option<&str>) -> Result<String, Error> {
+    if let Some(name) = name {
+        return Ok(name.to_string());
+    }
+    match list_labs().as_slice() {
+        [] => Err(Error::NoSuchLab("(any)".into())),
+        [only] => Ok(only.clone()),
+        many => Err(Error::Ambiguous(format!(
+            "{} labs are running ({}); say which with --name",
+            many.len(),
+            many.join(", ")
+        ))),
+    }
+}
+
+/// Writes a file through a temporary name starting with `.` and a rename,
+/// so readers (the control plane's directory watch among them) never see it
+/// half-written.
+pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    std::fs::write(&tmp, contents).map_err(Error::io(format!("write {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("rename to {}", path.display())))
+}

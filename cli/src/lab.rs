@@ -42,6 +42,13 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Print a pod's IP address.
+    Ip {
+        #[command(flatten)]
+        lab: LabName,
+        /// NAMESPACE/POD
+        pod: String,
+    },
     /// Print the output of a pod's process (NAMESPACE/POD), of a ztunnel
     /// (ztunnel/NODE) or of the control plane (control-plane).
     Logs {
@@ -102,6 +109,15 @@ pub fn run(command: LabCommand) -> anyhow::Result<i32> {
                 .status()
                 .with_context(|| format!("run {}", command.join(" ")))?;
             Ok(status.code().unwrap_or(1))
+        }
+        LabCommand::Ip { lab, pod } => {
+            let lab = Lab::attach(lab.name.as_deref())?;
+            let pod = lab.pod(&pod)?;
+            let ip = pod
+                .ip
+                .with_context(|| format!("pod {} has no IP", pod.key()))?;
+            println!("{ip}");
+            Ok(0)
         }
         LabCommand::Logs { lab, target } => {
             let lab = Lab::attach(lab.name.as_deref())?;

@@ -1,1 +1,329 @@
+//! Support for the end-to-end tests in `tests/`: labs with unique names,
+//! connections from inside pods, packet captures on the fabric, metrics,
+//! and mesh credentials for hand-made clients.
+//!
+//! Every test builds its own lab (named `e<pid>-<n>`) and the lab is torn
+//! down when the test's `Lab` is dropped, also when the test panics.
+//! The tests need root. They are not skipped without it: they fail, saying
+//! so, because a skipped security test reads like a passing one.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use kanava_lab::{Lab, LabSpec, UpOptions};
+
+/// A two-node lab used by most tests.
+///
+/// - `shop` (enrolled): `client` and `local-web` on node-1; `web`, `echo`,
+///   `sink` on node-2.
+/// - `legacy` (not enrolled): `plain-client` on node-1, `plain-web` and
+///   `plain-sink` on node-2.
+pub const MESH_LAB: &str = r#"
+kind: Lab
+nodes: 2
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {kanava.io/dataplane-mode: ambient}
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: legacy
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec:
+  nodeName: node-1
+  serviceAccountName: client
+  containers: [{name: c, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: local-web, namespace: shop}
+spec:
+  nodeName: node-1
+  serviceAccountName: web
+  containers:
+  - {name: c, command: [labapp, http, --port, "80"], readinessProbe: {tcpSocket: {port: 80}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec:
+  nodeName: node-2
+  serviceAccountName: web
+  containers:
+  - {name: c, command: [labapp, http, --port, "80"], readinessProbe: {tcpSocket: {port: 80}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: shop}
+spec:
+  nodeName: node-2
+  serviceAccountName: echo
+  containers:
+  - {name: c, command: [labapp, echo, --port, "7000"], readinessProbe: {tcpSocket: {port: 7000}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sink, namespace: shop}
+spec:
+  nodeName: node-2
+  serviceAccountName: sink
+  containers:
+  - {name: c, command: [labapp, sink, --port, "9000"], readinessProbe: {tcpSocket: {port: 9000}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-client, namespace: legacy}
+spec:
+  nodeName: node-1
+  containers: [{name: c, command: [sleep, infinity]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-web, namespace: legacy}
+spec:
+  nodeName: node-2
+  containers:
+  - {name: c, command: [labapp, http, --port, "80"], readinessProbe: {tcpSocket: {port: 80}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain-sink, namespace: legacy}
+spec:
+  nodeName: node-2
+  containers:
+  - {name: c, command: [labapp, sink, --port, "9000"], readinessProbe: {tcpSocket: {port: 9000}}}
+"#;
+
+/// Fails the test unless it runs as root.
+pub fn require_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "THE END-TO-END TESTS NEED ROOT: they build network namespaces, veth \
+         links and iptables rules. Run them as root (CI does); they are not skipped."
+    );
+}
+
+/// A lab name no other test or run uses.
+pub fn unique_name() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "e{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Brings up a lab from `yaml` (defaults: 2 nodes).
+pub fn up(yaml: &str) -> Lab {
+    require_root();
+    let spec = LabSpec::parse(yaml, 2).expect("lab file");
+    Lab::up(&spec, &UpOptions::named(unique_name())).expect("lab up")
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn pod_ip(lab: &Lab, pod: &str) -> Ipv4Addr {
+    lab.pod(pod).unwrap().ip.unwrap()
+}
+
+/// A TCP connection made from inside a pod's (or node's) namespace.
+pub async fn connect(lab: &Lab, from: &str, to: SocketAddr) -> tokio::net::TcpStream {
+    let stream = lab
+        .connect(from, to, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect from {from} to {to}: {e}"));
+    stream.set_nonblocking(true).unwrap();
+    let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Runs a command in a target's namespace; panics unless it succeeds.
+pub fn exec_ok(lab: &Lab, target: &str, argv: &[&str]) -> String {
+    let output = lab.exec(target, argv).unwrap();
+    assert!(
+        output.status.success(),
+        "{argv:?} in {target} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The value of a metric (summed over its label sets) of a node's ztunnel.
+pub fn metric(lab: &Lab, node: &str, name: &str) -> f64 {
+    let text = exec_ok(
+        lab,
+        &format!("node/{node}"),
+        &["curl", "-sf", "http://127.0.0.1:15020/metrics"],
+    );
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.split(['{', ' '])
+                .next()
+                .is_some_and(|metric| metric == name)
+        })
+        .filter_map(|line| line.rsplit(' ').next())
+        .filter_map(|value| value.parse::<f64>().ok())
+        .sum()
+}
+
+/// The path of the `kanava` binary beside the other binaries.
+pub fn kanava_binary() -> PathBuf {
+    let dir = kanava_lab::bin_dir(None).expect("binaries built");
+    let path = dir.join("kanava");
+    assert!(
+        path.is_file(),
+        "{} missing: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// `kanava` with a lab root shared with this process.
+pub fn kanava() -> Command {
+    Command::new(kanava_binary())
+}
+
+/// A packet seen on the fabric.
+#[derive(Debug, Clone)]
+pub struct Packet {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// tcpdump on the fabric bridge, writing to a file until stopped.
+pub struct Capture {
+    child: Child,
+    file: tempfile::NamedTempFile,
+}
+
+impl Capture {
+    /// Starts capturing every TCP packet crossing the lab's underlay.
+    pub fn start(lab: &Lab) -> Capture {
+        let file = tempfile::Builder::new().suffix(".pcap").tempfile().unwrap();
+        let netns = lab.netns("fabric").unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "tcpdump",
+                "-i",
+                "br0",
+                "-s",
+                "0",
+                "-B",
+                "131072",
+                "-U",
+                "--immediate-mode",
+                "-w",
+            ])
+            .arg(file.path())
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump installed (scripts/setup.sh)");
+        // tcpdump writes the file header once it is capturing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tcpdump did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        Capture { child, file }
+    }
+
+    /// Stops tcpdump and returns the TCP packets it saw.
+    pub fn stop(self) -> Vec<Packet> {
+        std::thread::sleep(Duration::from_millis(200));
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+        let output = self.child.wait_with_output().unwrap();
+        let report = String::from_utf8_lossy(&output.stderr);
+        // A capture that lost packets proves nothing about what it lost.
+        let dropped = report
+            .lines()
+            .find_map(|line| line.strip_suffix(" packets dropped by kernel"))
+            .and_then(|count| count.trim().parse::<u64>().ok());
+        assert_eq!(
+            dropped,
+            Some(0),
+            "tcpdump lost packets; the capture is incomplete:\n{report}"
+        );
+        read_pcap(&std::fs::read(self.file.path()).unwrap())
+    }
+}
+
+fn read_pcap(bytes: &[u8]) -> Vec<Packet> {
+    let mut reader = pcap_file::pcap::PcapReader::new(bytes).expect("pcap header");
+    let mut packets = Vec::new();
+    while let Some(packet) = reader.next_packet() {
+        let packet = packet.expect("pcap packet");
+        let Ok(sliced) = etherparse::SlicedPacket::from_ethernet(&packet.data) else {
+            continue;
+        };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
+            continue;
+        };
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = &sliced.transport else {
+            continue;
+        };
+        packets.push(Packet {
+            source: SocketAddr::from((ip.header().source_addr(), tcp.source_port())),
+            destination: SocketAddr::from((ip.header().destination_addr(), tcp.destination_port())),
+            payload: tcp.payload().to_vec(),
+        });
+    }
+    packets
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A workload certificate for `identity`, signed by the lab's CA, as a
+/// hand-made mesh client would hold.
+pub fn mesh_cert(lab: &Lab, identity: &kanava_mesh::Identity) -> kanava_tls::WorkloadCert {
+    let ca = kanava_control_plane::ca::CertificateAuthority::load_or_create(
+        &lab.ca_dir(),
+        "cluster.local",
+    )
+    .unwrap();
+    let request = kanava_tls::CertificateRequest::generate(identity).unwrap();
+    let issued = ca
+        .sign_workload(request.csr_der(), identity, Duration::from_secs(600))
+        .unwrap();
+    request.into_cert(&issued.chain_pem).unwrap()
+}
+
+/// The lab's mesh root.
+pub fn mesh_roots(lab: &Lab) -> kanava_tls::MeshRoots {
+    let pem = std::fs::read(lab.ca_dir().join(kanava_control_plane::ca::ROOT_CERT_FILE)).unwrap();
+    kanava_tls::MeshRoots::from_pem(&pem).unwrap()
+}

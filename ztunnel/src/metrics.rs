@@ -1,13 +1,15 @@
 //! Prometheus metrics of the ztunnel, served on `/metrics` (port 15020).
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::fmt;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Which way a proxied connection goes, seen from the pod.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     /// Leaving an enrolled pod.
     Outbound,
@@ -16,7 +18,7 @@ pub enum Direction {
 }
 
 /// How a proxied connection ended.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
     /// Bytes flowed until both sides closed.
     Success,
@@ -27,12 +29,40 @@ pub enum Outcome {
 }
 
 /// How the bytes travel.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Transport {
     /// HBONE: mTLS + HTTP/2 CONNECT.
     Hbone,
     /// Plain TCP (destination outside the mesh, or inbound plaintext).
     Passthrough,
+}
+
+/// Lowercase names for label values and log fields (`outbound`, not
+/// `Outbound`), as Prometheus conventions have it.
+macro_rules! lowercase_names {
+    ($($type:ident { $($variant:ident => $name:literal),* $(,)? })*) => {$(
+        impl $type {
+            pub fn as_str(self) -> &'static str {
+                match self { $($type::$variant => $name),* }
+            }
+        }
+        impl fmt::Display for $type {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl EncodeLabelValue for $type {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+                fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )*};
+}
+
+lowercase_names! {
+    Direction { Outbound => "outbound", Inbound => "inbound" }
+    Outcome { Success => "success", Denied => "denied", Failed => "failed" }
+    Transport { Hbone => "hbone", Passthrough => "passthrough" }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

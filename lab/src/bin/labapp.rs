@@ -44,14 +44,19 @@ enum Mode {
         #[arg(long, default_value_t = 9)]
         port: u16,
     },
-    /// Send pseudo-random bytes to a sink and check its answer.
+    /// Send bytes to a sink and check its answer.
     Send {
         #[arg(long)]
         to: SocketAddr,
         #[arg(long)]
         bytes: u64,
+        /// Seed of the pseudo-random bytes sent.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Send this text over and over instead of pseudo-random bytes
+        /// (easy to look for in a packet capture).
+        #[arg(long)]
+        text: Option<String>,
     },
 }
 
@@ -61,7 +66,12 @@ async fn main() -> anyhow::Result<()> {
         Mode::Http { port } => http(port).await,
         Mode::Echo { port } => serve(port, echo).await,
         Mode::Sink { port } => serve(port, sink).await,
-        Mode::Send { to, bytes, seed } => send(to, bytes, seed).await,
+        Mode::Send {
+            to,
+            bytes,
+            seed,
+            text,
+        } => send(to, bytes, seed, text).await,
     }
 }
 
@@ -141,31 +151,26 @@ async fn sink(mut stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deterministic bytes, cheap to produce and impossible to compress away.
-pub fn pattern(seed: u64, buffer: &mut [u8]) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buffer.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let bytes = state.to_le_bytes();
-        chunk.copy_from_slice(&bytes[..chunk.len()]);
-    }
-}
-
-async fn send(to: SocketAddr, bytes: u64, seed: u64) -> anyhow::Result<()> {
+async fn send(to: SocketAddr, bytes: u64, seed: u64, text: Option<String>) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to))
         .await
         .context("connect timed out")??;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 256 * 1024];
+    if let Some(text) = text.as_deref().filter(|t| !t.is_empty()) {
+        for (byte, fill) in buffer.iter_mut().zip(text.bytes().cycle()) {
+            *byte = fill;
+        }
+    }
     let mut left = bytes;
     let mut block = seed;
     while left > 0 {
         let n = left.min(buffer.len() as u64) as usize;
-        pattern(block, &mut buffer[..n]);
-        block += 1;
+        if text.is_none() {
+            kanava_lab::pattern(block, &mut buffer[..n]);
+            block += 1;
+        }
         hasher.update(&buffer[..n]);
         stream.write_all(&buffer[..n]).await?;
         left -= n as u64;

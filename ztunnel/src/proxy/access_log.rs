@@ -2,10 +2,10 @@
 //! `access`), plus the matching metrics.
 //!
 //! ```text
-//! INFO access: connection complete direction=Inbound pod=shop/web
+//! INFO access: connection complete direction=inbound pod=shop/web
 //!   src.addr=10.244.1.2 src.identity=spiffe://cluster.local/ns/shop/sa/client
 //!   dst.addr=10.244.2.3:80 dst.identity=spiffe://cluster.local/ns/shop/sa/web
-//!   transport=Hbone bytes_sent=78 bytes_received=512 duration_ms=3 outcome=Success
+//!   transport=hbone bytes_sent=78 bytes_received=512 duration_ms=3 outcome=success
 //! ```
 
 use std::net::SocketAddr;
@@ -103,18 +103,18 @@ impl AccessLog {
         let dst_identity = self.dst_identity.as_ref().map(ToString::to_string);
         tracing::info!(
             target: "access",
-            direction = ?self.direction,
+            direction = %self.direction,
             pod = %self.pod,
             src.addr = %self.src_addr,
             src.identity = src_identity.as_deref().unwrap_or("-"),
             dst.addr = %self.dst_addr,
             dst.workload = self.dst_workload.as_deref().unwrap_or("-"),
             dst.identity = dst_identity.as_deref().unwrap_or("-"),
-            transport = ?self.transport,
+            transport = %self.transport,
             bytes_sent = bytes.0,
             bytes_received = bytes.1,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            outcome = ?outcome,
+            outcome = %outcome,
             reason = reason.unwrap_or("-"),
             "connection complete"
         );

@@ -1,0 +1,223 @@
+//! Bad input is refused, and says why: CONNECT to the wrong pod, TLS
+//! clients without a mesh certificate, plaintext to an enrolled pod, and
+//! certificate requests for identities the node does not run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use kanava_e2e::{MESH_LAB, connect, mesh_cert, mesh_roots, pod_ip, runtime, up};
+use kanava_mesh::Identity;
+use kanava_proto::v1 as pb;
+use kanava_tls::pki_types::ServerName;
+use tokio::io::AsyncReadExt;
+use tokio_rustls::TlsConnector;
+
+/// Opens HBONE to `pod`:15008 from `from` and sends `CONNECT target`.
+async fn connect_status(
+    lab: &kanava_lab::Lab,
+    from: &str,
+    pod: &str,
+    target: SocketAddr,
+    tls: Arc<kanava_tls::rustls::ClientConfig>,
+) -> Result<StatusCode, String> {
+    let tcp = connect(lab, from, SocketAddr::from((pod_ip(lab, pod), 15008))).await;
+    let server_name = ServerName::IpAddress(pod_ip(lab, pod).into());
+    let stream = TlsConnector::from(tls)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (sender, connection) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(connection);
+    let mut sender = sender.ready().await.map_err(|e| format!("HTTP/2: {e}"))?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .unwrap();
+    let (response, _send) = sender
+        .send_request(request, false)
+        .map_err(|e| format!("send: {e}"))?;
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .map_err(|_| "no response".to_string())?
+        .map_err(|e| format!("response: {e}"))?;
+    Ok(response.status())
+}
+
+#[test]
+fn hbone_refuses_wrong_targets_and_clients_without_mesh_certificates() {
+    let lab = up(MESH_LAB);
+    let web = SocketAddr::from((pod_ip(&lab, "shop/web"), 80));
+    let sink = SocketAddr::from((pod_ip(&lab, "shop/sink"), 9000));
+    let roots = mesh_roots(&lab);
+    let web_identity: Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    let intruder: Identity = "spiffe://cluster.local/ns/legacy/sa/intruder"
+        .parse()
+        .unwrap();
+
+    runtime().block_on(async {
+        // A client with a valid mesh certificate, from an uncaptured pod.
+        let cert = mesh_cert(&lab, &intruder);
+        let tls = kanava_tls::hbone_client_config(&cert, &roots, &web_identity).unwrap();
+        let ok = connect_status(&lab, "legacy/plain-client", "shop/web", web, tls.clone()).await;
+        assert_eq!(
+            ok,
+            Ok(StatusCode::OK),
+            "control: the right target is accepted"
+        );
+        let wrong = connect_status(&lab, "legacy/plain-client", "shop/web", sink, tls).await;
+        assert_eq!(
+            wrong,
+            Ok(StatusCode::BAD_REQUEST),
+            "CONNECT to another pod's IP"
+        );
+
+        // No client certificate at all.
+        let no_cert =
+            kanava_tls::rustls::ClientConfig::builder_with_provider(kanava_tls::provider())
+                .with_protocol_versions(&[&kanava_tls::rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(kanava_tls::SpiffeServerVerifier::new(
+                    &roots,
+                    web_identity.clone(),
+                )))
+                .with_no_client_auth();
+        let mut no_cert = no_cert;
+        no_cert.alpn_protocols = vec![b"h2".to_vec()];
+        let refused = connect_status(
+            &lab,
+            "legacy/plain-client",
+            "shop/web",
+            web,
+            Arc::new(no_cert),
+        )
+        .await;
+        assert!(
+            refused.is_err(),
+            "a client without certificate got {refused:?}"
+        );
+
+        // A certificate from another CA, for a plausible identity.
+        let other_ca = tempfile::tempdir().unwrap();
+        let foreign = kanava_control_plane::ca::CertificateAuthority::load_or_create(
+            other_ca.path(),
+            "cluster.local",
+        )
+        .unwrap();
+        let client_id: Identity = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
+        let request = kanava_tls::CertificateRequest::generate(&client_id).unwrap();
+        let issued = foreign
+            .sign_workload(request.csr_der(), &client_id, Duration::from_secs(60))
+            .unwrap();
+        let forged = request.into_cert(&issued.chain_pem).unwrap();
+        let tls = kanava_tls::hbone_client_config(&forged, &roots, &web_identity).unwrap();
+        let refused = connect_status(&lab, "legacy/plain-client", "shop/web", web, tls).await;
+        assert!(
+            refused.is_err(),
+            "a certificate from a foreign CA got {refused:?}"
+        );
+    });
+    let failures = kanava_e2e::metric(&lab, "node-2", "kanava_hbone_handshake_failures_total");
+    assert!(
+        failures >= 2.0,
+        "refused handshakes are counted ({failures})"
+    );
+    let log = lab.logs("ztunnel/node-2").unwrap();
+    assert!(
+        log.contains("is not an address of pod shop/web"),
+        "the 400 is logged with its reason"
+    );
+}
+
+#[test]
+fn plaintext_to_an_enrolled_pod_is_refused() {
+    let lab = up(MESH_LAB);
+    let web = SocketAddr::from((pod_ip(&lab, "shop/web"), 80));
+    runtime().block_on(async {
+        let mut stream = connect(&lab, "legacy/plain-client", web).await;
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(
+            matches!(read, Err(_) | Ok(0)),
+            "plaintext connection to an enrolled pod must be closed, got {read:?}"
+        );
+    });
+    let log = lab.logs("ztunnel/node-2").unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("outcome=denied") && l.contains("mutual TLS is required")),
+        "the refusal is logged:\n{log}"
+    );
+}
+
+#[test]
+fn the_ca_signs_only_for_identities_on_the_requesting_node() {
+    let lab = up(MESH_LAB);
+    let fabric = kanava_netns::NetNs::named(&lab.netns("fabric").unwrap()).unwrap();
+    let roots = mesh_roots(&lab);
+    // Only node-2 runs a pod (shop/sink) with this identity.
+    let sink: Identity = "spiffe://cluster.local/ns/shop/sa/sink".parse().unwrap();
+
+    runtime().block_on(async {
+        let sign = |token: String, identity: Identity| {
+            let roots = roots.clone();
+            let fabric = &fabric;
+            async move {
+                let tcp = fabric
+                    .run(|| std::net::TcpStream::connect_timeout(&"10.200.0.1:15012".parse().unwrap(), Duration::from_secs(5)))
+                    .unwrap()
+                    .unwrap();
+                tcp.set_nonblocking(true).unwrap();
+                let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+                let tls = TlsConnector::from(kanava_tls::control_plane_client_config(&roots).unwrap());
+                let name = ServerName::try_from("kanava-control-plane.kanava-system.svc").unwrap();
+                let stream = tls.connect(name, tcp).await.unwrap();
+                let mut once = Some(hyper_util::rt::TokioIo::new(stream));
+                let channel = tonic::transport::Endpoint::from_static("http://control-plane")
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let stream = once.take();
+                        async move { stream.ok_or_else(|| std::io::Error::other("used")) }
+                    }))
+                    .await
+                    .unwrap();
+                let request = kanava_tls::CertificateRequest::generate(&identity).unwrap();
+                let mut call = tonic::Request::new(pb::SignRequest {
+                    csr: request.csr_der().to_vec(),
+                    identity: identity.to_string(),
+                    ttl_seconds: 0,
+                });
+                call.metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                pb::certificates_client::CertificatesClient::new(channel).sign(call).await
+            }
+        };
+
+        // node-1 runs no pod with the sink identity: refused, saying so.
+        let status = sign(lab.node_token("node-1").unwrap(), sink.clone()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().contains("no pod with identity spiffe://cluster.local/ns/shop/sa/sink is scheduled on node node-1"),
+            "{status:?}"
+        );
+        // node-2 does: signed.
+        let signed = sign(lab.node_token("node-2").unwrap(), sink.clone()).await.unwrap();
+        assert!(!signed.get_ref().cert_chain.is_empty());
+        // A made-up credential: refused as unauthenticated.
+        let status = sign("x".repeat(64), sink).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    });
+    let log = lab.logs("control-plane").unwrap();
+    assert!(
+        log.contains("certificate request refused"),
+        "refusals are logged:\n{log}"
+    );
+}

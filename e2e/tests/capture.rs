@@ -1,0 +1,110 @@
+//! Handing pods to the ztunnel and taking them back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use kanava_e2e::{MESH_LAB, exec_ok, pod_ip, up};
+
+fn listening_ports(lab: &kanava_lab::Lab, pod: &str) -> Vec<u16> {
+    exec_ok(lab, pod, &["ss", "-Hltn"])
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .filter_map(|local| local.rsplit(':').next())
+        .filter_map(|port| port.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_released_pod_loses_rules_and_listeners_but_keeps_running() {
+    let lab = up(MESH_LAB);
+    let web = lab.pod("shop/web").unwrap().clone();
+    let socket = lab.state().node(&web.node).unwrap().handoff_socket.clone();
+
+    let ports = listening_ports(&lab, "shop/web");
+    for port in [15001, 15006, 15008, 80] {
+        assert!(
+            ports.contains(&port),
+            "port {port} not listening in the captured pod: {ports:?}"
+        );
+    }
+    assert!(exec_ok(&lab, "shop/web", &["iptables-save"]).contains("KANAVA_PRERT"));
+
+    kanava_lab::handoff::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
+
+    let ports = listening_ports(&lab, "shop/web");
+    for port in [15001, 15006, 15008] {
+        assert!(
+            !ports.contains(&port),
+            "port {port} still open after release: {ports:?}"
+        );
+    }
+    assert!(ports.contains(&80), "the app keeps running");
+    assert!(kanava_lab::process::alive(web.pid.unwrap()));
+    let rules = exec_ok(&lab, "shop/web", &["iptables-save"]);
+    assert!(
+        !rules.contains("KANAVA"),
+        "rules remain after release:\n{rules}"
+    );
+    let ip_rules = exec_ok(&lab, "shop/web", &["ip", "rule"]);
+    assert!(
+        !ip_rules.contains("0x111"),
+        "policy route remains:\n{ip_rules}"
+    );
+
+    // Uncaptured now: plaintext reaches it.
+    let url = format!("http://{}/", pod_ip(&lab, "shop/web"));
+    let body = exec_ok(
+        &lab,
+        "legacy/plain-client",
+        &["curl", "-sf", "-m", "10", &url],
+    );
+    assert!(body.starts_with("hello from shop/web"), "{body}");
+
+    // Releasing an unknown or already released pod succeeds.
+    kanava_lab::handoff::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
+    let log = lab.logs(&format!("ztunnel/{}", web.node)).unwrap();
+    assert!(log.contains("pod released"), "{log}");
+}
+
+#[test]
+fn the_handoff_refuses_malformed_requests() {
+    let lab = up(MESH_LAB);
+    let node = &lab.state().nodes[0];
+    let netns =
+        std::path::PathBuf::from("/run/netns").join(lab.netns("legacy/plain-client").unwrap());
+    let info = |ips: Vec<&str>| kanava_proto::v1::PodInfo {
+        uid: "u-1".into(),
+        name: "plain-client".into(),
+        namespace: "legacy".into(),
+        service_account: String::new(),
+        ips: ips.into_iter().map(String::from).collect(),
+    };
+    let err = kanava_lab::handoff::add_pod(
+        &node.handoff_socket,
+        info(vec!["not-an-ip"]),
+        &netns,
+        Duration::from_secs(10),
+    )
+    .unwrap_err();
+    assert!(err.contains("not-an-ip"), "{err}");
+    let err = kanava_lab::handoff::add_pod(
+        &node.handoff_socket,
+        info(vec![]),
+        &netns,
+        Duration::from_secs(10),
+    )
+    .unwrap_err();
+    assert!(err.contains("has no IP"), "{err}");
+    // A descriptor that is not a network namespace.
+    let err = kanava_lab::handoff::add_pod(
+        &node.handoff_socket,
+        info(vec!["10.244.1.9"]),
+        std::path::Path::new("/proc/self/exe"),
+        Duration::from_secs(10),
+    )
+    .unwrap_err();
+    assert!(err.contains("network namespace"), "{err}");
+    // Nothing was captured by any of them.
+    assert!(!exec_ok(&lab, "legacy/plain-client", &["iptables-save"]).contains("KANAVA"));
+}

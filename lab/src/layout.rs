@@ -31,21 +31,15 @@ pub fn lab_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/kanava/labs"))
 }
 
-/// Checks a lab name: lowercase letters, digits and `-`.
+/// Checks a lab name: a Kubernetes-style name of at most
+/// [`MAX_NAME_LEN`] characters.
 pub fn check_lab_name(name: &str) -> Result<(), Error> {
-    let valid = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-');
-    if valid {
-        Ok(())
-    } else {
-        Err(Error::Spec(format!(
-            "lab name {name:?} is not valid (lowercase letters, digits and '-', at most {MAX_NAME_LEN})"
-        )))
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::Spec(format!(
+            "lab name {name:?} is longer than {MAX_NAME_LEN} characters"
+        )));
     }
+    crate::spec::check_dns_label("lab name", name)
 }
 
 /// Where a lab keeps its files and what it calls things.

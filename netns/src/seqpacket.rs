@@ -22,6 +22,15 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Most descriptors accepted with one message.
 const MAX_FDS: usize = 4;
 
+fn new_socket() -> std::io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
 /// A listening socket.
 #[derive(Debug)]
 pub struct Listener {
@@ -34,12 +43,7 @@ impl Listener {
         if path.exists() {
             std::fs::remove_file(path)?;
         }
-        let fd = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
+        let fd = new_socket()?;
         rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
         rustix::net::listen(&fd, 64)?;
         Ok(Listener { fd })
@@ -61,12 +65,7 @@ pub struct Conn {
 impl Conn {
     /// Connects to a listener at `path`.
     pub fn connect(path: &Path) -> std::io::Result<Self> {
-        let fd = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )?;
+        let fd = new_socket()?;
         rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
         Ok(Conn { fd })
     }

@@ -93,67 +93,9 @@ pub fn install(netns: &NetNs) -> Result<(), Error> {
         Err(error) => tracing::debug!(netns = netns.name(), %error, "no IPv6 capture"),
     }
 
-    let mark = format!("{:#x}/{:#x}", marks::ORIGINAL_SOURCE, marks::MASK);
-    let table = marks::ROUTE_TABLE.to_string();
-    let priority = RULE_PRIORITY.to_string();
-    // Delete-then-add keeps exactly one copy of the rule.
-    let _ = run(
-        netns,
-        "ip",
-        &[
-            "rule", "del", "fwmark", &mark, "priority", &priority, "lookup", &table,
-        ],
-        None,
-    );
-    run(
-        netns,
-        "ip",
-        &[
-            "rule", "add", "fwmark", &mark, "priority", &priority, "lookup", &table,
-        ],
-        None,
-    )?;
-    run(
-        netns,
-        "ip",
-        &[
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ],
-        None,
-    )?;
-    let _ = run(
-        netns,
-        "ip",
-        &[
-            "-6", "rule", "del", "fwmark", &mark, "priority", &priority, "lookup", &table,
-        ],
-        None,
-    );
-    if run(
-        netns,
-        "ip",
-        &[
-            "-6", "rule", "add", "fwmark", &mark, "priority", &priority, "lookup", &table,
-        ],
-        None,
-    )
-    .is_ok()
-    {
-        let _ = run(
-            netns,
-            "ip",
-            &[
-                "-6", "route", "replace", "local", "::/0", "dev", "lo", "table", &table,
-            ],
-            None,
-        );
+    route_replies(netns, "-4", true)?;
+    if let Err(error) = route_replies(netns, "-6", true) {
+        tracing::debug!(netns = netns.name(), %error, "no IPv6 reply routing");
     }
     Ok(())
 }
@@ -166,32 +108,43 @@ pub fn remove(netns: &NetNs) -> Result<(), Error> {
     if has_rules(netns, "ip6tables-save").unwrap_or(false) {
         restore(netns, "ip6tables-restore", &release_rules())?;
     }
+    // The namespace may be on its way out with its pod; what cannot be
+    // undone there no longer matters.
+    let _ = route_replies(netns, "-4", false);
+    let _ = route_replies(netns, "-6", false);
+    Ok(())
+}
+
+/// The policy routing that brings replies to the proxy's spoofed-source
+/// connections back to the proxy: `ip rule fwmark 0x111/0xfff lookup 100`
+/// and a local route for every address in table 100.
+fn route_replies(netns: &NetNs, family: &str, install: bool) -> Result<(), Error> {
     let mark = format!("{:#x}/{:#x}", marks::ORIGINAL_SOURCE, marks::MASK);
     let table = marks::ROUTE_TABLE.to_string();
     let priority = RULE_PRIORITY.to_string();
-    let _ = run(
-        netns,
-        "ip",
-        &[
-            "rule", "del", "fwmark", &mark, "priority", &priority, "lookup", &table,
-        ],
-        None,
-    );
-    let _ = run(netns, "ip", &["route", "flush", "table", &table], None);
-    let _ = run(
-        netns,
-        "ip",
-        &[
-            "-6", "rule", "del", "fwmark", &mark, "priority", &priority, "lookup", &table,
-        ],
-        None,
-    );
-    let _ = run(
-        netns,
-        "ip",
-        &["-6", "route", "flush", "table", &table],
-        None,
-    );
+    let any = if family == "-6" { "::/0" } else { "0.0.0.0/0" };
+    let rule = |action: &str| {
+        let args = [
+            family, "rule", action, "fwmark", &mark, "priority", &priority, "lookup", &table,
+        ];
+        run(netns, "ip", &args, None)
+    };
+    // Deleting first keeps exactly one copy of the rule.
+    let _ = rule("del");
+    if install {
+        rule("add")?;
+        let args = [
+            family, "route", "replace", "local", any, "dev", "lo", "table", &table,
+        ];
+        run(netns, "ip", &args, None)?;
+    } else {
+        run(
+            netns,
+            "ip",
+            &[family, "route", "flush", "table", &table],
+            None,
+        )?;
+    }
     Ok(())
 }
 

@@ -24,7 +24,24 @@ pub enum LabCommand {
         #[arg(long, default_value_t = DEFAULT_NODES)]
         nodes: usize,
     },
-    /// Show the nodes, pods and mesh components of a lab.
+    /// Create or change objects (namespaces, pods, services, policies) in a
+    /// running lab, as `kubectl apply` would. Returns once every ztunnel has
+    /// seen the change.
+    Apply {
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Delete the objects named in a file from a running lab (a namespace
+    /// takes its pods, services and policies along).
+    Delete {
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Show the nodes, pods, services and mesh components of a lab.
     Status {
         #[command(flatten)]
         lab: LabName,
@@ -84,14 +101,17 @@ pub enum Output {
 pub fn run(command: LabCommand) -> anyhow::Result<i32> {
     match command {
         LabCommand::Up { file, name, nodes } => up(&file, &name, nodes),
+        LabCommand::Apply { lab, file } => change(lab, &file, kanava_lab::apply_manifests),
+        LabCommand::Delete { lab, file } => change(lab, &file, kanava_lab::delete_manifests),
         LabCommand::Status { lab, output } => {
             let lab = Lab::attach(lab.name.as_deref())?;
+            let services = lab.services()?;
             match output {
                 Output::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(&status_json(lab.state()))?
+                    serde_json::to_string_pretty(&status_json(lab.state(), &services))?
                 ),
-                Output::Table => print!("{}", status_table(lab.state())),
+                Output::Table => print!("{}", status_table(lab.state(), &services)),
             }
             Ok(0)
         }
@@ -158,9 +178,9 @@ fn up(file: &PathBuf, name: &str, nodes: usize) -> anyhow::Result<i32> {
     options.progress = Some(Arc::new(|step: &str| eprintln!("  {step}")));
 
     eprintln!(
-        "bringing up lab {name} ({} nodes, {} pods)",
+        "bringing up lab {name} ({} nodes, {} objects)",
         spec.nodes.len(),
-        spec.pods.len()
+        spec.objects.len()
     );
     // Build on a worker thread so Ctrl-C (or SIGTERM) can interrupt it; the
     // builder notices the flag between steps and removes what it built.
@@ -190,7 +210,8 @@ fn up(file: &PathBuf, name: &str, nodes: usize) -> anyhow::Result<i32> {
         }
     })?;
     let state = state.map_err(|_| anyhow::anyhow!("lab builder panicked"))??;
-    print!("{}", status_table(&state));
+    let services = kanava_lab::services(&state)?;
+    print!("{}", status_table(&state, &services));
     eprintln!(
         "\nlab {name} is up. Try:\n  kanava lab exec --name {name} NAMESPACE/POD -- curl -s http://POD_IP/\n  kanava lab logs --name {name} ztunnel/{}\n  kanava lab down --name {name}",
         state
@@ -202,7 +223,28 @@ fn up(file: &PathBuf, name: &str, nodes: usize) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn status_json(state: &LabState) -> serde_json::Value {
+type Change =
+    fn(&str, &str, Option<kanava_lab::Progress>) -> Result<kanava_lab::Report, kanava_lab::Error>;
+
+fn change(lab: LabName, file: &PathBuf, operation: Change) -> anyhow::Result<i32> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    let name = kanava_lab::state::resolve_name(lab.name.as_deref())?;
+    let report = operation(
+        &name,
+        &text,
+        Some(Arc::new(|step: &str| eprintln!("  {step}"))),
+    )
+    .with_context(|| format!("{}", file.display()))?;
+    for line in &report.changes {
+        println!("{line}");
+    }
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(0)
+}
+
+fn status_json(state: &LabState, services: &[kanava_lab::ServiceStatus]) -> serde_json::Value {
     serde_json::json!({
         "name": state.name,
         "nodes": state.nodes.iter().map(|n| serde_json::json!({
@@ -215,7 +257,7 @@ fn status_json(state: &LabState) -> serde_json::Value {
             "name": p.name,
             "node": p.node,
             "ip": p.ip,
-            "enrolled": p.enrolled,
+            "enrolled": p.captured,
             "identity": p.identity,
             "pid": p.pid,
             "running": p.pid.is_some_and(process::alive),
@@ -226,10 +268,11 @@ fn status_json(state: &LabState) -> serde_json::Value {
             "address": c.address,
             "running": c.pid.is_some_and(process::alive),
         })).collect::<Vec<_>>(),
+        "services": services,
     })
 }
 
-fn status_table(state: &LabState) -> String {
+fn status_table(state: &LabState, services: &[kanava_lab::ServiceStatus]) -> String {
     let mut out = format!("lab {}\n\n", state.name);
     let mut rows = vec![vec!["NODE".to_string(), "IP".into(), "POD CIDR".into()]];
     for node in &state.nodes {
@@ -255,8 +298,8 @@ fn status_table(state: &LabState) -> String {
             pod.ip
                 .map(|ip| ip.to_string())
                 .unwrap_or_else(|| "-".into()),
-            if pod.enrolled { "captured" } else { "-" }.into(),
-            if pod.enrolled {
+            if pod.captured { "captured" } else { "-" }.into(),
+            if pod.captured {
                 pod.identity.clone()
             } else {
                 "-".into()
@@ -266,6 +309,28 @@ fn status_table(state: &LabState) -> String {
     }
     out.push('\n');
     out.push_str(&table(&rows));
+    if !services.is_empty() {
+        let mut rows = vec![vec![
+            "SERVICE".to_string(),
+            "CLUSTER-IP".into(),
+            "PORTS".into(),
+            "ENDPOINTS".into(),
+        ]];
+        for service in services {
+            rows.push(vec![
+                format!("{}/{}", service.namespace, service.name),
+                service.cluster_ip.clone(),
+                service.ports.join(","),
+                if service.endpoints.is_empty() {
+                    "-".into()
+                } else {
+                    service.endpoints.join(",")
+                },
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
     let mut rows = vec![vec![
         "COMPONENT".to_string(),
         "PID".into(),

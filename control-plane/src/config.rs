@@ -33,6 +33,10 @@ pub struct Config {
     #[arg(long, env = "KANAVA_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
 
+    /// Namespace whose AuthorizationPolicies apply to the whole mesh.
+    #[arg(long, env = "KANAVA_ROOT_NAMESPACE", default_value = names::ROOT_NAMESPACE)]
+    pub root_namespace: String,
+
     /// Lifetime of workload certificates when the requester asks for none.
     #[arg(long, env = "KANAVA_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,

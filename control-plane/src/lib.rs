@@ -10,7 +10,9 @@
 //! - [`source`]: where cluster objects come from. A directory of Kubernetes
 //!   manifests, watched for changes; the Kubernetes API source feeds the same
 //!   [`source::ClusterObjects`].
-//! - [`translate`]: Kubernetes objects → mesh model (workloads).
+//! - [`translate`]: Kubernetes objects → mesh model (workloads, services,
+//!   policies), validating as it goes.
+//! - [`crd`]: the `AuthorizationPolicy` custom resource.
 //! - [`store`]: the current mesh state, its version, and the changes between
 //!   versions, computed once and shared by every stream.
 //! - [`discovery`]: the gRPC service ztunnels subscribe to.
@@ -23,6 +25,7 @@ pub mod auth;
 pub mod ca;
 pub mod certificates;
 pub mod config;
+pub mod crd;
 pub mod discovery;
 mod error;
 pub mod server;
@@ -38,9 +41,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs the control plane until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let translate = translate::TranslateConfig {
+    let mut translator = translate::Translator::new(translate::TranslateConfig {
         trust_domain: config.trust_domain.clone(),
-    };
+        root_namespace: config.root_namespace.clone(),
+    });
     let ca = Arc::new(ca::CertificateAuthority::load_or_create(
         &config.ca_dir,
         &config.trust_domain,
@@ -59,11 +63,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let translator = tokio::spawn(async move {
         while objects_rx.changed().await.is_ok() {
             let objects = objects_rx.borrow_and_update().clone();
-            let state = translate::translate(&objects, &translate);
-            for problem in &state.problems {
-                tracing::warn!(%problem, "object skipped");
+            let state = translator.translate(&objects);
+            for problem in translator.new_problems(&state) {
+                tracing::error!(%problem, "configuration rejected");
             }
-            translator_store.replace(state.workloads);
+            translator_store.replace(&state);
         }
     });
 

@@ -7,9 +7,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use kanava_mesh::{Identity, Workload};
+use kanava_mesh::Identity;
 use kanava_proto::v1 as pb;
 use tokio::sync::{broadcast, watch};
+
+use crate::translate::MeshState;
 
 /// How many changes a slow stream may fall behind before it is sent a fresh
 /// snapshot instead.
@@ -79,23 +81,40 @@ impl Store {
         (current.clone(), self.changes.subscribe())
     }
 
-    /// Replaces the state with `workloads`. Returns the change, or `None`
-    /// when nothing changed.
-    pub fn replace(&self, workloads: Vec<Workload>) -> Option<Arc<Delta>> {
+    /// Replaces the state. Returns the change, or `None` when nothing
+    /// changed.
+    pub fn replace(&self, state: &MeshState) -> Option<Arc<Delta>> {
         let mut resources = BTreeMap::new();
         let mut identities_by_node: HashMap<String, HashSet<Identity>> = HashMap::new();
-        for workload in workloads {
-            identities_by_node
-                .entry(workload.node.clone())
-                .or_default()
-                .insert(workload.identity.clone());
-            let name = workload.resource_name();
+        let mut add = |name: String, kind: pb::resource::Kind| {
             resources.insert(
                 name.clone(),
                 Arc::new(pb::Resource {
                     name,
-                    kind: Some(pb::resource::Kind::Workload(workload.to_proto())),
+                    kind: Some(kind),
                 }),
+            );
+        };
+        for workload in &state.workloads {
+            identities_by_node
+                .entry(workload.node.clone())
+                .or_default()
+                .insert(workload.identity.clone());
+            add(
+                workload.resource_name(),
+                pb::resource::Kind::Workload(workload.to_proto()),
+            );
+        }
+        for service in &state.services {
+            add(
+                service.resource_name(),
+                pb::resource::Kind::Service(service.to_proto()),
+            );
+        }
+        for policy in &state.policies {
+            add(
+                policy.resource_name(),
+                pb::resource::Kind::Policy(policy.to_proto()),
             );
         }
 
@@ -147,9 +166,16 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use kanava_mesh::TunnelProtocol;
+    use kanava_mesh::{TunnelProtocol, Workload};
 
     use super::*;
+
+    fn state(workloads: Vec<Workload>) -> MeshState {
+        MeshState {
+            workloads,
+            ..Default::default()
+        }
+    }
 
     fn workload(uid: &str, node: &str, sa: &str) -> Workload {
         Workload {
@@ -162,6 +188,8 @@ mod tests {
             identity: Identity::new("cluster.local", "shop", sa).unwrap(),
             protocol: TunnelProtocol::Hbone,
             labels: Default::default(),
+            mtls_mode: Default::default(),
+            resource_version: "1".into(),
         }
     }
 
@@ -169,7 +197,10 @@ mod tests {
     async fn changes_are_computed_once_and_in_order() {
         let store = Store::new();
         let first = store
-            .replace(vec![workload("a", "n1", "web"), workload("b", "n2", "db")])
+            .replace(&state(vec![
+                workload("a", "n1", "web"),
+                workload("b", "n2", "db"),
+            ]))
             .unwrap();
         assert_eq!(first.version, 1);
         assert_eq!(first.upserts.len(), 2);
@@ -187,13 +218,16 @@ mod tests {
 
         assert!(
             store
-                .replace(vec![workload("a", "n1", "web"), workload("b", "n2", "db")])
+                .replace(&state(vec![
+                    workload("a", "n1", "web"),
+                    workload("b", "n2", "db")
+                ]))
                 .is_none(),
             "no change, no new version"
         );
         let mut moved = workload("a", "n2", "web");
         moved.ips = vec!["10.0.0.2".parse().unwrap()];
-        store.replace(vec![moved]).unwrap();
+        store.replace(&state(vec![moved])).unwrap();
         let delta = changes.recv().await.unwrap();
         assert_eq!(delta.version, 2);
         assert_eq!(delta.upserts.len(), 1);
@@ -213,7 +247,7 @@ mod tests {
         });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!waiting.is_finished());
-        store.replace(vec![]);
+        store.replace(&MeshState::default());
         assert_eq!(
             waiting.await.unwrap(),
             1,

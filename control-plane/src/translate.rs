@@ -1,40 +1,120 @@
 //! Kubernetes objects → the mesh model.
 //!
 //! Shared by every source, so the lab's manifest directory and a real API
-//! server produce identical workloads.
+//! server produce identical workloads, services and policies.
+//!
+//! Objects that cannot be translated are reported. For policies, which
+//! decide who may connect, a rejected change never weakens or breaks what
+//! is in force: the last version of that policy that was valid stays.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kanava_mesh::{Identity, TunnelProtocol, Workload, is_enrolled, names};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kanava_mesh::policy::{self, Action, Policy, Rule, SourceBuilder};
+use kanava_mesh::{
+    Endpoint, Identity, MtlsMode, Service, ServicePort, TunnelProtocol, Workload, is_enrolled,
+    names,
+};
 
-use crate::source::ClusterObjects;
+use crate::crd::{AuthorizationPolicy, PolicyAction};
+use crate::source::{ClusterObjects, ObjectKey};
 
 #[derive(Clone, Debug)]
 pub struct TranslateConfig {
     pub trust_domain: String,
+    /// Namespace whose policies apply to the whole mesh.
+    pub root_namespace: String,
 }
 
 /// What the cluster means for the mesh.
 #[derive(Clone, Debug, Default)]
 pub struct MeshState {
     pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub policies: Vec<Policy>,
     /// Objects that could not be translated, and why.
     pub problems: Vec<String>,
 }
 
-pub fn translate(objects: &ClusterObjects, config: &TranslateConfig) -> MeshState {
-    let mut state = MeshState::default();
-    for ((namespace, name), pod) in &objects.pods {
-        match workload_of(pod, objects.namespaces.get(namespace), config) {
-            Ok(Some(workload)) => state.workloads.push(workload),
-            Ok(None) => {}
-            Err(problem) => state
-                .problems
-                .push(format!("Pod {namespace}/{name}: {problem}")),
+/// Translates views of the cluster one after another, remembering the last
+/// valid version of every policy.
+#[derive(Debug)]
+pub struct Translator {
+    config: TranslateConfig,
+    last_good_policies: HashMap<ObjectKey, Policy>,
+    reported: BTreeSet<String>,
+}
+
+impl Translator {
+    pub fn new(config: TranslateConfig) -> Self {
+        Translator {
+            config,
+            last_good_policies: HashMap::new(),
+            reported: BTreeSet::new(),
         }
     }
-    state
+
+    pub fn translate(&mut self, objects: &ClusterObjects) -> MeshState {
+        let mut state = MeshState::default();
+        let mut by_uid: HashMap<String, &Pod> = HashMap::new();
+        for ((namespace, name), pod) in &objects.pods {
+            match workload_of(pod, objects.namespaces.get(namespace), &self.config) {
+                Ok(Some(workload)) => {
+                    by_uid.insert(workload.uid.clone(), pod);
+                    state.workloads.push(workload);
+                }
+                Ok(None) => {}
+                Err(problem) => state
+                    .problems
+                    .push(format!("Pod {namespace}/{name}: {problem}")),
+            }
+        }
+        for ((namespace, name), service) in &objects.services {
+            match service_of(service, &state.workloads, &by_uid) {
+                Ok(Some(service)) => state.services.push(service),
+                Ok(None) => {}
+                Err(problem) => state
+                    .problems
+                    .push(format!("Service {namespace}/{name}: {problem}")),
+            }
+        }
+        for (key, object) in &objects.policies {
+            match policy_of(object, &self.config.root_namespace) {
+                Ok(policy) => {
+                    self.last_good_policies.insert(key.clone(), policy.clone());
+                    state.policies.push(policy);
+                }
+                Err(problem) => {
+                    let kept = self.last_good_policies.get(key);
+                    state.problems.push(format!(
+                        "AuthorizationPolicy {}/{} rejected: {problem}; {}",
+                        key.0,
+                        key.1,
+                        if kept.is_some() {
+                            "its last valid version stays in force"
+                        } else {
+                            "it is not applied"
+                        }
+                    ));
+                    state.policies.extend(kept.cloned());
+                }
+            }
+        }
+        self.last_good_policies
+            .retain(|key, _| objects.policies.contains_key(key));
+        state
+    }
+
+    /// Problems of `state` not reported before (each is logged once while it
+    /// lasts, not on every change anywhere).
+    pub fn new_problems(&mut self, state: &MeshState) -> Vec<String> {
+        let current: BTreeSet<String> = state.problems.iter().cloned().collect();
+        let new = current.difference(&self.reported).cloned().collect();
+        self.reported = current;
+        new
+    }
 }
 
 /// The workload a pod stands for, or `None` when the pod is not (yet) part
@@ -91,10 +171,17 @@ pub fn workload_of(
         .unwrap_or_else(|| names::DEFAULT_SERVICE_ACCOUNT.into());
     let identity = Identity::new(&config.trust_domain, &namespace_name, &service_account)
         .map_err(|e| e.to_string())?;
-    let enrolled = is_enrolled(
-        namespace.and_then(|ns| ns.metadata.labels.as_ref()),
-        meta.labels.as_ref(),
-    );
+    let namespace_labels = namespace.and_then(|ns| ns.metadata.labels.as_ref());
+    let enrolled = is_enrolled(namespace_labels, meta.labels.as_ref());
+    let mtls_mode = match namespace_labels
+        .and_then(|l| l.get(names::MTLS_MODE_LABEL))
+        .map(String::as_str)
+    {
+        Some("permissive") => MtlsMode::Permissive,
+        // Anything but an explicit `permissive` is strict: a typo must not
+        // open the door to plaintext.
+        _ => MtlsMode::Strict,
+    };
     Ok(Some(Workload {
         uid,
         name,
@@ -109,7 +196,225 @@ pub fn workload_of(
             TunnelProtocol::None
         },
         labels: meta.labels.clone().unwrap_or_default(),
+        mtls_mode,
+        resource_version: meta.resource_version.clone().unwrap_or_default(),
     }))
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// A ClusterIP Service with the ready pods it selects. `None` for Services
+/// without a virtual IP (headless, ExternalName, not yet allocated).
+pub fn service_of(
+    service: &KubeService,
+    workloads: &[Workload],
+    pods_by_uid: &HashMap<String, &Pod>,
+) -> Result<Option<Service>, String> {
+    let meta = &service.metadata;
+    let Some(spec) = service.spec.as_ref() else {
+        return Err("missing spec".into());
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None);
+    }
+    let mut vips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if let (true, Some(ip)) = (vips.is_empty(), spec.cluster_ip.as_deref()) {
+        vips.push(ip);
+    }
+    if vips.is_empty() || vips.contains(&"None") {
+        return Ok(None);
+    }
+    let addresses = vips
+        .iter()
+        .map(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| format!("clusterIP {ip:?} is not an IP address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = meta.name.clone().ok_or("missing metadata.name")?;
+
+    let mut ports = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let number = u16::try_from(port.port)
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("port {} is not in 1-65535", port.port))?;
+        let (target_port, target_port_name) = match &port.target_port {
+            None => (number, String::new()),
+            Some(IntOrString::Int(n)) => (
+                u16::try_from(*n)
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| format!("targetPort {n} is not in 1-65535"))?,
+                String::new(),
+            ),
+            Some(IntOrString::String(text)) => match text.parse::<u16>() {
+                Ok(n) if n != 0 => (n, String::new()),
+                _ => (0, text.clone()),
+            },
+        };
+        ports.push(ServicePort {
+            port: number,
+            target_port,
+            target_port_name,
+        });
+    }
+
+    let mut endpoints = Vec::new();
+    if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
+        for workload in workloads {
+            let selected = workload.namespace == namespace
+                && selector
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k).is_some_and(|l| l == v));
+            let Some(pod) = pods_by_uid.get(&workload.uid) else {
+                continue;
+            };
+            if !selected || !is_ready(pod) {
+                continue;
+            }
+            let endpoint_ports = ports
+                .iter()
+                .filter_map(|p| {
+                    let target = if p.target_port != 0 {
+                        Some(p.target_port)
+                    } else {
+                        named_port(pod, &p.target_port_name)
+                    };
+                    target.map(|t| (p.port, t))
+                })
+                .collect::<BTreeMap<_, _>>();
+            if !endpoint_ports.is_empty() {
+                endpoints.push(Endpoint {
+                    workload_uid: workload.uid.clone(),
+                    ports: endpoint_ports,
+                });
+            }
+        }
+    }
+    Ok(Some(Service {
+        namespace,
+        name,
+        addresses,
+        ports,
+        endpoints,
+        resource_version: meta.resource_version.clone().unwrap_or_default(),
+    }))
+}
+
+/// The number of a pod's container port called `name`.
+fn named_port(pod: &Pod, name: &str) -> Option<u16> {
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(name))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+}
+
+/// Validates an AuthorizationPolicy and turns it into the mesh model.
+pub fn policy_of(object: &AuthorizationPolicy, root_namespace: &str) -> Result<Policy, String> {
+    let namespace = object
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = object
+        .metadata
+        .name
+        .clone()
+        .ok_or("missing metadata.name")?;
+    let spec = &object.spec;
+    let mut rules = Vec::new();
+    for (r, rule) in spec.rules.iter().flatten().enumerate() {
+        let mut translated = Rule::default();
+        if let Some(from) = &rule.from {
+            if from.is_empty() {
+                return Err(format!(
+                    "rules[{r}].from is empty; omit it to match every source"
+                ));
+            }
+            for (f, source) in from.iter().enumerate() {
+                let list = |l: &Option<Vec<String>>| l.clone().unwrap_or_default();
+                let (principals, not_principals) =
+                    (list(&source.principals), list(&source.not_principals));
+                let (namespaces, not_namespaces) =
+                    (list(&source.namespaces), list(&source.not_namespaces));
+                let (ip_blocks, not_ip_blocks) =
+                    (list(&source.ip_blocks), list(&source.not_ip_blocks));
+                let built = SourceBuilder {
+                    principals: &principals,
+                    not_principals: &not_principals,
+                    namespaces: &namespaces,
+                    not_namespaces: &not_namespaces,
+                    ip_blocks: &ip_blocks,
+                    not_ip_blocks: &not_ip_blocks,
+                }
+                .build()
+                .map_err(|e| format!("rules[{r}].from[{f}]: {e}"))?;
+                translated.from.push(built);
+            }
+        }
+        if let Some(to) = &rule.to {
+            if to.is_empty() {
+                return Err(format!(
+                    "rules[{r}].to is empty; omit it to match every port"
+                ));
+            }
+            for (t, operation) in to.iter().enumerate() {
+                let ports = port_numbers(operation.ports.as_deref())
+                    .map_err(|e| format!("rules[{r}].to[{t}].ports: {e}"))?;
+                let not_ports = port_numbers(operation.not_ports.as_deref())
+                    .map_err(|e| format!("rules[{r}].to[{t}].notPorts: {e}"))?;
+                translated.to.push(
+                    policy::destination(&ports, &not_ports)
+                        .map_err(|e| format!("rules[{r}].to[{t}]: {e}"))?,
+                );
+            }
+        }
+        rules.push(translated);
+    }
+    Ok(Policy {
+        mesh_wide: namespace == root_namespace,
+        namespace,
+        name,
+        selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
+        action: match spec.action {
+            PolicyAction::Allow => Action::Allow,
+            PolicyAction::Deny => Action::Deny,
+        },
+        rules,
+        resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
+    })
+}
+
+fn port_numbers(ports: Option<&[IntOrString]>) -> Result<Vec<u32>, String> {
+    ports
+        .unwrap_or_default()
+        .iter()
+        .map(|port| match port {
+            IntOrString::Int(n) => u32::try_from(*n).map_err(|_| format!("{n} is not a port")),
+            IntOrString::String(text) => text
+                .parse::<u32>()
+                .map_err(|_| format!("{text:?} is not a port number")),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -117,17 +422,23 @@ mod tests {
     use super::*;
     use crate::source::parse_manifests;
 
-    fn translate_text(text: &str) -> MeshState {
+    fn objects(text: &str) -> ClusterObjects {
         let mut objects = ClusterObjects::default();
         for object in parse_manifests(text).unwrap().0 {
             objects.insert(object);
         }
-        translate(
-            &objects,
-            &TranslateConfig {
-                trust_domain: "cluster.local".into(),
-            },
-        )
+        objects
+    }
+
+    fn translator() -> Translator {
+        Translator::new(TranslateConfig {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "kanava-system".into(),
+        })
+    }
+
+    fn translate_text(text: &str) -> MeshState {
+        translator().translate(&objects(text))
     }
 
     // Manifests as `kubectl get -o yaml` prints them, trimmed.
@@ -138,6 +449,7 @@ metadata:
   name: shop
   labels:
     kanava.io/dataplane-mode: ambient
+    kanava.io/mtls-mode: permissive
     kubernetes.io/metadata.name: shop
 ---
 apiVersion: v1
@@ -151,6 +463,7 @@ metadata:
   name: web-7d9f
   namespace: shop
   uid: 6b1c7a52-6f0e-4d36-9c7e-1f0c1b3f9a10
+  resourceVersion: "4711"
   labels:
     app: web
 spec:
@@ -160,12 +473,36 @@ spec:
   - name: web
     image: nginx:1.27
     ports:
-    - containerPort: 80
+    - containerPort: 8080
+      name: http
 status:
   phase: Running
+  conditions:
+  - type: Ready
+    status: "True"
   podIP: 10.244.2.5
   podIPs:
   - ip: 10.244.2.5
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-unready
+  namespace: shop
+  uid: 7b1c7a52-6f0e-4d36-9c7e-1f0c1b3f9a10
+  labels:
+    app: web
+spec:
+  nodeName: node-1
+  containers:
+  - name: web
+    image: nginx:1.27
+status:
+  phase: Running
+  conditions:
+  - type: Ready
+    status: "False"
+  podIP: 10.244.1.5
 ---
 apiVersion: v1
 kind: Pod
@@ -226,6 +563,64 @@ spec:
 status:
   phase: Succeeded
   podIP: 10.244.1.10
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  resourceVersion: "90"
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20]
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    protocol: TCP
+    targetPort: http
+  - name: admin
+    port: 9000
+    targetPort: 9001
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: headless
+  namespace: shop
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: security.kanava.io/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: web-from-client
+  namespace: shop
+  resourceVersion: "91"
+spec:
+  selector:
+    matchLabels: {app: web}
+  action: ALLOW
+  rules:
+  - from:
+    - principals: ["cluster.local/ns/shop/sa/client"]
+    to:
+    - ports: ["8080", 9001]
+---
+apiVersion: security.kanava.io/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: no-legacy
+  namespace: kanava-system
+spec:
+  action: DENY
+  rules:
+  - from:
+    - namespaces: [legacy]
 "#;
 
     #[test]
@@ -233,7 +628,15 @@ status:
         let state = translate_text(CLUSTER);
         assert!(state.problems.is_empty(), "{:?}", state.problems);
         let names: Vec<_> = state.workloads.iter().map(|w| w.display_name()).collect();
-        assert_eq!(names, ["legacy/old", "shop/batch", "shop/web-7d9f"]);
+        assert_eq!(
+            names,
+            [
+                "legacy/old",
+                "shop/batch",
+                "shop/web-7d9f",
+                "shop/web-unready"
+            ]
+        );
 
         let web = &state.workloads[2];
         assert_eq!(web.uid, "6b1c7a52-6f0e-4d36-9c7e-1f0c1b3f9a10");
@@ -244,6 +647,8 @@ status:
             "spiffe://cluster.local/ns/shop/sa/web"
         );
         assert_eq!(web.protocol, TunnelProtocol::Hbone);
+        assert_eq!(web.mtls_mode, MtlsMode::Permissive);
+        assert_eq!(web.resource_version, "4711");
         assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
 
         let batch = &state.workloads[1];
@@ -255,10 +660,94 @@ status:
             TunnelProtocol::None,
             "namespace not enrolled"
         );
+        assert_eq!(
+            state.workloads[0].mtls_mode,
+            MtlsMode::Strict,
+            "strict by default"
+        );
     }
 
     #[test]
-    fn bad_pods_are_reported_not_served() {
+    fn services_get_their_ready_endpoints_with_resolved_ports() {
+        let state = translate_text(CLUSTER);
+        assert_eq!(
+            state.services.len(),
+            1,
+            "headless services have no VIP to serve"
+        );
+        let web = &state.services[0];
+        assert_eq!(web.key(), "shop/web");
+        assert_eq!(web.addresses, vec!["10.96.0.20".parse::<IpAddr>().unwrap()]);
+        assert_eq!(web.endpoints.len(), 1, "the unready pod is not an endpoint");
+        assert_eq!(
+            web.endpoints[0].workload_uid,
+            "6b1c7a52-6f0e-4d36-9c7e-1f0c1b3f9a10"
+        );
+        assert_eq!(
+            web.endpoints[0].ports,
+            [(80, 8080), (9000, 9001)].into(),
+            "named port resolved on the pod"
+        );
+    }
+
+    #[test]
+    fn policies_are_validated_and_scoped() {
+        let state = translate_text(CLUSTER);
+        assert_eq!(state.policies.len(), 2);
+        let mesh_wide = state
+            .policies
+            .iter()
+            .find(|p| p.name == "no-legacy")
+            .unwrap();
+        assert!(mesh_wide.mesh_wide);
+        assert_eq!(mesh_wide.action, Action::Deny);
+        let allow = state
+            .policies
+            .iter()
+            .find(|p| p.name == "web-from-client")
+            .unwrap();
+        assert!(!allow.mesh_wide);
+        assert_eq!(allow.rules[0].to[0].ports, vec![8080, 9001]);
+        assert_eq!(allow.resource_version, "91");
+    }
+
+    #[test]
+    fn an_invalid_policy_change_keeps_the_last_valid_version() {
+        let mut translator = translator();
+        let first = translator.translate(&objects(CLUSTER));
+        assert_eq!(first.policies.len(), 2);
+
+        let broken = CLUSTER.replace("namespaces: [legacy]", "ipBlocks: [10.0.0.0/40]");
+        let second = translator.translate(&objects(&broken));
+        assert_eq!(second.policies, first.policies, "enforcement unchanged");
+        let problem = second
+            .problems
+            .iter()
+            .find(|p| p.contains("no-legacy"))
+            .unwrap();
+        assert!(
+            problem.contains("10.0.0.0/40") && problem.contains("last valid version stays"),
+            "{problem}"
+        );
+        assert_eq!(translator.new_problems(&second).len(), 1);
+        assert!(translator.new_problems(&second).is_empty(), "reported once");
+
+        let new_and_broken = format!(
+            "{CLUSTER}---\napiVersion: security.kanava.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: bad, namespace: shop}}\nspec:\n  rules:\n  - from: [{{}}]\n"
+        );
+        let third = translator.translate(&objects(&new_and_broken));
+        assert_eq!(
+            third.policies.len(),
+            2,
+            "a new invalid policy is not applied"
+        );
+        assert!(third.problems.iter().any(|p| p.contains("shop/bad")
+            && p.contains("omit `from`")
+            && p.contains("not applied")));
+    }
+
+    #[test]
+    fn bad_objects_are_reported_not_served() {
         let state = translate_text(
             r#"
 apiVersion: v1
@@ -272,11 +761,33 @@ kind: Pod
 metadata: {name: b, namespace: x, uid: u}
 spec: {nodeName: n, containers: []}
 status: {podIP: ten}
+---
+apiVersion: security.kanava.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: x}
+spec:
+  rules:
+  - to: []
 "#,
         );
-        assert!(state.workloads.is_empty());
-        assert_eq!(state.problems.len(), 2, "{:?}", state.problems);
+        assert!(state.workloads.is_empty() && state.policies.is_empty());
+        assert_eq!(state.problems.len(), 3, "{:?}", state.problems);
         assert!(state.problems[0].contains("x/a") && state.problems[0].contains("uid"));
         assert!(state.problems[1].contains("\"ten\""));
+        assert!(state.problems[2].contains("rules[0].to is empty"));
+    }
+
+    #[test]
+    fn unknown_actions_are_refused_when_read() {
+        let err = parse_manifests(
+            "apiVersion: security.kanava.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: BLOCK}\n",
+        )
+        .unwrap_err();
+        assert!(err.reason.contains("BLOCK"), "{err}");
+        let err = parse_manifests(
+            "apiVersion: v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {}\n",
+        )
+        .unwrap_err();
+        assert!(err.reason.contains("security.kanava.io/v1alpha1"), "{err}");
     }
 }

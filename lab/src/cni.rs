@@ -79,6 +79,17 @@ pub fn add(
         })
 }
 
+/// Runs `CNI_COMMAND=DEL` for a pod, releasing its address.
+pub fn delete(
+    plugins: &Path,
+    node_netns: &str,
+    pod_netns: &str,
+    container_id: &str,
+    config: &serde_json::Value,
+) -> Result<(), Error> {
+    invoke(plugins, "DEL", node_netns, pod_netns, container_id, config).map(|_| ())
+}
+
 /// Runs one plugin command inside the node's namespace (`ip netns exec`
 /// also mounts the namespace's own /sys, which the plugin reads).
 fn invoke(

@@ -18,12 +18,16 @@
 //! remove a lab from another process. Nothing is changed in the host's own
 //! network namespace.
 
+pub mod apply;
 pub mod cni;
 mod error;
 pub mod handoff;
 pub mod layout;
+pub mod manifests;
 pub mod network;
+pub mod pods;
 pub mod process;
+pub mod propagation;
 pub mod spec;
 pub mod state;
 mod teardown;
@@ -34,12 +38,14 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+pub use apply::Report;
 pub use error::Error;
 use kanava_netns::NetNs;
+use pods::Env;
 pub use spec::LabSpec;
 pub use state::{Component, LabState, NodeState, PodState};
 pub use teardown::{clean, down};
-pub use up::{UpOptions, bin_dir, path_with_bin_dir};
+pub use up::{Progress, UpOptions, bin_dir, path_with_bin_dir};
 
 /// A running lab.
 pub struct Lab {
@@ -59,11 +65,59 @@ impl Lab {
     /// Builds and starts a lab; see [`UpOptions`]. On failure everything
     /// created so far is removed again.
     pub fn up(spec: &LabSpec, options: &UpOptions) -> Result<Lab, Error> {
-        let state = up::build(spec, options)?;
+        let (state, report) = up::build(spec, options)?;
+        if let Some(progress) = &options.progress {
+            for warning in &report.warnings {
+                progress(&format!("warning: {warning}"));
+            }
+        }
         Ok(Lab {
             state,
             tear_down_on_drop: true,
         })
+    }
+
+    /// Applies Kubernetes manifests (namespaces, pods, services, policies)
+    /// to the running lab, as `kubectl apply` would, and waits until every
+    /// ztunnel has seen the change.
+    pub fn apply(&mut self, yaml: &str) -> Result<Report, Error> {
+        let report = apply_manifests(&self.state.name, yaml, None)?;
+        self.refresh()?;
+        Ok(report)
+    }
+
+    /// Deletes the objects named in `yaml` (namespaces take their pods,
+    /// services and policies along), and waits until every ztunnel has let
+    /// them go.
+    pub fn delete(&mut self, yaml: &str) -> Result<Report, Error> {
+        let report = delete_manifests(&self.state.name, yaml, None)?;
+        self.refresh()?;
+        Ok(report)
+    }
+
+    /// Starts the control plane again (after it was killed), with the same
+    /// CA, credentials and manifests, and waits for it to serve.
+    pub fn restart_control_plane(&mut self) -> Result<(), Error> {
+        let _lock = state::lock(&self.state.layout())?;
+        let mut state = LabState::load(&self.state.name)?;
+        if let Some(pid) = state.control_plane.pid.filter(|&pid| process::alive(pid)) {
+            process::terminate(&[pid], std::time::Duration::from_secs(3));
+        }
+        up::start_control_plane(&mut state, &Env::discover(None)?)?;
+        state.save()?;
+        self.state = state;
+        Ok(())
+    }
+
+    /// Reads the lab's state again (after another process changed it).
+    pub fn refresh(&mut self) -> Result<(), Error> {
+        self.state = LabState::load(&self.state.name)?;
+        Ok(())
+    }
+
+    /// The lab's Services with their virtual IPs and ready endpoints.
+    pub fn services(&self) -> Result<Vec<ServiceStatus>, Error> {
+        services(&self.state)
     }
 
     /// A lab started earlier (by this or another process). Dropping it leaves
@@ -171,6 +225,103 @@ impl Drop for Lab {
             eprintln!("tearing down lab {}: {error}", self.state.name);
         }
     }
+}
+
+/// Applies manifests to the lab `name` (see [`Lab::apply`]).
+pub fn apply_manifests(
+    name: &str,
+    yaml: &str,
+    progress: Option<Progress>,
+) -> Result<Report, Error> {
+    let (objects, _) = spec::parse_objects(yaml, false)?;
+    let layout = layout::Layout::new(name);
+    let _lock = state::lock(&layout)?;
+    let mut state = LabState::load(name)?;
+    let current = apply::Current {
+        nodes: state.nodes.iter().map(|n| n.name.clone()).collect(),
+        objects: manifests::Manifests::new(layout.manifest_dir()).read()?,
+    };
+    let plan = apply::plan(&objects, &current)?;
+    let mut env = Env::discover(None)?;
+    env.progress = progress;
+    apply::execute(&mut state, plan, &env)
+}
+
+/// Deletes the objects named in manifests from the lab `name` (see
+/// [`Lab::delete`]).
+pub fn delete_manifests(
+    name: &str,
+    yaml: &str,
+    progress: Option<Progress>,
+) -> Result<Report, Error> {
+    let (objects, _) = spec::parse_objects(yaml, false)?;
+    let layout = layout::Layout::new(name);
+    let _lock = state::lock(&layout)?;
+    let mut state = LabState::load(name)?;
+    let mut env = Env::discover(None)?;
+    env.progress = progress;
+    apply::delete(&mut state, &objects, &env)
+}
+
+/// A Service as `lab status` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: String,
+    /// `port` or `port→targetPort`.
+    pub ports: Vec<String>,
+    /// `namespace/pod` of every ready endpoint.
+    pub endpoints: Vec<String>,
+}
+
+/// The lab's Services, computed from its manifests the way the control
+/// plane computes them.
+pub fn services(state: &LabState) -> Result<Vec<ServiceStatus>, Error> {
+    use kanava_control_plane::translate::{TranslateConfig, Translator};
+    let objects = manifests::Manifests::new(state.layout().manifest_dir()).read()?;
+    let mesh = Translator::new(TranslateConfig {
+        trust_domain: kanava_mesh::DEFAULT_TRUST_DOMAIN.into(),
+        root_namespace: kanava_mesh::names::ROOT_NAMESPACE.into(),
+    })
+    .translate(&objects);
+    let pod_of = |uid: &str| {
+        state
+            .pods
+            .iter()
+            .find(|p| p.uid == uid)
+            .map(PodState::key)
+            .unwrap_or_else(|| uid.to_string())
+    };
+    Ok(mesh
+        .services
+        .iter()
+        .map(|service| ServiceStatus {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            cluster_ip: service
+                .addresses
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            ports: service
+                .ports
+                .iter()
+                .map(|p| match (p.target_port, p.target_port_name.as_str()) {
+                    (0, name) => format!("{}→{name}", p.port),
+                    (target, _) if target == p.port => p.port.to_string(),
+                    (target, _) => format!("{}→{target}", p.port),
+                })
+                .collect(),
+            endpoints: service
+                .endpoints
+                .iter()
+                .map(|e| pod_of(&e.workload_uid))
+                .collect(),
+        })
+        .collect())
 }
 
 /// Fills `buffer` with deterministic pseudo-random bytes (xorshift): cheap

@@ -4,6 +4,7 @@
 //! ```yaml
 //! kind: Lab
 //! nodes: 2                 # node-1, node-2; or a list: [edge, core]
+//! certificateTTL: 60s      # optional: workload certificate lifetime
 //! ---
 //! apiVersion: v1
 //! kind: Namespace
@@ -11,22 +12,27 @@
 //! ---
 //! apiVersion: v1
 //! kind: Pod
-//! metadata: {name: web, namespace: shop}
+//! metadata: {name: web, namespace: shop, labels: {app: web}}
 //! spec:
-//!   nodeName: node-2       # optional; otherwise placed round-robin
+//!   nodeName: node-2       # optional; otherwise the node with the fewest pods
 //!   serviceAccountName: web
 //!   containers:
 //!   - name: web
 //!     command: [labapp, http, --port, "80"]
 //!     readinessProbe: {tcpSocket: {port: 80}}
+//! ---
+//! apiVersion: v1
+//! kind: Service
+//! metadata: {name: web, namespace: shop}
+//! spec: {selector: {app: web}, ports: [{port: 80}]}
 //! ```
 //!
 //! Images are ignored: a pod's first container command runs on the host's
-//! file system, inside the pod's network namespace.
+//! file system, inside the pod's network namespace. Service and
+//! AuthorizationPolicy documents are served by the control plane.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kanava_control_plane::source::{Object, parse_manifests};
 
 use crate::Error;
@@ -36,149 +42,82 @@ pub const DEFAULT_NODES: usize = 2;
 /// The most nodes a lab may have (one /24 of the underlay each).
 pub const MAX_NODES: usize = 200;
 
-/// A validated lab description.
+/// A lab file: its nodes and settings, and the objects to apply.
 #[derive(Clone, Debug)]
 pub struct LabSpec {
     pub nodes: Vec<String>,
-    pub namespaces: BTreeMap<String, Namespace>,
-    /// Pods in file order, each with `metadata.namespace`, `metadata.uid`
-    /// and `spec.nodeName` filled in.
-    pub pods: Vec<Pod>,
-    pub services: Vec<Service>,
+    /// Lifetime of workload certificates (`certificateTTL`); the control
+    /// plane's default when absent.
+    pub cert_ttl: Option<Duration>,
+    /// Kubernetes objects in file order.
+    pub objects: Vec<Object>,
 }
 
 impl LabSpec {
-    /// Parses and validates a lab file. `default_nodes` applies when the file
-    /// has no `kind: Lab` document.
+    /// Parses a lab file and checks it against itself (what needs the lab's
+    /// current state is checked when it is applied). `default_nodes` applies
+    /// when the file has no `kind: Lab` document.
     pub fn parse(text: &str, default_nodes: usize) -> Result<Self, Error> {
-        let (objects, others) =
-            parse_manifests(text).map_err(|e| Error::Spec(format!("invalid lab file: {e}")))?;
-
-        let mut nodes = None;
+        let (objects, others) = parse_objects(text, true)?;
+        let mut lab = None;
         for other in others {
-            if other.kind != "Lab" {
-                return Err(Error::Spec(format!(
-                    "document {}: kind {} is not supported in a lab file (use Namespace, Pod, Service, Lab)",
-                    other.document, other.kind
-                )));
-            }
-            if nodes.is_some() {
+            if lab.is_some() {
                 return Err(Error::Spec(format!(
                     "document {}: only one `kind: Lab` document is allowed",
                     other.document
                 )));
             }
-            nodes = Some(parse_nodes(&other.value, other.document)?);
+            lab = Some(other);
         }
-        let nodes = match nodes {
-            Some(nodes) => nodes,
-            None => numbered_nodes(default_nodes)?,
+        let (nodes, cert_ttl) = match lab {
+            Some(lab) => (
+                parse_nodes(&lab.value, lab.document)?,
+                parse_ttl(&lab.value, lab.document)?,
+            ),
+            None => (numbered_nodes(default_nodes)?, None),
         };
-
-        let mut spec = LabSpec {
+        let spec = LabSpec {
             nodes,
-            namespaces: BTreeMap::new(),
-            pods: Vec::new(),
-            services: Vec::new(),
+            cert_ttl,
+            objects,
         };
-        let mut pod_names = BTreeSet::new();
-        for object in objects {
-            match object {
-                Object::Namespace(ns) => {
-                    let name = ns.metadata.name.clone().unwrap_or_default();
-                    check_dns_label("namespace", &name)?;
-                    if spec.namespaces.insert(name.clone(), *ns).is_some() {
-                        return Err(Error::Spec(format!("duplicate namespace {name}")));
-                    }
-                }
-                Object::Pod(pod) => {
-                    let key = format!(
-                        "{}/{}",
-                        pod.metadata.namespace.as_deref().unwrap_or("default"),
-                        pod.metadata.name.as_deref().unwrap_or("")
-                    );
-                    if !pod_names.insert(key.clone()) {
-                        return Err(Error::Spec(format!("duplicate pod {key}")));
-                    }
-                    spec.pods.push(*pod);
-                }
-                Object::Service(service) => spec.services.push(*service),
-            }
-        }
-        spec.complete_pods()?;
+        // Checked now so that `up` fails before it builds anything.
+        crate::apply::plan(&spec.objects, &crate::apply::Current::empty(&spec.nodes))?;
         Ok(spec)
-    }
-
-    /// Validates pods and fills in what an API server and scheduler would.
-    fn complete_pods(&mut self) -> Result<(), Error> {
-        let mut next_node = 0;
-        for pod in &mut self.pods {
-            let namespace = pod
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let key = format!("{namespace}/{name}");
-            check_dns_label(&format!("pod {key}: name"), &name)?;
-            if !self.namespaces.contains_key(&namespace) {
-                if namespace == "default" {
-                    self.namespaces
-                        .insert(namespace.clone(), default_namespace());
-                } else {
-                    return Err(Error::Spec(format!(
-                        "pod {key}: namespace {namespace} is not declared in the lab file"
-                    )));
-                }
-            }
-            let spec = pod
-                .spec
-                .as_mut()
-                .ok_or_else(|| Error::Spec(format!("pod {key}: missing spec")))?;
-            if spec.containers.is_empty() {
-                return Err(Error::Spec(format!("pod {key}: spec.containers is empty")));
-            }
-            match &spec.node_name {
-                Some(node) if !self.nodes.contains(node) => {
-                    return Err(Error::Spec(format!(
-                        "pod {key}: unknown node {node} (nodes: {})",
-                        self.nodes.join(", ")
-                    )));
-                }
-                Some(_) => {}
-                None => {
-                    spec.node_name = Some(self.nodes[next_node % self.nodes.len()].clone());
-                    next_node += 1;
-                }
-            }
-            if let Some(sa) = &spec.service_account_name {
-                check_dns_label(&format!("pod {key}: serviceAccountName"), sa)?;
-            }
-            pod.metadata.namespace = Some(namespace);
-            if pod.metadata.uid.is_none() {
-                pod.metadata.uid = Some(uuid::Uuid::new_v4().to_string());
-            }
-        }
-        Ok(())
     }
 }
 
-fn default_namespace() -> Namespace {
-    Namespace {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: Some("default".into()),
-            ..Default::default()
-        },
-        ..Default::default()
+/// Reads manifests for `up`, `apply` or `delete`. `kind: Lab` documents are
+/// returned separately when `allow_lab` (only `up` takes one).
+pub fn parse_objects(
+    text: &str,
+    allow_lab: bool,
+) -> Result<(Vec<Object>, Vec<kanava_control_plane::source::Other>), Error> {
+    let (objects, others) =
+        parse_manifests(text).map_err(|e| Error::Spec(format!("invalid lab file: {e}")))?;
+    for other in &others {
+        if other.kind != "Lab" {
+            return Err(Error::Spec(format!(
+                "document {}: kind {} is not supported in a lab (use Namespace, Pod, Service, AuthorizationPolicy{})",
+                other.document,
+                other.kind,
+                if allow_lab { ", Lab" } else { "" }
+            )));
+        }
+        if !allow_lab {
+            return Err(Error::Spec(format!(
+                "document {}: `kind: Lab` only belongs in the file given to `lab up`",
+                other.document
+            )));
+        }
     }
+    Ok((objects, others))
 }
 
 fn parse_nodes(value: &serde_yaml::Value, document: usize) -> Result<Vec<String>, Error> {
-    let nodes = value.get("nodes").ok_or_else(|| {
-        Error::Spec(format!(
-            "document {document} (Lab): missing `nodes` (a count or a list of names)"
-        ))
-    })?;
+    let Some(nodes) = value.get("nodes") else {
+        return numbered_nodes(DEFAULT_NODES);
+    };
     if let Some(count) = nodes.as_u64() {
         return numbered_nodes(usize::try_from(count).unwrap_or(usize::MAX));
     }
@@ -200,13 +139,35 @@ fn parse_nodes(value: &serde_yaml::Value, document: usize) -> Result<Vec<String>
         }
         names.push(name.to_string());
     }
-    if names.is_empty() {
-        return Err(Error::Spec("a lab needs at least one node".into()));
-    }
-    if names.len() > MAX_NODES {
-        return Err(Error::Spec(format!("a lab has at most {MAX_NODES} nodes")));
+    if names.is_empty() || names.len() > MAX_NODES {
+        return Err(Error::Spec(format!(
+            "a lab has 1 to {MAX_NODES} nodes, not {}",
+            names.len()
+        )));
     }
     Ok(names)
+}
+
+fn parse_ttl(value: &serde_yaml::Value, document: usize) -> Result<Option<Duration>, Error> {
+    let Some(ttl) = value.get("certificateTTL") else {
+        return Ok(None);
+    };
+    let text = ttl.as_str().ok_or_else(|| {
+        Error::Spec(format!(
+            "document {document} (Lab): certificateTTL must be a duration such as 60s or 24h"
+        ))
+    })?;
+    let ttl = humantime::parse_duration(text).map_err(|e| {
+        Error::Spec(format!(
+            "document {document} (Lab): certificateTTL {text:?}: {e}"
+        ))
+    })?;
+    if ttl < Duration::from_secs(10) {
+        return Err(Error::Spec(format!(
+            "document {document} (Lab): certificateTTL {text} is shorter than 10s"
+        )));
+    }
+    Ok(Some(ttl))
 }
 
 fn numbered_nodes(count: usize) -> Result<Vec<String>, Error> {
@@ -244,6 +205,7 @@ mod tests {
     const FILE: &str = r#"
 kind: Lab
 nodes: [alpha, beta]
+certificateTTL: 90s
 ---
 apiVersion: v1
 kind: Namespace
@@ -270,25 +232,12 @@ metadata: {name: d}
 spec: {containers: [{name: c}]}
 "#;
 
-    fn node_of(pod: &Pod) -> &str {
-        pod.spec.as_ref().unwrap().node_name.as_deref().unwrap()
-    }
-
     #[test]
-    fn places_pods_and_fills_defaults() {
+    fn reads_nodes_and_settings() {
         let spec = LabSpec::parse(FILE, 2).unwrap();
         assert_eq!(spec.nodes, ["alpha", "beta"]);
-        let nodes: Vec<_> = spec.pods.iter().map(node_of).collect();
-        assert_eq!(
-            nodes,
-            ["alpha", "alpha", "beta", "alpha"],
-            "round-robin over unplaced pods"
-        );
-        assert!(spec.pods.iter().all(|p| p.metadata.uid.is_some()));
-        assert!(
-            spec.namespaces.contains_key("default"),
-            "default namespace implied"
-        );
+        assert_eq!(spec.cert_ttl, Some(Duration::from_secs(90)));
+        assert_eq!(spec.objects.len(), 5);
     }
 
     #[test]
@@ -296,6 +245,7 @@ spec: {containers: [{name: c}]}
         let spec =
             LabSpec::parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n", 3).unwrap();
         assert_eq!(spec.nodes, ["node-1", "node-2", "node-3"]);
+        assert_eq!(spec.cert_ttl, None);
     }
 
     #[test]
@@ -320,11 +270,15 @@ spec: {containers: [{name: c}]}
                     "namespace: shop}\nspec: {nodeName",
                     "namespace: nowhere}\nspec: {nodeName",
                 ),
-                "namespace nowhere is not declared",
+                "namespace nowhere does not exist",
             ),
             (
                 FILE.replace("nodes: [alpha, beta]", "nodes: 0"),
                 "1 to 200 nodes",
+            ),
+            (
+                FILE.replace("certificateTTL: 90s", "certificateTTL: soon"),
+                "certificateTTL",
             ),
             (
                 "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n".to_string(),

@@ -20,6 +20,15 @@ pub struct LabState {
     pub control_plane: Component,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
+    /// Last `metadata.resourceVersion` given to a stored object.
+    #[serde(default)]
+    pub resource_version: u64,
+    /// Workload certificate lifetime given to the control plane, if any.
+    #[serde(default)]
+    pub cert_ttl: Option<String>,
+    /// `RUST_LOG` of the mesh's processes.
+    #[serde(default)]
+    pub log_filter: String,
 }
 
 /// One of the mesh's own processes.
@@ -56,12 +65,19 @@ pub struct PodState {
     pub uid: String,
     pub node: String,
     pub ip: Option<Ipv4Addr>,
-    pub enrolled: bool,
+    /// Handed to its node's ztunnel: its traffic goes through the mesh.
+    pub captured: bool,
     pub service_account: String,
     pub identity: String,
     pub netns: String,
     pub pid: Option<u32>,
     pub command: Vec<String>,
+    /// Environment of the command (from the container's `env`).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Port of the container's readiness probe.
+    #[serde(default)]
+    pub readiness_port: Option<u16>,
     pub log: PathBuf,
 }
 
@@ -86,6 +102,9 @@ impl LabState {
             },
             nodes: Vec::new(),
             pods: Vec::new(),
+            resource_version: 0,
+            cert_ttl: None,
+            log_filter: "info".into(),
         }
     }
 
@@ -137,6 +156,25 @@ impl LabState {
             .chain(self.nodes.iter().map(|n| &n.ztunnel))
             .collect()
     }
+}
+
+/// Holds the lab's lock (an exclusive `flock` on a file in its directory)
+/// until dropped, so that two commands never change one lab at once.
+pub struct Lock {
+    _file: std::fs::File,
+}
+
+pub fn lock(layout: &Layout) -> Result<Lock, Error> {
+    let path = layout.dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(Error::io(format!("open {}", path.display())))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| Error::io(format!("lock {}", path.display()))(e.into()))?;
+    Ok(Lock { _file: file })
 }
 
 /// Names of the labs that have a directory under the lab root.

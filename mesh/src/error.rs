@@ -8,6 +8,10 @@ pub enum Error {
     InvalidIp { workload: String, input: String },
     #[error("{what}: missing {field}")]
     MissingField { what: String, field: &'static str },
+    #[error("policy {policy}: {reason}")]
+    InvalidPolicy { policy: String, reason: String },
+    #[error("service {service}: {reason}")]
+    InvalidService { service: String, reason: String },
     #[error("{what}: unknown tunnel protocol {value}")]
     UnknownProtocol { what: String, value: i32 },
 }

@@ -2,6 +2,8 @@
 //!
 //! - [`Identity`]: a workload's SPIFFE identity, the thing mTLS proves.
 //! - [`Workload`]: a pod as the data plane sees it.
+//! - [`Service`]: a ClusterIP Service and its ready endpoints.
+//! - [`policy`]: authorization policies and how they decide.
 //! - [`names`], [`ports`], [`marks`]: values fixed for users and for
 //!   compatibility with Istio ambient (see `DESIGN.md`).
 //!
@@ -10,11 +12,14 @@
 
 mod error;
 mod identity;
+pub mod policy;
+mod service;
 mod workload;
 
 pub use error::Error;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity};
-pub use workload::{TunnelProtocol, Workload};
+pub use service::{Endpoint, Service, ServicePort};
+pub use workload::{MtlsMode, TunnelProtocol, Workload};
 
 /// Labels and other names users see.
 pub mod names {
@@ -25,6 +30,12 @@ pub mod names {
     pub const AMBIENT: &str = "ambient";
     /// Value of [`DATAPLANE_MODE_LABEL`] that opts a pod out.
     pub const NONE: &str = "none";
+    /// Label on a Namespace: `strict` (the default) refuses plaintext inbound
+    /// to its enrolled pods, `permissive` admits it as an unauthenticated
+    /// peer, subject to policy.
+    pub const MTLS_MODE_LABEL: &str = "kanava.io/mtls-mode";
+    /// Namespace whose policies apply to the whole mesh, by default.
+    pub const ROOT_NAMESPACE: &str = "kanava-system";
     /// Namespace the mesh's own components run in.
     pub const SYSTEM_NAMESPACE: &str = "kanava-system";
     /// Service account assumed when a pod names none.

@@ -14,6 +14,16 @@ pub enum TunnelProtocol {
     Hbone,
 }
 
+/// Whether an enrolled workload accepts plaintext inbound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MtlsMode {
+    /// Only mutual TLS; plaintext is refused.
+    #[default]
+    Strict,
+    /// Plaintext is admitted as an unauthenticated peer, subject to policy.
+    Permissive,
+}
+
 /// A pod, as the data plane needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -26,6 +36,9 @@ pub struct Workload {
     pub identity: Identity,
     pub protocol: TunnelProtocol,
     pub labels: BTreeMap<String, String>,
+    pub mtls_mode: MtlsMode,
+    /// `metadata.resourceVersion` of the pod.
+    pub resource_version: String,
 }
 
 impl Workload {
@@ -62,6 +75,11 @@ impl Workload {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            mtls_mode: match self.mtls_mode {
+                MtlsMode::Strict => pb::MtlsMode::Strict,
+                MtlsMode::Permissive => pb::MtlsMode::Permissive,
+            } as i32,
+            resource_version: self.resource_version.clone(),
         }
     }
 
@@ -91,6 +109,16 @@ impl Workload {
                 });
             }
         };
+        let mtls_mode = match pb::MtlsMode::try_from(w.mtls_mode) {
+            Ok(pb::MtlsMode::Strict) => MtlsMode::Strict,
+            Ok(pb::MtlsMode::Permissive) => MtlsMode::Permissive,
+            Err(_) => {
+                return Err(Error::UnknownProtocol {
+                    what: format!("{what}: mTLS mode"),
+                    value: w.mtls_mode,
+                });
+            }
+        };
         Ok(Workload {
             uid: w.uid.clone(),
             name: w.name.clone(),
@@ -105,6 +133,8 @@ impl Workload {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            mtls_mode,
+            resource_version: w.resource_version.clone(),
         })
     }
 }
@@ -124,6 +154,8 @@ mod tests {
             identity: Identity::new("cluster.local", "shop", "web").unwrap(),
             protocol: TunnelProtocol::Hbone,
             labels: [("app".to_string(), "web".to_string())].into(),
+            mtls_mode: MtlsMode::Permissive,
+            resource_version: "12".into(),
         }
     }
 

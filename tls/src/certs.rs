@@ -144,15 +144,6 @@ impl WorkloadCert {
         now >= self.not_after
     }
 
-    /// The moment half of the certificate's lifetime has passed.
-    pub fn half_life(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or(Duration::ZERO);
-        self.not_before + lifetime / 2
-    }
-
     pub fn certified_key(&self) -> Arc<CertifiedKey> {
         self.certified.clone()
     }

@@ -2,7 +2,7 @@
 //!
 //! | address | path | what |
 //! | --- | --- | --- |
-//! | admin (127.0.0.1:15000) | `/config_dump` | JSON: captured pods, known workloads, certificates |
+//! | admin (127.0.0.1:15000) | `/config_dump` | JSON: captured pods, known workloads, services, certificates, resource versions |
 //! | metrics (:15020) | `/metrics` | Prometheus text format |
 //! | readiness (:15021) | `/healthz/ready` | 200 once the first configuration arrived, else 503 |
 
@@ -123,7 +123,7 @@ fn config_dump(state: &State) -> serde_json::Value {
     let workloads: Vec<_> = state
         .proxy
         .workloads
-        .all()
+        .workloads()
         .iter()
         .map(|w| {
             serde_json::json!({
@@ -134,6 +134,21 @@ fn config_dump(state: &State) -> serde_json::Value {
                 "ips": w.ips,
                 "identity": w.identity.to_string(),
                 "inMesh": w.in_mesh(),
+                "mtlsMode": format!("{:?}", w.mtls_mode).to_lowercase(),
+            })
+        })
+        .collect();
+    let services: Vec<_> = state
+        .proxy
+        .workloads
+        .services()
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "namespace": s.namespace,
+                "name": s.name,
+                "addresses": s.addresses,
+                "endpoints": s.endpoints.iter().map(|e| &e.workload_uid).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -155,6 +170,10 @@ fn config_dump(state: &State) -> serde_json::Value {
         "version": state.proxy.workloads.version(),
         "capturedPods": pods,
         "workloads": workloads,
+        "services": services,
+        "policies": state.proxy.workloads.policies().len(),
+        "resourceVersions": state.proxy.workloads.resource_versions(),
+        "openInboundConnections": state.proxy.open.len(),
         "certificates": certificates,
         "pooledConnections": state.proxy.pool.len(),
     })

@@ -2,8 +2,8 @@
 //! runs on this node.
 //!
 //! A certificate is requested when the first pod of an identity arrives and
-//! dropped when the last one leaves. Each is renewed at half-life with a new
-//! key; a failed renewal is retried with backoff and logged. An expired
+//! dropped when the last one leaves. Each is renewed when half of its
+//! remaining lifetime has passed, with a new key; a failed renewal is retried with backoff and logged. An expired
 //! certificate is never handed out, even if renewal keeps failing: the
 //! connections that need it fail instead.
 
@@ -190,7 +190,10 @@ async fn keep_fresh(
                     .get_or_create(&ResultLabels { result: "issued" })
                     .inc();
                 backoff.reset();
-                let renew_in = until(fresh.half_life());
+                // Half of the lifetime left from now: the CA backdates
+                // certificates for clock skew, so the certificate's own
+                // midpoint can lie in the past.
+                let renew_in = until(fresh.not_after()) / 2;
                 tracing::info!(
                     %identity,
                     not_after = %humantime::format_rfc3339_seconds(fresh.not_after()),

@@ -30,6 +30,8 @@ pub enum Error {
         peer: std::net::SocketAddr,
         status: http::StatusCode,
     },
+    #[error("{0}")]
+    NoEndpoint(String),
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("handoff: {0}")]

@@ -69,6 +69,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown.clone(),
     ));
     tokio::spawn(proxy.clone().evict_idle_connections(shutdown.clone()));
+    tokio::spawn(proxy.clone().recheck_on_changes(shutdown.clone()));
 
     let state = Arc::new(admin::State {
         node: config.node_name.clone(),

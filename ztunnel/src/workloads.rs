@@ -1,27 +1,51 @@
-//! What this ztunnel knows about the mesh, kept current by discovery.
+//! What this ztunnel knows about the mesh — workloads, services and
+//! authorization policies — kept current by discovery.
 //!
-//! Lookups (by destination IP, once per outbound connection) take a read
-//! lock on a hash map; updates are rare and replace entries whole.
+//! Lookups (by destination IP, once per connection) take a read lock on
+//! hash maps; updates are rare, validated as a whole before anything
+//! changes, and rebuild the indexes.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
-use kanava_mesh::Workload;
+use kanava_mesh::policy::{Policy, PolicySet};
+use kanava_mesh::{Service, Workload};
 use kanava_proto::v1 as pb;
 use tokio::sync::watch;
 
+#[derive(Clone)]
+enum Entry {
+    Workload(Arc<Workload>),
+    Service(Arc<Service>),
+    Policy(Arc<Policy>),
+}
+
+impl Entry {
+    fn resource_version(&self) -> &str {
+        match self {
+            Entry::Workload(w) => &w.resource_version,
+            Entry::Service(s) => &s.resource_version,
+            Entry::Policy(p) => &p.resource_version,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    by_name: HashMap<String, Arc<Workload>>,
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    entries: HashMap<String, Entry>,
+    workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    workloads_by_uid: HashMap<String, Arc<Workload>>,
+    services_by_ip: HashMap<IpAddr, Arc<Service>>,
+    policies: Arc<PolicySet>,
     version: String,
 }
 
 pub struct WorkloadStore {
     inner: RwLock<Inner>,
-    /// True once the first snapshot has been applied.
-    ready: watch::Sender<bool>,
+    /// Counts applied updates; 0 until the first snapshot. Watchers use it
+    /// to react to changes (policy re-evaluation) and to wait for readiness.
+    updates: watch::Sender<u64>,
 }
 
 impl Default for WorkloadStore {
@@ -34,20 +58,59 @@ impl WorkloadStore {
     pub fn new() -> Self {
         WorkloadStore {
             inner: RwLock::new(Inner::default()),
-            ready: watch::channel(false).0,
+            updates: watch::channel(0).0,
         }
     }
 
     /// The workload that owns `ip`, if the mesh knows one.
     pub fn find_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.read().by_ip.get(&ip.to_canonical()).cloned()
+        self.read().workloads_by_ip.get(&ip.to_canonical()).cloned()
+    }
+
+    pub fn find_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.read().workloads_by_uid.get(uid).cloned()
+    }
+
+    /// The Service whose virtual IP is `ip`.
+    pub fn find_service(&self, ip: IpAddr) -> Option<Arc<Service>> {
+        self.read().services_by_ip.get(&ip.to_canonical()).cloned()
+    }
+
+    /// The authorization policies in force.
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.read().policies.clone()
     }
 
     /// Every workload, sorted by namespace and name (for the admin API).
-    pub fn all(&self) -> Vec<Arc<Workload>> {
-        let mut all: Vec<_> = self.read().by_name.values().cloned().collect();
+    pub fn workloads(&self) -> Vec<Arc<Workload>> {
+        let mut all: Vec<_> = self.read().workloads_by_uid.values().cloned().collect();
         all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         all
+    }
+
+    /// Every service, sorted by namespace and name.
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        let inner = self.read();
+        let mut all: Vec<_> = inner
+            .entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::Service(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect();
+        all.sort_by_key(|s| s.key());
+        all
+    }
+
+    /// Resource name → resource version of everything known (for the admin
+    /// API: whoever changed an object can see when it arrived here).
+    pub fn resource_versions(&self) -> std::collections::BTreeMap<String, String> {
+        self.read()
+            .entries
+            .iter()
+            .map(|(name, entry)| (name.clone(), entry.resource_version().to_string()))
+            .collect()
     }
 
     /// Version of the last applied discovery response.
@@ -56,13 +119,18 @@ impl WorkloadStore {
     }
 
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        *self.updates.borrow() > 0
     }
 
     /// Waits until the first snapshot is applied.
     pub async fn wait_ready(&self) {
-        let mut ready = self.ready.subscribe();
-        let _ = ready.wait_for(|ready| *ready).await;
+        let mut updates = self.updates.subscribe();
+        let _ = updates.wait_for(|count| *count > 0).await;
+    }
+
+    /// Notified after every applied update.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.updates.subscribe()
     }
 
     /// Applies a discovery response, all or nothing: if any resource is
@@ -70,24 +138,28 @@ impl WorkloadStore {
     pub fn apply(&self, response: &pb::DiscoveryResponse) -> Result<(), String> {
         let mut upserts = Vec::with_capacity(response.resources.len());
         for resource in &response.resources {
-            match &resource.kind {
+            let entry = match &resource.kind {
                 Some(pb::resource::Kind::Workload(w)) => {
                     let workload = Workload::from_proto(w)
                         .map_err(|e| format!("resource {}: {e}", resource.name))?;
-                    if resource.name != workload.resource_name() {
-                        return Err(format!(
-                            "resource {} carries workload {}",
-                            resource.name,
-                            workload.resource_name()
-                        ));
-                    }
-                    upserts.push(Arc::new(workload));
+                    check_name(&resource.name, &workload.resource_name())?;
+                    Entry::Workload(Arc::new(workload))
                 }
-                // Services are served from the next protocol version on;
-                // knowing about them is harmless.
-                Some(pb::resource::Kind::Service(_)) => {}
+                Some(pb::resource::Kind::Service(s)) => {
+                    let service = Service::from_proto(s)
+                        .map_err(|e| format!("resource {}: {e}", resource.name))?;
+                    check_name(&resource.name, &service.resource_name())?;
+                    Entry::Service(Arc::new(service))
+                }
+                Some(pb::resource::Kind::Policy(p)) => {
+                    let policy = Policy::from_proto(p)
+                        .map_err(|e| format!("resource {}: {e}", resource.name))?;
+                    check_name(&resource.name, &policy.resource_name())?;
+                    Entry::Policy(Arc::new(policy))
+                }
                 None => return Err(format!("resource {} has no content", resource.name)),
-            }
+            };
+            upserts.push((resource.name.clone(), entry));
         }
         if response.full_snapshot && !response.removed.is_empty() {
             return Err("a full snapshot cannot remove resources".into());
@@ -95,25 +167,16 @@ impl WorkloadStore {
 
         let mut inner = self.write();
         if response.full_snapshot {
-            inner.by_name.clear();
+            inner.entries.clear();
         }
         for name in &response.removed {
-            inner.by_name.remove(name);
+            inner.entries.remove(name);
         }
-        for workload in upserts {
-            inner.by_name.insert(workload.resource_name(), workload);
-        }
-        // Rebuilding the IP index from scratch keeps it exactly in step with
-        // by_name, whatever the update moved around.
-        let by_ip = inner
-            .by_name
-            .values()
-            .flat_map(|w| w.ips.iter().map(move |ip| (ip.to_canonical(), w.clone())))
-            .collect();
-        inner.by_ip = by_ip;
+        inner.entries.extend(upserts);
+        inner.reindex();
         inner.version = response.version_info.clone();
         drop(inner);
-        self.ready.send_replace(true);
+        self.updates.send_modify(|count| *count += 1);
         Ok(())
     }
 
@@ -125,6 +188,42 @@ impl WorkloadStore {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    /// Rebuilds every index from the entries, so they never drift from them
+    /// whatever an update moved around.
+    fn reindex(&mut self) {
+        self.workloads_by_ip.clear();
+        self.workloads_by_uid.clear();
+        self.services_by_ip.clear();
+        let mut policies = Vec::new();
+        for entry in self.entries.values() {
+            match entry {
+                Entry::Workload(w) => {
+                    for ip in &w.ips {
+                        self.workloads_by_ip.insert(ip.to_canonical(), w.clone());
+                    }
+                    self.workloads_by_uid.insert(w.uid.clone(), w.clone());
+                }
+                Entry::Service(s) => {
+                    for ip in &s.addresses {
+                        self.services_by_ip.insert(*ip, s.clone());
+                    }
+                }
+                Entry::Policy(p) => policies.push(p.clone()),
+            }
+        }
+        self.policies = Arc::new(PolicySet::new(policies));
+    }
+}
+
+fn check_name(name: &str, expected: &str) -> Result<(), String> {
+    if name == expected {
+        Ok(())
+    } else {
+        Err(format!("resource {name} carries {expected}"))
     }
 }
 
@@ -145,10 +244,33 @@ mod tests {
             identity: Identity::new("cluster.local", "ns", "sa").unwrap(),
             protocol: TunnelProtocol::Hbone,
             labels: Default::default(),
+            mtls_mode: Default::default(),
+            resource_version: "1".into(),
         };
         pb::Resource {
             name: w.resource_name(),
             kind: Some(pb::resource::Kind::Workload(w.to_proto())),
+        }
+    }
+
+    fn service(name: &str, vip: &str, endpoint: &str) -> pb::Resource {
+        pb::Resource {
+            name: format!("service/ns/{name}"),
+            kind: Some(pb::resource::Kind::Service(pb::Service {
+                namespace: "ns".into(),
+                name: name.into(),
+                addresses: vec![vip.into()],
+                ports: vec![pb::ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                    target_port_name: String::new(),
+                }],
+                endpoints: vec![pb::Endpoint {
+                    workload_uid: endpoint.into(),
+                    ports: [(80, 8080)].into(),
+                }],
+                resource_version: "2".into(),
+            })),
         }
     }
 
@@ -160,7 +282,11 @@ mod tests {
             .apply(&pb::DiscoveryResponse {
                 version_info: "1".into(),
                 full_snapshot: true,
-                resources: vec![resource("a", "10.0.0.1"), resource("b", "10.0.0.2")],
+                resources: vec![
+                    resource("a", "10.0.0.1"),
+                    resource("b", "10.0.0.2"),
+                    service("web", "10.96.0.1", "a"),
+                ],
                 ..Default::default()
             })
             .unwrap();
@@ -177,22 +303,35 @@ mod tests {
             "b",
             "IPv4-mapped addresses find IPv4 workloads"
         );
+        assert_eq!(
+            store
+                .find_service("10.96.0.1".parse().unwrap())
+                .unwrap()
+                .name,
+            "web"
+        );
 
         store
             .apply(&pb::DiscoveryResponse {
                 version_info: "2".into(),
                 resources: vec![resource("a", "10.0.0.3")],
-                removed: vec!["workload/b".into()],
+                removed: vec!["workload/b".into(), "service/ns/web".into()],
                 ..Default::default()
             })
             .unwrap();
         assert!(store.find_by_ip("10.0.0.1".parse().unwrap()).is_none());
         assert!(store.find_by_ip("10.0.0.2".parse().unwrap()).is_none());
+        assert!(store.find_service("10.96.0.1".parse().unwrap()).is_none());
         assert_eq!(
             store.find_by_ip("10.0.0.3".parse().unwrap()).unwrap().uid,
             "a"
         );
+        assert_eq!(
+            store.find_by_uid("a").unwrap().ips[0].to_string(),
+            "10.0.0.3"
+        );
         assert_eq!(store.version(), "2");
+        assert_eq!(*store.subscribe().borrow(), 2);
     }
 
     #[test]
@@ -210,17 +349,38 @@ mod tests {
         if let Some(pb::resource::Kind::Workload(w)) = &mut bad.kind {
             w.ips = vec!["not-an-ip".into()];
         }
-        let err = store
-            .apply(&pb::DiscoveryResponse {
-                version_info: "2".into(),
-                resources: vec![resource("c", "10.0.0.3"), bad],
-                removed: vec!["workload/a".into()],
+        let bad_policy = pb::Resource {
+            name: "policy/ns/p".into(),
+            kind: Some(pb::resource::Kind::Policy(pb::Policy {
+                namespace: "ns".into(),
+                name: "p".into(),
+                rules: vec![pb::PolicyRule {
+                    from: vec![pb::PolicySource {
+                        ip_blocks: vec!["10.0.0.0/99".into()],
+                        ..Default::default()
+                    }],
+                    to: vec![],
+                }],
                 ..Default::default()
-            })
-            .unwrap_err();
-        assert!(err.contains("not-an-ip"), "{err}");
-        assert_eq!(store.version(), "1");
-        assert!(store.find_by_ip("10.0.0.1".parse().unwrap()).is_some());
-        assert!(store.find_by_ip("10.0.0.3".parse().unwrap()).is_none());
+            })),
+        };
+        for bad in [bad, bad_policy] {
+            let err = store
+                .apply(&pb::DiscoveryResponse {
+                    version_info: "2".into(),
+                    resources: vec![resource("c", "10.0.0.3"), bad],
+                    removed: vec!["workload/a".into()],
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert!(
+                err.contains("not-an-ip") || err.contains("10.0.0.0/99"),
+                "{err}"
+            );
+            assert_eq!(store.version(), "1");
+            assert!(store.find_by_ip("10.0.0.1".parse().unwrap()).is_some());
+            assert!(store.find_by_ip("10.0.0.3".parse().unwrap()).is_none());
+            assert!(store.policies().is_empty());
+        }
     }
 }

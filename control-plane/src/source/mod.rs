@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 
+use crate::crd::{self, AuthorizationPolicy};
+
 /// `namespace/name` of a namespaced object.
 pub type ObjectKey = (String, String);
 
@@ -20,6 +22,7 @@ pub struct ClusterObjects {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub services: BTreeMap<ObjectKey, Service>,
+    pub policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
 }
 
 /// One object read from a manifest.
@@ -28,6 +31,7 @@ pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     Service(Box<Service>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
 }
 
 impl Object {
@@ -36,6 +40,7 @@ impl Object {
             Object::Namespace(_) => "Namespace",
             Object::Pod(_) => "Pod",
             Object::Service(_) => "Service",
+            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
     }
 
@@ -45,6 +50,7 @@ impl Object {
             Object::Namespace(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
         };
         let name = meta.name.as_deref().unwrap_or("<unnamed>");
         match (&meta.namespace, self) {
@@ -128,6 +134,23 @@ pub fn parse_manifests(text: &str) -> Result<(Vec<Object>, Vec<Other>), Manifest
                     .get_or_insert_with(|| "default".into());
                 Object::Service(Box::new(service))
             }
+            "AuthorizationPolicy" => {
+                let api_version = value.get("apiVersion").and_then(serde_yaml::Value::as_str);
+                if api_version != Some(crd::API_VERSION) {
+                    return Err(ManifestError {
+                        document: number,
+                        kind: Some(kind),
+                        reason: format!("apiVersion must be {}", crd::API_VERSION),
+                    });
+                }
+                let mut policy: AuthorizationPolicy =
+                    serde_yaml::from_value(value).map_err(error)?;
+                policy
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".into());
+                Object::AuthorizationPolicy(Box::new(policy))
+            }
             _ => {
                 others.push(Other {
                     document: number,
@@ -159,6 +182,10 @@ impl ClusterObjects {
             Object::Service(svc) => {
                 let key = key_of(&svc.metadata);
                 self.services.insert(key, *svc).is_some()
+            }
+            Object::AuthorizationPolicy(policy) => {
+                let key = key_of(&policy.metadata);
+                self.policies.insert(key, *policy).is_some()
             }
         };
         replaced.then_some(describe)

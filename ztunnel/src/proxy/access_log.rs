@@ -23,6 +23,7 @@ pub struct AccessLog {
     dst_addr: SocketAddr,
     dst_identity: Option<Identity>,
     dst_workload: Option<String>,
+    dst_service: Option<String>,
     transport: Transport,
     started: Instant,
 }
@@ -48,6 +49,7 @@ impl AccessLog {
             dst_addr,
             dst_identity: None,
             dst_workload: None,
+            dst_service: None,
             transport: Transport::Passthrough,
             started: Instant::now(),
         }
@@ -65,6 +67,18 @@ impl AccessLog {
     ) -> &mut Self {
         self.dst_workload = workload;
         self.dst_identity = identity;
+        self
+    }
+
+    /// The Service the client addressed (by its virtual IP).
+    pub fn service(&mut self, service: String) -> &mut Self {
+        self.dst_service = Some(service);
+        self
+    }
+
+    /// Where the connection was finally sent (a Service endpoint).
+    pub fn destination_addr(&mut self, addr: SocketAddr) -> &mut Self {
+        self.dst_addr = addr;
         self
     }
 
@@ -108,6 +122,7 @@ impl AccessLog {
             src.addr = %self.src_addr,
             src.identity = src_identity.as_deref().unwrap_or("-"),
             dst.addr = %self.dst_addr,
+            dst.service = self.dst_service.as_deref().unwrap_or("-"),
             dst.workload = self.dst_workload.as_deref().unwrap_or("-"),
             dst.identity = dst_identity.as_deref().unwrap_or("-"),
             transport = %self.transport,

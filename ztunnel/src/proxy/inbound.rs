@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | 200 | connected to the app; bytes follow |
 //! | 400 | not a CONNECT, or the target is not this listener's pod |
+//! | 401 | refused by authorization policy, or the client certificate expired |
 //! | 503 | the app did not accept the connection |
 //!
 //! The connection to the app is made from inside the pod's namespace with
@@ -12,17 +13,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use kanava_mesh::Identity;
+use kanava_mesh::policy::Decision;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::access_log::AccessLog;
-use super::{CapturedPod, HANDSHAKE_TIMEOUT, Proxy, hbone, socket};
+use super::{CapturedPod, HANDSHAKE_TIMEOUT, Proxy, authz, hbone, socket};
 use crate::metrics::{Direction, Outcome, Transport};
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, peer: SocketAddr) {
@@ -52,13 +55,15 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
         }
     };
     drop(permit);
-    let peer_identity = match tls
+    let peer_leaf = tls
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|certs| certs.first())
-        .map(kanava_tls::identity_of)
-    {
+        .and_then(|certs| certs.first());
+    let peer_not_after = peer_leaf
+        .and_then(|leaf| kanava_tls::not_after_of(leaf).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let peer_identity = match peer_leaf.map(kanava_tls::identity_of) {
         Some(Ok(identity)) => identity,
         Some(Err(error)) => {
             tracing::info!(pod = %pod.display_name(), %peer, %error, "client certificate names no identity");
@@ -87,8 +92,11 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
                 tokio::spawn(serve_stream(
                     proxy.clone(),
                     pod.clone(),
-                    peer,
-                    peer_identity.clone(),
+                    Peer {
+                        address: peer,
+                        identity: peer_identity.clone(),
+                        not_after: peer_not_after,
+                    },
                     request,
                     respond,
                 ));
@@ -101,11 +109,18 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
     }
 }
 
+/// The authenticated client of an HBONE connection.
+struct Peer {
+    address: SocketAddr,
+    identity: Identity,
+    /// End of validity of its certificate.
+    not_after: SystemTime,
+}
+
 async fn serve_stream(
     proxy: Arc<Proxy>,
     pod: Arc<CapturedPod>,
-    peer: SocketAddr,
-    peer_identity: Identity,
+    peer: Peer,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
@@ -118,11 +133,11 @@ async fn serve_stream(
         &proxy.metrics,
         Direction::Inbound,
         pod.display_name(),
-        peer,
+        peer.address,
         target.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
     );
     log.transport(Transport::Hbone)
-        .source_identity(Some(peer_identity))
+        .source_identity(Some(peer.identity.clone()))
         .destination(Some(pod.display_name()), Some(pod.identity.clone()));
 
     let refusal = if request.method() != Method::CONNECT {
@@ -151,11 +166,38 @@ async fn serve_stream(
         }
     };
 
+    if SystemTime::now() >= peer.not_after {
+        reply(&mut respond, StatusCode::UNAUTHORIZED);
+        log.finish(
+            &proxy.metrics,
+            Outcome::Denied,
+            (0, 0),
+            Some("client certificate expired"),
+        );
+        return;
+    }
+    if let Decision::Deny { policy, reason } = authz::authorize(
+        &proxy.workloads,
+        &pod,
+        Some(&peer.identity),
+        peer.address.ip(),
+        target.port(),
+    ) {
+        reply(&mut respond, StatusCode::UNAUTHORIZED);
+        log.finish(
+            &proxy.metrics,
+            Outcome::Denied,
+            (0, 0),
+            Some(&format!("{reason} (policy {policy})")),
+        );
+        return;
+    }
+
     let upstream = socket::connect_in(
         &proxy.netns,
         &pod.netns,
         target,
-        Some(peer.ip()),
+        Some(peer.address.ip()),
         proxy.config.connect_timeout,
     )
     .await;

@@ -12,6 +12,7 @@
 //! decide whose identity to use.
 
 mod access_log;
+pub mod authz;
 pub mod hbone;
 mod inbound;
 mod outbound;
@@ -79,6 +80,8 @@ pub struct Proxy {
     pub netns: NetNsExecutor,
     pub roots: MeshRoots,
     pub metrics: Arc<Metrics>,
+    /// Inbound connections in progress, re-judged on every policy change.
+    pub open: authz::OpenConnections,
     handshakes: Arc<Semaphore>,
 }
 
@@ -96,6 +99,7 @@ impl Proxy {
                 config.pool_idle_timeout,
             ),
             handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes)),
+            open: authz::OpenConnections::default(),
             netns: NetNsExecutor::start()?,
             config,
             workloads,
@@ -137,6 +141,25 @@ impl Proxy {
         Ok(())
     }
 
+    /// Re-judges open inbound connections after every configuration update.
+    pub async fn recheck_on_changes(self: Arc<Self>, stop: CancellationToken) {
+        let mut updates = self.workloads.subscribe();
+        loop {
+            tokio::select! {
+                changed = updates.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let closed = self.open.recheck(&self.workloads);
+                    if closed > 0 {
+                        tracing::info!(closed, "closed connections refused by the new configuration");
+                    }
+                }
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
     /// Closes idle pooled connections every so often.
     pub async fn evict_idle_connections(self: Arc<Self>, stop: CancellationToken) {
         let period =
@@ -152,6 +175,16 @@ impl Proxy {
                 _ = stop.cancelled() => return,
             }
         }
+    }
+}
+
+/// Copies both ways between two TCP connections, passing half-closes on.
+/// Returns the bytes moved `(a → b, b → a)`.
+pub async fn copy_tcp(a: &mut TcpStream, b: &mut TcpStream) -> ((u64, u64), std::io::Result<()>) {
+    const BUFFER: usize = 64 * 1024;
+    match tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER, BUFFER).await {
+        Ok(bytes) => (bytes, Ok(())),
+        Err(error) => ((0, 0), Err(error)),
     }
 }
 

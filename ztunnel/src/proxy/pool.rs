@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -36,21 +36,29 @@ pub struct Connection {
     streams: AtomicUsize,
     closed: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
+    /// When the first of the two certificates it was opened with expires: no
+    /// new stream may ride on an identity proof that has lapsed.
+    usable_until: SystemTime,
 }
 
 impl Connection {
     /// Wraps a connection; `closed` becomes true when its driver task ends.
-    pub fn new(sender: SendRequest<Bytes>, closed: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        sender: SendRequest<Bytes>,
+        closed: Arc<AtomicBool>,
+        usable_until: SystemTime,
+    ) -> Self {
         Connection {
             sender,
             streams: AtomicUsize::new(0),
             closed,
             idle_since: Mutex::new(Instant::now()),
+            usable_until,
         }
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.closed.load(Ordering::Acquire) || SystemTime::now() >= self.usable_until
     }
 
     /// Takes a stream slot if one is free.

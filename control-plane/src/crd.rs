@@ -1,0 +1,166 @@
+//! `AuthorizationPolicy` (`security.kanava.io/v1alpha1`): the Kubernetes
+//! resource operators write. Defined once here; the CRD manifest in
+//! `deploy/crds/` is generated from it (a test fails when it is stale;
+//! `KANAVA_UPDATE_CRDS=1 cargo test -p kanava-control-plane crd` rewrites it).
+//!
+//! ```yaml
+//! apiVersion: security.kanava.io/v1alpha1
+//! kind: AuthorizationPolicy
+//! metadata: {name: web-from-frontend, namespace: shop}
+//! spec:
+//!   selector: {matchLabels: {app: web}}
+//!   action: ALLOW
+//!   rules:
+//!   - from: [{principals: ["cluster.local/ns/shop/sa/frontend"]}]
+//!     to: [{ports: [8080]}]
+//! ```
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API version of [`AuthorizationPolicy`] objects.
+pub const API_VERSION: &str = "security.kanava.io/v1alpha1";
+
+/// Who may connect to which workloads. DENY policies are checked first and
+/// any match refuses; then, if any ALLOW policy applies to the destination,
+/// the connection must match one of its rules; otherwise it is allowed.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "security.kanava.io",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    plural = "authorizationpolicies",
+    namespaced,
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    /// Workloads the policy applies to. Absent: every workload of the
+    /// namespace (of the whole mesh for a policy in the root namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// ALLOW (the default) or DENY.
+    #[serde(default)]
+    pub action: PolicyAction,
+    /// The policy matches a connection when any rule does. An ALLOW policy
+    /// without rules allows nothing; `rules: [{}]` matches everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<PolicyRule>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    /// Labels a pod must carry, all of them.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PolicyAction {
+    #[default]
+    #[serde(rename = "ALLOW")]
+    Allow,
+    #[serde(rename = "DENY")]
+    Deny,
+}
+
+/// Matches when both `from` and `to` match; an absent list matches all.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRule {
+    /// Sources; any entry matching is enough.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<PolicySource>>,
+    /// Destination ports; any entry matching is enough.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<PolicyOperation>>,
+}
+
+/// Matches when every field it sets matches. Principals and namespaces
+/// match exactly, by prefix (`foo*`), by suffix (`*foo`) or by presence
+/// (`*`); a plaintext peer never matches an entry naming them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySource {
+    /// Peer identities, e.g. `cluster.local/ns/shop/sa/web` (a leading
+    /// `spiffe://` is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_principals: Option<Vec<String>>,
+    /// Namespaces of peer identities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_namespaces: Option<Vec<String>>,
+    /// Peer addresses: IPs or CIDR blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ip_blocks: Option<Vec<String>>,
+}
+
+/// Matches when every field it sets matches.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyOperation {
+    /// Ports on the destination workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<IntOrString>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ports: Option<Vec<IntOrString>>,
+}
+
+/// The CRD manifest, as written to `deploy/crds/`.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let body = serde_yaml::to_string(&AuthorizationPolicy::crd()).unwrap_or_default();
+    format!(
+        "# Generated from control-plane/src/crd.rs; do not edit.\n# Regenerate: KANAVA_UPDATE_CRDS=1 cargo test -p kanava-control-plane crd\n{body}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CRD_FILE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/crds/authorizationpolicies.security.kanava.io.yaml"
+    );
+
+    #[test]
+    fn crd_manifest_is_current() {
+        let generated = crd_yaml();
+        if std::env::var_os("KANAVA_UPDATE_CRDS").is_some() {
+            std::fs::write(CRD_FILE, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(CRD_FILE).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{CRD_FILE} is stale; regenerate it with KANAVA_UPDATE_CRDS=1 cargo test -p kanava-control-plane crd"
+        );
+    }
+
+    #[test]
+    fn crd_describes_the_api() {
+        let yaml = crd_yaml();
+        for expected in [
+            "group: security.kanava.io",
+            "kind: AuthorizationPolicy",
+            "name: v1alpha1",
+            "scope: Namespaced",
+            "notIpBlocks",
+            "x-kubernetes-int-or-string: true",
+            "- ALLOW",
+            "- DENY",
+        ] {
+            assert!(yaml.contains(expected), "CRD lacks {expected:?}");
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The lab's stand-in for the API server: the directory of manifests the
+//! control plane watches. Every write gets the next `resourceVersion`, as an
+//! API server would give, so anyone can tell when a change has reached the
+//! ztunnels (they report the versions they hold).
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kanava_control_plane::source::{ClusterObjects, Object, parse_manifests};
+
+use crate::Error;
+use crate::state::{LabState, write_atomically};
+
+/// The manifest directory of one lab.
+pub struct Manifests {
+    dir: PathBuf,
+}
+
+impl Manifests {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Manifests { dir: dir.into() }
+    }
+
+    /// Every object stored.
+    pub fn read(&self) -> Result<ClusterObjects, Error> {
+        let mut objects = ClusterObjects::default();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(objects),
+            Err(e) => return Err(Error::io(format!("list {}", self.dir.display()))(e)),
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path)
+                .map_err(Error::io(format!("read {}", path.display())))?;
+            let (parsed, _) = parse_manifests(&text).map_err(|e| Error::State {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            for object in parsed {
+                objects.insert(object);
+            }
+        }
+        Ok(objects)
+    }
+
+    /// Stores `object` with the lab's next resource version, which it
+    /// returns.
+    pub fn write(&self, state: &mut LabState, mut object: Object) -> Result<u64, Error> {
+        state.resource_version += 1;
+        let version = state.resource_version;
+        meta_mut(&mut object).resource_version = Some(version.to_string());
+        let path = self.path_of(&object);
+        let yaml = match &object {
+            Object::Namespace(o) => serde_yaml::to_string(o),
+            Object::Pod(o) => serde_yaml::to_string(o),
+            Object::Service(o) => serde_yaml::to_string(o),
+            Object::AuthorizationPolicy(o) => serde_yaml::to_string(o),
+        }
+        .map_err(|e| Error::Spec(format!("cannot write {}: {e}", object.describe())))?;
+        write_atomically(&path, yaml.as_bytes())?;
+        Ok(version)
+    }
+
+    /// Deletes a stored object.
+    pub fn remove(&self, object: &Object) -> Result<(), Error> {
+        let path = self.path_of(object);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("remove {}", path.display()))(e)),
+        }
+    }
+
+    fn path_of(&self, object: &Object) -> PathBuf {
+        let meta = meta(object);
+        let kind = object.kind().to_lowercase();
+        let name = meta.name.as_deref().unwrap_or("");
+        let file = match object {
+            Object::Namespace(_) => format!("{kind}_{name}.yaml"),
+            _ => format!(
+                "{kind}_{}_{name}.yaml",
+                meta.namespace.as_deref().unwrap_or("default")
+            ),
+        };
+        self.dir.join(file)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+pub fn meta(object: &Object) -> &ObjectMeta {
+    match object {
+        Object::Namespace(o) => &o.metadata,
+        Object::Pod(o) => &o.metadata,
+        Object::Service(o) => &o.metadata,
+        Object::AuthorizationPolicy(o) => &o.metadata,
+    }
+}
+
+pub fn meta_mut(object: &mut Object) -> &mut ObjectMeta {
+    match object {
+        Object::Namespace(o) => &mut o.metadata,
+        Object::Pod(o) => &mut o.metadata,
+        Object::Service(o) => &mut o.metadata,
+        Object::AuthorizationPolicy(o) => &mut o.metadata,
+    }
+}
+
+/// `namespace/name` (or just `name` for namespaces).
+pub fn key(object: &Object) -> String {
+    let meta = meta(object);
+    let name = meta.name.clone().unwrap_or_default();
+    match object {
+        Object::Namespace(_) => name,
+        _ => format!("{}/{name}", meta.namespace.as_deref().unwrap_or("default")),
+    }
+}

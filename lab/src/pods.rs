@@ -1,0 +1,371 @@
+//! A pod's life in the lab: its network (made by the CNI plugins, as a
+//! container runtime would), its capture by the node's ztunnel (as the CNI
+//! plugin would hand it over), its process, and its end.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodIP, PodStatus};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kanava_control_plane::source::Object;
+use kanava_mesh::{DEFAULT_TRUST_DOMAIN, Identity, names};
+use kanava_netns::NetNs;
+use kanava_proto::v1 as pb;
+
+use crate::manifests::Manifests;
+use crate::process::Cancel;
+use crate::state::{LabState, PodState};
+use crate::up::Progress;
+use crate::{Error, cni, handoff, network, process};
+
+/// What pod operations need from their surroundings.
+#[derive(Clone)]
+pub struct Env {
+    /// Where `labapp` and the mesh's binaries are.
+    pub bins: PathBuf,
+    /// Where the CNI plugins are.
+    pub plugins: PathBuf,
+    /// Bound on each wait (a component starting, a pod becoming ready).
+    pub step_timeout: Duration,
+    /// Bound on waiting for the ztunnels to see a change.
+    pub propagation_timeout: Duration,
+    pub cancel: Option<Cancel>,
+    pub progress: Option<Progress>,
+}
+
+impl Env {
+    /// The defaults, finding binaries and plugins on this machine.
+    pub fn discover(bins: Option<&Path>) -> Result<Self, Error> {
+        Ok(Env {
+            bins: crate::up::bin_dir(bins)?,
+            plugins: cni::plugin_dir()?,
+            step_timeout: Duration::from_secs(30),
+            propagation_timeout: Duration::from_secs(10),
+            cancel: None,
+            progress: None,
+        })
+    }
+
+    pub fn say(&self, message: &str) {
+        if let Some(progress) = &self.progress {
+            progress(message);
+        }
+    }
+
+    pub fn check_cancel(&self) -> Result<(), Error> {
+        match &self.cancel {
+            Some(cancel) if cancel.load(Ordering::SeqCst) => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    /// Polls `check` until it is true, `what` fails, or the step times out.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        mut check: impl FnMut() -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + self.step_timeout;
+        loop {
+            self.check_cancel()?;
+            if check()? {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: what.to_string(),
+                    after: self.step_timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Creates the pod's namespace and runs the CNI plugins for it.
+pub fn create_network(state: &LabState, env: &Env, pod: &Pod) -> Result<PodState, Error> {
+    let layout = state.layout();
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let node = spec.node_name.clone().unwrap_or_default();
+    let index = state
+        .nodes
+        .iter()
+        .position(|n| n.name == node)
+        .ok_or_else(|| Error::Spec(format!("pod {namespace}/{name}: unknown node {node}")))?;
+    let netns = layout.pod_netns(&namespace, &name);
+    network::add_netns(&netns)?;
+    let config = cni::network_config(index, &layout.ipam_dir(&node));
+    let ip = cni::add(
+        &env.plugins,
+        &layout.node_netns(&node),
+        &netns,
+        &container_id(state, &uid),
+        &config,
+    )?;
+
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or_else(|| names::DEFAULT_SERVICE_ACCOUNT.into());
+    let identity = Identity::new(DEFAULT_TRUST_DOMAIN, &namespace, &service_account)
+        .map_err(|e| Error::Spec(format!("pod {namespace}/{name}: {e}")))?;
+    let container = spec.containers.first();
+    let command: Vec<String> = container
+        .map(|c| {
+            c.command
+                .iter()
+                .flatten()
+                .chain(c.args.iter().flatten())
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let env_vars = container
+        .and_then(|c| c.env.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|var| (var.name.clone(), var.value.clone().unwrap_or_default()))
+        .collect();
+    Ok(PodState {
+        log: layout.pod_log(&namespace, &name),
+        namespace,
+        name,
+        uid,
+        node,
+        ip: Some(ip),
+        captured: false,
+        service_account,
+        identity: identity.to_string(),
+        netns,
+        pid: None,
+        command,
+        env: env_vars,
+        readiness_port: readiness_port(container),
+    })
+}
+
+fn container_id(state: &LabState, uid: &str) -> String {
+    format!("{}-{uid}", state.name)
+}
+
+/// The pod as an API server would report it: running with its IP, and
+/// ready or not.
+pub fn manifest(state: &LabState, pod: &Pod, ready: bool) -> Result<Pod, Error> {
+    let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+    let pod_state = state
+        .pods
+        .iter()
+        .find(|p| p.uid == uid)
+        .ok_or_else(|| Error::Spec(format!("no pod with uid {uid}")))?;
+    let ip = pod_state
+        .ip
+        .ok_or_else(|| Error::Spec(format!("pod {} has no IP", pod_state.key())))?
+        .to_string();
+    let mut pod = pod.clone();
+    pod.status = Some(PodStatus {
+        phase: Some("Running".into()),
+        pod_ip: Some(ip.clone()),
+        pod_ips: Some(vec![PodIP { ip }]),
+        host_ip: state.node(&pod_state.node).map(|n| n.ip.to_string()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: if ready { "True" } else { "False" }.into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    Ok(pod)
+}
+
+/// Hands the pod to its node's ztunnel and waits for the capture.
+pub fn capture(state: &LabState, index: usize, env: &Env) -> Result<(), Error> {
+    let pod = &state.pods[index];
+    let node = state
+        .node(&pod.node)
+        .ok_or_else(|| Error::Spec(format!("no node {}", pod.node)))?;
+    let info = pb::PodInfo {
+        uid: pod.uid.clone(),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        service_account: pod.service_account.clone(),
+        ips: pod.ip.iter().map(ToString::to_string).collect(),
+    };
+    let netns_path = PathBuf::from("/run/netns").join(&pod.netns);
+    handoff::add_pod(&node.handoff_socket, info, &netns_path, env.step_timeout).map_err(|reason| {
+        Error::Handoff {
+            pod: pod.key(),
+            node: pod.node.clone(),
+            reason,
+        }
+    })
+}
+
+/// Takes the pod back from its ztunnel: rules and listeners go, the
+/// process stays.
+pub fn release(state: &LabState, index: usize, env: &Env) -> Result<(), Error> {
+    let pod = &state.pods[index];
+    let node = state
+        .node(&pod.node)
+        .ok_or_else(|| Error::Spec(format!("no node {}", pod.node)))?;
+    handoff::delete_pod(&node.handoff_socket, &pod.uid, env.step_timeout).map_err(|reason| {
+        Error::Handoff {
+            pod: pod.key(),
+            node: pod.node.clone(),
+            reason,
+        }
+    })
+}
+
+/// Starts the pod's process, waits for its readiness probe, and marks it
+/// ready. Returns the resource version of the ready pod, if it has a
+/// process.
+pub fn start(
+    state: &mut LabState,
+    manifests: &Manifests,
+    env: &Env,
+    uid: &str,
+) -> Result<Option<u64>, Error> {
+    let Some(index) = state.pods.iter().position(|p| p.uid == uid) else {
+        return Ok(None);
+    };
+    let pod = state.pods[index].clone();
+    if pod.command.is_empty() {
+        return Ok(None);
+    }
+    let path = format!(
+        "{}:{}",
+        env.bins.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    );
+    let mut vars = vec![
+        ("PATH".to_string(), path),
+        ("POD_NAME".to_string(), pod.name.clone()),
+        ("POD_NAMESPACE".to_string(), pod.namespace.clone()),
+        (
+            "POD_IP".to_string(),
+            pod.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        ),
+        ("NODE_NAME".to_string(), pod.node.clone()),
+    ];
+    vars.extend(pod.env.iter().cloned());
+    let pid = process::spawn_in(&pod.netns, &pod.command, &vars, &pod.log)?;
+    state.pods[index].pid = Some(pid);
+    state.save()?;
+
+    let what = format!("pod {}", pod.key());
+    match (pod.readiness_port, pod.ip) {
+        (Some(port), Some(ip)) => {
+            let netns = NetNs::named(&pod.netns)?;
+            let address = SocketAddr::from((ip, port));
+            env.wait_until(
+                &format!("{what} to accept connections on port {port}"),
+                || {
+                    check_running(pid, &what, &pod.log)?;
+                    Ok(connects(&netns, address))
+                },
+            )?;
+        }
+        _ => {
+            // No probe: give it a moment, and accept a clean exit (a
+            // one-shot client) but not a failed one.
+            std::thread::sleep(Duration::from_millis(50));
+            if let Some(status) = process::exit_status(pid).filter(|s| !s.success()) {
+                return Err(Error::Exited {
+                    what,
+                    status: status.to_string(),
+                    log_tail: process::log_tail(&pod.log, 20),
+                });
+            }
+        }
+    }
+    let objects = manifests.read()?;
+    let stored = objects
+        .pods
+        .get(&(pod.namespace.clone(), pod.name.clone()))
+        .ok_or_else(|| Error::Spec(format!("{what} has no manifest")))?;
+    let ready = manifest(state, stored, true)?;
+    Ok(Some(manifests.write(state, Object::Pod(Box::new(ready)))?))
+}
+
+/// Ends a pod: its process, its capture, its network.
+pub fn destroy(state: &LabState, env: &Env, uid: &str) -> Result<(), Error> {
+    let Some(index) = state.pods.iter().position(|p| p.uid == uid) else {
+        return Ok(());
+    };
+    let pod = &state.pods[index];
+    if let Some(pid) = pod.pid {
+        process::terminate(&[pid], Duration::from_secs(3));
+    }
+    let mut pids: Vec<u32> = network::netns_pids(&pod.netns)
+        .into_iter()
+        .filter_map(|pid| u32::try_from(pid).ok())
+        .collect();
+    pids.retain(|&pid| pid != std::process::id());
+    process::terminate(&pids, Duration::from_secs(3));
+    if pod.captured {
+        release(state, index, env)?;
+    }
+    if let Some(node_index) = state.nodes.iter().position(|n| n.name == pod.node) {
+        let layout = state.layout();
+        let config = cni::network_config(node_index, &layout.ipam_dir(&pod.node));
+        // Returns the IP to the pool; the namespace goes next anyway.
+        if let Err(error) = cni::delete(
+            &env.plugins,
+            &layout.node_netns(&pod.node),
+            &pod.netns,
+            &container_id(state, uid),
+            &config,
+        ) {
+            tracing::debug!(pod = %pod.key(), %error, "CNI DEL failed");
+        }
+    }
+    network::delete_netns(&pod.netns)
+}
+
+/// The port of a container's `readinessProbe` (TCP or HTTP), by number or
+/// by the name of one of its ports.
+fn readiness_port(container: Option<&Container>) -> Option<u16> {
+    let container = container?;
+    let probe = container.readiness_probe.as_ref()?;
+    let port = probe
+        .tcp_socket
+        .as_ref()
+        .map(|t| &t.port)
+        .or(probe.http_get.as_ref().map(|h| &h.port))?;
+    match port {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}
+
+/// Fails when the process `pid` has exited, with the end of its log.
+pub fn check_running(pid: u32, what: &str, log: &Path) -> Result<(), Error> {
+    if process::alive(pid) {
+        return Ok(());
+    }
+    Err(Error::Exited {
+        what: what.to_string(),
+        status: process::exit_status(pid)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "gone".into()),
+        log_tail: process::log_tail(log, 20),
+    })
+}
+
+/// Whether a TCP connection to `address` from inside `netns` succeeds.
+pub fn connects(netns: &NetNs, address: SocketAddr) -> bool {
+    netns
+        .run(|| std::net::TcpStream::connect_timeout(&address, Duration::from_millis(500)).is_ok())
+        .unwrap_or(false)
+}

@@ -1,0 +1,132 @@
+//! Waiting for a change to reach every ztunnel. Each ztunnel reports the
+//! resource version of everything it holds (admin `/config_dump`); a change
+//! has arrived when every ztunnel holds the written version or a later one,
+//! or no longer holds a deleted object.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use kanava_mesh::ports;
+
+use crate::Error;
+use crate::process::Cancel;
+use crate::state::LabState;
+
+/// One thing every ztunnel must see.
+#[derive(Clone, Debug)]
+pub struct Expect {
+    /// Discovery resource name, e.g. `workload/<uid>`.
+    pub name: String,
+    /// The version it must hold at least; `None`: it must be gone.
+    pub version: Option<u64>,
+}
+
+impl Expect {
+    pub fn workload(uid: &str, version: u64) -> Self {
+        Expect {
+            name: format!("workload/{uid}"),
+            version: Some(version),
+        }
+    }
+
+    pub fn service(key: &str, version: u64) -> Self {
+        Expect {
+            name: format!("service/{key}"),
+            version: Some(version),
+        }
+    }
+
+    pub fn policy(key: &str, version: u64) -> Self {
+        Expect {
+            name: format!("policy/{key}"),
+            version: Some(version),
+        }
+    }
+
+    pub fn gone(name: &str) -> Self {
+        Expect {
+            name: name.to_string(),
+            version: None,
+        }
+    }
+
+    fn met_by(&self, held: &BTreeMap<String, String>) -> bool {
+        match (self.version, held.get(&self.name)) {
+            (None, held) => held.is_none(),
+            (Some(_), None) => false,
+            (Some(wanted), Some(held)) => held
+                .split('/')
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|held| held >= wanted),
+        }
+    }
+}
+
+/// Waits up to `timeout` for every ztunnel to meet `expect`. Returns the
+/// `(node, resource)` pairs still unmet when time ran out.
+pub fn wait(
+    state: &LabState,
+    expect: &[Expect],
+    timeout: Duration,
+    cancel: Option<&Cancel>,
+) -> Result<Vec<(String, String)>, Error> {
+    let deadline = Instant::now() + timeout;
+    let mut pending: Vec<(String, String)> = state
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.netns.clone()))
+        .collect();
+    let mut unmet = Vec::new();
+    loop {
+        if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+            return Err(Error::Cancelled);
+        }
+        unmet.clear();
+        pending.retain(|(node, netns)| {
+            let held = resource_versions(netns).unwrap_or_default();
+            let missing: Vec<_> = expect.iter().filter(|e| !e.met_by(&held)).collect();
+            unmet.extend(missing.iter().map(|e| (node.clone(), e.name.clone())));
+            !missing.is_empty()
+        });
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        if Instant::now() >= deadline {
+            return Ok(unmet);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a node's ztunnel holds: resource name → version.
+pub fn resource_versions(node_netns: &str) -> Option<BTreeMap<String, String>> {
+    let dump = config_dump(node_netns)?;
+    let versions = dump.get("resourceVersions")?.as_object()?;
+    Some(
+        versions
+            .iter()
+            .map(|(name, version)| {
+                (
+                    name.clone(),
+                    version.as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// A node's ztunnel's `/config_dump`.
+pub fn config_dump(node_netns: &str) -> Option<serde_json::Value> {
+    let url = format!("http://127.0.0.1:{}/config_dump", ports::ADMIN);
+    let output = Command::new("ip")
+        .args(["netns", "exec", node_netns, "curl", "-sf", "-m", "2", &url])
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&output.stdout).ok()
+}

@@ -197,8 +197,22 @@ pub fn workload_of(
         },
         labels: meta.labels.clone().unwrap_or_default(),
         mtls_mode,
-        resource_version: meta.resource_version.clone().unwrap_or_default(),
+        resource_version: newest_version(
+            meta.resource_version.as_deref(),
+            namespace.and_then(|ns| ns.metadata.resource_version.as_deref()),
+        ),
     }))
+}
+
+/// A workload derives from its pod and its namespace (labels decide its
+/// mode), so its version is the newer of the two. Resource versions are
+/// opaque to clients but numeric in practice (etcd revisions, the lab's
+/// counter); a non-numeric one is passed through as it is.
+fn newest_version(pod: Option<&str>, namespace: Option<&str>) -> String {
+    match (pod.map(str::parse::<u64>), namespace.map(str::parse::<u64>)) {
+        (Some(Ok(pod)), Some(Ok(namespace))) => pod.max(namespace).to_string(),
+        _ => pod.unwrap_or_default().to_string(),
+    }
 }
 
 fn is_ready(pod: &Pod) -> bool {

@@ -327,3 +327,63 @@ pub fn mesh_roots(lab: &Lab) -> kanava_tls::MeshRoots {
     let pem = std::fs::read(lab.ca_dir().join(kanava_control_plane::ca::ROOT_CERT_FILE)).unwrap();
     kanava_tls::MeshRoots::from_pem(&pem).unwrap()
 }
+
+/// An HTTP GET from inside `from` to `to` over a fresh connection: the
+/// response body, or why there was none (refused, reset, timed out).
+pub async fn http_get(lab: &Lab, from: &str, to: SocketAddr) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = lab
+        .connect(from, to, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
+    let exchange = async {
+        stream
+            .write_all(b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n")
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        match text.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.") => Ok(body.to_string()),
+            _ => Err(format!("no HTTP response ({} bytes)", response.len())),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// Applies manifests to a lab; panics on refusal.
+pub fn apply(lab: &mut Lab, yaml: &str) -> kanava_lab::Report {
+    lab.apply(yaml)
+        .unwrap_or_else(|e| panic!("apply failed: {e}\n{yaml}"))
+}
+
+/// Deletes manifests from a lab; panics on refusal.
+pub fn delete(lab: &mut Lab, yaml: &str) -> kanava_lab::Report {
+    lab.delete(yaml)
+        .unwrap_or_else(|e| panic!("delete failed: {e}\n{yaml}"))
+}
+
+/// The first line of `target`'s log that satisfies `matches`, waiting up to
+/// 5 s for it: a connection's access-log line is written when the proxy is
+/// done with it, which can be just after the client saw the end.
+pub fn log_line(lab: &Lab, target: &str, matches: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = lab.logs(target).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| matches(l)) {
+            return line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no matching line in the log of {target}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kanava_e2e::{MESH_LAB, connect, exec_ok, kanava, metric, pod_ip, runtime, up};
+use kanava_e2e::{MESH_LAB, connect, exec_ok, kanava, log_line, metric, pod_ip, runtime, up};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -52,28 +52,23 @@ fn http_crosses_nodes_and_the_server_sees_the_client() {
     assert!(body.contains(&format!("peer {client_ip}:")), "{body}");
 
     // Both went over HBONE, and the destination logged who called.
-    let log = lab.logs("ztunnel/node-2").unwrap();
-    let inbound = log
-        .lines()
-        .find(|l| {
-            l.contains("connection complete")
-                && l.contains("direction=inbound")
-                && l.contains("pod=shop/web")
-        })
-        .unwrap_or_else(|| panic!("no inbound access log line on node-2:\n{log}"));
+    let inbound = log_line(&lab, "ztunnel/node-2", |l| {
+        l.contains("connection complete")
+            && l.contains("direction=inbound")
+            && l.contains("pod=shop/web")
+    });
     assert!(
         inbound.contains("src.identity=\"spiffe://cluster.local/ns/shop/sa/client\""),
         "{inbound}"
     );
     assert!(inbound.contains("transport=hbone"), "{inbound}");
     assert!(inbound.contains("outcome=success"), "{inbound}");
-    let local = lab.logs("ztunnel/node-1").unwrap();
-    assert!(
-        local.lines().any(|l| l.contains("direction=inbound")
+    // The same-node request went through HBONE too.
+    log_line(&lab, "ztunnel/node-1", |l| {
+        l.contains("direction=inbound")
             && l.contains("pod=shop/local-web")
-            && l.contains("sa/client")),
-        "same-node request must also go through HBONE:\n{local}"
-    );
+            && l.contains("sa/client")
+    });
 }
 
 #[test]
@@ -118,13 +113,11 @@ fn unenrolled_pods_are_not_captured_but_reachable_from_the_mesh() {
         body.contains(&format!("peer {}:", pod_ip(&lab, "shop/client"))),
         "{body}"
     );
-    let log = lab.logs("ztunnel/node-1").unwrap();
-    assert!(
-        log.lines().any(|l| l.contains("direction=outbound")
+    log_line(&lab, "ztunnel/node-1", |l| {
+        l.contains("direction=outbound")
             && l.contains("transport=passthrough")
-            && l.contains("outcome=success")),
-        "{log}"
-    );
+            && l.contains("outcome=success")
+    });
 }
 
 #[test]

@@ -295,7 +295,15 @@ pub fn execute(state: &mut LabState, plan: Plan, env: &Env) -> Result<Report, Er
 
     for namespace in plan.namespaces {
         let name = namespace.metadata.name.clone().unwrap_or_default();
-        manifests.write(state, Object::Namespace(Box::new(namespace)))?;
+        let version = manifests.write(state, Object::Namespace(Box::new(namespace)))?;
+        // Its pods' workloads change with it (mode, enrollment).
+        expect.extend(
+            state
+                .pods
+                .iter()
+                .filter(|p| p.namespace == name)
+                .map(|p| Expect::workload(&p.uid, version)),
+        );
         report.changes.push(format!("namespace {name} configured"));
     }
     for pod in &plan.new_pods {

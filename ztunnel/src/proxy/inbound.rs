@@ -176,7 +176,7 @@ async fn serve_stream(
         );
         return;
     }
-    if let Decision::Deny { policy, reason } = authz::authorize(
+    if let Decision::Deny { reason, .. } = authz::authorize(
         &proxy.workloads,
         &pod,
         Some(&peer.identity),
@@ -184,12 +184,7 @@ async fn serve_stream(
         target.port(),
     ) {
         reply(&mut respond, StatusCode::UNAUTHORIZED);
-        log.finish(
-            &proxy.metrics,
-            Outcome::Denied,
-            (0, 0),
-            Some(&format!("{reason} (policy {policy})")),
-        );
+        log.finish(&proxy.metrics, Outcome::Denied, (0, 0), Some(&reason));
         return;
     }
 
@@ -226,18 +221,25 @@ async fn serve_stream(
             return;
         }
     };
+    let registration = proxy.open.register(
+        pod.clone(),
+        Some(peer.identity.clone()),
+        peer.address.ip(),
+        target.port(),
+    );
     let (read, write) = upstream.into_split();
     // Bytes are counted from the app's side here; the originator sent what
     // the app received.
-    let ((from_app, to_app), result) = hbone::bridge(read, write, send, request.into_body()).await;
-    match result {
-        Ok(()) => log.finish(&proxy.metrics, Outcome::Success, (to_app, from_app), None),
-        Err(error) => log.finish(
-            &proxy.metrics,
-            Outcome::Failed,
-            (to_app, from_app),
-            Some(&error.to_string()),
-        ),
+    tokio::select! {
+        ((from_app, to_app), result) = hbone::bridge(read, write, send, request.into_body()) => match result {
+            Ok(()) => log.finish(&proxy.metrics, Outcome::Success, (to_app, from_app), None),
+            Err(error) => log.finish(&proxy.metrics, Outcome::Failed, (to_app, from_app), Some(&error.to_string())),
+        },
+        _ = registration.closed.cancelled() => {
+            // Dropping the bridge resets the HTTP/2 stream and closes the
+            // connection to the app.
+            log.finish(&proxy.metrics, Outcome::Denied, (0, 0), Some("closed: refused by a policy change"));
+        }
     }
 }
 

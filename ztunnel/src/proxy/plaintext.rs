@@ -46,7 +46,7 @@ pub async fn handle(
         MtlsMode::Permissive => {
             match authz::authorize(&proxy.workloads, &pod, None, peer.ip(), destination.port()) {
                 Decision::Allow => None,
-                Decision::Deny { policy, reason } => Some(format!("{reason} (policy {policy})")),
+                Decision::Deny { reason, .. } => Some(reason),
             }
         }
     };

@@ -1,0 +1,230 @@
+//! Configuration changing under live traffic: enrollment at runtime, the
+//! control plane going away and coming back, certificates rotating.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kanava_e2e::{apply, exec_ok, http_get, log_line, pod_ip, runtime, up};
+
+const LAB: &str = r#"
+kind: Lab
+nodes: 2
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {kanava.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: late}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node-1, serviceAccountName: client, containers: [{name: c, command: [sleep, infinity]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec:
+  nodeName: node-2
+  serviceAccountName: web
+  containers:
+  - {name: c, command: [labapp, http, --port, "80"], readinessProbe: {tcpSocket: {port: 80}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app, namespace: late}
+spec:
+  nodeName: node-2
+  serviceAccountName: app
+  containers:
+  - {name: c, command: [labapp, http, --port, "80"], readinessProbe: {tcpSocket: {port: 80}}}
+"#;
+
+/// Makes a new HTTP connection every `interval` from `from` to `to` until
+/// `stop`; returns (successes, failures with their reasons).
+fn traffic(
+    lab: &kanava_lab::Lab,
+    from: &str,
+    to: SocketAddr,
+    interval: Duration,
+    stop: &AtomicBool,
+    limit: Duration,
+) -> (usize, Vec<String>) {
+    let rt = runtime();
+    let started = Instant::now();
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    while !stop.load(Ordering::SeqCst) && started.elapsed() < limit {
+        match rt.block_on(http_get(lab, from, to)) {
+            Ok(_) => ok += 1,
+            Err(e) => failures.push(format!("{:?}: {e}", started.elapsed())),
+        }
+        std::thread::sleep(interval);
+    }
+    (ok, failures)
+}
+
+#[test]
+fn enrolling_a_namespace_at_runtime_captures_and_releases_its_running_pods() {
+    let mut lab = up(LAB);
+    let app = SocketAddr::from((pod_ip(&lab, "late/app"), 80));
+    let pid = lab.pod("late/app").unwrap().pid.unwrap();
+    let rt = runtime();
+    assert!(!exec_ok(&lab, "late/app", &["iptables-save"]).contains("KANAVA"));
+    assert!(
+        rt.block_on(http_get(&lab, "shop/client", app)).is_ok(),
+        "reachable in plaintext"
+    );
+
+    let started = Instant::now();
+    apply(
+        &mut lab,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: late, labels: {kanava.io/dataplane-mode: ambient}}\n",
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "enrollment reached every node in {took:?}"
+    );
+    assert!(lab.pod("late/app").unwrap().captured);
+    assert!(exec_ok(&lab, "late/app", &["iptables-save"]).contains("KANAVA_OUTPUT"));
+    let body = rt.block_on(http_get(&lab, "shop/client", app)).unwrap();
+    assert!(
+        body.contains(&format!("peer {}:", pod_ip(&lab, "shop/client"))),
+        "{body}"
+    );
+    // Now over HBONE, with the client's identity.
+    log_line(&lab, "ztunnel/node-2", |l| {
+        l.contains("direction=inbound") && l.contains("pod=late/app") && l.contains("sa/client")
+    });
+    assert_eq!(lab.pod("late/app").unwrap().pid, Some(pid));
+    assert!(
+        kanava_lab::process::alive(pid),
+        "the process was not restarted"
+    );
+
+    let started = Instant::now();
+    apply(
+        &mut lab,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: late}\n",
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "release reached every node in {took:?}"
+    );
+    assert!(!lab.pod("late/app").unwrap().captured);
+    assert!(
+        !exec_ok(&lab, "late/app", &["iptables-save"]).contains("KANAVA"),
+        "rules removed"
+    );
+    assert!(kanava_lab::process::alive(pid), "the process keeps running");
+    assert!(
+        rt.block_on(http_get(&lab, "shop/client", app)).is_ok(),
+        "plaintext again"
+    );
+}
+
+#[test]
+fn traffic_survives_the_control_plane_going_away_and_changes_flow_after_it_returns() {
+    let mut lab = up(LAB);
+    let web = SocketAddr::from((pod_ip(&lab, "shop/web"), 80));
+    let stop = AtomicBool::new(false);
+    let (ok, failures) = std::thread::scope(|scope| {
+        let lab = &lab;
+        let stop = &stop;
+        let driver = scope.spawn(move || {
+            traffic(
+                lab,
+                "shop/client",
+                web,
+                Duration::from_millis(20),
+                stop,
+                Duration::from_secs(60),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let pid = lab.state().control_plane.pid.unwrap();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(4));
+        assert!(
+            !kanava_lab::process::alive(pid),
+            "the control plane is down"
+        );
+        stop.store(true, Ordering::SeqCst);
+        driver.join().unwrap()
+    });
+    assert!(
+        ok > 50,
+        "traffic flowed while the control plane was down ({ok} connections)"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed connections: {failures:?}",
+        failures.len()
+    );
+
+    lab.restart_control_plane().unwrap();
+    // A change made now reaches every node (apply waits for each ztunnel).
+    let report = apply(
+        &mut lab,
+        "apiVersion: security.kanava.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: after-restart, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - to: [{ports: [9999]}]\n",
+    );
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let rt = runtime();
+    assert!(rt.block_on(http_get(&lab, "shop/client", web)).is_ok());
+    for node in ["node-1", "node-2"] {
+        let log = lab.logs(&format!("ztunnel/{node}")).unwrap();
+        assert!(
+            log.contains("discovery stream failed"),
+            "{node} noticed the outage"
+        );
+    }
+}
+
+#[test]
+fn certificates_rotate_under_continuous_traffic() {
+    let lab = up(&LAB.replace("nodes: 2", "nodes: 2\ncertificateTTL: 60s"));
+    let web = SocketAddr::from((pod_ip(&lab, "shop/web"), 80));
+    let stop = AtomicBool::new(false);
+    let (ok, failures) = traffic(
+        &lab,
+        "shop/client",
+        web,
+        Duration::from_millis(250),
+        &stop,
+        Duration::from_secs(180),
+    );
+    assert!(ok > 400, "{ok} connections in 3 minutes");
+    assert!(
+        failures.is_empty(),
+        "{} failed connections: {failures:?}",
+        failures.len()
+    );
+    for (node, identity) in [
+        ("node-1", "spiffe://cluster.local/ns/shop/sa/client"),
+        ("node-2", "spiffe://cluster.local/ns/shop/sa/web"),
+    ] {
+        let log = lab.logs(&format!("ztunnel/{node}")).unwrap();
+        let issued = log
+            .lines()
+            .filter(|l| {
+                l.contains("workload certificate issued")
+                    && l.contains(&format!("identity={identity}"))
+            })
+            .count();
+        assert!(
+            issued >= 3,
+            "{identity}: {issued} certificates issued in 3 minutes (first + renewals)"
+        );
+    }
+}

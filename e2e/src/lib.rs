@@ -129,7 +129,8 @@ pub fn unique_name() -> String {
 pub fn up(yaml: &str) -> Lab {
     require_root();
     let spec = LabSpec::parse(yaml, 2).expect("lab file");
-    Lab::up(&spec, &UpOptions::named(unique_name())).expect("lab up")
+    Lab::up(&spec, &UpOptions::named(unique_name()))
+        .unwrap_or_else(|e| panic!("lab up failed: {e}"))
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {

@@ -210,6 +210,11 @@ fn policies_allow_and_refuse_exactly_as_specified() {
             "{description}: {:?}",
             report.warnings
         );
+        assert!(
+            report.propagation < Duration::from_secs(1),
+            "{description}: reached every node in {:?}",
+            report.propagation
+        );
         for (client, target, port, allowed) in checks {
             let result = rt.block_on(http_get(&lab, client, SocketAddr::from((target, port))));
             assert_eq!(

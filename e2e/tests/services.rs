@@ -115,7 +115,12 @@ fn a_service_spreads_load_and_follows_its_endpoints() {
     );
     let vip = SocketAddr::new(web.cluster_ip.parse().unwrap(), 80);
 
-    apply(&mut lab, THIRD);
+    let report = apply(&mut lab, THIRD);
+    assert!(
+        report.propagation < Duration::from_secs(1),
+        "a new pod reached every node in {:?}",
+        report.propagation
+    );
     let services = lab.services().unwrap();
     assert_eq!(
         services
@@ -139,7 +144,12 @@ fn a_service_spreads_load_and_follows_its_endpoints() {
     }
 
     // A deleted endpoint gets nothing.
-    delete(&mut lab, THIRD);
+    let report = delete(&mut lab, THIRD);
+    assert!(
+        report.propagation < Duration::from_secs(1),
+        "a deleted pod left every node in {:?}",
+        report.propagation
+    );
     let answers = who_answers(&lab, vip, 100);
     assert!(
         !answers.contains_key("hello from shop/web-3"),

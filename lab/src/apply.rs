@@ -285,6 +285,9 @@ pub struct Report {
     /// What did not work out but did not stop the rest, e.g. a policy the
     /// control plane did not serve (rejected as invalid).
     pub warnings: Vec<String>,
+    /// The longest a change took from being stored to being held by every
+    /// ztunnel.
+    pub propagation: std::time::Duration,
 }
 
 /// Carries out `plan` in a running lab.
@@ -549,7 +552,9 @@ fn wait(
     if expect.is_empty() {
         return Ok(());
     }
+    let started = std::time::Instant::now();
     let missing = propagation::wait(state, &expect, env.propagation_timeout, env.cancel.as_ref())?;
+    report.propagation = report.propagation.max(started.elapsed());
     for (node, name) in missing {
         report.warnings.push(if name.starts_with("policy/") {
             format!("{name} has not reached the ztunnel on {node}: the control plane rejected it? (see `kanava lab logs control-plane`)")

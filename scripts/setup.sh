@@ -17,6 +17,7 @@ packages=(
   containernetworking-plugins  # CNI bridge + host-local: pod networks in the lab
   tcpdump                      # proof that the node-to-node link carries no plaintext
   curl                         # HTTP client in pods; readiness and metrics checks
+  iperf3                       # throughput benchmark
   procps                       # sysctl
   gcc libc6-dev                # C parts of the TLS library (aws-lc)
 )

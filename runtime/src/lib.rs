@@ -4,6 +4,9 @@
 //!   line with `--log-format json`, filtered by `RUST_LOG`, default `info`,
 //!   written to standard error) and the one TLS crypto provider.
 //! - [`shutdown_on_signal`]: a token cancelled on SIGTERM or Ctrl-C.
+//! - [`raise_fd_limit`]: as many open files as the system allows; a proxy
+//!   holds two sockets per connection and the default soft limit (1024) is
+//!   far too low.
 
 use std::io::IsTerminal;
 
@@ -33,6 +36,19 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     kanava_tls::install_default_provider();
+}
+
+/// Raises the soft limit on open files to the hard limit. Returns the new
+/// soft limit.
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        // Keep the old limit if the system refuses; the process still works.
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    getrlimit(Resource::Nofile).current
 }
 
 /// A token cancelled when the process receives SIGTERM or SIGINT. Must be

@@ -39,36 +39,14 @@ impl ControlPlane {
                     config.node_token_file.display()
                 ))
             })?;
-        let server_name = ServerName::try_from(config.control_plane_name.clone()).map_err(|e| {
-            Error::Config(format!(
-                "control plane name {:?}: {e}",
-                config.control_plane_name
-            ))
-        })?;
-        let tls = TlsConnector::from(kanava_tls::control_plane_client_config(roots)?);
-        let address = config.control_plane_address.clone();
-        // The URI only labels the channel: the connector below decides where
-        // to connect and wraps the connection in TLS itself.
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Error::Config(format!("control plane address {address:?}: {e}")))?
-            .connect_timeout(config.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true);
-        let connector = tower::service_fn(move |_uri| {
-            let tls = tls.clone();
-            let server_name = server_name.clone();
-            let address = address.clone();
-            async move {
-                let tcp = TcpStream::connect(&address).await?;
-                tcp.set_nodelay(true)?;
-                let stream = tls.connect(server_name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        });
+        let channel = channel(
+            &config.control_plane_address,
+            &config.control_plane_name,
+            roots,
+            config.connect_timeout,
+        )?;
         Ok(ControlPlane {
-            channel: endpoint.connect_with_connector_lazy(connector),
+            channel,
             authorization: Arc::new(authorization),
             max_message_bytes: config.max_message_bytes,
         })
@@ -93,4 +71,40 @@ impl ControlPlane {
             .insert("authorization", (*self.authorization).clone());
         request
     }
+}
+
+/// A gRPC channel to the control plane at `address` (`host:port`) over TLS,
+/// verifying its certificate names `server_name` and chains to `roots`. It
+/// connects on first use and reconnects by itself after failures.
+pub fn channel(
+    address: &str,
+    server_name: &str,
+    roots: &MeshRoots,
+    connect_timeout: Duration,
+) -> Result<Channel, Error> {
+    let server_name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| Error::Config(format!("control plane name {server_name:?}: {e}")))?;
+    let tls = TlsConnector::from(kanava_tls::control_plane_client_config(roots)?);
+    let address = address.to_string();
+    // The URI only labels the channel: the connector below decides where
+    // to connect and wraps the connection in TLS itself.
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| Error::Config(format!("control plane address {address:?}: {e}")))?
+        .connect_timeout(connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    let connector = tower::service_fn(move |_uri| {
+        let tls = tls.clone();
+        let server_name = server_name.clone();
+        let address = address.clone();
+        async move {
+            let tcp = TcpStream::connect(&address).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tls.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
 }

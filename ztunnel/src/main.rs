@@ -4,7 +4,8 @@ use kanava_ztunnel::Config;
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     kanava_runtime::init(config.log_format);
-    tracing::info!(?config, "ztunnel starting");
+    let open_files = kanava_runtime::raise_fd_limit();
+    tracing::info!(?config, ?open_files, "ztunnel starting");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads.max(1))

@@ -6,6 +6,8 @@
 //! | `labapp echo --port 7` | TCP echo; a half-close from the client is echoed as a half-close |
 //! | `labapp sink --port 9` | reads until the client half-closes, then answers `<bytes> <sha256>` |
 //! | `labapp send --to ADDR --bytes N` | sends N pseudo-random bytes to a sink, checks its answer |
+//! | `labapp pingpong --to ADDR --count N [--rate R]` | 1 KiB request/response on one connection to an echo server; prints latency percentiles (JSON) |
+//! | `labapp churn --to ADDR --concurrency C --seconds S` | connect, send 1 KiB, read it back, close, over and over; prints connections per second (JSON) |
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -58,10 +60,41 @@ enum Mode {
         #[arg(long)]
         text: Option<String>,
     },
+    /// Request/response latency on one kept-open connection to an echo
+    /// server.
+    Pingpong {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Requests measured (after as many again for warm-up, at most 1000).
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Bytes per request (and response).
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Requests per second; 0 sends each as soon as the last is answered.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+    },
+    /// Connections per second: connect, send, read back, close.
+    Churn {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Seconds measured (after a warm-up of a tenth of that).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Make exactly one connection and print how long it took.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    kanava_runtime::raise_fd_limit();
     match Args::parse().command {
         Mode::Http { port } => http(port).await,
         Mode::Echo { port } => serve(port, echo).await,
@@ -72,7 +105,144 @@ async fn main() -> anyhow::Result<()> {
             seed,
             text,
         } => send(to, bytes, seed, text).await,
+        Mode::Pingpong {
+            to,
+            count,
+            size,
+            rate,
+        } => tokio::task::spawn_blocking(move || pingpong(to, count, size, rate)).await?,
+        Mode::Churn {
+            to,
+            concurrency,
+            seconds,
+            size,
+            once,
+        } => {
+            tokio::task::spawn_blocking(move || churn(to, concurrency, seconds, size, once)).await?
+        }
     }
+}
+
+/// One request/response exchange on a blocking socket.
+fn exchange(
+    stream: &mut std::net::TcpStream,
+    request: &[u8],
+    response: &mut [u8],
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    stream.write_all(request)?;
+    stream.read_exact(response)
+}
+
+/// Latency percentiles, in microseconds, of a sorted list of nanoseconds.
+fn percentiles(sorted: &[u64]) -> serde_json::Value {
+    let at = |q: f64| {
+        let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len().max(1)) - 1;
+        sorted.get(index).copied().unwrap_or(0) as f64 / 1000.0
+    };
+    serde_json::json!({
+        "count": sorted.len(),
+        "p50_us": at(0.50),
+        "p90_us": at(0.90),
+        "p99_us": at(0.99),
+        "p999_us": at(0.999),
+        "max_us": sorted.last().copied().unwrap_or(0) as f64 / 1000.0,
+    })
+}
+
+// Blocking sockets on purpose: no runtime between the measurement and the
+// system calls, and pacing with a precise sleep.
+fn pingpong(to: SocketAddr, count: usize, size: usize, rate: u64) -> anyhow::Result<()> {
+    let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+    stream.set_nodelay(true)?;
+    let request = vec![0x5a; size];
+    let mut response = vec![0; size];
+    for _ in 0..count.min(1000) {
+        exchange(&mut stream, &request, &mut response)?;
+    }
+    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
+    let mut samples = Vec::with_capacity(count);
+    let started = Instant::now();
+    for i in 0..count {
+        if let Some(interval) = interval {
+            let due = started + interval * i as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let sent = Instant::now();
+        exchange(&mut stream, &request, &mut response)?;
+        samples.push(sent.elapsed().as_nanos() as u64);
+    }
+    samples.sort_unstable();
+    println!("{}", percentiles(&samples));
+    Ok(())
+}
+
+fn churn(
+    to: SocketAddr,
+    concurrency: usize,
+    seconds: f64,
+    size: usize,
+    once: bool,
+) -> anyhow::Result<()> {
+    let one = move || -> std::io::Result<u64> {
+        let started = Instant::now();
+        let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
+        stream.set_nodelay(true)?;
+        let request = vec![0x5a; size];
+        let mut response = vec![0; size];
+        exchange(&mut stream, &request, &mut response)?;
+        Ok(started.elapsed().as_nanos() as u64)
+    };
+    if once {
+        let nanos = one()?;
+        println!(
+            "{}",
+            serde_json::json!({ "first_connection_us": nanos as f64 / 1000.0 })
+        );
+        return Ok(());
+    }
+    let warmup = Duration::from_secs_f64(seconds / 10.0);
+    let measure = Duration::from_secs_f64(seconds);
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let workers: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut done, mut errors, mut samples) = (0u64, 0u64, Vec::new());
+                while Instant::now() < end {
+                    let counted = Instant::now() >= start;
+                    match one() {
+                        Ok(nanos) if counted => {
+                            done += 1;
+                            samples.push(nanos);
+                        }
+                        Ok(_) => {}
+                        Err(_) if counted => errors += 1,
+                        Err(_) => {}
+                    }
+                }
+                (done, errors, samples)
+            })
+        })
+        .collect();
+    let (mut done, mut errors, mut samples) = (0, 0, Vec::new());
+    for worker in workers {
+        let (d, e, s) = worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("worker panicked"))?;
+        done += d;
+        errors += e;
+        samples.extend(s);
+    }
+    samples.sort_unstable();
+    let mut result = percentiles(&samples);
+    result["connections"] = done.into();
+    result["errors"] = errors.into();
+    result["per_second"] = (done as f64 / measure.as_secs_f64()).into();
+    println!("{result}");
+    Ok(())
 }
 
 fn whoami() -> String {

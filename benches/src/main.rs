@@ -1,0 +1,103 @@
+//! `kanava-bench`: measures the mesh against the wire on the local lab, and
+//! the control plane at scale, and writes `RESULTS.md` and `results.json`.
+//!
+//! ```text
+//! kanava-bench                      # full run (several minutes), writes benches/
+//! kanava-bench --quick --output-dir /tmp/bench   # seconds; for CI
+//! ```
+//!
+//! Needs root (it builds a lab of network namespaces). Build the workspace
+//! in release mode first: the binaries it starts are taken from beside it.
+
+mod control_plane;
+mod mesh;
+mod procfs;
+mod report;
+mod stats;
+mod targets;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::stats::Collector;
+
+#[derive(Parser, Debug)]
+#[command(name = "kanava-bench", about = "Kanava's end-to-end benchmark")]
+struct Args {
+    /// Seconds instead of minutes: short runs, one repetition, small scale.
+    /// Checks that every scenario still produces numbers.
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of every data-path scenario (direct and mesh alternate).
+    #[arg(long, default_value_t = 5)]
+    repetitions: usize,
+    /// Where RESULTS.md and results.json go; an `analysis.md` there is
+    /// appended to RESULTS.md.
+    #[arg(long, default_value = "benches")]
+    output_dir: PathBuf,
+    /// Skip the data-path scenarios (lab).
+    #[arg(long)]
+    no_mesh: bool,
+    /// Skip the control plane scenario.
+    #[arg(long)]
+    no_control_plane: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !rustix::process::geteuid().is_root() {
+        anyhow::bail!("kanava-bench needs root: it builds a lab of network namespaces");
+    }
+    kanava_runtime::raise_fd_limit();
+    kanava_tls::install_default_provider();
+    let bins = kanava_lab::bin_dir(None)?;
+    let mut collector = Collector::default();
+    let repetitions = if args.quick {
+        1
+    } else {
+        args.repetitions.max(1)
+    };
+
+    if !args.no_mesh {
+        let settings = if args.quick {
+            mesh::Settings::quick()
+        } else {
+            mesh::Settings::full(repetitions)
+        };
+        eprintln!("data path: {settings:?}");
+        let mut bench = mesh::MeshBench::up(settings)?;
+        bench.run(&mut collector)?;
+    }
+    if !args.no_control_plane {
+        let settings = if args.quick {
+            control_plane::Settings::quick()
+        } else {
+            control_plane::Settings::full()
+        };
+        eprintln!("control plane: {settings:?}");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        runtime.block_on(control_plane::run(&settings, &bins, &mut collector))?;
+    }
+
+    let results = report::Results {
+        date: humantime_now(),
+        commit: report::commit(),
+        machine: report::Machine::read(),
+        quick: args.quick,
+        repetitions,
+        comparisons: collector.comparisons(),
+        measurements: collector.measurements(),
+    };
+    report::write(&results, &args.output_dir)?;
+    print!("{}", report::markdown(&results, ""));
+    eprintln!("wrote {}", args.output_dir.join("RESULTS.md").display());
+    Ok(())
+}
+
+fn humantime_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}

@@ -1,0 +1,365 @@
+//! The data-path scenarios, on a two-node lab. The same pair of pods exists
+//! twice — a client on node-1 and a server on node-2 — once in a namespace
+//! outside the mesh (`direct`) and once enrolled (`mesh`), so every number
+//! is taken both ways in the same run, alternating.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kanava_lab::{Lab, LabSpec, UpOptions};
+use serde_json::Value;
+
+use crate::procfs;
+use crate::stats::{Better, Collector, Mode};
+
+/// How long and how often.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub repetitions: usize,
+    pub throughput_seconds: u64,
+    pub pingpong_count: usize,
+    pub paced_count: usize,
+    pub churn_seconds: f64,
+    pub idle_connections: usize,
+}
+
+impl Settings {
+    pub fn full(repetitions: usize) -> Self {
+        Settings {
+            repetitions,
+            throughput_seconds: 10,
+            pingpong_count: 20_000,
+            paced_count: 5_000,
+            churn_seconds: 3.0,
+            idle_connections: 10_000,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Settings {
+            repetitions: 1,
+            throughput_seconds: 1,
+            pingpong_count: 300,
+            paced_count: 100,
+            churn_seconds: 0.3,
+            idle_connections: 100,
+        }
+    }
+}
+
+const SERVER_PORT: u16 = 7000;
+const IPERF_PORT: u16 = 5201;
+
+fn lab_file() -> String {
+    let mut text = String::from(
+        "kind: Lab\nnodes: 2\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: direct}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {kanava.io/dataplane-mode: ambient}}\n",
+    );
+    for namespace in ["direct", "mesh"] {
+        text.push_str(&format!(
+            r#"---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: {namespace}}}
+spec: {{nodeName: node-1, serviceAccountName: client, containers: [{{name: c, command: [sleep, infinity]}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: {namespace}}}
+spec:
+  nodeName: node-2
+  serviceAccountName: server
+  containers:
+  - name: c
+    command: [sh, -c, "iperf3 -s -p {IPERF_PORT} >/dev/null & exec labapp echo --port {SERVER_PORT}"]
+    readinessProbe: {{tcpSocket: {{port: {SERVER_PORT}}}}}
+"#
+        ));
+    }
+    text
+}
+
+pub struct MeshBench {
+    lab: Lab,
+    settings: Settings,
+}
+
+impl MeshBench {
+    pub fn up(settings: Settings) -> anyhow::Result<Self> {
+        let spec = LabSpec::parse(&lab_file(), 2)?;
+        let name = format!("bench{}", std::process::id());
+        let lab = Lab::up(&spec, &UpOptions::named(name)).context("bring up the benchmark lab")?;
+        Ok(MeshBench { lab, settings })
+    }
+
+    fn server(&self, mode: Mode, port: u16) -> anyhow::Result<SocketAddr> {
+        let ip: Ipv4Addr = self
+            .lab
+            .pod(&format!("{}/server", mode.namespace()))?
+            .ip
+            .context("server without IP")?;
+        Ok(SocketAddr::from((ip, port)))
+    }
+
+    fn client(mode: Mode) -> String {
+        format!("{}/client", mode.namespace())
+    }
+
+    fn ztunnel_pids(&self) -> Vec<u32> {
+        self.lab
+            .state()
+            .nodes
+            .iter()
+            .filter_map(|n| n.ztunnel.pid)
+            .collect()
+    }
+
+    /// Runs a command in a pod and parses the JSON it prints last.
+    fn run_json(&self, pod: &str, argv: &[&str]) -> anyhow::Result<Value> {
+        let output = self.lab.exec(pod, argv)?;
+        if !output.status.success() {
+            bail!(
+                "{} in {pod} failed: {}{}",
+                argv.join(" "),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        // iperf3 prints one JSON document; labapp prints one line.
+        serde_json::from_str(stdout.trim())
+            .or_else(|_| serde_json::from_str(stdout.lines().last().unwrap_or_default()))
+            .with_context(|| format!("{} printed no JSON: {stdout}", argv.join(" ")))
+    }
+
+    /// Every data-path scenario, both ways, `repetitions` times.
+    pub fn run(&mut self, collector: &mut Collector) -> anyhow::Result<()> {
+        // Idle: the ztunnels hold their captured pods, nothing flows yet.
+        std::thread::sleep(Duration::from_secs(1));
+        for pid in self.ztunnel_pids() {
+            if let Some(rss) = procfs::rss_mib(pid) {
+                collector.measure("proxy cost", "ztunnel RSS idle", "MiB", Better::Lower, rss);
+            }
+        }
+        for repetition in 0..self.settings.repetitions {
+            let order = if repetition % 2 == 0 {
+                [Mode::Direct, Mode::Mesh]
+            } else {
+                [Mode::Mesh, Mode::Direct]
+            };
+            eprintln!(
+                "repetition {} of {}",
+                repetition + 1,
+                self.settings.repetitions
+            );
+            for mode in order {
+                self.throughput(mode, collector)?;
+                self.latency(mode, collector)?;
+                self.churn(mode, collector)?;
+                self.first_connection(mode, repetition, collector)?;
+            }
+        }
+        self.idle_connections(collector)
+    }
+
+    fn throughput(&self, mode: Mode, collector: &mut Collector) -> anyhow::Result<()> {
+        let server = self.server(mode, IPERF_PORT)?;
+        let host = server.ip().to_string();
+        let seconds = self.settings.throughput_seconds.to_string();
+        for (metric, streams) in [("1 stream", "1"), ("8 streams", "8")] {
+            let cpu_before: f64 = self
+                .ztunnel_pids()
+                .iter()
+                .filter_map(|&p| procfs::cpu_seconds(p))
+                .sum();
+            let mut argv = vec![
+                "iperf3", "-c", &host, "-p", "5201", "-t", &seconds, "-P", streams, "-J",
+            ];
+            if self.settings.throughput_seconds >= 5 {
+                // Leave TCP's slow start out of the numbers.
+                argv.extend(["-O", "1"]);
+            }
+            let result = self.run_json(&Self::client(mode), &argv)?;
+            let cpu_after: f64 = self
+                .ztunnel_pids()
+                .iter()
+                .filter_map(|&p| procfs::cpu_seconds(p))
+                .sum();
+            let received = &result["end"]["sum_received"];
+            let bits = received["bits_per_second"]
+                .as_f64()
+                .context("iperf3: no bits_per_second")?;
+            collector.compare(
+                "throughput",
+                metric,
+                "Gbit/s",
+                Better::Higher,
+                mode,
+                bits / 1e9,
+            );
+            if mode == Mode::Mesh {
+                let gib = received["bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+                if gib > 0.0 {
+                    collector.measure(
+                        "proxy cost",
+                        &format!("ztunnel CPU per GiB ({metric})"),
+                        "CPU s/GiB",
+                        Better::Lower,
+                        (cpu_after - cpu_before) / gib,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn latency(&self, mode: Mode, collector: &mut Collector) -> anyhow::Result<()> {
+        let server = self.server(mode, SERVER_PORT)?.to_string();
+        let count = self.settings.pingpong_count.to_string();
+        let paced = self.settings.paced_count.to_string();
+        for (scenario, argv) in [
+            (
+                "latency back-to-back",
+                vec!["labapp", "pingpong", "--to", &server, "--count", &count],
+            ),
+            (
+                "latency at 1000/s",
+                vec![
+                    "labapp", "pingpong", "--to", &server, "--count", &paced, "--rate", "1000",
+                ],
+            ),
+        ] {
+            let result = self.run_json(&Self::client(mode), &argv)?;
+            for (metric, field) in [
+                ("p50", "p50_us"),
+                ("p90", "p90_us"),
+                ("p99", "p99_us"),
+                ("p99.9", "p999_us"),
+            ] {
+                let value = result[field]
+                    .as_f64()
+                    .with_context(|| format!("pingpong: no {field}"))?;
+                collector.compare(scenario, metric, "us", Better::Lower, mode, value);
+            }
+        }
+        Ok(())
+    }
+
+    fn churn(&self, mode: Mode, collector: &mut Collector) -> anyhow::Result<()> {
+        let server = self.server(mode, SERVER_PORT)?.to_string();
+        let seconds = self.settings.churn_seconds.to_string();
+        for (metric, clients) in [("1 client", "1"), ("16 clients", "16")] {
+            let result = self.run_json(
+                &Self::client(mode),
+                &[
+                    "labapp",
+                    "churn",
+                    "--to",
+                    &server,
+                    "--concurrency",
+                    clients,
+                    "--seconds",
+                    &seconds,
+                ],
+            )?;
+            let rate = result["per_second"]
+                .as_f64()
+                .context("churn: no per_second")?;
+            collector.compare(
+                "connection churn",
+                metric,
+                "conn/s",
+                Better::Higher,
+                mode,
+                rate,
+            );
+            if result["errors"].as_u64().unwrap_or(0) > 0 {
+                bail!("connection churn ({mode:?}, {metric}) had failed connections: {result}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The very first connection between two pods: a fresh client pod, so
+    /// the mesh has no pooled connection and must do the whole TLS
+    /// handshake (post-quantum key exchange included).
+    fn first_connection(
+        &mut self,
+        mode: Mode,
+        repetition: usize,
+        collector: &mut Collector,
+    ) -> anyhow::Result<()> {
+        let namespace = mode.namespace();
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: first-{repetition}, namespace: {namespace}}}\nspec: {{nodeName: node-1, serviceAccountName: client, containers: [{{name: c, command: [sleep, infinity]}}]}}\n"
+        );
+        self.lab.apply(&pod)?;
+        let server = self.server(mode, SERVER_PORT)?.to_string();
+        let result = self.run_json(
+            &format!("{namespace}/first-{repetition}"),
+            &["labapp", "churn", "--to", &server, "--once"],
+        );
+        self.lab.delete(&pod)?;
+        let micros = result?["first_connection_us"]
+            .as_f64()
+            .context("no first_connection_us")?;
+        collector.compare(
+            "first connection",
+            "connect + 1 KiB round trip",
+            "us",
+            Better::Lower,
+            mode,
+            micros,
+        );
+        Ok(())
+    }
+
+    /// Memory of the ztunnels with many idle proxied connections open.
+    fn idle_connections(&self, collector: &mut Collector) -> anyhow::Result<()> {
+        let count = self.settings.idle_connections;
+        let server = self.server(Mode::Mesh, SERVER_PORT)?;
+        let pids = self.ztunnel_pids();
+        let before: Vec<f64> = pids.iter().filter_map(|&p| procfs::rss_mib(p)).collect();
+        let netns = kanava_netns::NetNs::named(&self.lab.netns(&Self::client(Mode::Mesh))?)?;
+        let connections = netns.run(|| -> std::io::Result<Vec<std::net::TcpStream>> {
+            (0..count)
+                .map(|_| std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10)))
+                .collect()
+        })??;
+        // Every connection is proxied once the server's ztunnel holds it.
+        let server_node = &self.lab.state().nodes[1];
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let open = kanava_lab::propagation::config_dump(&server_node.netns)
+                .and_then(|dump| dump["openInboundConnections"].as_u64())
+                .unwrap_or(0);
+            if open as usize >= count {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("only {open} of {count} idle connections reached the server's ztunnel");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let after: Vec<f64> = pids.iter().filter_map(|&p| procfs::rss_mib(p)).collect();
+        for ((b, a), side) in before.iter().zip(&after).zip(["client", "server"]) {
+            collector.measure(
+                "proxy cost",
+                &format!("{side} ztunnel RSS with {count} idle connections"),
+                "MiB",
+                Better::Lower,
+                *a,
+            );
+            collector.measure(
+                "proxy cost",
+                &format!("memory per idle connection, {side} ztunnel"),
+                "KiB",
+                Better::Lower,
+                (a - b) * 1024.0 / count as f64,
+            );
+        }
+        drop(connections);
+        Ok(())
+    }
+}

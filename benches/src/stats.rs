@@ -1,0 +1,249 @@
+//! Numbers gathered by the benchmark, and what they add up to.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// Which side of a comparison a sample belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    /// The same pods, in a namespace that is not enrolled.
+    Direct,
+    /// Through the mesh.
+    Mesh,
+}
+
+impl Mode {
+    pub fn namespace(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Mesh => "mesh",
+        }
+    }
+}
+
+/// Which way is better.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+/// A target from the benchmark's brief, checked against the results.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    /// E.g. `mesh/direct >= 0.45`.
+    pub text: String,
+    pub met: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub samples: Vec<f64>,
+}
+
+impl Stats {
+    pub fn of(samples: &[f64]) -> Option<Stats> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let middle = sorted.len() / 2;
+        let median = if sorted.len() % 2 == 1 {
+            sorted[middle]
+        } else {
+            (sorted[middle - 1] + sorted[middle]) / 2.0
+        };
+        Some(Stats {
+            median,
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+            samples: samples.to_vec(),
+        })
+    }
+}
+
+/// Direct and mesh side by side.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub scenario: String,
+    pub metric: String,
+    pub unit: String,
+    pub better: Better,
+    pub direct: Stats,
+    pub mesh: Stats,
+    /// Median of mesh over median of direct.
+    pub ratio: f64,
+    /// Median of mesh minus median of direct (what the mesh adds).
+    pub added: f64,
+    pub target: Option<Target>,
+}
+
+/// A number with no direct counterpart (memory of the proxy, control plane
+/// scale).
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub scenario: String,
+    pub metric: String,
+    pub unit: String,
+    pub better: Better,
+    pub stats: Stats,
+    pub target: Option<Target>,
+}
+
+type Key = (String, String);
+
+struct Series {
+    unit: String,
+    better: Better,
+    direct: Vec<f64>,
+    mesh: Vec<f64>,
+}
+
+/// Collects samples as the scenarios run, in the order they were first seen.
+#[derive(Default)]
+pub struct Collector {
+    order: Vec<Key>,
+    series: BTreeMap<Key, Series>,
+    single: Vec<Key>,
+    singles: BTreeMap<Key, Series>,
+}
+
+impl Collector {
+    /// A sample of a direct-versus-mesh metric.
+    pub fn compare(
+        &mut self,
+        scenario: &str,
+        metric: &str,
+        unit: &str,
+        better: Better,
+        mode: Mode,
+        value: f64,
+    ) {
+        let key = (scenario.to_string(), metric.to_string());
+        if !self.series.contains_key(&key) {
+            self.order.push(key.clone());
+        }
+        let series = self.series.entry(key).or_insert_with(|| Series {
+            unit: unit.to_string(),
+            better,
+            direct: Vec::new(),
+            mesh: Vec::new(),
+        });
+        match mode {
+            Mode::Direct => series.direct.push(value),
+            Mode::Mesh => series.mesh.push(value),
+        }
+    }
+
+    /// A sample of a mesh-only metric.
+    pub fn measure(
+        &mut self,
+        scenario: &str,
+        metric: &str,
+        unit: &str,
+        better: Better,
+        value: f64,
+    ) {
+        let key = (scenario.to_string(), metric.to_string());
+        if !self.singles.contains_key(&key) {
+            self.single.push(key.clone());
+        }
+        self.singles
+            .entry(key)
+            .or_insert_with(|| Series {
+                unit: unit.to_string(),
+                better,
+                direct: Vec::new(),
+                mesh: Vec::new(),
+            })
+            .mesh
+            .push(value);
+    }
+
+    pub fn comparisons(&self) -> Vec<Comparison> {
+        self.order
+            .iter()
+            .filter_map(|key| {
+                let series = &self.series[key];
+                let direct = Stats::of(&series.direct)?;
+                let mesh = Stats::of(&series.mesh)?;
+                let ratio = if direct.median == 0.0 {
+                    f64::NAN
+                } else {
+                    mesh.median / direct.median
+                };
+                let added = mesh.median - direct.median;
+                let mut comparison = Comparison {
+                    scenario: key.0.clone(),
+                    metric: key.1.clone(),
+                    unit: series.unit.clone(),
+                    better: series.better,
+                    direct,
+                    mesh,
+                    ratio,
+                    added,
+                    target: None,
+                };
+                comparison.target = crate::targets::for_comparison(&comparison);
+                Some(comparison)
+            })
+            .collect()
+    }
+
+    pub fn measurements(&self) -> Vec<Measurement> {
+        self.single
+            .iter()
+            .filter_map(|key| {
+                let series = &self.singles[key];
+                let stats = Stats::of(&series.mesh)?;
+                let mut measurement = Measurement {
+                    scenario: key.0.clone(),
+                    metric: key.1.clone(),
+                    unit: series.unit.clone(),
+                    better: series.better,
+                    stats,
+                    target: None,
+                };
+                measurement.target = crate::targets::for_measurement(&measurement);
+                Some(measurement)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_ratios() {
+        assert_eq!(Stats::of(&[3.0, 1.0, 2.0]).unwrap().median, 2.0);
+        assert_eq!(Stats::of(&[4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
+        assert!(Stats::of(&[]).is_none());
+        let mut collector = Collector::default();
+        for (mode, value) in [
+            (Mode::Direct, 10.0),
+            (Mode::Mesh, 4.0),
+            (Mode::Direct, 12.0),
+            (Mode::Mesh, 6.0),
+        ] {
+            collector.compare(
+                "throughput",
+                "single stream",
+                "Gbit/s",
+                Better::Higher,
+                mode,
+                value,
+            );
+        }
+        let comparison = &collector.comparisons()[0];
+        assert_eq!(comparison.ratio, 5.0 / 11.0);
+        assert_eq!(comparison.added, -6.0);
+    }
+}

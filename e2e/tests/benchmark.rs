@@ -1,0 +1,85 @@
+//! The benchmark cannot rot: its quick mode runs in CI and must produce a
+//! number for every scenario (the numbers themselves are not judged here).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use kanava_e2e::require_root;
+
+#[test]
+fn quick_benchmark_produces_every_number() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let binary = kanava_lab::bin_dir(None).unwrap().join("kanava-bench");
+    assert!(
+        binary.is_file(),
+        "{} missing: cargo build --workspace first",
+        binary.display()
+    );
+    let output = std::process::Command::new(&binary)
+        .args(["--quick", "--output-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "kanava-bench --quick failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(dir.path().join("RESULTS.md").is_file());
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("results.json")).unwrap()).unwrap();
+    for field in ["date", "commit"] {
+        assert!(
+            results[field].as_str().is_some_and(|s| !s.is_empty()),
+            "{field}"
+        );
+    }
+    assert!(results["machine"]["cores"].as_u64().unwrap() > 0);
+
+    let comparisons = results["comparisons"].as_array().unwrap();
+    let compared = |scenario: &str, metric: &str| {
+        comparisons
+            .iter()
+            .find(|c| c["scenario"] == scenario && c["metric"] == metric)
+            .unwrap_or_else(|| panic!("no numbers for {scenario} / {metric}"))
+    };
+    for (scenario, metrics) in [
+        ("throughput", &["1 stream", "8 streams"][..]),
+        ("latency back-to-back", &["p50", "p90", "p99", "p99.9"][..]),
+        ("latency at 1000/s", &["p50", "p90", "p99", "p99.9"][..]),
+        ("connection churn", &["1 client", "16 clients"][..]),
+        ("first connection", &["connect + 1 KiB round trip"][..]),
+    ] {
+        for metric in metrics {
+            let c = compared(scenario, metric);
+            for side in ["direct", "mesh"] {
+                let median = c[side]["median"].as_f64().unwrap();
+                assert!(
+                    median.is_finite() && median > 0.0,
+                    "{scenario} / {metric} / {side}: {median}"
+                );
+            }
+            assert!(c["ratio"].as_f64().unwrap().is_finite());
+        }
+    }
+    let measurements = results["measurements"].as_array().unwrap();
+    for metric in [
+        "ztunnel RSS idle",
+        "ztunnel CPU per GiB (1 stream)",
+        "memory per idle connection, client ztunnel",
+        "memory per idle connection, server ztunnel",
+        "full snapshot to every stream",
+        "one pod change to every stream p50",
+        "one pod change to every stream p99",
+        "RSS",
+    ] {
+        let m = measurements
+            .iter()
+            .find(|m| m["metric"] == metric)
+            .unwrap_or_else(|| panic!("no numbers for {metric}"));
+        assert!(
+            m["stats"]["median"].as_f64().unwrap().is_finite(),
+            "{metric}"
+        );
+    }
+}

@@ -141,6 +141,9 @@ impl MeshBench {
                 collector.measure("proxy cost", "ztunnel RSS idle", "MiB", Better::Lower, rss);
             }
         }
+        // Before any churn: thousands of connections in TIME_WAIT would use
+        // up the ephemeral ports these need.
+        self.idle_connections(collector)?;
         for repetition in 0..self.settings.repetitions {
             let order = if repetition % 2 == 0 {
                 [Mode::Direct, Mode::Mesh]
@@ -159,7 +162,7 @@ impl MeshBench {
                 self.first_connection(mode, repetition, collector)?;
             }
         }
-        self.idle_connections(collector)
+        Ok(())
     }
 
     fn throughput(&self, mode: Mode, collector: &mut Collector) -> anyhow::Result<()> {
@@ -360,6 +363,15 @@ impl MeshBench {
             );
         }
         drop(connections);
+        // Let the ztunnels take them all down before measuring anything else.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while kanava_lab::propagation::config_dump(&server_node.netns)
+            .and_then(|dump| dump["openInboundConnections"].as_u64())
+            .is_some_and(|open| open > 0)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Ok(())
     }
 }

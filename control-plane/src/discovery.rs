@@ -1,22 +1,30 @@
 //! The discovery service: one stream per ztunnel.
 //!
 //! The stream starts with a full snapshot, then forwards each change from the
-//! [`Store`] as an incremental response. Every response gets a fresh nonce;
-//! the client's ACKs and NACKs are logged (a NACK with its reason, at warn
-//! level) so a ztunnel refusing configuration is visible.
+//! [`Store`] as an incremental response. Responses are encoded once per
+//! version and shared by every stream (a snapshot of 10,000 pods is
+//! megabytes; encoding it per stream would cost a hundred times as much
+//! work and memory with a hundred ztunnels). So the nonce is derived from the
+//! version — `<version>-full` or `<version>-delta` — which keeps it unique
+//! within a stream. The client's ACKs and NACKs are logged, a NACK with its
+//! reason at warn level, so a ztunnel refusing configuration is visible.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures::Stream;
 use kanava_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::NodeAuthenticator;
-use crate::store::{Delta, Snapshot, Store};
+use crate::store::Store;
 
 pub struct DiscoveryService {
     store: Arc<Store>,
@@ -27,15 +35,8 @@ impl DiscoveryService {
     pub fn new(store: Arc<Store>, auth: Arc<NodeAuthenticator>) -> Self {
         DiscoveryService { store, auth }
     }
-}
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::discovery_server::Discovery for DiscoveryService {
-    type StreamStream = ResponseStream;
-
-    async fn stream(
+    async fn subscribe(
         &self,
         request: Request<Streaming<pb::DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
@@ -53,47 +54,24 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             )));
         }
         tracing::info!(%node, resumed_from = %first.version_info, "ztunnel subscribed");
-        let (responses, rx) = mpsc::channel(16);
+        let (responses, rx) = mpsc::channel(4);
         tokio::spawn(serve_stream(self.store.clone(), node, requests, responses));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-/// Nonces are unique within this process.
-fn next_nonce() -> String {
-    static NONCE: AtomicU64 = AtomicU64::new(1);
-    NONCE.fetch_add(1, Ordering::Relaxed).to_string()
-}
-
-fn full_response(snapshot: &Snapshot) -> pb::DiscoveryResponse {
-    pb::DiscoveryResponse {
-        version_info: snapshot.version.to_string(),
-        nonce: next_nonce(),
-        full_snapshot: true,
-        resources: snapshot.resources.values().map(|r| (**r).clone()).collect(),
-        removed: Vec::new(),
-    }
-}
-
-fn delta_response(delta: &Delta) -> pb::DiscoveryResponse {
-    pb::DiscoveryResponse {
-        version_info: delta.version.to_string(),
-        nonce: next_nonce(),
-        full_snapshot: false,
-        resources: delta.upserts.iter().map(|r| (**r).clone()).collect(),
-        removed: delta.removed.clone(),
-    }
-}
+/// Encoded `DiscoveryResponse` messages.
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 
 async fn serve_stream(
     store: Arc<Store>,
     node: String,
     mut requests: Streaming<pb::DiscoveryRequest>,
-    responses: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
+    responses: mpsc::Sender<Result<Bytes, Status>>,
 ) {
     let (snapshot, mut changes) = store.subscribe().await;
     let mut sent_version = snapshot.version;
-    if responses.send(Ok(full_response(&snapshot))).await.is_err() {
+    if responses.send(Ok(snapshot.encoded())).await.is_err() {
         return;
     }
     loop {
@@ -103,7 +81,7 @@ async fn serve_stream(
                     Ok(delta) if delta.version <= sent_version => continue,
                     Ok(delta) if delta.version == sent_version + 1 => {
                         sent_version = delta.version;
-                        delta_response(&delta)
+                        delta.encoded.clone()
                     }
                     // A gap (missed changes) or a lagging receiver: start over
                     // from the whole state.
@@ -111,7 +89,7 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "stream fell behind; sending a full snapshot");
-                        full_response(&snapshot)
+                        snapshot.encoded()
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
@@ -146,5 +124,104 @@ fn log_reply(node: &str, request: &pb::DiscoveryRequest) {
         None => {
             tracing::debug!(%node, nonce = %request.response_nonce, version = %request.version_info, "ACK")
         }
+    }
+}
+
+// The gRPC route is written out here instead of generated: the generated
+// server encodes a `DiscoveryResponse` per stream, and this one sends bytes
+// encoded once. It mirrors what tonic generates for `Discovery.Stream`.
+
+/// The `kanava.v1.Discovery` gRPC service.
+#[derive(Clone)]
+pub struct DiscoveryServer {
+    service: Arc<DiscoveryService>,
+    max_decoding_message_size: usize,
+    max_encoding_message_size: usize,
+}
+
+impl DiscoveryServer {
+    pub fn new(service: DiscoveryService, max_message_bytes: usize) -> Self {
+        DiscoveryServer {
+            service: Arc::new(service),
+            max_decoding_message_size: max_message_bytes,
+            max_encoding_message_size: max_message_bytes,
+        }
+    }
+}
+
+impl NamedService for DiscoveryServer {
+    const NAME: &'static str = "kanava.v1.Discovery";
+}
+
+const STREAM_PATH: &str = "/kanava.v1.Discovery/Stream";
+
+impl<B> tower::Service<http::Request<B>> for DiscoveryServer
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != STREAM_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
+        }
+        let service = StreamMethod(self.service.clone());
+        let mut grpc = Grpc::new(PreEncodedCodec).apply_max_message_size_config(
+            Some(self.max_decoding_message_size),
+            Some(self.max_encoding_message_size),
+        );
+        Box::pin(async move { Ok(grpc.streaming(service, request).await) })
+    }
+}
+
+struct StreamMethod(Arc<DiscoveryService>);
+
+impl StreamingService<pb::DiscoveryRequest> for StreamMethod {
+    type Response = Bytes;
+    type ResponseStream = ResponseStream;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseStream>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<Streaming<pb::DiscoveryRequest>>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.subscribe(request).await })
+    }
+}
+
+/// Decodes requests with prost; sends responses that are already encoded.
+#[derive(Clone, Copy, Default)]
+struct PreEncodedCodec;
+
+impl Codec for PreEncodedCodec {
+    type Encode = Bytes;
+    type Decode = pb::DiscoveryRequest;
+    type Encoder = PassThrough;
+    type Decoder = <tonic_prost::ProstCodec<(), pb::DiscoveryRequest> as Codec>::Decoder;
+
+    fn encoder(&mut self) -> PassThrough {
+        PassThrough
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<(), pb::DiscoveryRequest>::default().decoder()
+    }
+}
+
+struct PassThrough;
+
+impl Encoder for PassThrough {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
     }
 }

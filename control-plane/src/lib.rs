@@ -55,7 +55,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let store = Arc::new(store::Store::new());
 
     let (objects_tx, mut objects_rx) =
-        tokio::sync::watch::channel(source::ClusterObjects::default());
+        tokio::sync::watch::channel(Arc::new(source::ClusterObjects::default()));
     let watcher = source::manifests::watch(config.manifest_dir.clone(), objects_tx)?;
 
     // Translate every new view of the cluster into the store.

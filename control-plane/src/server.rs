@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use kanava_proto::v1::certificates_server::CertificatesServer;
-use kanava_proto::v1::discovery_server::DiscoveryServer;
 use kanava_tls::rustls::server::{ClientHello, ResolvesServerCert};
 use kanava_tls::rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -24,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::NodeAuthenticator;
 use crate::ca::CertificateAuthority;
 use crate::certificates::CertificateService;
-use crate::discovery::DiscoveryService;
+use crate::discovery::{DiscoveryServer, DiscoveryService};
 use crate::store::Store;
 use crate::{Config, Error};
 
@@ -77,10 +76,10 @@ impl Server {
 
         let incoming = accept_tls(listener, TlsAcceptor::from(tls), shutdown.clone());
         let max = self.config.max_message_bytes;
-        let discovery =
-            DiscoveryServer::new(DiscoveryService::new(self.store.clone(), self.auth.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max);
+        let discovery = DiscoveryServer::new(
+            DiscoveryService::new(self.store.clone(), self.auth.clone()),
+            max,
+        );
         let certificates = CertificatesServer::new(CertificateService::new(
             self.ca.clone(),
             self.auth.clone(),

@@ -5,7 +5,10 @@
 //! discovery stream; streams never diff state themselves.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use prost::Message;
 
 use kanava_mesh::Identity;
 use kanava_proto::v1 as pb;
@@ -24,6 +27,8 @@ pub struct Snapshot {
     pub resources: BTreeMap<String, Arc<pb::Resource>>,
     /// Identities of the pods scheduled on each node (for the CA).
     identities_by_node: HashMap<String, HashSet<Identity>>,
+    /// The full-snapshot response, encoded on first use.
+    encoded: OnceLock<Bytes>,
 }
 
 impl Snapshot {
@@ -33,6 +38,26 @@ impl Snapshot {
             .get(node)
             .is_some_and(|ids| ids.contains(identity))
     }
+
+    /// This snapshot as a full `DiscoveryResponse`, encoded once and shared
+    /// by every stream.
+    pub fn encoded(&self) -> Bytes {
+        self.encoded
+            .get_or_init(|| {
+                encode(&pb::DiscoveryResponse {
+                    version_info: self.version.to_string(),
+                    nonce: format!("{}-full", self.version),
+                    full_snapshot: true,
+                    resources: self.resources.values().map(|r| (**r).clone()).collect(),
+                    removed: Vec::new(),
+                })
+            })
+            .clone()
+    }
+}
+
+fn encode(response: &pb::DiscoveryResponse) -> Bytes {
+    Bytes::from(response.encode_to_vec())
 }
 
 /// What changed from `version - 1` to `version`.
@@ -41,6 +66,8 @@ pub struct Delta {
     pub version: u64,
     pub upserts: Vec<Arc<pb::Resource>>,
     pub removed: Vec<String>,
+    /// The incremental `DiscoveryResponse`, encoded once.
+    pub encoded: Bytes,
 }
 
 pub struct Store {
@@ -139,11 +166,20 @@ impl Store {
             version,
             resources,
             identities_by_node,
+            encoded: OnceLock::new(),
+        });
+        let encoded = encode(&pb::DiscoveryResponse {
+            version_info: version.to_string(),
+            nonce: format!("{version}-delta"),
+            full_snapshot: false,
+            resources: upserts.iter().map(|r| (**r).clone()).collect(),
+            removed: removed.clone(),
         });
         let delta = Arc::new(Delta {
             version,
             upserts,
             removed,
+            encoded,
         });
         tracing::info!(
             version,

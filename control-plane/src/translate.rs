@@ -60,7 +60,11 @@ impl Translator {
         let mut state = MeshState::default();
         let mut by_uid: HashMap<String, &Pod> = HashMap::new();
         for ((namespace, name), pod) in &objects.pods {
-            match workload_of(pod, objects.namespaces.get(namespace), &self.config) {
+            match workload_of(
+                pod,
+                objects.namespaces.get(namespace).map(|ns| &**ns),
+                &self.config,
+            ) {
                 Ok(Some(workload)) => {
                     by_uid.insert(workload.uid.clone(), pod);
                     state.workloads.push(workload);
@@ -71,15 +75,29 @@ impl Translator {
                     .push(format!("Pod {namespace}/{name}: {problem}")),
             }
         }
+        // Services select pods of their own namespace only.
+        let mut workloads_by_namespace: HashMap<&str, Vec<&Workload>> = HashMap::new();
+        for workload in &state.workloads {
+            workloads_by_namespace
+                .entry(workload.namespace.as_str())
+                .or_default()
+                .push(workload);
+        }
+        let mut services = Vec::new();
         for ((namespace, name), service) in &objects.services {
-            match service_of(service, &state.workloads, &by_uid) {
-                Ok(Some(service)) => state.services.push(service),
+            let in_namespace = workloads_by_namespace
+                .get(namespace.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            match service_of(service, in_namespace, &by_uid) {
+                Ok(Some(service)) => services.push(service),
                 Ok(None) => {}
                 Err(problem) => state
                     .problems
                     .push(format!("Service {namespace}/{name}: {problem}")),
             }
         }
+        state.services = services;
         for (key, object) in &objects.policies {
             match policy_of(object, &self.config.root_namespace) {
                 Ok(policy) => {
@@ -230,7 +248,7 @@ fn is_ready(pod: &Pod) -> bool {
 /// without a virtual IP (headless, ExternalName, not yet allocated).
 pub fn service_of(
     service: &KubeService,
-    workloads: &[Workload],
+    workloads: &[&Workload],
     pods_by_uid: &HashMap<String, &Pod>,
 ) -> Result<Option<Service>, String> {
     let meta = &service.metadata;

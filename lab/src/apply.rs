@@ -404,38 +404,38 @@ pub fn delete(state: &mut LabState, objects: &[Object], env: &Env) -> Result<Rep
                         .pods
                         .iter()
                         .filter(|(k, _)| in_namespace(k))
-                        .map(|(_, p)| Object::Pod(Box::new(p.clone()))),
+                        .map(|(_, p)| Object::Pod(Box::new((**p).clone()))),
                 );
                 targets.extend(
                     current
                         .services
                         .iter()
                         .filter(|(k, _)| in_namespace(k))
-                        .map(|(_, s)| Object::Service(Box::new(s.clone()))),
+                        .map(|(_, s)| Object::Service(Box::new((**s).clone()))),
                 );
                 targets.extend(
                     current
                         .policies
                         .iter()
                         .filter(|(k, _)| in_namespace(k))
-                        .map(|(_, p)| Object::AuthorizationPolicy(Box::new(p.clone()))),
+                        .map(|(_, p)| Object::AuthorizationPolicy(Box::new((**p).clone()))),
                 );
-                Object::Namespace(Box::new(ns.clone()))
+                Object::Namespace(Box::new((**ns).clone()))
             }
             Object::Pod(_) => current
                 .pods
                 .get(&split(&key))
-                .map(|p| Object::Pod(Box::new(p.clone())))
+                .map(|p| Object::Pod(Box::new((**p).clone())))
                 .ok_or_else(|| Error::Spec(format!("pod {key} not found")))?,
             Object::Service(_) => current
                 .services
                 .get(&split(&key))
-                .map(|s| Object::Service(Box::new(s.clone())))
+                .map(|s| Object::Service(Box::new((**s).clone())))
                 .ok_or_else(|| Error::Spec(format!("service {key} not found")))?,
             Object::AuthorizationPolicy(_) => current
                 .policies
                 .get(&split(&key))
-                .map(|p| Object::AuthorizationPolicy(Box::new(p.clone())))
+                .map(|p| Object::AuthorizationPolicy(Box::new((**p).clone())))
                 .ok_or_else(|| Error::Spec(format!("authorizationpolicy {key} not found")))?,
         };
         targets.push(found);
@@ -525,7 +525,7 @@ fn reconcile_capture(
         }
         state.pods[index].captured = wanted;
         state.save()?;
-        let mut pod = pod.clone();
+        let mut pod = (**pod).clone();
         let annotations = pod
             .metadata
             .annotations

@@ -4,23 +4,27 @@
 //! subdirectories; names starting with `.` are skipped, so writers can stage
 //! a file and rename it into place) is read as a stream of Kubernetes
 //! objects. The directory is watched with inotify; after a burst of changes
-//! settles, the whole directory is read again and the new view published.
+//! settles, the files that changed are read again and the new view is
+//! published. Unchanged files are not read again: with ten thousand pods
+//! one file each, a change costs one file, not ten thousand.
 //!
 //! A file that fails to parse is reported and its previous content stays in
-//! force: a half-edited file never makes pods disappear from the mesh.
+//! force: a half-edited file never makes pods disappear from the mesh. When
+//! two files define the same object, the one whose name sorts last wins.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, watch};
 
-use super::{ClusterObjects, Object, parse_manifests};
+use super::{ClusterObjects, Object, ObjectId, parse_manifests};
 use crate::Error;
 
-/// How long the directory must be quiet before it is read again.
-const SETTLE: Duration = Duration::from_millis(30);
+/// How long the directory must be quiet before changed files are read.
+const SETTLE: Duration = Duration::from_millis(10);
 
 /// Keeps the watch running; dropping it stops the watch.
 pub struct Watch {
@@ -35,7 +39,7 @@ impl Drop for Watch {
 }
 
 /// Reads `dir` now and after every change, publishing each view on `out`.
-pub fn watch(dir: PathBuf, out: watch::Sender<ClusterObjects>) -> Result<Watch, Error> {
+pub fn watch(dir: PathBuf, out: watch::Sender<Arc<ClusterObjects>>) -> Result<Watch, Error> {
     let watch_error = |reason: String| Error::Watch {
         path: dir.clone(),
         reason,
@@ -53,29 +57,38 @@ pub fn watch(dir: PathBuf, out: watch::Sender<ClusterObjects>) -> Result<Watch, 
         .map_err(|e| watch_error(e.to_string()))?;
 
     let mut reader = DirectoryReader::default();
-    out.send_replace(reader.read(&dir));
+    reader.read_all(&dir);
+    out.send_replace(reader.objects());
     let task = tokio::spawn(async move {
         while let Some(event) = events_rx.recv().await {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "manifest directory watch error; reading again");
-            }
+            let mut changed = BTreeSet::new();
+            let mut rescan = false;
+            let mut note = |event: notify::Result<notify::Event>| match event {
+                // Our own reads show up as access events; only changes count.
+                Ok(event) if changes_content(&event.kind) => changed.extend(event.paths),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "manifest directory watch error; reading it all again");
+                    rescan = true;
+                }
+            };
+            note(event);
             // Let a burst of writes finish before reading.
             loop {
                 match tokio::time::timeout(SETTLE, events_rx.recv()).await {
-                    Ok(Some(_)) => continue,
+                    Ok(Some(event)) => note(event),
                     Ok(None) => return,
                     Err(_) => break,
                 }
             }
-            let objects = reader.read(&dir);
-            out.send_if_modified(|current| {
-                if *current == objects {
-                    false
-                } else {
-                    *current = objects;
-                    true
-                }
-            });
+            let modified = if rescan {
+                reader.read_all(&dir)
+            } else {
+                reader.update(changed)
+            };
+            if modified {
+                out.send_replace(reader.objects());
+            }
         }
     });
     Ok(Watch {
@@ -87,72 +100,139 @@ pub fn watch(dir: PathBuf, out: watch::Sender<ClusterObjects>) -> Result<Watch, 
 /// Reads a manifest directory, remembering each file's last good content.
 #[derive(Default)]
 pub struct DirectoryReader {
-    last_good: HashMap<PathBuf, Vec<Object>>,
+    files: BTreeMap<PathBuf, Vec<Object>>,
+    /// Which files define each object.
+    definers: HashMap<ObjectId, BTreeSet<PathBuf>>,
+    objects: ClusterObjects,
 }
 
 impl DirectoryReader {
-    pub fn read(&mut self, dir: &Path) -> ClusterObjects {
-        let mut files: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
+    /// The current view.
+    pub fn objects(&self) -> Arc<ClusterObjects> {
+        Arc::new(self.objects.clone())
+    }
+
+    /// Reads every file of `dir`. Returns whether anything changed.
+    pub fn read_all(&mut self, dir: &Path) -> bool {
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(e) => {
                 tracing::error!(dir = %dir.display(), error = %e, "cannot list manifest directory; keeping last view");
-                return self.assemble(self.last_good.clone().into_iter().collect());
+                return false;
             }
         };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if !is_manifest(&path) {
-                continue;
-            }
-            let parsed = std::fs::read_to_string(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|text| parse_manifests(&text).map_err(|e| e.to_string()));
-            match parsed {
-                Ok((objects, others)) => {
-                    for other in others {
-                        tracing::debug!(file = %path.display(), kind = %other.kind, "ignoring object of unused kind");
-                    }
-                    self.last_good.insert(path.clone(), objects.clone());
-                    files.insert(path, objects);
-                }
-                Err(reason) => {
-                    let kept = self.last_good.get(&path).cloned().unwrap_or_default();
-                    tracing::error!(
-                        file = %path.display(),
-                        %reason,
-                        kept_objects = kept.len(),
-                        "invalid manifest; its last good content stays in force"
-                    );
-                    files.insert(path, kept);
-                }
-            }
-        }
-        // Forget files that were removed.
-        self.last_good.retain(|path, _| files.contains_key(path));
-        self.assemble(files)
+        let mut paths: BTreeSet<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        // Files that disappeared are changes too.
+        paths.extend(self.files.keys().cloned());
+        self.update(paths)
     }
 
-    fn assemble(&self, files: BTreeMap<PathBuf, Vec<Object>>) -> ClusterObjects {
-        let mut objects = ClusterObjects::default();
-        for (path, file_objects) in files {
-            for object in file_objects {
-                if let Some(replaced) = objects.insert(object) {
-                    tracing::warn!(file = %path.display(), object = %replaced, "object defined twice; the later file wins");
+    /// Reads `paths` again (or forgets them, if gone). Returns whether
+    /// anything changed.
+    pub fn update(&mut self, paths: impl IntoIterator<Item = PathBuf>) -> bool {
+        let mut touched: BTreeSet<ObjectId> = BTreeSet::new();
+        for path in paths {
+            if !is_manifest_name(&path) {
+                continue;
+            }
+            let new = if path.is_file() {
+                match read_file(&path) {
+                    Ok(objects) => objects,
+                    Err(reason) => {
+                        tracing::error!(
+                            file = %path.display(),
+                            %reason,
+                            kept_objects = self.files.get(&path).map_or(0, Vec::len),
+                            "invalid manifest; its last good content stays in force"
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let old = if new.is_empty() && !path.is_file() {
+                self.files.remove(&path)
+            } else {
+                self.files.insert(path.clone(), new.clone())
+            };
+            if old.as_ref() == Some(&new) {
+                continue;
+            }
+            for object in old.iter().flatten() {
+                let id = object.id();
+                if let Some(definers) = self.definers.get_mut(&id) {
+                    definers.remove(&path);
+                }
+                touched.insert(id);
+            }
+            for object in &new {
+                let id = object.id();
+                self.definers
+                    .entry(id.clone())
+                    .or_default()
+                    .insert(path.clone());
+                touched.insert(id);
+            }
+        }
+        let changed = !touched.is_empty();
+        for id in touched {
+            let winner = self
+                .definers
+                .get(&id)
+                .and_then(|files| files.iter().next_back())
+                .and_then(|file| self.files.get(file))
+                .and_then(|objects| objects.iter().rev().find(|o| o.id() == id));
+            match winner {
+                Some(object) => {
+                    if self.definers.get(&id).is_some_and(|d| d.len() > 1) {
+                        tracing::warn!(object = %object.describe(), "object defined in more than one file; the last file wins");
+                    }
+                    self.objects.insert(object.clone());
+                }
+                None => {
+                    self.definers.remove(&id);
+                    self.objects.remove(&id);
                 }
             }
         }
-        objects
+        changed
     }
 }
 
-fn is_manifest(path: &Path) -> bool {
+/// Whether an event can change what a file holds. Opening and reading a
+/// file are events too; reacting to them would make every read trigger the
+/// next one.
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Create(_)
+        | EventKind::Modify(_)
+        | EventKind::Remove(_)
+        | EventKind::Any
+        | EventKind::Other => true,
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<Object>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let (objects, others) = parse_manifests(&text).map_err(|e| e.to_string())?;
+    for other in others {
+        tracing::debug!(file = %path.display(), kind = %other.kind, "ignoring object of unused kind");
+    }
+    Ok(objects)
+}
+
+fn is_manifest_name(path: &Path) -> bool {
     let hidden = path
         .file_name()
         .and_then(|n| n.to_str())
         .is_none_or(|n| n.starts_with('.'));
     let extension = path.extension().and_then(|e| e.to_str());
-    path.is_file() && !hidden && matches!(extension, Some("yaml" | "yml" | "json"))
+    !hidden && matches!(extension, Some("yaml" | "yml" | "json"))
 }
 
 #[cfg(test)]
@@ -169,27 +249,78 @@ mod tests {
         std::fs::write(dir.path().join(".staging.yaml"), "garbage: [").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
         let mut reader = DirectoryReader::default();
-        assert_eq!(reader.read(dir.path()).pods.len(), 1);
+        assert!(reader.read_all(dir.path()));
+        assert_eq!(reader.objects().pods.len(), 1);
 
         std::fs::write(&file, "kind: Pod\nspec: [").unwrap();
-        assert_eq!(
-            reader.read(dir.path()).pods.len(),
-            1,
-            "kept the last good pod"
-        );
+        assert!(!reader.update([file.clone()]));
+        assert_eq!(reader.objects().pods.len(), 1, "kept the last good pod");
 
         std::fs::remove_file(&file).unwrap();
+        assert!(reader.update([file.clone()]));
         assert_eq!(
-            reader.read(dir.path()).pods.len(),
+            reader.objects().pods.len(),
             0,
             "a removed file takes its objects with it"
         );
     }
 
+    #[test]
+    fn the_last_file_wins_and_the_other_takes_over_when_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        let b = dir.path().join("b.yaml");
+        std::fs::write(
+            &a,
+            POD.replace("containers: []", "containers: [], nodeName: from-a"),
+        )
+        .unwrap();
+        std::fs::write(
+            &b,
+            POD.replace("containers: []", "containers: [], nodeName: from-b"),
+        )
+        .unwrap();
+        let mut reader = DirectoryReader::default();
+        reader.read_all(dir.path());
+        let node = |reader: &DirectoryReader| {
+            reader
+                .objects()
+                .pods
+                .values()
+                .next()
+                .unwrap()
+                .spec
+                .as_ref()
+                .unwrap()
+                .node_name
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(node(&reader), "from-b");
+        std::fs::remove_file(&b).unwrap();
+        reader.update([b]);
+        assert_eq!(node(&reader), "from-a");
+    }
+
+    #[tokio::test]
+    async fn reading_files_does_not_trigger_reading_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("web.yaml"), POD).unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterObjects::default()));
+        let _watch = watch(dir.path().to_path_buf(), tx).unwrap();
+        rx.borrow_and_update();
+        // Reading the file (as the reader itself does) must not publish.
+        for _ in 0..5 {
+            std::fs::read_to_string(dir.path().join("web.yaml")).unwrap();
+        }
+        let republished = tokio::time::timeout(Duration::from_millis(300), rx.changed()).await;
+        assert!(republished.is_err(), "a read was taken for a change");
+    }
+
     #[tokio::test]
     async fn publishes_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, mut rx) = watch::channel(ClusterObjects::default());
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterObjects::default()));
         let _watch = watch(dir.path().to_path_buf(), tx).unwrap();
         assert!(rx.borrow_and_update().pods.is_empty());
         let tmp = dir.path().join(".web.yaml");

@@ -7,6 +7,7 @@
 pub mod manifests;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 
@@ -16,13 +17,21 @@ use crate::crd::{self, AuthorizationPolicy};
 pub type ObjectKey = (String, String);
 
 /// The cluster objects the mesh cares about, as the API server would return
-/// them.
+/// them. Objects are shared, so a new view of a large cluster costs little
+/// more than its map.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterObjects {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<ObjectKey, Pod>,
-    pub services: BTreeMap<ObjectKey, Service>,
-    pub policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<ObjectKey, Arc<Pod>>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub policies: BTreeMap<ObjectKey, Arc<AuthorizationPolicy>>,
+}
+
+/// An object's kind and `namespace/name` (namespace empty for Namespaces).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId {
+    pub kind: &'static str,
+    pub key: ObjectKey,
 }
 
 /// One object read from a manifest.
@@ -35,6 +44,19 @@ pub enum Object {
 }
 
 impl Object {
+    pub fn id(&self) -> ObjectId {
+        let key = match self {
+            Object::Namespace(o) => (String::new(), o.metadata.name.clone().unwrap_or_default()),
+            Object::Pod(o) => key_of(&o.metadata),
+            Object::Service(o) => key_of(&o.metadata),
+            Object::AuthorizationPolicy(o) => key_of(&o.metadata),
+        };
+        ObjectId {
+            kind: self.kind(),
+            key,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Object::Namespace(_) => "Namespace",
@@ -173,22 +195,41 @@ impl ClusterObjects {
         let replaced = match object {
             Object::Namespace(ns) => {
                 let name = ns.metadata.name.clone().unwrap_or_default();
-                self.namespaces.insert(name, *ns).is_some()
+                self.namespaces.insert(name, Arc::from(ns)).is_some()
             }
             Object::Pod(pod) => {
                 let key = key_of(&pod.metadata);
-                self.pods.insert(key, *pod).is_some()
+                self.pods.insert(key, Arc::from(pod)).is_some()
             }
             Object::Service(svc) => {
                 let key = key_of(&svc.metadata);
-                self.services.insert(key, *svc).is_some()
+                self.services.insert(key, Arc::from(svc)).is_some()
             }
             Object::AuthorizationPolicy(policy) => {
                 let key = key_of(&policy.metadata);
-                self.policies.insert(key, *policy).is_some()
+                self.policies.insert(key, Arc::from(policy)).is_some()
             }
         };
         replaced.then_some(describe)
+    }
+
+    /// Removes an object, if present.
+    pub fn remove(&mut self, id: &ObjectId) {
+        match id.kind {
+            "Namespace" => {
+                self.namespaces.remove(&id.key.1);
+            }
+            "Pod" => {
+                self.pods.remove(&id.key);
+            }
+            "Service" => {
+                self.services.remove(&id.key);
+            }
+            "AuthorizationPolicy" => {
+                self.policies.remove(&id.key);
+            }
+            _ => {}
+        }
     }
 }
 

@@ -259,6 +259,31 @@ pub async fn run(
     Ok(())
 }
 
+/// A `DiscoveryResponse` read without decoding its resources: the load
+/// generator acts as a hundred ztunnels on the same machine as the control
+/// plane, and decoding every resource a hundred times over would measure the
+/// generator instead. Field numbers and wire types match the real message.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ShallowResponse {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(string, tag = "2")]
+    nonce: String,
+    #[prost(bool, tag = "3")]
+    full_snapshot: bool,
+    #[prost(bytes = "bytes", repeated, tag = "4")]
+    resources: Vec<bytes::Bytes>,
+    #[prost(bool, tag = "6")]
+    more: bool,
+}
+
+/// The name of a `Resource`, skipping its content.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResourceName {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
 /// Acts as one ztunnel: subscribes, ACKs, and reports when the snapshot
 /// (change `None`) and each changed pod (change `Some(i)`) arrive.
 async fn follow(
@@ -269,6 +294,7 @@ async fn follow(
     changes: usize,
     arrivals: mpsc::UnboundedSender<(usize, Option<usize>, Instant)>,
 ) -> anyhow::Result<()> {
+    use prost::Message;
     let (requests, rx) = mpsc::channel(16);
     requests
         .send(pb::DiscoveryRequest {
@@ -280,28 +306,35 @@ async fn follow(
     request
         .metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
-    let mut responses = pb::discovery_client::DiscoveryClient::new(channel)
-        .max_decoding_message_size(256 * 1024 * 1024)
-        .stream(request)
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    grpc.ready().await?;
+    let codec = tonic_prost::ProstCodec::<pb::DiscoveryRequest, ShallowResponse>::default();
+    let mut responses = grpc
+        .streaming(
+            request,
+            http::uri::PathAndQuery::from_static("/kanava.v1.Discovery/Stream"),
+            codec,
+        )
         .await?
         .into_inner();
     let mut holding = 0;
     while let Some(response) = responses.message().await? {
         let at = Instant::now();
         if response.full_snapshot {
-            holding = response.resources.len();
-            if holding >= expected {
+            holding += response.resources.len();
+            if !response.more && holding >= expected {
                 let _ = arrivals.send((node, None, at));
             }
-        }
-        for resource in &response.resources {
-            if let Some(change) = resource
-                .name
-                .strip_prefix("workload/uid-")
-                .and_then(|i| i.parse::<usize>().ok())
-                .filter(|&i| i < changes && !response.full_snapshot)
-            {
-                let _ = arrivals.send((node, Some(change), at));
+        } else {
+            for resource in &response.resources {
+                let name = ResourceName::decode(resource.clone())?.name;
+                if let Some(change) = name
+                    .strip_prefix("workload/uid-")
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .filter(|&i| i < changes)
+                {
+                    let _ = arrivals.send((node, Some(change), at));
+                }
             }
         }
         let _ = requests
@@ -312,6 +345,5 @@ async fn follow(
             })
             .await;
     }
-    let _ = holding;
     Ok(())
 }

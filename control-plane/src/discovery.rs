@@ -71,17 +71,17 @@ async fn serve_stream(
 ) {
     let (snapshot, mut changes) = store.subscribe().await;
     let mut sent_version = snapshot.version;
-    if responses.send(Ok(snapshot.encoded())).await.is_err() {
+    if !send_all(&responses, &snapshot.encoded()).await {
         return;
     }
     loop {
         tokio::select! {
             change = changes.recv() => {
-                let response = match change {
+                let sent = match change {
                     Ok(delta) if delta.version <= sent_version => continue,
                     Ok(delta) if delta.version == sent_version + 1 => {
                         sent_version = delta.version;
-                        delta.encoded.clone()
+                        responses.send(Ok(delta.encoded.clone())).await.is_ok()
                     }
                     // A gap (missed changes) or a lagging receiver: start over
                     // from the whole state.
@@ -89,11 +89,11 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "stream fell behind; sending a full snapshot");
-                        snapshot.encoded()
+                        send_all(&responses, &snapshot.encoded()).await
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                if responses.send(Ok(response)).await.is_err() {
+                if !sent {
                     return;
                 }
             }
@@ -110,6 +110,16 @@ async fn serve_stream(
             },
         }
     }
+}
+
+/// Sends the parts of a snapshot in order; false when the stream is gone.
+async fn send_all(responses: &mpsc::Sender<Result<Bytes, Status>>, parts: &[Bytes]) -> bool {
+    for part in parts {
+        if responses.send(Ok(part.clone())).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 fn log_reply(node: &str, request: &pb::DiscoveryRequest) {

@@ -54,26 +54,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     )?);
     let store = Arc::new(store::Store::new());
 
-    let (objects_tx, mut objects_rx) =
-        tokio::sync::watch::channel(Arc::new(source::ClusterObjects::default()));
-    let watcher = source::manifests::watch(config.manifest_dir.clone(), objects_tx)?;
-
-    // Translate every new view of the cluster into the store.
+    // Translate every new view of the cluster into the store, where the
+    // source keeps it (no copy of a large cluster per change).
     let translator_store = store.clone();
-    let translator = tokio::spawn(async move {
-        while objects_rx.changed().await.is_ok() {
-            let objects = objects_rx.borrow_and_update().clone();
-            let state = translator.translate(&objects);
-            for problem in translator.new_problems(&state) {
-                tracing::error!(%problem, "configuration rejected");
-            }
-            translator_store.replace(&state);
+    let watcher = source::manifests::watch(config.manifest_dir.clone(), move |objects| {
+        let started = std::time::Instant::now();
+        let state = translator.translate(objects);
+        let translated = started.elapsed();
+        for problem in translator.new_problems(&state) {
+            tracing::error!(%problem, "configuration rejected");
         }
-    });
+        translator_store.replace(&state);
+        tracing::debug!(?translated, total = ?started.elapsed(), "configuration translated");
+    })?;
 
     let server = server::Server::new(&config, ca, auth, store)?;
     let result = server.serve(shutdown).await;
-    translator.abort();
     drop(watcher);
     result
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::Bytes;
 use prost::Message;
 
-use kanava_mesh::Identity;
+use kanava_mesh::{Identity, Workload};
 use kanava_proto::v1 as pb;
 use tokio::sync::{broadcast, watch};
 
@@ -19,6 +19,9 @@ use crate::translate::MeshState;
 /// How many changes a slow stream may fall behind before it is sent a fresh
 /// snapshot instead.
 const CHANGE_BACKLOG: usize = 256;
+/// Resources per part of a full snapshot: small enough that a hundred
+/// streams sending at once hold megabytes, not gigabytes.
+const SNAPSHOT_PART: usize = 1000;
 
 /// All resources at one version.
 #[derive(Debug, Default)]
@@ -27,8 +30,8 @@ pub struct Snapshot {
     pub resources: BTreeMap<String, Arc<pb::Resource>>,
     /// Identities of the pods scheduled on each node (for the CA).
     identities_by_node: HashMap<String, HashSet<Identity>>,
-    /// The full-snapshot response, encoded on first use.
-    encoded: OnceLock<Bytes>,
+    /// The full-snapshot responses (parts), encoded on first use.
+    encoded: OnceLock<Arc<[Bytes]>>,
 }
 
 impl Snapshot {
@@ -39,18 +42,31 @@ impl Snapshot {
             .is_some_and(|ids| ids.contains(identity))
     }
 
-    /// This snapshot as a full `DiscoveryResponse`, encoded once and shared
-    /// by every stream.
-    pub fn encoded(&self) -> Bytes {
+    /// This snapshot as full `DiscoveryResponse` parts, encoded once and
+    /// shared by every stream.
+    pub fn encoded(&self) -> Arc<[Bytes]> {
         self.encoded
             .get_or_init(|| {
-                encode(&pb::DiscoveryResponse {
-                    version_info: self.version.to_string(),
-                    nonce: format!("{}-full", self.version),
-                    full_snapshot: true,
-                    resources: self.resources.values().map(|r| (**r).clone()).collect(),
-                    removed: Vec::new(),
-                })
+                let resources: Vec<&Arc<pb::Resource>> = self.resources.values().collect();
+                let parts = resources.chunks(SNAPSHOT_PART).count().max(1);
+                let mut chunks = resources.chunks(SNAPSHOT_PART);
+                (0..parts)
+                    .map(|part| {
+                        encode(&pb::DiscoveryResponse {
+                            version_info: self.version.to_string(),
+                            nonce: format!("{}-full-{part}", self.version),
+                            full_snapshot: true,
+                            resources: chunks
+                                .next()
+                                .unwrap_or_default()
+                                .iter()
+                                .map(|r| (***r).clone())
+                                .collect(),
+                            removed: Vec::new(),
+                            more: part + 1 < parts,
+                        })
+                    })
+                    .collect()
             })
             .clone()
     }
@@ -70,8 +86,25 @@ pub struct Delta {
     pub encoded: Bytes,
 }
 
+/// Workload uid → the resource made from it, marked with the last
+/// `replace` that saw it.
+#[derive(Default)]
+struct WorkloadResources {
+    generation: u64,
+    entries: HashMap<String, WorkloadResource>,
+}
+
+struct WorkloadResource {
+    seen: u64,
+    workload: Arc<Workload>,
+    resource: Arc<pb::Resource>,
+}
+
 pub struct Store {
     current: Mutex<Arc<Snapshot>>,
+    /// The resource made from each workload last time: a workload that is
+    /// the same (shared) object again reuses it without being compared.
+    workload_resources: Mutex<WorkloadResources>,
     changes: broadcast::Sender<Arc<Delta>>,
     /// Becomes true once the source has been read for the first time, so no
     /// ztunnel is ever told "the mesh is empty" during start-up.
@@ -88,6 +121,7 @@ impl Store {
     pub fn new() -> Self {
         Store {
             current: Mutex::new(Arc::new(Snapshot::default())),
+            workload_resources: Mutex::new(WorkloadResources::default()),
             changes: broadcast::channel(CHANGE_BACKLOG).0,
             loaded: watch::channel(false).0,
         }
@@ -113,6 +147,44 @@ impl Store {
     pub fn replace(&self, state: &MeshState) -> Option<Arc<Delta>> {
         let mut resources = BTreeMap::new();
         let mut identities_by_node: HashMap<String, HashSet<Identity>> = HashMap::new();
+        let mut previous = self
+            .workload_resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let generation = previous.generation + 1;
+        previous.generation = generation;
+        let mut unchanged = HashSet::new();
+        for workload in &state.workloads {
+            identities_by_node
+                .entry(workload.node.clone())
+                .or_default()
+                .insert(workload.identity.clone());
+            let resource = match previous.entries.get_mut(&workload.uid) {
+                Some(entry) if Arc::ptr_eq(&entry.workload, workload) => {
+                    entry.seen = generation;
+                    unchanged.insert(Arc::as_ptr(&entry.resource));
+                    entry.resource.clone()
+                }
+                _ => {
+                    let resource = Arc::new(pb::Resource {
+                        name: workload.resource_name(),
+                        kind: Some(pb::resource::Kind::Workload(workload.to_proto())),
+                    });
+                    previous.entries.insert(
+                        workload.uid.clone(),
+                        WorkloadResource {
+                            seen: generation,
+                            workload: workload.clone(),
+                            resource: resource.clone(),
+                        },
+                    );
+                    resource
+                }
+            };
+            resources.insert(resource.name.clone(), resource);
+        }
+        previous.entries.retain(|_, entry| entry.seen == generation);
+        drop(previous);
         let mut add = |name: String, kind: pb::resource::Kind| {
             resources.insert(
                 name.clone(),
@@ -122,16 +194,6 @@ impl Store {
                 }),
             );
         };
-        for workload in &state.workloads {
-            identities_by_node
-                .entry(workload.node.clone())
-                .or_default()
-                .insert(workload.identity.clone());
-            add(
-                workload.resource_name(),
-                pb::resource::Kind::Workload(workload.to_proto()),
-            );
-        }
         for service in &state.services {
             add(
                 service.resource_name(),
@@ -148,7 +210,10 @@ impl Store {
         let mut current = self.lock();
         let upserts: Vec<_> = resources
             .iter()
-            .filter(|(name, resource)| current.resources.get(*name) != Some(*resource))
+            .filter(|(name, resource)| {
+                !unchanged.contains(&Arc::as_ptr(resource))
+                    && current.resources.get(*name) != Some(*resource)
+            })
             .map(|(_, resource)| resource.clone())
             .collect();
         let removed: Vec<_> = current
@@ -174,6 +239,7 @@ impl Store {
             full_snapshot: false,
             resources: upserts.iter().map(|r| (**r).clone()).collect(),
             removed: removed.clone(),
+            more: false,
         });
         let delta = Arc::new(Delta {
             version,
@@ -208,7 +274,7 @@ mod tests {
 
     fn state(workloads: Vec<Workload>) -> MeshState {
         MeshState {
-            workloads,
+            workloads: workloads.into_iter().map(Arc::new).collect(),
             ..Default::default()
         }
     }

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -31,7 +32,9 @@ pub struct TranslateConfig {
 /// What the cluster means for the mesh.
 #[derive(Clone, Debug, Default)]
 pub struct MeshState {
-    pub workloads: Vec<Workload>,
+    /// Shared with the translator's cache: a pod that did not change keeps
+    /// the very same workload, which lets the store skip comparing it.
+    pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Service>,
     pub policies: Vec<Policy>,
     /// Objects that could not be translated, and why.
@@ -39,12 +42,25 @@ pub struct MeshState {
 }
 
 /// Translates views of the cluster one after another, remembering the last
-/// valid version of every policy.
+/// valid version of every policy, and the workload of every pod so that only
+/// pods (or namespaces) that changed are translated again.
 #[derive(Debug)]
 pub struct Translator {
     config: TranslateConfig,
     last_good_policies: HashMap<ObjectKey, Policy>,
     reported: BTreeSet<String>,
+    pods: HashMap<ObjectKey, Translated>,
+    /// Counts translations; entries not seen in the latest are dropped.
+    generation: u64,
+}
+
+/// A pod's translation and the objects it was made from.
+#[derive(Debug)]
+struct Translated {
+    seen: u64,
+    pod: Arc<Pod>,
+    namespace: Option<Arc<Namespace>>,
+    workload: Result<Option<Arc<Workload>>, String>,
 }
 
 impl Translator {
@@ -53,43 +69,73 @@ impl Translator {
             config,
             last_good_policies: HashMap::new(),
             reported: BTreeSet::new(),
+            pods: HashMap::new(),
+            generation: 0,
         }
     }
 
     pub fn translate(&mut self, objects: &ClusterObjects) -> MeshState {
         let mut state = MeshState::default();
-        let mut by_uid: HashMap<String, &Pod> = HashMap::new();
-        for ((namespace, name), pod) in &objects.pods {
-            match workload_of(
-                pod,
-                objects.namespaces.get(namespace).map(|ns| &**ns),
-                &self.config,
-            ) {
+        let mut pods: Vec<&Pod> = Vec::new();
+        self.generation += 1;
+        let generation = self.generation;
+        for (key, pod) in &objects.pods {
+            let namespace = objects.namespaces.get(&key.0);
+            // Same objects as last time (shared, so comparing pointers is
+            // enough): same result, no work.
+            let fresh = |done: &Translated| {
+                Arc::ptr_eq(&done.pod, pod)
+                    && match (&done.namespace, namespace) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            };
+            let translated = match self.pods.get_mut(key) {
+                Some(done) if fresh(done) => {
+                    done.seen = generation;
+                    done
+                }
+                _ => {
+                    let translated = Translated {
+                        seen: generation,
+                        pod: pod.clone(),
+                        namespace: namespace.cloned(),
+                        workload: workload_of(pod, namespace.map(|ns| &**ns), &self.config)
+                            .map(|w| w.map(Arc::new)),
+                    };
+                    self.pods.insert(key.clone(), translated);
+                    self.pods.get_mut(key).expect("just inserted")
+                }
+            };
+            match &translated.workload {
                 Ok(Some(workload)) => {
-                    by_uid.insert(workload.uid.clone(), pod);
-                    state.workloads.push(workload);
+                    state.workloads.push(workload.clone());
+                    pods.push(pod);
                 }
                 Ok(None) => {}
                 Err(problem) => state
                     .problems
-                    .push(format!("Pod {namespace}/{name}: {problem}")),
+                    .push(format!("Pod {}/{}: {problem}", key.0, key.1)),
             }
         }
-        // Services select pods of their own namespace only.
-        let mut workloads_by_namespace: HashMap<&str, Vec<&Workload>> = HashMap::new();
-        for workload in &state.workloads {
-            workloads_by_namespace
-                .entry(workload.namespace.as_str())
-                .or_default()
-                .push(workload);
+        self.pods
+            .retain(|_, translated| translated.seen == generation);
+        // Services select ready pods of their own namespace: index those once.
+        let mut by_namespace: HashMap<&str, NamespaceWorkloads> = HashMap::new();
+        for (workload, pod) in state.workloads.iter().map(|w| &**w).zip(&pods) {
+            if is_ready(pod) {
+                by_namespace
+                    .entry(workload.namespace.as_str())
+                    .or_default()
+                    .add(workload, pod);
+            }
         }
+        let empty = NamespaceWorkloads::default();
         let mut services = Vec::new();
         for ((namespace, name), service) in &objects.services {
-            let in_namespace = workloads_by_namespace
-                .get(namespace.as_str())
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            match service_of(service, in_namespace, &by_uid) {
+            let candidates = by_namespace.get(namespace.as_str()).unwrap_or(&empty);
+            match service_of(service, candidates) {
                 Ok(Some(service)) => services.push(service),
                 Ok(None) => {}
                 Err(problem) => state
@@ -244,12 +290,57 @@ fn is_ready(pod: &Pod) -> bool {
         })
 }
 
+/// The ready workloads of one namespace, indexed by label so that a
+/// selector looks at the pods carrying its rarest label, not at all pods.
+#[derive(Default)]
+pub struct NamespaceWorkloads<'a> {
+    workloads: Vec<(&'a Workload, &'a Pod)>,
+    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
+}
+
+impl<'a> NamespaceWorkloads<'a> {
+    pub fn add(&mut self, workload: &'a Workload, pod: &'a Pod) {
+        let index = self.workloads.len();
+        self.workloads.push((workload, pod));
+        for (key, value) in &workload.labels {
+            self.by_label
+                .entry((key.as_str(), value.as_str()))
+                .or_default()
+                .push(index);
+        }
+    }
+
+    /// The workloads carrying every label of `selector` (not empty).
+    pub fn select<'s>(
+        &'s self,
+        selector: &'s BTreeMap<String, String>,
+    ) -> impl Iterator<Item = (&'a Workload, &'a Pod)> + 's {
+        let rarest = selector
+            .iter()
+            .map(|(k, v)| {
+                self.by_label
+                    .get(&(k.as_str(), v.as_str()))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+            })
+            .min_by_key(|indexes| indexes.len())
+            .unwrap_or_default();
+        rarest
+            .iter()
+            .map(|&i| self.workloads[i])
+            .filter(move |(workload, _)| {
+                selector
+                    .iter()
+                    .all(|(k, v)| workload.labels.get(k).is_some_and(|l| l == v))
+            })
+    }
+}
+
 /// A ClusterIP Service with the ready pods it selects. `None` for Services
 /// without a virtual IP (headless, ExternalName, not yet allocated).
 pub fn service_of(
     service: &KubeService,
-    workloads: &[&Workload],
-    pods_by_uid: &HashMap<String, &Pod>,
+    candidates: &NamespaceWorkloads<'_>,
 ) -> Result<Option<Service>, String> {
     let meta = &service.metadata;
     let Some(spec) = service.spec.as_ref() else {
@@ -309,17 +400,7 @@ pub fn service_of(
 
     let mut endpoints = Vec::new();
     if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
-        for workload in workloads {
-            let selected = workload.namespace == namespace
-                && selector
-                    .iter()
-                    .all(|(k, v)| workload.labels.get(k).is_some_and(|l| l == v));
-            let Some(pod) = pods_by_uid.get(&workload.uid) else {
-                continue;
-            };
-            if !selected || !is_ready(pod) {
-                continue;
-            }
+        for (workload, pod) in candidates.select(selector) {
             let endpoint_ports = ports
                 .iter()
                 .filter_map(|p| {

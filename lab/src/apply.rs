@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -298,7 +299,7 @@ pub fn execute(state: &mut LabState, plan: Plan, env: &Env) -> Result<Report, Er
 
     for namespace in plan.namespaces {
         let name = namespace.metadata.name.clone().unwrap_or_default();
-        let version = manifests.write(state, Object::Namespace(Box::new(namespace)))?;
+        let version = manifests.write(state, Object::Namespace(Arc::new(namespace)))?;
         // Its pods' workloads change with it (mode, enrollment).
         expect.extend(
             state
@@ -317,7 +318,7 @@ pub fn execute(state: &mut LabState, plan: Plan, env: &Env) -> Result<Report, Er
         state.save()?;
         let version = manifests.write(
             state,
-            Object::Pod(Box::new(pods::manifest(state, pod, false)?)),
+            Object::Pod(Arc::new(pods::manifest(state, pod, false)?)),
         )?;
         expect.push(Expect::workload(&pod_uid(pod), version));
         report.changes.push(format!("pod {key} created"));
@@ -329,7 +330,7 @@ pub fn execute(state: &mut LabState, plan: Plan, env: &Env) -> Result<Report, Er
             pod.metadata.namespace.as_deref().unwrap_or(""),
             pod.metadata.name.as_deref().unwrap_or("")
         );
-        let version = manifests.write(state, Object::Pod(Box::new(pod)))?;
+        let version = manifests.write(state, Object::Pod(Arc::new(pod)))?;
         expect.push(Expect::workload(&uid, version));
         report.changes.push(format!("pod {key} configured"));
     }
@@ -344,7 +345,7 @@ pub fn execute(state: &mut LabState, plan: Plan, env: &Env) -> Result<Report, Er
             .as_ref()
             .and_then(|s| s.cluster_ip.clone())
             .unwrap_or_default();
-        let version = manifests.write(state, Object::Service(Box::new(service)))?;
+        let version = manifests.write(state, Object::Service(Arc::new(service)))?;
         expect.push(Expect::service(&key, version));
         report
             .changes
@@ -356,7 +357,7 @@ pub fn execute(state: &mut LabState, plan: Plan, env: &Env) -> Result<Report, Er
             policy.metadata.namespace.as_deref().unwrap_or(""),
             policy.metadata.name.as_deref().unwrap_or("")
         );
-        let version = manifests.write(state, Object::AuthorizationPolicy(Box::new(policy)))?;
+        let version = manifests.write(state, Object::AuthorizationPolicy(Arc::new(policy)))?;
         expect.push(Expect::policy(&key, version));
         report
             .changes
@@ -404,38 +405,38 @@ pub fn delete(state: &mut LabState, objects: &[Object], env: &Env) -> Result<Rep
                         .pods
                         .iter()
                         .filter(|(k, _)| in_namespace(k))
-                        .map(|(_, p)| Object::Pod(Box::new((**p).clone()))),
+                        .map(|(_, p)| Object::Pod(Arc::new((**p).clone()))),
                 );
                 targets.extend(
                     current
                         .services
                         .iter()
                         .filter(|(k, _)| in_namespace(k))
-                        .map(|(_, s)| Object::Service(Box::new((**s).clone()))),
+                        .map(|(_, s)| Object::Service(Arc::new((**s).clone()))),
                 );
                 targets.extend(
                     current
                         .policies
                         .iter()
                         .filter(|(k, _)| in_namespace(k))
-                        .map(|(_, p)| Object::AuthorizationPolicy(Box::new((**p).clone()))),
+                        .map(|(_, p)| Object::AuthorizationPolicy(Arc::new((**p).clone()))),
                 );
-                Object::Namespace(Box::new((**ns).clone()))
+                Object::Namespace(Arc::new((**ns).clone()))
             }
             Object::Pod(_) => current
                 .pods
                 .get(&split(&key))
-                .map(|p| Object::Pod(Box::new((**p).clone())))
+                .map(|p| Object::Pod(Arc::new((**p).clone())))
                 .ok_or_else(|| Error::Spec(format!("pod {key} not found")))?,
             Object::Service(_) => current
                 .services
                 .get(&split(&key))
-                .map(|s| Object::Service(Box::new((**s).clone())))
+                .map(|s| Object::Service(Arc::new((**s).clone())))
                 .ok_or_else(|| Error::Spec(format!("service {key} not found")))?,
             Object::AuthorizationPolicy(_) => current
                 .policies
                 .get(&split(&key))
-                .map(|p| Object::AuthorizationPolicy(Box::new((**p).clone())))
+                .map(|p| Object::AuthorizationPolicy(Arc::new((**p).clone())))
                 .ok_or_else(|| Error::Spec(format!("authorizationpolicy {key} not found")))?,
         };
         targets.push(found);
@@ -536,7 +537,7 @@ fn reconcile_capture(
             annotations.remove(REDIRECTION_ANNOTATION);
         }
         let uid = pod_uid(&pod);
-        let version = manifests.write(state, Object::Pod(Box::new(pod)))?;
+        let version = manifests.write(state, Object::Pod(Arc::new(pod)))?;
         expect.push(Expect::workload(&uid, version));
     }
     state.save()?;

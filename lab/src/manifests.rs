@@ -4,6 +4,7 @@
 //! ztunnels (they report the versions they hold).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kanava_control_plane::source::{ClusterObjects, Object, parse_manifests};
@@ -61,10 +62,10 @@ impl Manifests {
         meta_mut(&mut object).resource_version = Some(version.to_string());
         let path = self.path_of(&object);
         let yaml = match &object {
-            Object::Namespace(o) => serde_yaml::to_string(o),
-            Object::Pod(o) => serde_yaml::to_string(o),
-            Object::Service(o) => serde_yaml::to_string(o),
-            Object::AuthorizationPolicy(o) => serde_yaml::to_string(o),
+            Object::Namespace(o) => serde_yaml::to_string(o.as_ref()),
+            Object::Pod(o) => serde_yaml::to_string(o.as_ref()),
+            Object::Service(o) => serde_yaml::to_string(o.as_ref()),
+            Object::AuthorizationPolicy(o) => serde_yaml::to_string(o.as_ref()),
         }
         .map_err(|e| Error::Spec(format!("cannot write {}: {e}", object.describe())))?;
         write_atomically(&path, yaml.as_bytes())?;
@@ -111,10 +112,10 @@ pub fn meta(object: &Object) -> &ObjectMeta {
 
 pub fn meta_mut(object: &mut Object) -> &mut ObjectMeta {
     match object {
-        Object::Namespace(o) => &mut o.metadata,
-        Object::Pod(o) => &mut o.metadata,
-        Object::Service(o) => &mut o.metadata,
-        Object::AuthorizationPolicy(o) => &mut o.metadata,
+        Object::Namespace(o) => &mut Arc::make_mut(o).metadata,
+        Object::Pod(o) => &mut Arc::make_mut(o).metadata,
+        Object::Service(o) => &mut Arc::make_mut(o).metadata,
+        Object::AuthorizationPolicy(o) => &mut Arc::make_mut(o).metadata,
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -290,7 +291,7 @@ pub fn start(
         .get(&(pod.namespace.clone(), pod.name.clone()))
         .ok_or_else(|| Error::Spec(format!("{what} has no manifest")))?;
     let ready = manifest(state, stored, true)?;
-    Ok(Some(manifests.write(state, Object::Pod(Box::new(ready)))?))
+    Ok(Some(manifests.write(state, Object::Pod(Arc::new(ready)))?))
 }
 
 /// Ends a pod: its process, its capture, its network.

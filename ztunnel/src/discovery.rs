@@ -69,8 +69,38 @@ async fn session(
         .stream(control_plane.request(ReceiverStream::new(rx)))
         .await?
         .into_inner();
+    // Parts of a full snapshot received so far.
+    let mut parts: Option<pb::DiscoveryResponse> = None;
     while let Some(response) = responses.message().await? {
         backoff.reset();
+        let response = if response.full_snapshot {
+            let more = response.more;
+            let assembled = match parts.take() {
+                Some(mut so_far) if so_far.version_info == response.version_info => {
+                    so_far.resources.extend(response.resources);
+                    so_far.nonce = response.nonce;
+                    so_far
+                }
+                // A new snapshot starts; an unfinished one is dropped.
+                _ => response,
+            };
+            if more {
+                // Received; nothing is applied until the last part.
+                let ack = pb::DiscoveryRequest {
+                    response_nonce: assembled.nonce.clone(),
+                    version_info: store.version(),
+                    ..Default::default()
+                };
+                parts = Some(assembled);
+                if requests.send(ack).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            assembled
+        } else {
+            response
+        };
         let reply = match store.apply(&response) {
             Ok(()) => {
                 metrics

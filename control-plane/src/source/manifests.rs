@@ -14,11 +14,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher as _};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::{ClusterObjects, Object, ObjectId, parse_manifests};
 use crate::Error;
@@ -38,8 +37,12 @@ impl Drop for Watch {
     }
 }
 
-/// Reads `dir` now and after every change, publishing each view on `out`.
-pub fn watch(dir: PathBuf, out: watch::Sender<Arc<ClusterObjects>>) -> Result<Watch, Error> {
+/// Reads `dir` now and after every change, and hands each new view to
+/// `on_change` (on the watch's task; it should not block for long).
+pub fn watch<F>(dir: PathBuf, mut on_change: F) -> Result<Watch, Error>
+where
+    F: FnMut(&ClusterObjects) + Send + 'static,
+{
     let watch_error = |reason: String| Error::Watch {
         path: dir.clone(),
         reason,
@@ -47,6 +50,9 @@ pub fn watch(dir: PathBuf, out: watch::Sender<Arc<ClusterObjects>>) -> Result<Wa
     if !dir.is_dir() {
         return Err(watch_error("not a directory".into()));
     }
+    // Events name files by the watched path; reading by the same absolute,
+    // canonical path keeps one name per file.
+    let dir = std::fs::canonicalize(&dir).map_err(|e| watch_error(e.to_string()))?;
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let _ = events_tx.send(event);
@@ -58,8 +64,8 @@ pub fn watch(dir: PathBuf, out: watch::Sender<Arc<ClusterObjects>>) -> Result<Wa
 
     let mut reader = DirectoryReader::default();
     reader.read_all(&dir);
-    out.send_replace(reader.objects());
     let task = tokio::spawn(async move {
+        on_change(&reader.objects);
         while let Some(event) = events_rx.recv().await {
             let mut changed = BTreeSet::new();
             let mut rescan = false;
@@ -87,7 +93,7 @@ pub fn watch(dir: PathBuf, out: watch::Sender<Arc<ClusterObjects>>) -> Result<Wa
                 reader.update(changed)
             };
             if modified {
-                out.send_replace(reader.objects());
+                on_change(&reader.objects);
             }
         }
     });
@@ -108,8 +114,8 @@ pub struct DirectoryReader {
 
 impl DirectoryReader {
     /// The current view.
-    pub fn objects(&self) -> Arc<ClusterObjects> {
-        Arc::new(self.objects.clone())
+    pub fn objects(&self) -> &ClusterObjects {
+        &self.objects
     }
 
     /// Reads every file of `dir`. Returns whether anything changed.
@@ -302,12 +308,25 @@ mod tests {
         assert_eq!(node(&reader), "from-a");
     }
 
+    /// A watch whose views arrive on a channel.
+    fn watched(dir: &Path) -> (Watch, tokio::sync::watch::Receiver<ClusterObjects>) {
+        let (tx, rx) = tokio::sync::watch::channel(ClusterObjects::default());
+        let watch = watch(dir.to_path_buf(), move |objects| {
+            tx.send_replace(objects.clone());
+        })
+        .unwrap();
+        (watch, rx)
+    }
+
     #[tokio::test]
     async fn reading_files_does_not_trigger_reading_them_again() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("web.yaml"), POD).unwrap();
-        let (tx, mut rx) = watch::channel(Arc::new(ClusterObjects::default()));
-        let _watch = watch(dir.path().to_path_buf(), tx).unwrap();
+        let (_watch, mut rx) = watched(dir.path());
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
         rx.borrow_and_update();
         // Reading the file (as the reader itself does) must not publish.
         for _ in 0..5 {
@@ -320,8 +339,11 @@ mod tests {
     #[tokio::test]
     async fn publishes_changes() {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, mut rx) = watch::channel(Arc::new(ClusterObjects::default()));
-        let _watch = watch(dir.path().to_path_buf(), tx).unwrap();
+        let (_watch, mut rx) = watched(dir.path());
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(rx.borrow_and_update().pods.is_empty());
         let tmp = dir.path().join(".web.yaml");
         std::fs::write(&tmp, POD).unwrap();

@@ -37,10 +37,10 @@ pub struct ObjectId {
 /// One object read from a manifest.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    Service(Box<Service>),
-    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<Service>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
 }
 
 impl Object {
@@ -139,14 +139,14 @@ pub fn parse_manifests(text: &str) -> Result<(Vec<Object>, Vec<Other>), Manifest
         };
         let object = match kind.as_str() {
             "Namespace" => {
-                Object::Namespace(Box::new(serde_yaml::from_value(value).map_err(error)?))
+                Object::Namespace(Arc::new(serde_yaml::from_value(value).map_err(error)?))
             }
             "Pod" => {
                 let mut pod: Pod = serde_yaml::from_value(value).map_err(error)?;
                 pod.metadata
                     .namespace
                     .get_or_insert_with(|| "default".into());
-                Object::Pod(Box::new(pod))
+                Object::Pod(Arc::new(pod))
             }
             "Service" => {
                 let mut service: Service = serde_yaml::from_value(value).map_err(error)?;
@@ -154,7 +154,7 @@ pub fn parse_manifests(text: &str) -> Result<(Vec<Object>, Vec<Other>), Manifest
                     .metadata
                     .namespace
                     .get_or_insert_with(|| "default".into());
-                Object::Service(Box::new(service))
+                Object::Service(Arc::new(service))
             }
             "AuthorizationPolicy" => {
                 let api_version = value.get("apiVersion").and_then(serde_yaml::Value::as_str);
@@ -171,7 +171,7 @@ pub fn parse_manifests(text: &str) -> Result<(Vec<Object>, Vec<Other>), Manifest
                     .metadata
                     .namespace
                     .get_or_insert_with(|| "default".into());
-                Object::AuthorizationPolicy(Box::new(policy))
+                Object::AuthorizationPolicy(Arc::new(policy))
             }
             _ => {
                 others.push(Other {
@@ -195,19 +195,19 @@ impl ClusterObjects {
         let replaced = match object {
             Object::Namespace(ns) => {
                 let name = ns.metadata.name.clone().unwrap_or_default();
-                self.namespaces.insert(name, Arc::from(ns)).is_some()
+                self.namespaces.insert(name, ns).is_some()
             }
             Object::Pod(pod) => {
                 let key = key_of(&pod.metadata);
-                self.pods.insert(key, Arc::from(pod)).is_some()
+                self.pods.insert(key, pod).is_some()
             }
             Object::Service(svc) => {
                 let key = key_of(&svc.metadata);
-                self.services.insert(key, Arc::from(svc)).is_some()
+                self.services.insert(key, svc).is_some()
             }
             Object::AuthorizationPolicy(policy) => {
                 let key = key_of(&policy.metadata);
-                self.policies.insert(key, Arc::from(policy)).is_some()
+                self.policies.insert(key, policy).is_some()
             }
         };
         replaced.then_some(describe)

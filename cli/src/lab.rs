@@ -23,6 +23,10 @@ pub enum LabCommand {
         /// Number of nodes when the file has no `kind: Lab` document.
         #[arg(long, default_value_t = DEFAULT_NODES)]
         nodes: usize,
+        /// Log filter (RUST_LOG syntax) of the control plane and ztunnels,
+        /// e.g. `info,kanava_ztunnel::proxy=debug`.
+        #[arg(long, default_value = "info")]
+        log_filter: String,
     },
     /// Create or change objects (namespaces, pods, services, policies) in a
     /// running lab, as `kubectl apply` would. Returns once every ztunnel has
@@ -100,7 +104,12 @@ pub enum Output {
 
 pub fn run(command: LabCommand) -> anyhow::Result<i32> {
     match command {
-        LabCommand::Up { file, name, nodes } => up(&file, &name, nodes),
+        LabCommand::Up {
+            file,
+            name,
+            nodes,
+            log_filter,
+        } => up(&file, &name, nodes, &log_filter),
         LabCommand::Apply { lab, file } => change(lab, &file, kanava_lab::apply_manifests),
         LabCommand::Delete { lab, file } => change(lab, &file, kanava_lab::delete_manifests),
         LabCommand::Status { lab, output } => {
@@ -169,12 +178,13 @@ pub fn run(command: LabCommand) -> anyhow::Result<i32> {
     }
 }
 
-fn up(file: &PathBuf, name: &str, nodes: usize) -> anyhow::Result<i32> {
+fn up(file: &PathBuf, name: &str, nodes: usize, log_filter: &str) -> anyhow::Result<i32> {
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
     let spec = LabSpec::parse(&text, nodes).with_context(|| format!("{}", file.display()))?;
     let cancel = Arc::new(AtomicBool::new(false));
     let mut options = UpOptions::named(name);
     options.cancel = Some(cancel.clone());
+    options.log_filter = log_filter.to_string();
     options.progress = Some(Arc::new(|step: &str| eprintln!("  {step}")));
 
     eprintln!(

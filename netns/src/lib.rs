@@ -9,17 +9,18 @@
 //! - [`NetNs`]: a handle (an open file descriptor) to one namespace, with
 //!   [`NetNs::run`] to create things inside it and [`NetNs::enter_in_child`]
 //!   to start a command inside it.
-//! - [`NetNsExecutor`]: a dedicated thread that does the same for async code,
-//!   without ever moving a runtime worker thread between namespaces.
+//! - [`NetNsSwitch`]: the same from any thread, for a short synchronous
+//!   closure, returning to the process's namespace at once (what the proxy
+//!   uses per connection).
 //! - [`seqpacket`]: a Unix `SOCK_SEQPACKET` socket that carries file
 //!   descriptors, used to hand a pod's namespace to the ztunnel.
 
-mod executor;
 mod namespace;
 pub mod seqpacket;
+mod switch;
 
-pub use executor::NetNsExecutor;
 pub use namespace::NetNs;
+pub use switch::NetNsSwitch;
 
 /// What went wrong with a namespace operation.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +37,6 @@ pub enum Error {
     },
     #[error("thread inside network namespace {name} panicked")]
     Panicked { name: String },
-    #[error("network namespace executor has stopped")]
-    ExecutorGone,
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

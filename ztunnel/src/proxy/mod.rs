@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kanava_mesh::Identity;
-use kanava_netns::{NetNs, NetNsExecutor};
+use kanava_netns::{NetNs, NetNsSwitch};
 use kanava_tls::MeshRoots;
 use kanava_tls::rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
@@ -77,7 +77,7 @@ pub struct Proxy {
     pub workloads: Arc<WorkloadStore>,
     pub certs: Arc<CertManager>,
     pub pool: pool::Pool,
-    pub netns: NetNsExecutor,
+    pub netns: NetNsSwitch,
     pub roots: MeshRoots,
     pub metrics: Arc<Metrics>,
     /// Inbound connections in progress, re-judged on every policy change.
@@ -100,7 +100,7 @@ impl Proxy {
             ),
             handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes)),
             open: authz::OpenConnections::default(),
-            netns: NetNsExecutor::start()?,
+            netns: NetNsSwitch::new()?,
             config,
             workloads,
             certs,

@@ -323,7 +323,9 @@ async fn open_connection(
     cert: kanava_tls::WorkloadCert,
 ) -> Result<Connection, Error> {
     let timeout = proxy.config.connect_timeout;
+    let started = std::time::Instant::now();
     let tcp = socket::connect_in(&proxy.netns, &pod.netns, key.address, None, timeout).await?;
+    let connected = started.elapsed();
     let tls = kanava_tls::hbone_client_config(&cert, &proxy.roots, &key.destination)?;
     let server_name = ServerName::IpAddress(key.address.ip().into());
     let stream = tokio::time::timeout(timeout, TlsConnector::from(tls).connect(server_name, tcp))
@@ -342,6 +344,7 @@ async fn open_connection(
         .and_then(|leaf| kanava_tls::not_after_of(leaf).ok())
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let usable_until = peer_not_after.min(cert.not_after());
+    let secured = started.elapsed();
     let (sender, connection) = hbone::client_builder(&proxy.config)
         .handshake::<_, Bytes>(stream)
         .await?;
@@ -349,7 +352,15 @@ async fn open_connection(
     let metrics = proxy.metrics.clone();
     metrics.hbone_connections_opened.inc();
     metrics.hbone_connections_open.inc();
-    tracing::debug!(source = %key.source, destination = %key.destination, address = %key.address, "opened HBONE connection");
+    tracing::debug!(
+        source = %key.source,
+        destination = %key.destination,
+        address = %key.address,
+        ?connected,
+        ?secured,
+        total = ?started.elapsed(),
+        "opened HBONE connection"
+    );
     let driver_closed = closed.clone();
     let address = key.address;
     tokio::spawn(async move {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kanava_mesh::marks;
-use kanava_netns::{NetNs, NetNsExecutor};
+use kanava_netns::{NetNs, NetNsSwitch};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -57,15 +57,14 @@ const fn libc_eafnosupport() -> i32 {
 /// the destination sees the original client's IP; the reply routing the
 /// capture rules install brings the answers back to this socket.
 pub async fn connect_in(
-    executor: &NetNsExecutor,
+    switch: &NetNsSwitch,
     netns: &Arc<NetNs>,
     destination: SocketAddr,
     source: Option<IpAddr>,
     timeout: Duration,
 ) -> Result<TcpStream, Error> {
-    let socket = executor
-        .run(netns, move || new_socket(destination, source))
-        .await?
+    let socket = switch
+        .run(netns, || new_socket(destination, source))?
         .map_err(Error::io(format!("create socket for {destination}")))?;
     let socket = TcpSocket::from_std_stream(socket.into());
     let stream = tokio::time::timeout(timeout, socket.connect(destination))

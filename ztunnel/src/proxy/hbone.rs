@@ -66,7 +66,8 @@ where
     let mut sent = 0u64;
     let mut received = 0u64;
     let to_h2 = async {
-        let mut buffer = BytesMut::with_capacity(READ_CHUNK);
+        // Allocated at the first read: an idle connection holds no buffer.
+        let mut buffer = BytesMut::new();
         loop {
             buffer.reserve(READ_CHUNK);
             let read = tcp_read.read_buf(&mut buffer).await?;

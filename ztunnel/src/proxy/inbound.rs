@@ -188,13 +188,13 @@ async fn serve_stream(
         return;
     }
 
-    let upstream = socket::connect_in(
+    let upstream = Box::pin(socket::connect_in(
         &proxy.netns,
         &pod.netns,
         target,
         Some(peer.address.ip()),
         proxy.config.connect_timeout,
-    )
+    ))
     .await;
     let upstream = match upstream {
         Ok(upstream) => upstream,

@@ -74,10 +74,19 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream,
     }
 
     let upstream = if let Some(service) = proxy.workloads.find_service(destination.ip()) {
-        via_service(&proxy, &pod, &service, destination, &mut log).await
+        // Boxed: the set-up futures are large and over once connected; the
+        // task that lives as long as the connection should not carry them.
+        Box::pin(via_service(&proxy, &pod, &service, destination, &mut log)).await
     } else {
         let workload = proxy.workloads.find_by_ip(destination.ip());
-        connect_upstream(&proxy, &pod, destination, workload, &mut log).await
+        Box::pin(connect_upstream(
+            &proxy,
+            &pod,
+            destination,
+            workload,
+            &mut log,
+        ))
+        .await
     };
     match upstream {
         Ok(upstream) => {
@@ -254,7 +263,7 @@ async fn hbone_stream(
         timeout,
         proxy
             .pool
-            .checkout(&key, || open_connection(proxy, pod, &key, cert)),
+            .checkout(&key, || Box::pin(open_connection(proxy, pod, &key, cert))),
     )
     .await
     .map_err(|_| {

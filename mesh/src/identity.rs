@@ -1,5 +1,6 @@
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::Error;
 
@@ -10,9 +11,15 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 ///
 /// Constructing one validates every part, so holding an `Identity` means
 /// holding a well-formed SPIFFE ID that can be put into (and compared against)
-/// a certificate's URI SAN.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
+/// a certificate's URI SAN. Identities are shared, not copied: a clone (one
+/// per connection, several per log line) costs a reference count.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity(Arc<Parts>);
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
+    /// The whole URI, first so that identities order by it.
+    uri: String,
     trust_domain: String,
     namespace: String,
     service_account: String,
@@ -24,41 +31,60 @@ impl Identity {
         namespace: impl Into<String>,
         service_account: impl Into<String>,
     ) -> Result<Self, Error> {
-        let id = Identity {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        };
+        let (trust_domain, namespace, service_account) = (
+            trust_domain.into(),
+            namespace.into(),
+            service_account.into(),
+        );
+        let uri = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
         let invalid = |reason: String| Error::InvalidIdentity {
-            input: id.to_string(),
+            input: uri.clone(),
             reason,
         };
-        check_trust_domain(&id.trust_domain).map_err(invalid)?;
-        check_segment("namespace", &id.namespace).map_err(invalid)?;
-        check_segment("service account", &id.service_account).map_err(invalid)?;
-        Ok(id)
+        check_trust_domain(&trust_domain).map_err(invalid)?;
+        check_segment("namespace", &namespace).map_err(invalid)?;
+        check_segment("service account", &service_account).map_err(invalid)?;
+        Ok(Identity(Arc::new(Parts {
+            uri,
+            trust_domain,
+            namespace,
+            service_account,
+        })))
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
+    }
+
+    /// The SPIFFE ID, `spiffe://...`.
+    pub fn as_str(&self) -> &str {
+        &self.0.uri
+    }
+
+    /// The identity as authorization policies name it: the SPIFFE ID
+    /// without `spiffe://` (`cluster.local/ns/shop/sa/web`).
+    pub fn principal(&self) -> &str {
+        &self.0.uri["spiffe://".len()..]
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Identity").field(&self.0.uri).finish()
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.0.uri)
     }
 }
 

@@ -159,22 +159,6 @@ impl Decision {
     }
 }
 
-/// A principal string for matching: the SPIFFE ID without its scheme.
-struct Principal(String);
-
-impl Principal {
-    fn of(identity: Option<&Identity>) -> Option<Principal> {
-        identity.map(|id| {
-            Principal(format!(
-                "{}/ns/{}/sa/{}",
-                id.trust_domain(),
-                id.namespace(),
-                id.service_account()
-            ))
-        })
-    }
-}
-
 impl Source {
     fn names_identity(&self) -> bool {
         !(self.principals.is_empty()
@@ -183,16 +167,17 @@ impl Source {
             && self.not_namespaces.is_empty())
     }
 
-    fn matches(&self, connection: &Connection<'_>, principal: Option<&Principal>) -> bool {
+    fn matches(&self, connection: &Connection<'_>) -> bool {
         if self.names_identity() {
-            let (Some(identity), Some(principal)) = (connection.identity, principal) else {
+            let Some(identity) = connection.identity else {
                 return false;
             };
+            let principal = identity.principal();
             let any = |patterns: &[Pattern], value: &str| patterns.iter().any(|p| p.matches(value));
-            if !self.principals.is_empty() && !any(&self.principals, &principal.0) {
+            if !self.principals.is_empty() && !any(&self.principals, principal) {
                 return false;
             }
-            if any(&self.not_principals, &principal.0) {
+            if any(&self.not_principals, principal) {
                 return false;
             }
             if !self.namespaces.is_empty() && !any(&self.namespaces, identity.namespace()) {
@@ -217,8 +202,8 @@ impl Destination {
 }
 
 impl Rule {
-    fn matches(&self, connection: &Connection<'_>, principal: Option<&Principal>) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(connection, principal)))
+    fn matches(&self, connection: &Connection<'_>) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(connection)))
             && (self.to.is_empty()
                 || self
                     .to
@@ -247,10 +232,8 @@ impl Policy {
             })
     }
 
-    fn matches(&self, connection: &Connection<'_>, principal: Option<&Principal>) -> bool {
-        self.rules
-            .iter()
-            .any(|rule| rule.matches(connection, principal))
+    fn matches(&self, connection: &Connection<'_>) -> bool {
+        self.rules.iter().any(|rule| rule.matches(connection))
     }
 
     pub fn to_proto(&self) -> pb::Policy {
@@ -477,11 +460,10 @@ impl PolicySet {
             .iter()
             .chain(self.by_namespace.get(namespace).into_iter().flatten())
             .filter(|p| p.applies_to(namespace, labels));
-        let principal = Principal::of(connection.identity);
         let mut allows = Vec::new();
         for policy in applicable {
             match policy.action {
-                Action::Deny if policy.matches(connection, principal.as_ref()) => {
+                Action::Deny if policy.matches(connection) => {
                     return Decision::Deny {
                         policy: policy.key(),
                         reason: format!("denied by DENY policy {}", policy.key()),
@@ -491,11 +473,7 @@ impl PolicySet {
                 Action::Allow => allows.push(policy),
             }
         }
-        if allows.is_empty()
-            || allows
-                .iter()
-                .any(|p| p.matches(connection, principal.as_ref()))
-        {
+        if allows.is_empty() || allows.iter().any(|p| p.matches(connection)) {
             return Decision::Allow;
         }
         let names: Vec<String> = allows.iter().map(|p| p.key()).collect();

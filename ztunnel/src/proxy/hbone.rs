@@ -15,8 +15,11 @@ use crate::Config;
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
-/// Bytes read from a socket at a time.
-const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from a socket at a time: small for a quiet connection (an idle
+/// proxied connection should cost little memory), doubling while reads fill
+/// the buffer, up to the most worth reading at once in a bulk transfer.
+const FIRST_READ: usize = 4 * 1024;
+const LARGEST_READ: usize = 256 * 1024;
 
 pub fn client_builder(config: &Config) -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
@@ -66,11 +69,15 @@ where
     let mut sent = 0u64;
     let mut received = 0u64;
     let to_h2 = async {
-        // Allocated at the first read: an idle connection holds no buffer.
         let mut buffer = BytesMut::new();
+        let mut chunk_size = FIRST_READ;
         loop {
-            buffer.reserve(READ_CHUNK);
+            buffer.reserve(chunk_size);
+            let room = buffer.capacity() - buffer.len();
             let read = tcp_read.read_buf(&mut buffer).await?;
+            if read == room {
+                chunk_size = (chunk_size * 2).min(LARGEST_READ);
+            }
             if read == 0 {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
                 return Ok::<_, std::io::Error>(());

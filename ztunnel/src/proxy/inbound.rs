@@ -124,8 +124,11 @@ async fn serve_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
-    let target: Option<SocketAddr> = request
-        .uri()
+    // Only the method, target and body are needed; the headers need not live
+    // as long as the connection.
+    let (parts, body) = request.into_parts();
+    let target: Option<SocketAddr> = parts
+        .uri
         .authority()
         .and_then(|authority| authority.as_str().parse().ok())
         .map(socket::canonical);
@@ -140,13 +143,13 @@ async fn serve_stream(
         .source_identity(Some(peer.identity.clone()))
         .destination(Some(pod.display_name()), Some(pod.identity.clone()));
 
-    let refusal = if request.method() != Method::CONNECT {
-        Some(format!("method {} is not CONNECT", request.method()))
+    let refusal = if parts.method != Method::CONNECT {
+        Some(format!("method {} is not CONNECT", parts.method))
     } else {
         match target {
             None => Some(format!(
                 "authority {:?} is not IP:port",
-                request.uri().to_string()
+                parts.uri.to_string()
             )),
             Some(target) if !pod.owns(target.ip()) => Some(format!(
                 "target {} is not an address of pod {}",
@@ -156,6 +159,7 @@ async fn serve_stream(
             Some(_) => None,
         }
     };
+    drop(parts);
     let target = match (refusal, target) {
         (None, Some(target)) => target,
         (refusal, _) => {
@@ -231,7 +235,7 @@ async fn serve_stream(
     // Bytes are counted from the app's side here; the originator sent what
     // the app received.
     tokio::select! {
-        ((from_app, to_app), result) = hbone::bridge(read, write, send, request.into_body()) => match result {
+        ((from_app, to_app), result) = hbone::bridge(read, write, send, body) => match result {
             Ok(()) => log.finish(&proxy.metrics, Outcome::Success, (to_app, from_app), None),
             Err(error) => log.finish(&proxy.metrics, Outcome::Failed, (to_app, from_app), Some(&error.to_string())),
         },

@@ -122,8 +122,9 @@ fn policy_evaluation(c: &mut Criterion) {
     });
 }
 
-/// TCP → HTTP/2 stream → TCP through two bridges, in memory: the copy loop
-/// and HTTP/2 framing without TLS or the kernel.
+/// TCP → HTTP/2 stream → TCP through two bridges: the copy loop and HTTP/2
+/// framing without TLS; the app sockets are loopback TCP, the HTTP/2
+/// connection an in-memory pipe.
 fn copy_loop(c: &mut Criterion) {
     const SIZE: usize = 16 * 1024 * 1024;
     let config = kanava_ztunnel::Config::parse_from([
@@ -159,8 +160,8 @@ fn copy_loop(c: &mut Criterion) {
                             .send_response(http::Response::new(()), false)
                             .unwrap();
                         // The "app": reads everything, answers nothing.
-                        let (app, mut app_peer) = tokio::io::duplex(1024 * 1024);
-                        let (read, write) = tokio::io::split(app);
+                        let (app, mut app_peer) = tcp_pair().await;
+                        let (read, write) = app.into_split();
                         let reader = tokio::spawn(async move {
                             let mut sink = vec![0u8; 256 * 1024];
                             let mut total = 0;
@@ -193,8 +194,8 @@ fn copy_loop(c: &mut Criterion) {
                     .unwrap();
                 let (response, send) = sender.send_request(request, false).unwrap();
                 let response = response.await.unwrap();
-                let (client, mut client_peer) = tokio::io::duplex(1024 * 1024);
-                let (read, write) = tokio::io::split(client);
+                let (client, mut client_peer) = tcp_pair().await;
+                let (read, write) = client.into_split();
                 let writer = tokio::spawn({
                     let payload = payload.clone();
                     async move {
@@ -212,6 +213,16 @@ fn copy_loop(c: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// Two ends of a loopback TCP connection: the bridge reads from real
+/// sockets, as in the ztunnel.
+async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (connected, accepted) =
+        tokio::join!(tokio::net::TcpStream::connect(address), listener.accept());
+    (connected.unwrap(), accepted.unwrap().0)
 }
 
 criterion_group!(micro, workload_lookup, policy_evaluation, copy_loop);

@@ -8,7 +8,8 @@ use std::future::poll_fn;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 
 use crate::Config;
 
@@ -56,14 +57,13 @@ pub type Transferred = (u64, u64);
 /// gives backpressure both ways: nothing is read from TCP beyond what the
 /// peer's window admits, and window is returned to the peer only once its
 /// bytes are written to TCP.
-pub async fn bridge<R, W>(
-    mut tcp_read: R,
+pub async fn bridge<W>(
+    tcp_read: OwnedReadHalf,
     mut tcp_write: W,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
 ) -> (Transferred, std::io::Result<()>)
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut sent = 0u64;
@@ -72,9 +72,16 @@ where
         let mut buffer = BytesMut::new();
         let mut chunk_size = FIRST_READ;
         loop {
+            // Wait for data before taking a buffer: an idle connection (most
+            // of them, most of the time) then holds no memory for reading.
+            tcp_read.readable().await?;
             buffer.reserve(chunk_size);
             let room = buffer.capacity() - buffer.len();
-            let read = tcp_read.read_buf(&mut buffer).await?;
+            let read = match tcp_read.try_read_buf(&mut buffer) {
+                Ok(read) => read,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
             if read == room {
                 chunk_size = (chunk_size * 2).min(LARGEST_READ);
             }

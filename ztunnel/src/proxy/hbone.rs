@@ -79,7 +79,14 @@ where
             let room = buffer.capacity() - buffer.len();
             let read = match tcp_read.try_read_buf(&mut buffer) {
                 Ok(read) => read,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Readiness can be reported without data (a freshly
+                    // accepted socket often is): give the buffer back.
+                    if buffer.is_empty() {
+                        buffer = BytesMut::new();
+                    }
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             if read == room {

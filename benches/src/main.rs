@@ -4,6 +4,7 @@
 //! ```text
 //! kanava-bench                      # full run (several minutes), writes benches/
 //! kanava-bench --quick --output-dir /tmp/bench   # seconds; for CI
+//! kanava-bench --report-only        # RESULTS.md again from results.json + analysis.md
 //! ```
 //!
 //! Needs root (it builds a lab of network namespaces). Build the workspace
@@ -18,6 +19,7 @@ mod targets;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Parser;
 
 use crate::stats::Collector;
@@ -42,10 +44,25 @@ struct Args {
     /// Skip the control plane scenario.
     #[arg(long)]
     no_control_plane: bool,
+    /// Measure nothing: rewrite RESULTS.md from the results.json and
+    /// analysis.md already in the output directory (after editing the
+    /// analysis).
+    #[arg(long)]
+    report_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.report_only {
+        let path = args.output_dir.join("results.json");
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let results: report::Results =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        report::write(&results, &args.output_dir)?;
+        eprintln!("wrote {}", args.output_dir.join("RESULTS.md").display());
+        return Ok(());
+    }
     if !rustix::process::geteuid().is_root() {
         anyhow::bail!("kanava-bench needs root: it builds a lab of network namespaces");
     }

@@ -245,6 +245,35 @@ impl MeshBench {
                 collector.compare(scenario, metric, "us", Better::Lower, mode, value);
             }
         }
+        if mode == Mode::Mesh {
+            self.one_plaintext_hop(collector)?;
+        }
+        Ok(())
+    }
+
+    /// A reference for the latency the mesh adds: the enrolled client to the
+    /// server outside the mesh, which its ztunnel passes through in plain
+    /// TCP — one userspace proxy hop, no TLS, no HTTP/2. The mesh has two
+    /// such hops; what it adds beyond twice this is the cost of HBONE.
+    fn one_plaintext_hop(&self, collector: &mut Collector) -> anyhow::Result<()> {
+        let server = self.server(Mode::Direct, SERVER_PORT)?.to_string();
+        let count = self.settings.pingpong_count.to_string();
+        let result = self.run_json(
+            &Self::client(Mode::Mesh),
+            &["labapp", "pingpong", "--to", &server, "--count", &count],
+        )?;
+        for (metric, field) in [("p50", "p50_us"), ("p99", "p99_us")] {
+            let value = result[field]
+                .as_f64()
+                .with_context(|| format!("pingpong: no {field}"))?;
+            collector.measure(
+                "latency reference",
+                &format!("one plaintext proxy hop, back-to-back {metric}"),
+                "us",
+                Better::Lower,
+                value,
+            );
+        }
         Ok(())
     }
 

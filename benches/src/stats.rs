@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which side of a comparison a sample belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -23,7 +23,7 @@ impl Mode {
 }
 
 /// Which way is better.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Better {
     Higher,
@@ -31,14 +31,14 @@ pub enum Better {
 }
 
 /// A target from the benchmark's brief, checked against the results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
     /// E.g. `mesh/direct >= 0.45`.
     pub text: String,
     pub met: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stats {
     pub median: f64,
     pub min: f64,
@@ -69,7 +69,7 @@ impl Stats {
 }
 
 /// Direct and mesh side by side.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Comparison {
     pub scenario: String,
     pub metric: String,
@@ -86,7 +86,7 @@ pub struct Comparison {
 
 /// A number with no direct counterpart (memory of the proxy, control plane
 /// scale).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Measurement {
     pub scenario: String,
     pub metric: String,

@@ -2,7 +2,8 @@
 //!
 //! - finding the workload behind a destination IP among 100,000;
 //! - deciding a connection against 1,000 authorization policies;
-//! - the copy loop between a TCP stream and an HTTP/2 CONNECT stream.
+//! - the copy loop between a TCP stream and an HTTP/2 CONNECT stream;
+//! - the mutual TLS handshake of a new HBONE connection, CPU only.
 //!
 //! `cargo bench -p kanava-benches --bench micro`
 
@@ -225,5 +226,73 @@ async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
     (connected.unwrap(), accepted.unwrap().0)
 }
 
-criterion_group!(micro, workload_lookup, policy_evaluation, copy_loop);
+/// Both sides of an HBONE handshake (TLS 1.3, X25519MLKEM768, ECDSA P-256
+/// certificates both ways, SPIFFE checks), bytes passed in memory: the CPU
+/// a first connection costs, without the network's round trips.
+fn tls_handshake(c: &mut Criterion) {
+    use kanava_tls::rustls::{ClientConnection, ServerConnection};
+
+    kanava_tls::install_default_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca =
+        kanava_control_plane::ca::CertificateAuthority::load_or_create(dir.path(), "cluster.local")
+            .unwrap();
+    let roots = kanava_tls::MeshRoots::from_pem(ca.root_pem().as_bytes()).unwrap();
+    let workload_cert = |service_account: &str| {
+        let identity = Identity::new("cluster.local", "bench", service_account).unwrap();
+        let request = kanava_tls::CertificateRequest::generate(&identity).unwrap();
+        let issued = ca
+            .sign_workload(
+                request.csr_der(),
+                &identity,
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap();
+        request.into_cert(&issued.chain_pem).unwrap()
+    };
+    let (client_cert, server_cert) = (workload_cert("client"), workload_cert("server"));
+    let server_config = kanava_tls::hbone_server_config(
+        Arc::new(kanava_tls::SingleCert(server_cert.certified_key())),
+        &roots,
+    )
+    .unwrap();
+    let handshake = |client_config: Arc<kanava_tls::rustls::ClientConfig>| {
+        let name = kanava_tls::pki_types::ServerName::IpAddress(Ipv4Addr::new(10, 0, 0, 2).into());
+        let mut client = ClientConnection::new(client_config, name).unwrap();
+        let mut server = ServerConnection::new(server_config.clone()).unwrap();
+        let mut wire = Vec::with_capacity(16 * 1024);
+        while client.is_handshaking() || server.is_handshaking() {
+            wire.clear();
+            while client.wants_write() {
+                client.write_tls(&mut wire).unwrap();
+            }
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            wire.clear();
+            while server.wants_write() {
+                server.write_tls(&mut wire).unwrap();
+            }
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+        }
+    };
+    let expected = server_cert.identity().clone();
+    let client_config = kanava_tls::hbone_client_config(&client_cert, &roots, &expected).unwrap();
+    c.bench_function("HBONE mTLS handshake, both sides", |b| {
+        b.iter(|| handshake(client_config.clone()))
+    });
+    c.bench_function("HBONE client TLS configuration", |b| {
+        b.iter(|| {
+            kanava_tls::hbone_client_config(&client_cert, &roots, black_box(&expected)).unwrap()
+        })
+    });
+}
+
+criterion_group!(
+    micro,
+    workload_lookup,
+    policy_evaluation,
+    copy_loop,
+    tls_handshake
+);
 criterion_main!(micro);

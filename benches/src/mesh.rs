@@ -89,7 +89,41 @@ impl MeshBench {
         let spec = LabSpec::parse(&lab_file(), 2)?;
         let name = format!("bench{}", std::process::id());
         let lab = Lab::up(&spec, &UpOptions::named(name)).context("bring up the benchmark lab")?;
-        Ok(MeshBench { lab, settings })
+        let bench = MeshBench { lab, settings };
+        bench.widen_port_range()?;
+        Ok(bench)
+    }
+
+    /// Connection churn opens tens of thousands of connections in seconds,
+    /// and each leaves its client port in TIME_WAIT for a minute: with the
+    /// default 28,000 ephemeral ports the later runs measure port
+    /// exhaustion, not the mesh. In every benchmark pod (namespaces this lab
+    /// made; the server's ztunnel connects from inside the server pod with
+    /// the client's address) use all ports above 1023 and let a new
+    /// connection take over a port in TIME_WAIT, as busy clients do.
+    fn widen_port_range(&self) -> anyhow::Result<()> {
+        for mode in [Mode::Direct, Mode::Mesh] {
+            for pod in ["client", "server"] {
+                let pod = format!("{}/{pod}", mode.namespace());
+                let output = self.lab.exec(
+                    &pod,
+                    &[
+                        "sysctl",
+                        "-q",
+                        "-w",
+                        "net.ipv4.ip_local_port_range=1024 65535",
+                        "net.ipv4.tcp_tw_reuse=1",
+                    ],
+                )?;
+                if !output.status.success() {
+                    bail!(
+                        "sysctl in {pod}: {}",
+                        String::from_utf8_lossy(&output.stderr)
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     fn server(&self, mode: Mode, port: u16) -> anyhow::Result<SocketAddr> {

@@ -6,21 +6,17 @@
 
 use std::future::poll_fn;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 
+use super::chunks::ChunkReader;
 use crate::Config;
 
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
-/// Bytes read from a socket at a time: small for a quiet connection (an idle
-/// proxied connection should cost little memory), doubling while reads fill
-/// the buffer, up to the most worth reading at once in a bulk transfer.
-const FIRST_READ: usize = 4 * 1024;
-const LARGEST_READ: usize = 256 * 1024;
 
 pub fn client_builder(config: &Config) -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
@@ -58,7 +54,7 @@ pub type Transferred = (u64, u64);
 /// peer's window admits, and window is returned to the peer only once its
 /// bytes are written to TCP.
 pub async fn bridge<W>(
-    tcp_read: OwnedReadHalf,
+    mut tcp_read: OwnedReadHalf,
     mut tcp_write: W,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
@@ -69,35 +65,14 @@ where
     let mut sent = 0u64;
     let mut received = 0u64;
     let to_h2 = async {
-        let mut buffer = BytesMut::new();
-        let mut chunk_size = FIRST_READ;
+        let mut reader = ChunkReader::new();
         loop {
-            // Wait for data before taking a buffer: an idle connection (most
-            // of them, most of the time) then holds no memory for reading.
-            tcp_read.readable().await?;
-            buffer.reserve(chunk_size);
-            let room = buffer.capacity() - buffer.len();
-            let read = match tcp_read.try_read_buf(&mut buffer) {
-                Ok(read) => read,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Readiness can be reported without data (a freshly
-                    // accepted socket often is): give the buffer back.
-                    if buffer.is_empty() {
-                        buffer = BytesMut::new();
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if read == room {
-                chunk_size = (chunk_size * 2).min(LARGEST_READ);
-            }
-            if read == 0 {
+            let mut chunk = reader.next(&mut tcp_read).await?;
+            if chunk.is_empty() {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
                 return Ok::<_, std::io::Error>(());
             }
-            sent += read as u64;
-            let mut chunk = buffer.split().freeze();
+            sent += chunk.len() as u64;
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());
                 let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {

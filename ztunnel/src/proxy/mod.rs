@@ -13,6 +13,7 @@
 
 mod access_log;
 pub mod authz;
+mod chunks;
 pub mod hbone;
 mod inbound;
 mod outbound;
@@ -175,16 +176,6 @@ impl Proxy {
                 _ = stop.cancelled() => return,
             }
         }
-    }
-}
-
-/// Copies both ways between two TCP connections, passing half-closes on.
-/// Returns the bytes moved `(a → b, b → a)`.
-pub async fn copy_tcp(a: &mut TcpStream, b: &mut TcpStream) -> ((u64, u64), std::io::Result<()>) {
-    const BUFFER: usize = 64 * 1024;
-    match tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER, BUFFER).await {
-        Ok(bytes) => (bytes, Ok(())),
-        Err(error) => ((0, 0), Err(error)),
     }
 }
 

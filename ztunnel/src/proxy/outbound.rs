@@ -319,7 +319,7 @@ async fn relay(client: TcpStream, upstream: Upstream) -> ((u64, u64), std::io::R
         }
         Upstream::Tcp(mut tcp) => {
             let mut client = client;
-            super::copy_tcp(&mut client, &mut tcp).await
+            super::chunks::copy_tcp(&mut client, &mut tcp).await
         }
     }
 }

@@ -12,7 +12,8 @@ use kanava_mesh::policy::Decision;
 use tokio::net::TcpStream;
 
 use super::access_log::AccessLog;
-use super::{CapturedPod, Proxy, authz, copy_tcp, socket};
+use super::chunks::copy_tcp;
+use super::{CapturedPod, Proxy, authz, socket};
 use crate::metrics::{Direction, Outcome};
 
 pub async fn handle(

@@ -1,0 +1,185 @@
+//! Reading TCP connections chunk by chunk without holding memory while they
+//! are quiet, and the plain TCP-to-TCP copy built on it.
+//!
+//! Most proxied connections are idle most of the time. A copy loop that
+//! keeps a read buffer per direction (tokio's `copy_bidirectional` keeps two
+//! zeroed 8 KiB+ buffers for the connection's whole life) pays for it on
+//! every one of them; here a buffer is taken only once data is waiting and
+//! is gone again when the bytes have been passed on.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::task::Poll;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, ReadHalf};
+
+/// Bytes read at a time: small for a connection that trickles, doubling
+/// while reads fill the buffer, up to the most worth reading at once in a
+/// bulk transfer.
+const FIRST_READ: usize = 4 * 1024;
+const LARGEST_READ: usize = 256 * 1024;
+
+/// The reading side of a TCP connection, owned or borrowed.
+pub trait TcpRead: AsyncRead + Unpin {
+    /// Waits until the socket may have data or has been closed.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl TcpRead for OwnedReadHalf {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        OwnedReadHalf::readable(self)
+    }
+}
+
+impl TcpRead for ReadHalf<'_> {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        ReadHalf::readable(self)
+    }
+}
+
+/// Reads one connection chunk by chunk.
+pub struct ChunkReader {
+    size: usize,
+}
+
+impl ChunkReader {
+    pub fn new() -> Self {
+        ChunkReader { size: FIRST_READ }
+    }
+
+    /// The next bytes the peer sent; empty once it has finished sending.
+    pub async fn next(&mut self, from: &mut impl TcpRead) -> io::Result<Bytes> {
+        loop {
+            from.readable().await?;
+            let mut buffer = BytesMut::with_capacity(self.size);
+            // One attempt, through the runtime's read path: after a short
+            // read it knows the socket is drained, and the next wait costs
+            // no system call. Readiness can come without data (a freshly
+            // accepted socket often reports it); the buffer is then dropped
+            // before waiting again.
+            let Some(read) = poll_once(from.read_buf(&mut buffer)).await else {
+                continue;
+            };
+            if read? >= self.size {
+                self.size = (self.size * 2).min(LARGEST_READ);
+            }
+            return Ok(buffer.freeze());
+        }
+    }
+}
+
+/// Copies both ways between two TCP connections until both directions have
+/// ended, passing half-closes on. Returns the bytes moved `(a → b, b → a)`,
+/// counted also when the copy ends in an error.
+pub async fn copy_tcp(a: &mut TcpStream, b: &mut TcpStream) -> ((u64, u64), io::Result<()>) {
+    let (mut a_read, mut a_write) = a.split();
+    let (mut b_read, mut b_write) = b.split();
+    let (mut a_to_b, mut b_to_a) = (0, 0);
+    let result = tokio::try_join!(
+        copy_one_way(&mut a_read, &mut b_write, &mut a_to_b),
+        copy_one_way(&mut b_read, &mut a_write, &mut b_to_a),
+    )
+    .map(|_| ());
+    ((a_to_b, b_to_a), result)
+}
+
+async fn copy_one_way(
+    from: &mut impl TcpRead,
+    to: &mut (impl AsyncWrite + Unpin),
+    moved: &mut u64,
+) -> io::Result<()> {
+    let mut reader = ChunkReader::new();
+    loop {
+        let chunk = reader.next(from).await?;
+        if chunk.is_empty() {
+            return to.shutdown().await;
+        }
+        to.write_all(&chunk).await?;
+        *moved += chunk.len() as u64;
+    }
+}
+
+/// Polls `future` once: its output if it is ready, `None` if it would wait.
+async fn poll_once<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    poll_fn(|cx| match future.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::copy_tcp;
+
+    /// Both ends of a loopback TCP connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_passes_half_closes_on_and_counts_bytes() {
+        let (mut client, mut proxy_client_side) = pair().await;
+        let (mut proxy_server_side, mut server) = pair().await;
+        let proxy =
+            tokio::spawn(
+                async move { copy_tcp(&mut proxy_client_side, &mut proxy_server_side).await },
+            );
+        // More than the largest read, in a pattern that shows reordering.
+        let request: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let reply = b"thanks".repeat(1000);
+
+        let server_task = tokio::spawn({
+            let reply = reply.clone();
+            async move {
+                let mut received = Vec::new();
+                // Ends only when the client's half-close came through.
+                server.read_to_end(&mut received).await.unwrap();
+                server.write_all(&reply).await.unwrap();
+                server.shutdown().await.unwrap();
+                received
+            }
+        });
+        client.write_all(&request).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+
+        assert!(server_task.await.unwrap() == request);
+        assert_eq!(answer, reply);
+        let ((up, down), result) = proxy.await.unwrap();
+        result.unwrap();
+        assert_eq!((up, down), (request.len() as u64, reply.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_copies_nothing_until_data_comes() {
+        let (mut client, mut proxy_client_side) = pair().await;
+        let (mut proxy_server_side, mut server) = pair().await;
+        let proxy =
+            tokio::spawn(
+                async move { copy_tcp(&mut proxy_client_side, &mut proxy_server_side).await },
+            );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        client.write_all(b"late").await.unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"late");
+        drop(client);
+        drop(server);
+        let ((up, down), _) = proxy.await.unwrap();
+        assert_eq!((up, down), (4, 0));
+    }
+}

@@ -57,10 +57,15 @@ impl ChunkReader {
             let mut buffer = BytesMut::with_capacity(self.size);
             // One attempt, through the runtime's read path: after a short
             // read it knows the socket is drained, and the next wait costs
-            // no system call. Readiness can come without data (a freshly
-            // accepted socket often reports it); the buffer is then dropped
-            // before waiting again.
+            // no system call. It may not get anything: readiness can come
+            // without data (a freshly accepted socket often reports it), and
+            // a task that has used up its share of the runtime is told to
+            // wait. The buffer is dropped either way, and the task yields
+            // before trying again — without that, a spent share would spin
+            // here forever and starve every task on this thread.
             let Some(read) = poll_once(from.read_buf(&mut buffer)).await else {
+                drop(buffer);
+                tokio::task::yield_now().await;
                 continue;
             };
             if read? >= self.size {
@@ -119,7 +124,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::copy_tcp;
+    use super::{ChunkReader, copy_tcp};
 
     /// Both ends of a loopback TCP connection.
     async fn pair() -> (TcpStream, TcpStream) {
@@ -181,5 +186,42 @@ mod tests {
         drop(server);
         let ((up, down), _) = proxy.await.unwrap();
         assert_eq!((up, down), (4, 0));
+    }
+
+    /// A task that has used up its runtime budget is told to wait by the
+    /// read itself while the socket still says it has data. The reader must
+    /// yield then, not try again in the same poll forever (which froze a
+    /// whole ztunnel thread under a bulk transfer).
+    #[test]
+    fn a_reader_out_of_budget_yields_instead_of_spinning() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let chunk = runtime.block_on(async {
+                let (mut writer, reader_side) = pair().await;
+                writer.write_all(b"waiting").await.unwrap();
+                let (mut read, _write) = reader_side.into_split();
+                read.readable().await.unwrap();
+                // Spend this task's whole budget in the current poll.
+                std::future::poll_fn(|cx| {
+                    loop {
+                        match tokio::task::coop::poll_proceed(cx) {
+                            std::task::Poll::Ready(restore) => restore.made_progress(),
+                            std::task::Poll::Pending => return std::task::Poll::Ready(()),
+                        }
+                    }
+                })
+                .await;
+                ChunkReader::new().next(&mut read).await.unwrap()
+            });
+            let _ = done.send(chunk);
+        });
+        let chunk = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the reader never returned: it spins without yielding");
+        assert_eq!(&chunk[..], b"waiting");
     }
 }

@@ -134,14 +134,22 @@ mod tests {
         (connected.unwrap(), accepted.unwrap().0)
     }
 
-    #[tokio::test]
-    async fn copies_both_ways_passes_half_closes_on_and_counts_bytes() {
-        let (mut client, mut proxy_client_side) = pair().await;
-        let (mut proxy_server_side, mut server) = pair().await;
+    type Copy = tokio::task::JoinHandle<((u64, u64), std::io::Result<()>)>;
+
+    /// A client and a server connected through `copy_tcp`.
+    async fn proxied() -> (TcpStream, TcpStream, Copy) {
+        let (client, mut proxy_client_side) = pair().await;
+        let (mut proxy_server_side, server) = pair().await;
         let proxy =
             tokio::spawn(
                 async move { copy_tcp(&mut proxy_client_side, &mut proxy_server_side).await },
             );
+        (client, server, proxy)
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_passes_half_closes_on_and_counts_bytes() {
+        let (mut client, mut server, proxy) = proxied().await;
         // More than the largest read, in a pattern that shows reordering.
         let request: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
         let reply = b"thanks".repeat(1000);
@@ -171,12 +179,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_copies_nothing_until_data_comes() {
-        let (mut client, mut proxy_client_side) = pair().await;
-        let (mut proxy_server_side, mut server) = pair().await;
-        let proxy =
-            tokio::spawn(
-                async move { copy_tcp(&mut proxy_client_side, &mut proxy_server_side).await },
-            );
+        let (mut client, mut server, proxy) = proxied().await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         client.write_all(b"late").await.unwrap();
         let mut got = [0u8; 4];

@@ -1,7 +1,5 @@
 //! Numbers gathered by the benchmark, and what they add up to.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// Which side of a comparison a sample belongs to.
@@ -105,13 +103,39 @@ struct Series {
     mesh: Vec<f64>,
 }
 
-/// Collects samples as the scenarios run, in the order they were first seen.
+/// Collects samples as the scenarios run, in the order they were first seen
+/// (a few dozen series: a list is all it takes).
 #[derive(Default)]
 pub struct Collector {
-    order: Vec<Key>,
-    series: BTreeMap<Key, Series>,
-    single: Vec<Key>,
-    singles: BTreeMap<Key, Series>,
+    compared: Vec<(Key, Series)>,
+    measured: Vec<(Key, Series)>,
+}
+
+/// The series named `scenario`/`metric` in `list`, added if new.
+fn series<'a>(
+    list: &'a mut Vec<(Key, Series)>,
+    scenario: &str,
+    metric: &str,
+    unit: &str,
+    better: Better,
+) -> &'a mut Series {
+    let index = match list
+        .iter()
+        .position(|((s, m), _)| s == scenario && m == metric)
+    {
+        Some(index) => index,
+        None => {
+            let series = Series {
+                unit: unit.to_string(),
+                better,
+                direct: Vec::new(),
+                mesh: Vec::new(),
+            };
+            list.push(((scenario.to_string(), metric.to_string()), series));
+            list.len() - 1
+        }
+    };
+    &mut list[index].1
 }
 
 impl Collector {
@@ -125,16 +149,7 @@ impl Collector {
         mode: Mode,
         value: f64,
     ) {
-        let key = (scenario.to_string(), metric.to_string());
-        if !self.series.contains_key(&key) {
-            self.order.push(key.clone());
-        }
-        let series = self.series.entry(key).or_insert_with(|| Series {
-            unit: unit.to_string(),
-            better,
-            direct: Vec::new(),
-            mesh: Vec::new(),
-        });
+        let series = series(&mut self.compared, scenario, metric, unit, better);
         match mode {
             Mode::Direct => series.direct.push(value),
             Mode::Mesh => series.mesh.push(value),
@@ -150,27 +165,15 @@ impl Collector {
         better: Better,
         value: f64,
     ) {
-        let key = (scenario.to_string(), metric.to_string());
-        if !self.singles.contains_key(&key) {
-            self.single.push(key.clone());
-        }
-        self.singles
-            .entry(key)
-            .or_insert_with(|| Series {
-                unit: unit.to_string(),
-                better,
-                direct: Vec::new(),
-                mesh: Vec::new(),
-            })
+        series(&mut self.measured, scenario, metric, unit, better)
             .mesh
             .push(value);
     }
 
     pub fn comparisons(&self) -> Vec<Comparison> {
-        self.order
+        self.compared
             .iter()
-            .filter_map(|key| {
-                let series = &self.series[key];
+            .filter_map(|(key, series)| {
                 let direct = Stats::of(&series.direct)?;
                 let mesh = Stats::of(&series.mesh)?;
                 let ratio = if direct.median == 0.0 {
@@ -197,10 +200,9 @@ impl Collector {
     }
 
     pub fn measurements(&self) -> Vec<Measurement> {
-        self.single
+        self.measured
             .iter()
-            .filter_map(|key| {
-                let series = &self.singles[key];
+            .filter_map(|(key, series)| {
                 let stats = Stats::of(&series.mesh)?;
                 let mut measurement = Measurement {
                     scenario: key.0.clone(),

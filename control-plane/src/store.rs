@@ -48,22 +48,24 @@ impl Snapshot {
         self.encoded
             .get_or_init(|| {
                 let resources: Vec<&Arc<pb::Resource>> = self.resources.values().collect();
-                let parts = resources.chunks(SNAPSHOT_PART).count().max(1);
-                let mut chunks = resources.chunks(SNAPSHOT_PART);
-                (0..parts)
-                    .map(|part| {
+                let mut chunks: Vec<&[&Arc<pb::Resource>]> =
+                    resources.chunks(SNAPSHOT_PART).collect();
+                if chunks.is_empty() {
+                    // An empty mesh is still a snapshot: one part, no resources.
+                    chunks.push(&[]);
+                }
+                let last = chunks.len() - 1;
+                chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(part, chunk)| {
                         encode(&pb::DiscoveryResponse {
                             version_info: self.version.to_string(),
                             nonce: format!("{}-full-{part}", self.version),
                             full_snapshot: true,
-                            resources: chunks
-                                .next()
-                                .unwrap_or_default()
-                                .iter()
-                                .map(|r| (***r).clone())
-                                .collect(),
+                            resources: chunk.iter().map(|r| (***r).clone()).collect(),
                             removed: Vec::new(),
-                            more: part + 1 < parts,
+                            more: part < last,
                         })
                     })
                     .collect()

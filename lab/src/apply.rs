@@ -405,38 +405,38 @@ pub fn delete(state: &mut LabState, objects: &[Object], env: &Env) -> Result<Rep
                         .pods
                         .iter()
                         .filter(|(k, _)| in_namespace(k))
-                        .map(|(_, p)| Object::Pod(Arc::new((**p).clone()))),
+                        .map(|(_, p)| Object::Pod(p.clone())),
                 );
                 targets.extend(
                     current
                         .services
                         .iter()
                         .filter(|(k, _)| in_namespace(k))
-                        .map(|(_, s)| Object::Service(Arc::new((**s).clone()))),
+                        .map(|(_, s)| Object::Service(s.clone())),
                 );
                 targets.extend(
                     current
                         .policies
                         .iter()
                         .filter(|(k, _)| in_namespace(k))
-                        .map(|(_, p)| Object::AuthorizationPolicy(Arc::new((**p).clone()))),
+                        .map(|(_, p)| Object::AuthorizationPolicy(p.clone())),
                 );
-                Object::Namespace(Arc::new((**ns).clone()))
+                Object::Namespace(ns.clone())
             }
             Object::Pod(_) => current
                 .pods
                 .get(&split(&key))
-                .map(|p| Object::Pod(Arc::new((**p).clone())))
+                .map(|p| Object::Pod(p.clone()))
                 .ok_or_else(|| Error::Spec(format!("pod {key} not found")))?,
             Object::Service(_) => current
                 .services
                 .get(&split(&key))
-                .map(|s| Object::Service(Arc::new((**s).clone())))
+                .map(|s| Object::Service(s.clone()))
                 .ok_or_else(|| Error::Spec(format!("service {key} not found")))?,
             Object::AuthorizationPolicy(_) => current
                 .policies
                 .get(&split(&key))
-                .map(|p| Object::AuthorizationPolicy(Arc::new((**p).clone())))
+                .map(|p| Object::AuthorizationPolicy(p.clone()))
                 .ok_or_else(|| Error::Spec(format!("authorizationpolicy {key} not found")))?,
         };
         targets.push(found);

@@ -31,12 +31,21 @@ impl NetNsSwitch {
     /// Runs `f` inside `ns` on the calling thread.
     pub fn run<T>(&self, ns: &NetNs, f: impl FnOnce() -> T) -> Result<T, Error> {
         ns.enter_current_thread()?;
-        let result = f();
-        if let Err(error) = self.home.enter_current_thread() {
+        // Returns home when dropped: also if `f` panics, since the runtime
+        // catches a task's panic and goes on using the thread.
+        let _home = ReturnHome(&self.home);
+        Ok(f())
+    }
+}
+
+struct ReturnHome<'a>(&'a NetNs);
+
+impl Drop for ReturnHome<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.enter_current_thread() {
             eprintln!("FATAL: cannot return to the process's own network namespace: {error}");
             std::process::abort();
         }
-        Ok(result)
     }
 }
 
@@ -55,6 +64,18 @@ mod tests {
             .run(&elsewhere, || NetNs::current().unwrap().inode().unwrap())
             .unwrap();
         assert_eq!(inside, elsewhere.inode().unwrap());
+        assert_eq!(NetNs::current().unwrap().inode().unwrap(), home);
+    }
+
+    #[test]
+    fn returns_home_when_the_closure_panics() {
+        let home = NetNs::current().unwrap().inode().unwrap();
+        let switch = NetNsSwitch::new().unwrap();
+        let elsewhere = NetNs::current().unwrap();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            switch.run(&elsewhere, || panic!("inside"))
+        }));
+        assert!(outcome.is_err());
         assert_eq!(NetNs::current().unwrap().inode().unwrap(), home);
     }
 }

@@ -141,7 +141,8 @@ impl DirectoryReader {
             if !is_manifest_name(&path) {
                 continue;
             }
-            let new = if path.is_file() {
+            let exists = path.is_file();
+            let new = if exists {
                 match read_file(&path) {
                     Ok(objects) => objects,
                     Err(reason) => {
@@ -157,7 +158,7 @@ impl DirectoryReader {
             } else {
                 Vec::new()
             };
-            let old = if new.is_empty() && !path.is_file() {
+            let old = if !exists {
                 self.files.remove(&path)
             } else {
                 self.files.insert(path.clone(), new.clone())

@@ -203,8 +203,11 @@ fn churn(
         );
         return Ok(());
     }
-    let warmup = Duration::from_secs_f64(seconds / 10.0);
-    let measure = Duration::from_secs_f64(seconds);
+    let measure = Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow::anyhow!("--seconds must be a positive number, not {seconds}"))?;
+    let warmup = measure / 10;
     let start = Instant::now() + warmup;
     let end = start + measure;
     let workers: Vec<_> = (0..concurrency.max(1))

@@ -189,6 +189,28 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<Identity, Error> {
         .map_err(|e: kanava_mesh::Error| Error::NoIdentity(e.to_string()))
 }
 
+/// What the leaf certificate of a TLS peer proves, read once for both ends
+/// of an HBONE connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerCertificate {
+    pub identity: Identity,
+    /// End of its validity: no new stream may ride on it afterwards.
+    pub not_after: SystemTime,
+}
+
+/// The peer certificate of an established TLS connection. Fails when the
+/// peer presented none or one without a usable identity.
+pub fn peer_certificate(connection: &rustls::CommonState) -> Result<PeerCertificate, Error> {
+    let leaf = connection
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .ok_or_else(|| Error::NoIdentity("the peer presented no certificate".into()))?;
+    Ok(PeerCertificate {
+        identity: identity_of(leaf)?,
+        not_after: not_after_of(leaf)?,
+    })
+}
+
 /// End of a certificate's validity.
 pub fn not_after_of(cert: &CertificateDer<'_>) -> Result<SystemTime, Error> {
     Ok(validity_of(cert)?.1)

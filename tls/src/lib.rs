@@ -20,8 +20,8 @@ mod provider;
 mod verify;
 
 pub use certs::{
-    CertificateRequest, MeshRoots, WorkloadCert, identity_of, not_after_of, parse_pem_certs,
-    parse_pem_key,
+    CertificateRequest, MeshRoots, PeerCertificate, WorkloadCert, identity_of, not_after_of,
+    parse_pem_certs, parse_pem_key, peer_certificate,
 };
 pub use configs::{
     SingleCert, control_plane_client_config, control_plane_server_config, hbone_client_config,

@@ -112,11 +112,11 @@ fn config_dump(state: &State) -> serde_json::Value {
         .iter()
         .map(|pod| {
             serde_json::json!({
-                "uid": pod.uid,
-                "namespace": pod.namespace,
-                "name": pod.name,
-                "identity": pod.identity.to_string(),
-                "ips": pod.ips,
+                "uid": pod.info.uid,
+                "namespace": pod.info.namespace,
+                "name": pod.info.name,
+                "identity": pod.info.identity.to_string(),
+                "ips": pod.info.ips,
             })
         })
         .collect();

@@ -33,11 +33,8 @@ impl ControlPlane {
         ))?;
         let authorization = format!("Bearer {}", token.trim())
             .parse::<MetadataValue<Ascii>>()
-            .map_err(|_| {
-                Error::Config(format!(
-                    "node credential in {} is not printable ASCII",
-                    config.node_token_file.display()
-                ))
+            .map_err(|_| Error::NodeCredential {
+                path: config.node_token_file.clone(),
             })?;
         let channel = channel(
             &config.control_plane_address,
@@ -82,14 +79,22 @@ pub fn channel(
     roots: &MeshRoots,
     connect_timeout: Duration,
 ) -> Result<Channel, Error> {
-    let server_name = ServerName::try_from(server_name.to_string())
-        .map_err(|e| Error::Config(format!("control plane name {server_name:?}: {e}")))?;
+    let server_name =
+        ServerName::try_from(server_name.to_string()).map_err(|e| Error::ControlPlaneSetting {
+            what: "name",
+            value: server_name.to_string(),
+            reason: e.to_string(),
+        })?;
     let tls = TlsConnector::from(kanava_tls::control_plane_client_config(roots)?);
     let address = address.to_string();
     // The URI only labels the channel: the connector below decides where
     // to connect and wraps the connection in TLS itself.
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| Error::Config(format!("control plane address {address:?}: {e}")))?
+        .map_err(|e| Error::ControlPlaneSetting {
+            what: "address",
+            value: address.clone(),
+            reason: e.to_string(),
+        })?
         .connect_timeout(connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))

@@ -1,4 +1,13 @@
-/// Everything that can go wrong in the ztunnel.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kanava_mesh::ports;
+
+use crate::proxy::hbone::Refusal;
+
+/// Everything that can go wrong in the ztunnel. Each variant says what was
+/// being done, to what, and where a cause is likely, what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{context}: {source}")]
@@ -8,41 +17,127 @@ pub enum Error {
     },
     #[error("network namespace: {0}")]
     Netns(#[from] kanava_netns::Error),
-    #[error("capture rules: {0}")]
-    Capture(String),
+    #[error("capture rules: `{command}` in {netns} failed: {reason}")]
+    Capture {
+        command: String,
+        netns: String,
+        reason: String,
+    },
     #[error("TLS: {0}")]
     Tls(#[from] kanava_tls::Error),
-    #[error("TLS handshake with {peer}: {source}")]
+
+    // --- the data path ---
+    #[error("connecting to {destination} timed out after {after:?}{}", reachability_hint(*destination))]
+    ConnectTimeout {
+        destination: SocketAddr,
+        after: Duration,
+    },
+    #[error(
+        "TLS handshake with {peer} not finished after {after:?}; is port {} reachable between \
+         nodes, and does a ztunnel serve that pod?",
+        ports::HBONE
+    )]
+    HandshakeTimeout { peer: SocketAddr, after: Duration },
+    #[error("client {peer} did not finish its TLS handshake within {after:?}")]
+    ClientHandshakeTimeout { peer: SocketAddr, after: Duration },
+    #[error("TLS handshake with {peer} failed: {source}")]
     Handshake {
-        peer: std::net::SocketAddr,
+        peer: SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP/2: {0}")]
-    H2(#[from] h2::Error),
+    #[error("HBONE peer {peer} presented a certificate this ztunnel cannot use: {source}")]
+    PeerCertificate {
+        peer: SocketAddr,
+        source: kanava_tls::Error,
+    },
+    #[error(
+        "HBONE connection to {peer}: its certificate or ours had expired by the end of the \
+         handshake; are the clocks of the two nodes in step?"
+    )]
+    CertificateLapsed { peer: SocketAddr },
+    #[error(
+        "HBONE connection to {peer} was unusable as soon as it opened (it closed, or a certificate it was opened with expired); the peer's ztunnel log may say why"
+    )]
+    ClosedAtOnce { peer: SocketAddr },
+    #[error("HTTP/2 {stage} with {peer}: {source}")]
+    Http2 {
+        stage: &'static str,
+        peer: SocketAddr,
+        source: h2::Error,
+    },
+    #[error("{peer} sent no reply to CONNECT {target} within {after:?}")]
+    ConnectReplyTimeout {
+        peer: SocketAddr,
+        target: SocketAddr,
+        after: Duration,
+    },
+    #[error("{peer} refused CONNECT {target}: {refusal}")]
+    ConnectRefused {
+        peer: SocketAddr,
+        target: SocketAddr,
+        refusal: Refusal,
+    },
+    #[error("no certificate for {identity}: {reason}")]
+    NoCertificate { identity: String, reason: String },
+
+    // --- the control plane ---
     #[error("control plane: {0}")]
     ControlPlane(#[from] tonic::Status),
     #[error("control plane connection: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("no certificate for {identity}: {reason}")]
-    NoCertificate { identity: String, reason: String },
-    #[error("{peer} answered CONNECT with {status}")]
-    ConnectRefused {
-        peer: std::net::SocketAddr,
-        status: http::StatusCode,
+    #[error("control plane {what} {value:?} is not usable: {reason}")]
+    ControlPlaneSetting {
+        what: &'static str,
+        value: String,
+        reason: String,
     },
-    #[error("{0}")]
-    NoEndpoint(String),
-    #[error("timed out: {0}")]
-    Timeout(String),
-    #[error("handoff: {0}")]
-    Handoff(String),
-    #[error("configuration: {0}")]
-    Config(String),
+    #[error("node credential in {path} is not printable ASCII; is it the right file?")]
+    NodeCredential { path: PathBuf },
+
+    // --- handing pods over ---
+    #[error("handoff request is not a valid message (is the sender speaking kanava.v1?): {0}")]
+    HandoffDecode(#[from] prost::DecodeError),
+    #[error("handoff request without {0}")]
+    HandoffIncomplete(&'static str),
+    #[error("pod {pod} cannot be captured: {reason}")]
+    InvalidPod { pod: String, reason: String },
+    #[error("{task} did not finish: {source}")]
+    TaskFailed {
+        task: &'static str,
+        source: tokio::task::JoinError,
+    },
 }
 
 impl Error {
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
         move |source| Error::Io { context, source }
+    }
+
+    /// The destination refused the connection itself (nothing listens, or
+    /// its ztunnel answered 503): another endpoint may accept.
+    pub fn is_refused_by_destination(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => source.kind() == std::io::ErrorKind::ConnectionRefused,
+            Error::ConnectRefused { refusal, .. } => refusal.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// The destination refused on purpose (policy, bad request), as opposed
+    /// to: the connection could not be carried.
+    pub fn is_denial(&self) -> bool {
+        matches!(self, Error::ConnectRefused { refusal, .. } if refusal.is_denial())
+    }
+}
+
+fn reachability_hint(destination: SocketAddr) -> String {
+    if destination.port() == ports::HBONE {
+        format!(
+            "; is port {} reachable between nodes, and does a ztunnel serve that pod?",
+            ports::HBONE
+        )
+    } else {
+        String::new()
     }
 }

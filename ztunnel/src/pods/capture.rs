@@ -171,21 +171,22 @@ fn run(netns: &NetNs, program: &str, args: &[&str], stdin: Option<&str>) -> Resu
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     netns.enter_in_child(&mut command);
-    let describe = || format!("{program} {} in {}", args.join(" "), netns.name());
-    let mut child = command
-        .spawn()
-        .map_err(|e| Error::Capture(format!("{}: {e}", describe())))?;
+    let failed = |reason: String| Error::Capture {
+        command: format!("{program} {}", args.join(" ")),
+        netns: netns.name().to_string(),
+        reason,
+    };
+    let mut child = command.spawn().map_err(|e| failed(e.to_string()))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes())
-            .map_err(|e| Error::Capture(format!("{}: {e}", describe())))?;
+            .map_err(|e| failed(e.to_string()))?;
     }
     let output = child
         .wait_with_output()
-        .map_err(|e| Error::Capture(format!("{}: {e}", describe())))?;
+        .map_err(|e| failed(e.to_string()))?;
     if !output.status.success() {
-        return Err(Error::Capture(format!(
-            "{} failed ({}): {}",
-            describe(),
+        return Err(failed(format!(
+            "{}: {}",
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         )));

@@ -84,17 +84,16 @@ fn handle(
     registry: &PodRegistry,
     runtime: &Handle,
 ) -> Result<(), Error> {
-    let request = pb::HandoffRequest::decode(message)
-        .map_err(|e| Error::Handoff(format!("undecodable request: {e}")))?;
+    let request = pb::HandoffRequest::decode(message)?;
     match request.request {
         Some(pb::handoff_request::Request::Add(add)) => {
             let pod = add
                 .pod
-                .ok_or_else(|| Error::Handoff("add without pod".into()))?;
+                .ok_or(Error::HandoffIncomplete("a pod in its add"))?;
             let mut fds = fds.into_iter();
             let (Some(fd), None) = (fds.next(), fds.next()) else {
-                return Err(Error::Handoff(
-                    "add must carry exactly one descriptor: the pod's network namespace".into(),
+                return Err(Error::HandoffIncomplete(
+                    "exactly one descriptor, the pod's network namespace, in its add",
                 ));
             };
             let netns = NetNs::from_fd(fd, format!("pod {}/{}", pod.namespace, pod.name))?;
@@ -103,6 +102,6 @@ fn handle(
         Some(pb::handoff_request::Request::Delete(delete)) => {
             runtime.block_on(registry.remove(&delete.uid))
         }
-        None => Err(Error::Handoff("empty request".into())),
+        None => Err(Error::HandoffIncomplete("a request")),
     }
 }

@@ -19,7 +19,7 @@ use kanava_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::proxy::{CapturedPod, PodListeners, Proxy, socket};
+use crate::proxy::{CapturedPod, PodInfo, PodListeners, Proxy, socket};
 
 struct Entry {
     pod: Arc<CapturedPod>,
@@ -61,7 +61,10 @@ impl PodRegistry {
             listeners.map_err(Error::io("open listeners in the pod"))
         })
         .await
-        .map_err(|e| Error::Handoff(format!("setup task failed: {e}")))??;
+        .map_err(|source| Error::TaskFailed {
+            task: "setting up the pod's capture",
+            source,
+        })??;
 
         self.proxy.certs.track(&identity);
         let hbone_tls = match kanava_tls::hbone_server_config(
@@ -75,11 +78,13 @@ impl PodRegistry {
             }
         };
         let pod = Arc::new(CapturedPod {
-            uid: uid.clone(),
-            name: info.name.clone(),
-            namespace: info.namespace.clone(),
-            identity: identity.clone(),
-            ips,
+            info: PodInfo {
+                uid: uid.clone(),
+                name: info.name.clone(),
+                namespace: info.namespace.clone(),
+                identity: identity.clone(),
+                ips,
+            },
             netns,
             hbone_tls,
         });
@@ -96,7 +101,7 @@ impl PodRegistry {
             },
         );
         self.proxy.metrics.pods_captured.inc();
-        tracing::info!(pod = %pod.display_name(), %identity, ips = ?pod.ips, "pod captured");
+        tracing::info!(pod = %pod.info.display_name(), %identity, ips = ?pod.info.ips, "pod captured");
         Ok(())
     }
 
@@ -106,24 +111,27 @@ impl PodRegistry {
             return Ok(());
         };
         entry.stop.cancel();
-        self.proxy.certs.untrack(&entry.pod.identity);
+        self.proxy.certs.untrack(&entry.pod.info.identity);
         self.proxy.metrics.pods_captured.dec();
         let netns = entry.pod.netns.clone();
         let result = tokio::task::spawn_blocking(move || capture::remove(&netns))
             .await
-            .map_err(|e| Error::Handoff(format!("release task failed: {e}")))?;
+            .map_err(|source| Error::TaskFailed {
+                task: "releasing the pod's capture",
+                source,
+            })?;
         if let Err(error) = result {
             // The namespace may be gone with the pod; nothing is left to undo.
-            tracing::info!(pod = %entry.pod.display_name(), %error, "capture rules not removed");
+            tracing::info!(pod = %entry.pod.info.display_name(), %error, "capture rules not removed");
         }
-        tracing::info!(pod = %entry.pod.display_name(), "pod released");
+        tracing::info!(pod = %entry.pod.info.display_name(), "pod released");
         Ok(())
     }
 
     /// Every captured pod.
     pub fn list(&self) -> Vec<Arc<CapturedPod>> {
         let mut pods: Vec<_> = self.lock().values().map(|e| e.pod.clone()).collect();
-        pods.sort_by_key(|p| p.display_name());
+        pods.sort_by_key(|p| p.info.display_name());
         pods
     }
 
@@ -137,7 +145,10 @@ fn validate(
     info: &pb::PodInfo,
     trust_domain: &str,
 ) -> Result<(String, Identity, Vec<IpAddr>), Error> {
-    let bad = |reason: String| Error::Handoff(reason);
+    let bad = |reason: String| Error::InvalidPod {
+        pod: format!("{}/{} (uid {:?})", info.namespace, info.name, info.uid),
+        reason,
+    };
     if info.uid.is_empty() || info.name.is_empty() || info.namespace.is_empty() {
         return Err(bad("pod uid, name and namespace are required".into()));
     }
@@ -158,10 +169,7 @@ fn validate(
         })
         .collect::<Result<Vec<_>, _>>()?;
     if ips.is_empty() {
-        return Err(bad(format!(
-            "pod {}/{} has no IP",
-            info.namespace, info.name
-        )));
+        return Err(bad("it has no IP".into()));
     }
     Ok((info.uid.clone(), identity, ips))
 }

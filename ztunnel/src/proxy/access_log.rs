@@ -8,12 +8,68 @@
 //!   transport=hbone bytes_sent=78 bytes_received=512 duration_ms=3 outcome=success
 //! ```
 
+use std::fmt::Display;
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use kanava_mesh::Identity;
 
+use super::route::{Hop, Route};
 use crate::metrics::{BytesLabels, ConnectionLabels, Direction, Metrics, Outcome, Transport};
+
+/// Bytes a proxied connection carried, named by direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the connection's originator towards its destination
+    /// (`bytes_sent` in the access log).
+    pub to_destination: u64,
+    /// From the destination back to the originator (`bytes_received`).
+    pub to_source: u64,
+}
+
+/// How a proxied connection ended: what its access-log line says.
+#[derive(Debug)]
+pub struct Ending {
+    outcome: Outcome,
+    bytes: Transferred,
+    reason: Option<String>,
+}
+
+impl Ending {
+    /// Bytes flowed until both sides closed, or until an error cut them off.
+    pub fn carried(bytes: Transferred, result: std::io::Result<()>) -> Self {
+        match result {
+            Ok(()) => Ending {
+                outcome: Outcome::Success,
+                bytes,
+                reason: None,
+            },
+            Err(error) => Ending {
+                outcome: Outcome::Failed,
+                bytes,
+                reason: Some(error.to_string()),
+            },
+        }
+    }
+
+    /// Refused on purpose before any byte flowed.
+    pub fn denied(reason: impl Display) -> Self {
+        Ending::refused(Outcome::Denied, reason)
+    }
+
+    /// Could not be carried.
+    pub fn failed(reason: impl Display) -> Self {
+        Ending::refused(Outcome::Failed, reason)
+    }
+
+    pub fn refused(outcome: Outcome, reason: impl Display) -> Self {
+        Ending {
+            outcome,
+            bytes: Transferred::default(),
+            reason: Some(reason.to_string()),
+        }
+    }
+}
 
 pub struct AccessLog {
     direction: Direction,
@@ -70,15 +126,26 @@ impl AccessLog {
         self
     }
 
-    /// The Service the client addressed (by its virtual IP).
-    pub fn service(&mut self, service: String) -> &mut Self {
-        self.dst_service = Some(service);
+    /// What the routing decided: the Service the client addressed by its
+    /// virtual IP, or the one destination.
+    pub fn route(&mut self, route: &Route) -> &mut Self {
+        match route {
+            Route::Service { service, .. } => self.dst_service = Some(service.clone()),
+            Route::Direct(hop) => {
+                self.hop(hop);
+            }
+            Route::Refused(_) => {}
+        }
         self
     }
 
-    /// Where the connection was finally sent (a Service endpoint).
-    pub fn destination_addr(&mut self, addr: SocketAddr) -> &mut Self {
-        self.dst_addr = addr;
+    /// Where the connection is being sent (for a Service, the endpoint being
+    /// tried) and how.
+    pub fn hop(&mut self, hop: &Hop) -> &mut Self {
+        self.dst_addr = hop.address();
+        self.transport = hop.transport();
+        self.dst_workload = hop.workload().map(|w| w.display_name());
+        self.dst_identity = hop.expected_identity().cloned();
         self
     }
 
@@ -87,24 +154,25 @@ impl AccessLog {
         self
     }
 
-    /// Writes the line and counts the connection. `reason` says why it was
-    /// denied or failed.
-    pub fn finish(
-        self,
-        metrics: &Metrics,
-        outcome: Outcome,
-        bytes: (u64, u64),
-        reason: Option<&str>,
-    ) {
+    /// Writes the line and counts the connection.
+    pub fn finish(self, metrics: &Metrics, ending: Ending) {
+        let Ending {
+            outcome,
+            bytes,
+            reason,
+        } = ending;
         let labels = BytesLabels {
             direction: self.direction,
         };
         metrics.connections_open.get_or_create(&labels).dec();
-        metrics.bytes_sent.get_or_create(&labels).inc_by(bytes.0);
+        metrics
+            .bytes_sent
+            .get_or_create(&labels)
+            .inc_by(bytes.to_destination);
         metrics
             .bytes_received
             .get_or_create(&labels)
-            .inc_by(bytes.1);
+            .inc_by(bytes.to_source);
         metrics
             .connections
             .get_or_create(&ConnectionLabels {
@@ -126,11 +194,11 @@ impl AccessLog {
             dst.workload = self.dst_workload.as_deref().unwrap_or("-"),
             dst.identity = dst_identity.as_deref().unwrap_or("-"),
             transport = %self.transport,
-            bytes_sent = bytes.0,
-            bytes_received = bytes.1,
+            bytes_sent = bytes.to_destination,
+            bytes_received = bytes.to_source,
             duration_ms = self.started.elapsed().as_millis() as u64,
             outcome = %outcome,
-            reason = reason.unwrap_or("-"),
+            reason = reason.as_deref().unwrap_or("-"),
             "connection complete"
         );
     }

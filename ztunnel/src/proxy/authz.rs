@@ -11,14 +11,14 @@ use kanava_mesh::Identity;
 use kanava_mesh::policy::{Connection, Decision};
 use tokio_util::sync::CancellationToken;
 
-use super::CapturedPod;
+use super::{CapturedPod, PodInfo};
 use crate::workloads::WorkloadStore;
 
 /// Decides whether `identity` (`None`: plaintext) at `source_ip` may connect
 /// to `port` of `pod`.
 pub fn authorize(
     store: &WorkloadStore,
-    pod: &CapturedPod,
+    pod: &PodInfo,
     identity: Option<&Identity>,
     source_ip: IpAddr,
     port: u16,
@@ -111,14 +111,14 @@ impl OpenConnections {
             }
             let decision = authorize(
                 store,
-                &connection.pod,
+                &connection.pod.info,
                 connection.identity.as_ref(),
                 connection.source_ip,
                 connection.port,
             );
             if let Decision::Deny { policy, reason } = decision {
                 tracing::info!(
-                    pod = %connection.pod.display_name(),
+                    pod = %connection.pod.info.display_name(),
                     src.ip = %connection.source_ip,
                     src.identity = connection.identity.as_ref().map(ToString::to_string).as_deref().unwrap_or("-"),
                     port = connection.port,

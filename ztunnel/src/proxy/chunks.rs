@@ -16,6 +16,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, ReadHalf};
 
+use super::access_log::Transferred;
+
 /// Bytes read at a time: small for a connection that trickles, doubling
 /// while reads fill the buffer, up to the most worth reading at once in a
 /// bulk transfer.
@@ -76,19 +78,30 @@ impl ChunkReader {
     }
 }
 
-/// Copies both ways between two TCP connections until both directions have
-/// ended, passing half-closes on. Returns the bytes moved `(a → b, b → a)`,
-/// counted also when the copy ends in an error.
-pub async fn copy_tcp(a: &mut TcpStream, b: &mut TcpStream) -> ((u64, u64), io::Result<()>) {
-    let (mut a_read, mut a_write) = a.split();
-    let (mut b_read, mut b_write) = b.split();
-    let (mut a_to_b, mut b_to_a) = (0, 0);
+/// Copies both ways between the connection from a `source` and the one to
+/// its `destination` until both directions have ended, passing half-closes
+/// on. Returns the bytes moved, counted also when the copy ends in an error.
+pub async fn copy_tcp(
+    source: &mut TcpStream,
+    destination: &mut TcpStream,
+) -> (Transferred, io::Result<()>) {
+    let (mut source_read, mut source_write) = source.split();
+    let (mut destination_read, mut destination_write) = destination.split();
+    let mut bytes = Transferred::default();
     let result = tokio::try_join!(
-        copy_one_way(&mut a_read, &mut b_write, &mut a_to_b),
-        copy_one_way(&mut b_read, &mut a_write, &mut b_to_a),
+        copy_one_way(
+            &mut source_read,
+            &mut destination_write,
+            &mut bytes.to_destination
+        ),
+        copy_one_way(
+            &mut destination_read,
+            &mut source_write,
+            &mut bytes.to_source
+        ),
     )
     .map(|_| ());
-    ((a_to_b, b_to_a), result)
+    (bytes, result)
 }
 
 async fn copy_one_way(
@@ -124,7 +137,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::{ChunkReader, copy_tcp};
+    use super::{ChunkReader, Transferred, copy_tcp};
 
     /// Both ends of a loopback TCP connection.
     async fn pair() -> (TcpStream, TcpStream) {
@@ -134,7 +147,7 @@ mod tests {
         (connected.unwrap(), accepted.unwrap().0)
     }
 
-    type Copy = tokio::task::JoinHandle<((u64, u64), std::io::Result<()>)>;
+    type Copy = tokio::task::JoinHandle<(Transferred, std::io::Result<()>)>;
 
     /// A client and a server connected through `copy_tcp`.
     async fn proxied() -> (TcpStream, TcpStream, Copy) {
@@ -172,9 +185,15 @@ mod tests {
 
         assert!(server_task.await.unwrap() == request);
         assert_eq!(answer, reply);
-        let ((up, down), result) = proxy.await.unwrap();
+        let (bytes, result) = proxy.await.unwrap();
         result.unwrap();
-        assert_eq!((up, down), (request.len() as u64, reply.len() as u64));
+        assert_eq!(
+            bytes,
+            Transferred {
+                to_destination: request.len() as u64,
+                to_source: reply.len() as u64
+            }
+        );
     }
 
     #[tokio::test]
@@ -187,8 +206,14 @@ mod tests {
         assert_eq!(&got, b"late");
         drop(client);
         drop(server);
-        let ((up, down), _) = proxy.await.unwrap();
-        assert_eq!((up, down), (4, 0));
+        let (bytes, _) = proxy.await.unwrap();
+        assert_eq!(
+            bytes,
+            Transferred {
+                to_destination: 4,
+                to_source: 0
+            }
+        );
     }
 
     /// A task that has used up its runtime budget is told to wait by the

@@ -1,15 +1,12 @@
 //! Inbound HBONE (:15008): mutual TLS with the destination pod's identity,
 //! then one HTTP/2 `CONNECT` stream per proxied connection.
 //!
-//! | reply | when |
-//! | --- | --- |
-//! | 200 | connected to the app; bytes follow |
-//! | 400 | not a CONNECT, or the target is not this listener's pod |
-//! | 401 | refused by authorization policy, or the client certificate expired |
-//! | 503 | the app did not accept the connection |
-//!
-//! The connection to the app is made from inside the pod's namespace with
-//! the client pod's IP as source address, so the app sees its real peer.
+//! Each stream is first judged by [`decide`] (is the target this pod? is
+//! the client's certificate still valid? does policy allow it?); the
+//! verdict becomes the reply ([`hbone::Refusal`] maps to the status code) and
+//! the access-log line. The connection to the app is made from inside the
+//! pod's namespace with the client pod's IP as source address, so the app
+//! sees its real peer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,91 +15,67 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
-use kanava_mesh::Identity;
+use http::{Method, Request, Uri};
 use kanava_mesh::policy::Decision;
+use kanava_tls::PeerCertificate;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 
-use super::access_log::AccessLog;
-use super::{CapturedPod, HANDSHAKE_TIMEOUT, Proxy, authz, hbone, socket};
+use super::access_log::{AccessLog, Ending, Transferred};
+use super::hbone::{self, Refusal, server};
+use super::{CapturedPod, HANDSHAKE_TIMEOUT, PodInfo, Proxy, authz, socket};
 use crate::metrics::{Direction, Outcome, Transport};
+use crate::workloads::WorkloadStore;
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, peer: SocketAddr) {
     let Ok(permit) = proxy.handshakes.clone().try_acquire_owned() else {
-        tracing::warn!(pod = %pod.display_name(), %peer, "too many TLS handshakes in progress; refusing");
+        tracing::warn!(pod = %pod.info.display_name(), %peer, "too many TLS handshakes in progress; refusing");
         socket::reset(tcp);
         return;
     };
     // Our own certificate must exist before we can present it.
-    if let Err(error) = proxy.certs.get(&pod.identity, HANDSHAKE_TIMEOUT).await {
-        tracing::warn!(pod = %pod.display_name(), %peer, %error, "cannot accept HBONE");
+    if let Err(error) = proxy.certs.get(&pod.info.identity, HANDSHAKE_TIMEOUT).await {
+        tracing::warn!(pod = %pod.info.display_name(), %peer, %error, "cannot accept HBONE");
         socket::reset(tcp);
         return;
     }
-    let acceptor = TlsAcceptor::from(pod.hbone_tls.clone());
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            proxy.metrics.hbone_handshake_failures.inc();
-            tracing::info!(pod = %pod.display_name(), %peer, %error, "HBONE TLS handshake refused");
-            return;
-        }
-        Err(_) => {
-            proxy.metrics.hbone_handshake_failures.inc();
-            tracing::info!(pod = %pod.display_name(), %peer, "HBONE TLS handshake timed out");
-            return;
-        }
-    };
+    let accepted = server::accept(
+        &proxy.config,
+        pod.hbone_tls.clone(),
+        tcp,
+        peer,
+        HANDSHAKE_TIMEOUT,
+    )
+    .await;
     drop(permit);
-    let peer_leaf = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first());
-    let peer_not_after = peer_leaf
-        .and_then(|leaf| kanava_tls::not_after_of(leaf).ok())
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    let peer_identity = match peer_leaf.map(kanava_tls::identity_of) {
-        Some(Ok(identity)) => identity,
-        Some(Err(error)) => {
-            tracing::info!(pod = %pod.display_name(), %peer, %error, "client certificate names no identity");
-            return;
-        }
-        None => {
-            tracing::info!(pod = %pod.display_name(), %peer, "no client certificate");
+    let server::Accepted {
+        mut connection,
+        client,
+    } = match accepted {
+        Ok(accepted) => accepted,
+        Err(error) => {
+            proxy.metrics.hbone_handshake_failures.inc();
+            tracing::info!(pod = %pod.info.display_name(), %peer, %error, "HBONE connection refused");
             return;
         }
     };
     proxy.metrics.hbone_connections_accepted.inc();
-
-    let mut connection = match hbone::server_builder(&proxy.config)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
-        Ok(connection) => connection,
-        Err(error) => {
-            tracing::info!(pod = %pod.display_name(), %peer, %error, "HTTP/2 handshake failed");
-            return;
-        }
-    };
+    let client = Arc::new(Client {
+        address: peer,
+        certificate: client,
+    });
     while let Some(stream) = connection.accept().await {
         match stream {
             Ok((request, respond)) => {
                 tokio::spawn(serve_stream(
                     proxy.clone(),
                     pod.clone(),
-                    Peer {
-                        address: peer,
-                        identity: peer_identity.clone(),
-                        not_after: peer_not_after,
-                    },
+                    client.clone(),
                     request,
                     respond,
                 ));
             }
             Err(error) => {
-                tracing::debug!(pod = %pod.display_name(), %peer, %error, "HBONE connection ended");
+                tracing::debug!(pod = %pod.info.display_name(), %peer, %error, "HBONE connection ended");
                 break;
             }
         }
@@ -110,152 +83,274 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
 }
 
 /// The authenticated client of an HBONE connection.
-struct Peer {
-    address: SocketAddr,
-    identity: Identity,
-    /// End of validity of its certificate.
-    not_after: SystemTime,
+pub struct Client {
+    pub address: SocketAddr,
+    pub certificate: PeerCertificate,
+}
+
+/// Judges one `CONNECT` request to `pod`: the app address to connect to,
+/// or the refusal that answers it. Checked in this order: a well-formed
+/// `CONNECT` aimed at this pod (400), a client certificate still valid
+/// (401), authorization policy (401).
+pub fn decide(
+    store: &WorkloadStore,
+    pod: &PodInfo,
+    client: &Client,
+    method: &Method,
+    uri: &Uri,
+    now: SystemTime,
+) -> Result<SocketAddr, Refusal> {
+    let target = server::connect_target(method, uri)?;
+    if !pod.owns(target.ip()) {
+        return Err(Refusal::BadRequest(format!(
+            "target {} is not an address of pod {}",
+            target.ip(),
+            pod.display_name()
+        )));
+    }
+    if now >= client.certificate.not_after {
+        return Err(Refusal::Unauthorized("client certificate expired".into()));
+    }
+    match authz::authorize(
+        store,
+        pod,
+        Some(&client.certificate.identity),
+        client.address.ip(),
+        target.port(),
+    ) {
+        Decision::Allow => Ok(target),
+        Decision::Deny { reason, .. } => Err(Refusal::Unauthorized(reason)),
+    }
 }
 
 async fn serve_stream(
     proxy: Arc<Proxy>,
     pod: Arc<CapturedPod>,
-    peer: Peer,
+    client: Arc<Client>,
     request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
 ) {
     // Only the method, target and body are needed; the headers need not live
     // as long as the connection.
     let (parts, body) = request.into_parts();
-    let target: Option<SocketAddr> = parts
-        .uri
-        .authority()
-        .and_then(|authority| authority.as_str().parse().ok())
-        .map(socket::canonical);
     let mut log = AccessLog::start(
         &proxy.metrics,
         Direction::Inbound,
-        pod.display_name(),
-        peer.address,
-        target.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+        pod.info.display_name(),
+        client.address,
+        server::target_of(&parts.uri).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
     );
     log.transport(Transport::Hbone)
-        .source_identity(Some(peer.identity.clone()))
-        .destination(Some(pod.display_name()), Some(pod.identity.clone()));
-
-    let refusal = if parts.method != Method::CONNECT {
-        Some(format!("method {} is not CONNECT", parts.method))
-    } else {
-        match target {
-            None => Some(format!(
-                "authority {:?} is not IP:port",
-                parts.uri.to_string()
-            )),
-            Some(target) if !pod.owns(target.ip()) => Some(format!(
-                "target {} is not an address of pod {}",
-                target.ip(),
-                pod.display_name()
-            )),
-            Some(_) => None,
-        }
-    };
-    drop(parts);
-    let target = match (refusal, target) {
-        (None, Some(target)) => target,
-        (refusal, _) => {
-            let reason = refusal.unwrap_or_default();
-            reply(&mut respond, StatusCode::BAD_REQUEST);
-            log.finish(&proxy.metrics, Outcome::Denied, (0, 0), Some(&reason));
-            return;
-        }
-    };
-
-    if SystemTime::now() >= peer.not_after {
-        reply(&mut respond, StatusCode::UNAUTHORIZED);
-        log.finish(
-            &proxy.metrics,
-            Outcome::Denied,
-            (0, 0),
-            Some("client certificate expired"),
+        .source_identity(Some(client.certificate.identity.clone()))
+        .destination(
+            Some(pod.info.display_name()),
+            Some(pod.info.identity.clone()),
         );
-        return;
-    }
-    if let Decision::Deny { reason, .. } = authz::authorize(
+    let verdict = decide(
         &proxy.workloads,
-        &pod,
-        Some(&peer.identity),
-        peer.address.ip(),
-        target.port(),
-    ) {
-        reply(&mut respond, StatusCode::UNAUTHORIZED);
-        log.finish(&proxy.metrics, Outcome::Denied, (0, 0), Some(&reason));
-        return;
-    }
+        &pod.info,
+        &client,
+        &parts.method,
+        &parts.uri,
+        SystemTime::now(),
+    );
+    drop(parts);
+    let ending = match verdict {
+        Ok(target) => {
+            Box::pin(connect_and_bridge(
+                &proxy, &pod, &client, target, body, respond,
+            ))
+            .await
+        }
+        Err(refusal) => {
+            server::refuse(respond, &refusal);
+            refused(refusal)
+        }
+    };
+    log.finish(&proxy.metrics, ending);
+}
 
-    let upstream = Box::pin(socket::connect_in(
+/// Connects to the app and carries the stream's bytes to it, until both
+/// sides are done or a policy change refuses the connection.
+async fn connect_and_bridge(
+    proxy: &Proxy,
+    pod: &Arc<CapturedPod>,
+    client: &Client,
+    target: SocketAddr,
+    body: RecvStream,
+    respond: SendResponse<Bytes>,
+) -> Ending {
+    let upstream = socket::connect_in(
         &proxy.netns,
         &pod.netns,
         target,
-        Some(peer.address.ip()),
+        Some(client.address.ip()),
         proxy.config.connect_timeout,
-    ))
+    )
     .await;
     let upstream = match upstream {
         Ok(upstream) => upstream,
         Err(error) => {
-            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            log.finish(
-                &proxy.metrics,
-                Outcome::Failed,
-                (0, 0),
-                Some(&error.to_string()),
-            );
-            return;
+            let refusal = Refusal::NoUpstream(error.to_string());
+            server::refuse(respond, &refusal);
+            return refused(refusal);
         }
     };
-    let send = match respond.send_response(ok_response(), false) {
+    let send = match server::accept_stream(respond) {
         Ok(send) => send,
-        Err(error) => {
-            log.finish(
-                &proxy.metrics,
-                Outcome::Failed,
-                (0, 0),
-                Some(&error.to_string()),
-            );
-            return;
-        }
+        Err(error) => return Ending::failed(format!("the client reset the stream: {error}")),
     };
     let registration = proxy.open.register(
         pod.clone(),
-        Some(peer.identity.clone()),
-        peer.address.ip(),
+        Some(client.certificate.identity.clone()),
+        client.address.ip(),
         target.port(),
     );
     let (read, write) = upstream.into_split();
-    // Bytes are counted from the app's side here; the originator sent what
-    // the app received.
     tokio::select! {
-        ((from_app, to_app), result) = hbone::bridge(read, write, send, body) => match result {
-            Ok(()) => log.finish(&proxy.metrics, Outcome::Success, (to_app, from_app), None),
-            Err(error) => log.finish(&proxy.metrics, Outcome::Failed, (to_app, from_app), Some(&error.to_string())),
-        },
+        (copied, result) = hbone::bridge(read, write, send, body) => {
+            // The TCP side is the app, the destination.
+            let bytes = Transferred { to_destination: copied.to_tcp, to_source: copied.from_tcp };
+            Ending::carried(bytes, result)
+        }
         _ = registration.closed.cancelled() => {
             // Dropping the bridge resets the HTTP/2 stream and closes the
             // connection to the app.
-            log.finish(&proxy.metrics, Outcome::Denied, (0, 0), Some("closed: refused by a policy change"));
+            Ending::denied("closed: refused by a policy change")
         }
     }
 }
 
-fn ok_response() -> Response<()> {
-    let mut response = Response::new(());
-    *response.status_mut() = StatusCode::OK;
-    response
+/// The access-log ending of a refused stream.
+fn refused(refusal: Refusal) -> Ending {
+    let outcome = if refusal.is_denial() {
+        Outcome::Denied
+    } else {
+        Outcome::Failed
+    };
+    let reason = match refusal {
+        Refusal::BadRequest(reason)
+        | Refusal::Unauthorized(reason)
+        | Refusal::NoUpstream(reason) => reason,
+        Refusal::Other(status) => status.to_string(),
+    };
+    Ending::refused(outcome, reason)
 }
 
-fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    // Err only if the client already reset the stream.
-    let _ = respond.send_response(response, true);
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kanava_mesh::policy::{Action, Rule};
+
+    use super::*;
+    use crate::proxy::test_support::{identity, pod_info, policy, store, workload};
+
+    fn client(sa: &str, valid_for: Duration) -> Client {
+        Client {
+            address: "10.244.1.2:40000".parse().expect("address"),
+            certificate: PeerCertificate {
+                identity: identity("shop", sa),
+                not_after: SystemTime::now() + valid_for,
+            },
+        }
+    }
+
+    fn connect(target: &str) -> (Method, Uri) {
+        (Method::CONNECT, target.parse().expect("uri"))
+    }
+
+    #[test]
+    fn a_connect_to_this_pod_without_policies_is_admitted() {
+        let store = store(&[workload("web", "10.244.2.3")], &[], &[]);
+        let (method, uri) = connect("10.244.2.3:8080");
+        assert_eq!(
+            decide(
+                &store,
+                &pod_info("web", "10.244.2.3"),
+                &client("client", Duration::from_secs(60)),
+                &method,
+                &uri,
+                SystemTime::now()
+            ),
+            Ok("10.244.2.3:8080".parse().expect("address"))
+        );
+    }
+
+    #[test]
+    fn a_target_of_another_pod_is_a_bad_request() {
+        let store = store(&[], &[], &[]);
+        let (method, uri) = connect("10.244.2.4:8080");
+        let verdict = decide(
+            &store,
+            &pod_info("web", "10.244.2.3"),
+            &client("client", Duration::from_secs(60)),
+            &method,
+            &uri,
+            SystemTime::now(),
+        );
+        assert!(
+            matches!(&verdict, Err(Refusal::BadRequest(reason)) if reason.contains("10.244.2.4")),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn an_expired_client_certificate_is_unauthorized_even_without_policies() {
+        let store = store(&[], &[], &[]);
+        let (method, uri) = connect("10.244.2.3:8080");
+        let at = SystemTime::now() + Duration::from_secs(61);
+        assert_eq!(
+            decide(
+                &store,
+                &pod_info("web", "10.244.2.3"),
+                &client("client", Duration::from_secs(60)),
+                &method,
+                &uri,
+                at
+            ),
+            Err(Refusal::Unauthorized("client certificate expired".into()))
+        );
+    }
+
+    #[test]
+    fn policy_decides_with_the_certificate_identity() {
+        let allow_frontend = policy(
+            "shop",
+            "only-frontend",
+            Action::Allow,
+            vec![Rule {
+                from: vec![crate::proxy::test_support::from_principals(&[
+                    "cluster.local/ns/shop/sa/frontend",
+                ])],
+                to: vec![],
+            }],
+        );
+        let store = store(&[workload("web", "10.244.2.3")], &[], &[allow_frontend]);
+        let pod = pod_info("web", "10.244.2.3");
+        let (method, uri) = connect("10.244.2.3:8080");
+        let now = SystemTime::now();
+        let minute = Duration::from_secs(60);
+        assert!(
+            decide(
+                &store,
+                &pod,
+                &client("frontend", minute),
+                &method,
+                &uri,
+                now
+            )
+            .is_ok()
+        );
+        let verdict = decide(&store, &pod, &client("batch", minute), &method, &uri, now);
+        assert!(
+            matches!(&verdict, Err(Refusal::Unauthorized(reason)) if reason.contains("only-frontend")),
+            "{verdict:?}"
+        );
+        assert_eq!(
+            verdict.map_err(|r| r.status().as_u16()),
+            Err(401),
+            "a policy refusal is answered 401"
+        );
+    }
 }

@@ -10,16 +10,30 @@
 //! network namespace. A connection therefore arrives already knowing which
 //! pod it belongs to, and the proxy never has to trust a source address to
 //! decide whose identity to use.
+//!
+//! Every handler first decides, then acts: [`route`] (outbound),
+//! [`inbound::decide`] and [`plaintext::decide`] are pure functions of the
+//! mesh state, the pod and the connection; the handlers carry the verdict
+//! out and write one [`access_log`] line at one place.
+//!
+//! - [`outbound`], [`inbound`], [`plaintext`]: the three listeners' handlers;
+//! - [`hbone`]: the protocol (client, server, reply codes, byte bridge);
+//! - [`pool`]: outbound HBONE connections, shared by streams;
+//! - [`authz`]: policy at the destination, and re-judging open connections;
+//! - [`socket`], [`chunks`]: sockets inside pods, the plain TCP copy.
 
-mod access_log;
+pub mod access_log;
 pub mod authz;
 mod chunks;
 pub mod hbone;
-mod inbound;
-mod outbound;
-mod plaintext;
+pub mod inbound;
+pub mod outbound;
+pub mod plaintext;
 pub mod pool;
+pub mod route;
 pub mod socket;
+#[cfg(test)]
+mod test_support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -41,20 +55,27 @@ use crate::{Config, Error};
 /// Longest an inbound TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A pod whose traffic this ztunnel carries.
-#[derive(Debug)]
-pub struct CapturedPod {
+/// Who a captured pod is: all that routing and authorization decide on,
+/// and nothing to do I/O with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
     pub uid: String,
     pub name: String,
     pub namespace: String,
     pub identity: Identity,
     pub ips: Vec<IpAddr>,
+}
+
+/// A pod whose traffic this ztunnel carries.
+#[derive(Debug)]
+pub struct CapturedPod {
+    pub info: PodInfo,
     pub netns: Arc<NetNs>,
     /// TLS server configuration presenting this pod's identity on :15008.
     pub hbone_tls: Arc<ServerConfig>,
 }
 
-impl CapturedPod {
+impl PodInfo {
     pub fn display_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }

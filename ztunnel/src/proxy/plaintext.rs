@@ -1,62 +1,80 @@
 //! Inbound plaintext (:15006): a peer reached an enrolled pod without the
-//! mesh. In strict mode (the default) the connection is reset and the
-//! refusal logged. In permissive mode the peer is admitted as an
-//! unauthenticated client, subject to authorization, and connected to the
-//! app with its own address as source.
+//! mesh. [`decide`] judges it: in strict mode (the default) it is refused;
+//! in permissive mode the peer is admitted as an unauthenticated client,
+//! subject to authorization. A refused connection is reset; an admitted one
+//! is connected to the app with the peer's own address as source.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use kanava_mesh::MtlsMode;
 use kanava_mesh::policy::Decision;
 use tokio::net::TcpStream;
 
-use super::access_log::AccessLog;
+use super::access_log::{AccessLog, Ending};
 use super::chunks::copy_tcp;
-use super::{CapturedPod, Proxy, authz, socket};
-use crate::metrics::{Direction, Outcome};
+use super::{CapturedPod, PodInfo, Proxy, authz, socket};
+use crate::metrics::Direction;
+use crate::workloads::WorkloadStore;
 
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    pod: Arc<CapturedPod>,
-    mut client: TcpStream,
-    peer: SocketAddr,
-) {
+pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream, peer: SocketAddr) {
     let destination = socket::original_destination(&client)
         .or_else(|_| client.local_addr().map(socket::canonical))
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     let log = AccessLog::start(
         &proxy.metrics,
         Direction::Inbound,
-        pod.display_name(),
+        pod.info.display_name(),
         peer,
         destination,
     );
-    let mode = proxy
-        .workloads
+    let ending = match decide(&proxy.workloads, &pod.info, peer.ip(), destination) {
+        Err(reason) => {
+            socket::reset(client);
+            Ending::denied(reason)
+        }
+        Ok(()) => Box::pin(carry(&proxy, &pod, client, peer, destination)).await,
+    };
+    log.finish(&proxy.metrics, ending);
+}
+
+/// Judges a plaintext connection from `peer` to `destination` in `pod`: the
+/// reason it is refused, if it is.
+pub fn decide(
+    store: &WorkloadStore,
+    pod: &PodInfo,
+    peer: IpAddr,
+    destination: SocketAddr,
+) -> Result<(), String> {
+    let mode = store
         .find_by_uid(&pod.uid)
         .map(|w| w.mtls_mode)
         .unwrap_or_default();
-    let refusal = match mode {
+    match mode {
         MtlsMode::Strict => {
-            Some("plaintext connection to an enrolled pod; mutual TLS is required".to_string())
+            Err("plaintext connection to an enrolled pod; mutual TLS is required".into())
         }
-        MtlsMode::Permissive if !pod.owns(destination.ip()) => Some(format!(
+        MtlsMode::Permissive if !pod.owns(destination.ip()) => Err(format!(
             "plaintext connection for {destination}, which is not this pod's"
         )),
         MtlsMode::Permissive => {
-            match authz::authorize(&proxy.workloads, &pod, None, peer.ip(), destination.port()) {
-                Decision::Allow => None,
-                Decision::Deny { reason, .. } => Some(reason),
+            match authz::authorize(store, pod, None, peer, destination.port()) {
+                Decision::Allow => Ok(()),
+                Decision::Deny { reason, .. } => Err(reason),
             }
         }
-    };
-    if let Some(reason) = refusal {
-        socket::reset(client);
-        log.finish(&proxy.metrics, Outcome::Denied, (0, 0), Some(&reason));
-        return;
     }
+}
 
+/// Connects to the app as the peer and copies until both sides are done, or
+/// until a policy change refuses the connection.
+async fn carry(
+    proxy: &Proxy,
+    pod: &Arc<CapturedPod>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    destination: SocketAddr,
+) -> Ending {
     let upstream = socket::connect_in(
         &proxy.netns,
         &pod.netns,
@@ -69,26 +87,86 @@ pub async fn handle(
         Ok(upstream) => upstream,
         Err(error) => {
             socket::reset(client);
-            log.finish(
-                &proxy.metrics,
-                Outcome::Failed,
-                (0, 0),
-                Some(&error.to_string()),
-            );
-            return;
+            return Ending::failed(error);
         }
     };
     let registration = proxy
         .open
         .register(pod.clone(), None, peer.ip(), destination.port());
     tokio::select! {
-        (bytes, result) = copy_tcp(&mut client, &mut upstream) => match result {
-            Ok(()) => log.finish(&proxy.metrics, Outcome::Success, bytes, None),
-            Err(error) => log.finish(&proxy.metrics, Outcome::Failed, bytes, Some(&error.to_string())),
-        },
+        (bytes, result) = copy_tcp(&mut client, &mut upstream) => Ending::carried(bytes, result),
         _ = registration.closed.cancelled() => {
             socket::reset(client);
-            log.finish(&proxy.metrics, Outcome::Denied, (0, 0), Some("closed: refused by a policy change"));
+            Ending::denied("closed: refused by a policy change")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kanava_mesh::policy::{Action, Rule};
+
+    use super::*;
+    use crate::proxy::test_support::{pod_info, policy, store, workload};
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("IP")
+    }
+
+    fn to(text: &str) -> SocketAddr {
+        text.parse().expect("address")
+    }
+
+    #[test]
+    fn strict_pods_refuse_plaintext() {
+        let store = store(&[workload("web", "10.244.2.3")], &[], &[]);
+        let verdict = decide(
+            &store,
+            &pod_info("web", "10.244.2.3"),
+            ip("10.244.1.9"),
+            to("10.244.2.3:80"),
+        );
+        assert!(matches!(verdict, Err(reason) if reason.contains("mutual TLS is required")));
+    }
+
+    #[test]
+    fn a_pod_discovery_has_not_described_yet_is_strict() {
+        let store = store(&[], &[], &[]);
+        assert!(
+            decide(
+                &store,
+                &pod_info("web", "10.244.2.3"),
+                ip("10.244.1.9"),
+                to("10.244.2.3:80")
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn permissive_pods_admit_plaintext_subject_to_policy() {
+        let mut web = workload("web", "10.244.2.3");
+        web.mtls_mode = MtlsMode::Permissive;
+        let pod = pod_info("web", "10.244.2.3");
+        let open = store(std::slice::from_ref(&web), &[], &[]);
+        assert_eq!(
+            decide(&open, &pod, ip("10.244.1.9"), to("10.244.2.3:80")),
+            Ok(())
+        );
+        // Not for another address than the pod's own.
+        assert!(decide(&open, &pod, ip("10.244.1.9"), to("10.244.2.4:80")).is_err());
+        // An ALLOW naming principals never matches an unauthenticated peer.
+        let principals_only = policy(
+            "shop",
+            "mtls-clients",
+            Action::Allow,
+            vec![Rule {
+                from: vec![crate::proxy::test_support::from_principals(&["*"])],
+                to: vec![],
+            }],
+        );
+        let guarded = store(&[web], &[], &[principals_only]);
+        let verdict = decide(&guarded, &pod, ip("10.244.1.9"), to("10.244.2.3:80"));
+        assert!(matches!(verdict, Err(reason) if reason.contains("mtls-clients")));
     }
 }

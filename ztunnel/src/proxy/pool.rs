@@ -146,7 +146,7 @@ impl Pool {
         let connection = Arc::new(open().await?);
         let slot = connection
             .try_reserve(self.max_streams)
-            .ok_or_else(|| Error::Timeout("new HBONE connection closed at once".into()))?;
+            .ok_or(Error::ClosedAtOnce { peer: key.address })?;
         self.lock_connections()
             .entry(key.clone())
             .or_default()
@@ -209,5 +209,154 @@ impl Pool {
 
     fn lock_opening(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Opening>> {
         self.opening.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn key(address: &str) -> PoolKey {
+        let identity = |sa: &str| Identity::new("cluster.local", "shop", sa).expect("identity");
+        PoolKey {
+            source_pod: "client-uid".into(),
+            source: identity("client"),
+            destination: identity("web"),
+            address: address.parse().expect("address"),
+        }
+    }
+
+    /// A real HTTP/2 connection over an in-memory pipe, usable until
+    /// `usable_until`; the flag says when its driver ended.
+    async fn connection(usable_until: SystemTime) -> Result<Connection, Error> {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(mut server) = h2::server::handshake(server_io).await {
+                while server.accept().await.is_some() {}
+            }
+        });
+        let (sender, driver) = h2::client::handshake(client_io)
+            .await
+            .expect("HTTP/2 handshake over a pipe");
+        let closed = Arc::new(AtomicBool::new(false));
+        let driver_closed = closed.clone();
+        tokio::spawn(async move {
+            let _ = driver.await;
+            driver_closed.store(true, Ordering::Release);
+        });
+        Ok(Connection::new(sender, closed, usable_until))
+    }
+
+    fn in_an_hour() -> SystemTime {
+        SystemTime::now() + Duration::from_secs(3600)
+    }
+
+    #[tokio::test]
+    async fn a_burst_for_one_key_opens_one_connection() {
+        let pool = Arc::new(Pool::new(100, Duration::from_secs(300)));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let mut checkouts = Vec::new();
+        for _ in 0..50 {
+            let (pool, opened) = (pool.clone(), opened.clone());
+            checkouts.push(tokio::spawn(async move {
+                pool.checkout(&key("10.244.2.3:15008"), || async {
+                    opened.fetch_add(1, Ordering::SeqCst);
+                    // A slow handshake: everyone else arrives meanwhile.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    connection(in_an_hour()).await
+                })
+                .await
+            }));
+        }
+        let mut slots = Vec::new();
+        for checkout in checkouts {
+            slots.push(checkout.await.expect("task").expect("slot"));
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_connection_makes_room_with_a_new_one_and_keys_do_not_mix() {
+        let pool = Pool::new(2, Duration::from_secs(300));
+        let a = key("10.244.2.3:15008");
+        let mut slots = Vec::new();
+        for _ in 0..3 {
+            slots.push(
+                pool.checkout(&a, || connection(in_an_hour()))
+                    .await
+                    .expect("slot"),
+            );
+        }
+        assert_eq!(pool.len(), 2, "two streams per connection");
+        let b = key("10.244.2.4:15008");
+        let _other = pool
+            .checkout(&b, || connection(in_an_hour()))
+            .await
+            .expect("slot");
+        assert_eq!(pool.len(), 3, "another destination gets its own connection");
+        // A freed stream is reused instead of opening a connection.
+        drop(slots.pop());
+        let _again = pool
+            .checkout(&a, || async { panic!("should reuse the free stream") })
+            .await
+            .expect("slot");
+    }
+
+    #[tokio::test]
+    async fn no_stream_rides_on_a_lapsed_certificate() {
+        let pool = Pool::new(100, Duration::from_secs(300));
+        let k = key("10.244.2.3:15008");
+        let soon = SystemTime::now() + Duration::from_millis(100);
+        let first = pool.checkout(&k, || connection(soon)).await.expect("slot");
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let opened = AtomicUsize::new(0);
+        let _second = pool
+            .checkout(&k, || {
+                opened.fetch_add(1, Ordering::SeqCst);
+                connection(in_an_hour())
+            })
+            .await
+            .expect("slot");
+        assert_eq!(
+            opened.load(Ordering::SeqCst),
+            1,
+            "a new connection was opened"
+        );
+        assert_eq!(pool.len(), 1, "the lapsed one was dropped");
+    }
+
+    #[tokio::test]
+    async fn a_connection_lapsed_on_arrival_is_an_error_not_a_hang() {
+        let pool = Pool::new(100, Duration::from_secs(300));
+        let k = key("10.244.2.3:15008");
+        let result = pool
+            .checkout(&k, || connection(SystemTime::UNIX_EPOCH))
+            .await;
+        assert!(matches!(result, Err(Error::ClosedAtOnce { .. })));
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_evicted_busy_ones_kept() {
+        let pool = Pool::new(100, Duration::from_millis(50));
+        let busy = pool
+            .checkout(&key("10.244.2.3:15008"), || connection(in_an_hour()))
+            .await
+            .expect("slot");
+        let idle = pool
+            .checkout(&key("10.244.2.4:15008"), || connection(in_an_hour()))
+            .await
+            .expect("slot");
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(pool.evict_idle(), 1);
+        assert_eq!(pool.len(), 1);
+        drop(busy);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(pool.evict_idle(), 1);
+        assert!(pool.is_empty());
     }
 }

@@ -69,7 +69,10 @@ pub async fn connect_in(
     let socket = TcpSocket::from_std_stream(socket.into());
     let stream = tokio::time::timeout(timeout, socket.connect(destination))
         .await
-        .map_err(|_| Error::Timeout(format!("connect to {destination}")))?
+        .map_err(|_| Error::ConnectTimeout {
+            destination,
+            after: timeout,
+        })?
         .map_err(Error::io(format!("connect to {destination}")))?;
     Ok(stream)
 }

@@ -1,8 +1,4 @@
-//! HBONE on the wire: HTTP/2 over mutual TLS, one `CONNECT` stream per
-//! proxied TCP connection, bytes carried in DATA frames.
-//!
-//! Settings follow Istio's ztunnel so the two interoperate: 4 MiB stream
-//! window, 16 MiB connection window, 1 MiB frames.
+//! The byte bridge between a TCP connection and an HBONE stream.
 
 use std::future::poll_fn;
 
@@ -11,38 +7,18 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedReadHalf;
 
-use super::chunks::ChunkReader;
-use crate::Config;
+use crate::proxy::chunks::ChunkReader;
 
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-const MAX_FRAME: u32 = 1024 * 1024;
-
-pub fn client_builder(config: &Config) -> h2::client::Builder {
-    let mut builder = h2::client::Builder::new();
-    builder
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_header_list_size(config.max_header_list_bytes)
-        .max_concurrent_streams(config.max_streams_per_connection)
-        .enable_push(false);
-    builder
+/// Bytes a bridge moved, named from the TCP side. Which of them went to the
+/// destination depends on where the bridge stands: on the client's node the
+/// TCP side is the client, on the server's node it is the app.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// Read from the TCP connection and sent on the stream.
+    pub from_tcp: u64,
+    /// Received on the stream and written to the TCP connection.
+    pub to_tcp: u64,
 }
-
-pub fn server_builder(config: &Config) -> h2::server::Builder {
-    let mut builder = h2::server::Builder::new();
-    builder
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_header_list_size(config.max_header_list_bytes)
-        .max_concurrent_streams(config.max_streams_per_connection);
-    builder
-}
-
-/// Bytes moved: `(from the originator, back to the originator)`.
-pub type Transferred = (u64, u64);
 
 /// Copies between a TCP connection and an HTTP/2 stream until both
 /// directions have ended, and says how many bytes went each way (counted
@@ -58,7 +34,7 @@ pub async fn bridge<W>(
     mut tcp_write: W,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-) -> (Transferred, std::io::Result<()>)
+) -> (Copied, std::io::Result<()>)
 where
     W: AsyncWrite + Unpin,
 {
@@ -78,7 +54,11 @@ where
                 let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
                     Some(Ok(granted)) => granted,
                     Some(Err(e)) => return Err(h2_io(e)),
-                    None => return Err(std::io::Error::other("HTTP/2 stream closed by peer")),
+                    None => {
+                        return Err(std::io::Error::other(
+                            "the peer closed the HBONE stream while data was waiting to be sent",
+                        ));
+                    }
                 };
                 if granted == 0 {
                     continue;
@@ -104,15 +84,26 @@ where
     if result.is_err() {
         send.send_reset(h2::Reason::CANCEL);
     }
-    ((sent, received), result)
+    (
+        Copied {
+            from_tcp: sent,
+            to_tcp: received,
+        },
+        result,
+    )
 }
 
+/// An HTTP/2 error as an I/O error, keeping the socket's own error where
+/// there is one and saying which layer failed where there is not.
 fn h2_io(error: h2::Error) -> std::io::Error {
     if error.is_io() {
-        error
-            .into_io()
-            .unwrap_or_else(|| std::io::Error::other("HTTP/2 I/O error"))
+        match error.into_io() {
+            Some(io) => io,
+            None => std::io::Error::other("HBONE connection failed at the socket"),
+        }
+    } else if let Some(reason) = error.reason() {
+        std::io::Error::other(format!("HBONE stream reset by the peer ({reason})"))
     } else {
-        std::io::Error::other(error)
+        std::io::Error::other(format!("HBONE stream: {error}"))
     }
 }

@@ -1,0 +1,114 @@
+//! The server half: accept an HBONE connection on a pod's :15008, then read
+//! each `CONNECT` request and answer it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::SendStream;
+use h2::server::{Connection, SendResponse};
+use http::{Method, Response, Uri};
+use kanava_tls::PeerCertificate;
+use kanava_tls::rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use super::Refusal;
+use crate::{Config, Error};
+
+/// An accepted HBONE connection, with the client it authenticated.
+pub struct Accepted {
+    pub connection: Connection<TlsStream<TcpStream>, Bytes>,
+    pub client: PeerCertificate,
+}
+
+/// Completes TLS (presenting the pod's certificate, demanding the client's)
+/// and the HTTP/2 preface on a connection accepted on :15008.
+pub async fn accept(
+    config: &Config,
+    tls: Arc<ServerConfig>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    handshake_timeout: Duration,
+) -> Result<Accepted, Error> {
+    let tls = tokio::time::timeout(handshake_timeout, TlsAcceptor::from(tls).accept(tcp))
+        .await
+        .map_err(|_| Error::ClientHandshakeTimeout {
+            peer,
+            after: handshake_timeout,
+        })?
+        .map_err(|source| Error::Handshake { peer, source })?;
+    let client = kanava_tls::peer_certificate(tls.get_ref().1)
+        .map_err(|source| Error::PeerCertificate { peer, source })?;
+    let connection = super::server_builder(config)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|source| Error::Http2 {
+            stage: "handshake",
+            peer,
+            source,
+        })?;
+    Ok(Accepted { connection, client })
+}
+
+/// Reads what a request asks for: the `IP:port` it wants to reach, or the
+/// [`Refusal::BadRequest`] that answers it.
+pub fn connect_target(method: &Method, uri: &Uri) -> Result<SocketAddr, Refusal> {
+    if method != Method::CONNECT {
+        return Err(Refusal::BadRequest(format!(
+            "method {method} is not CONNECT"
+        )));
+    }
+    target_of(uri).ok_or_else(|| {
+        Refusal::BadRequest(format!("authority {:?} is not IP:port", uri.to_string()))
+    })
+}
+
+/// The `IP:port` in a request's authority (IPv4-mapped IPv6 made IPv4).
+pub fn target_of(uri: &Uri) -> Option<SocketAddr> {
+    uri.authority()
+        .and_then(|authority| authority.as_str().parse().ok())
+        .map(crate::proxy::socket::canonical)
+}
+
+/// Answers 200: bytes may flow.
+pub fn accept_stream(mut respond: SendResponse<Bytes>) -> Result<SendStream<Bytes>, h2::Error> {
+    respond.send_response(Response::new(()), false)
+}
+
+/// Answers with the refusal's status code and ends the stream.
+pub fn refuse(mut respond: SendResponse<Bytes>, refusal: &Refusal) {
+    let mut response = Response::new(());
+    *response.status_mut() = refusal.status();
+    // Err only if the client already reset the stream.
+    let _ = respond.send_response(response, true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_connect_to_an_address_is_understood() {
+        let uri = |text: &str| text.parse::<Uri>().expect("uri");
+        assert_eq!(
+            connect_target(&Method::CONNECT, &uri("10.0.0.1:80")),
+            Ok("10.0.0.1:80".parse().expect("address"))
+        );
+        assert_eq!(
+            connect_target(&Method::CONNECT, &uri("[::ffff:10.0.0.1]:80")),
+            Ok("10.0.0.1:80".parse().expect("address")),
+            "IPv4-mapped targets are the IPv4 address"
+        );
+        assert!(matches!(
+            connect_target(&Method::GET, &uri("10.0.0.1:80")),
+            Err(Refusal::BadRequest(reason)) if reason.contains("GET")
+        ));
+        assert!(matches!(
+            connect_target(&Method::CONNECT, &uri("web.shop:80")),
+            Err(Refusal::BadRequest(reason)) if reason.contains("web.shop")
+        ));
+    }
+}

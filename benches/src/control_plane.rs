@@ -16,6 +16,7 @@ use kanava_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::goals;
 use crate::procfs;
 use crate::stats::{Better, Collector};
 
@@ -196,6 +197,7 @@ pub async fn run(
         "full snapshot to every stream",
         "ms",
         Better::Lower,
+        Some(goals::SNAPSHOT_TO_EVERY_STREAM),
         all.as_secs_f64() * 1000.0,
     );
 
@@ -231,6 +233,7 @@ pub async fn run(
         "one pod change to every stream p50",
         "ms",
         Better::Lower,
+        None,
         at(0.5),
     );
     collector.measure(
@@ -238,10 +241,18 @@ pub async fn run(
         "one pod change to every stream p99",
         "ms",
         Better::Lower,
+        Some(goals::POD_CHANGE_TO_EVERY_STREAM_P99),
         at(0.99),
     );
     if let Some(rss) = procfs::rss_mib(pid) {
-        collector.measure("control plane", "RSS", "MiB", Better::Lower, rss);
+        collector.measure(
+            "control plane",
+            "RSS",
+            "MiB",
+            Better::Lower,
+            Some(goals::CONTROL_PLANE_RSS),
+            rss,
+        );
     }
     if let Some(cpu) = procfs::cpu_seconds(pid) {
         collector.measure(
@@ -249,6 +260,7 @@ pub async fn run(
             "CPU during the run",
             "s",
             Better::Lower,
+            None,
             cpu - cpu_start,
         );
     }

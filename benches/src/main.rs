@@ -11,11 +11,11 @@
 //! in release mode first: the binaries it starts are taken from beside it.
 
 mod control_plane;
+mod goals;
 mod mesh;
 mod procfs;
 mod report;
 mod stats;
-mod targets;
 
 use std::path::PathBuf;
 

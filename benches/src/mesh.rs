@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use kanava_lab::{Lab, LabSpec, UpOptions};
 use serde_json::Value;
 
+use crate::goals;
 use crate::procfs;
 use crate::stats::{Better, Collector, Mode};
 
@@ -172,7 +173,14 @@ impl MeshBench {
         std::thread::sleep(Duration::from_secs(1));
         for pid in self.ztunnel_pids() {
             if let Some(rss) = procfs::rss_mib(pid) {
-                collector.measure("proxy cost", "ztunnel RSS idle", "MiB", Better::Lower, rss);
+                collector.measure(
+                    "proxy cost",
+                    "ztunnel RSS idle",
+                    "MiB",
+                    Better::Lower,
+                    Some(goals::ZTUNNEL_IDLE_RSS),
+                    rss,
+                );
             }
         }
         // Before any churn: thousands of connections in TIME_WAIT would use
@@ -203,7 +211,10 @@ impl MeshBench {
         let server = self.server(mode, IPERF_PORT)?;
         let host = server.ip().to_string();
         let seconds = self.settings.throughput_seconds.to_string();
-        for (metric, streams) in [("1 stream", "1"), ("8 streams", "8")] {
+        for (metric, streams, goal) in [
+            ("1 stream", "1", goals::SINGLE_STREAM_THROUGHPUT),
+            ("8 streams", "8", goals::EIGHT_STREAM_THROUGHPUT),
+        ] {
             let cpu_before: f64 = self
                 .ztunnel_pids()
                 .iter()
@@ -231,6 +242,7 @@ impl MeshBench {
                 metric,
                 "Gbit/s",
                 Better::Higher,
+                Some(goal),
                 mode,
                 bits / 1e9,
             );
@@ -242,6 +254,7 @@ impl MeshBench {
                         &format!("ztunnel CPU per GiB ({metric})"),
                         "CPU s/GiB",
                         Better::Lower,
+                        None,
                         (cpu_after - cpu_before) / gib,
                     );
                 }
@@ -276,7 +289,12 @@ impl MeshBench {
                 let value = result[field]
                     .as_f64()
                     .with_context(|| format!("pingpong: no {field}"))?;
-                collector.compare(scenario, metric, "us", Better::Lower, mode, value);
+                let goal = match (scenario, metric) {
+                    ("latency back-to-back", "p50") => Some(goals::ADDED_LATENCY_P50),
+                    ("latency back-to-back", "p99") => Some(goals::ADDED_LATENCY_P99),
+                    _ => None,
+                };
+                collector.compare(scenario, metric, "us", Better::Lower, goal, mode, value);
             }
         }
         if mode == Mode::Mesh {
@@ -305,6 +323,7 @@ impl MeshBench {
                 &format!("one plaintext proxy hop, back-to-back {metric}"),
                 "us",
                 Better::Lower,
+                None,
                 value,
             );
         }
@@ -336,6 +355,7 @@ impl MeshBench {
                 metric,
                 "conn/s",
                 Better::Higher,
+                Some(goals::CONNECTION_CHURN),
                 mode,
                 rate,
             );
@@ -374,6 +394,7 @@ impl MeshBench {
             "connect + 1 KiB round trip",
             "us",
             Better::Lower,
+            Some(goals::FIRST_CONNECTION),
             mode,
             micros,
         );
@@ -415,6 +436,7 @@ impl MeshBench {
                 &format!("{side} ztunnel RSS with {count} idle connections"),
                 "MiB",
                 Better::Lower,
+                None,
                 *a,
             );
             collector.measure(
@@ -422,6 +444,7 @@ impl MeshBench {
                 &format!("memory per idle connection, {side} ztunnel"),
                 "KiB",
                 Better::Lower,
+                Some(goals::MEMORY_PER_IDLE_CONNECTION),
                 (a - b) * 1024.0 / count as f64,
             );
         }

@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::goals::Target;
+use crate::goals::{ComparisonGoal, MeasurementGoal};
+
 /// Which side of a comparison a sample belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Mode {
@@ -26,14 +29,6 @@ impl Mode {
 pub enum Better {
     Higher,
     Lower,
-}
-
-/// A target from the benchmark's brief, checked against the results.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Target {
-    /// E.g. `mesh/direct >= 0.45`.
-    pub text: String,
-    pub met: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -96,9 +91,10 @@ pub struct Measurement {
 
 type Key = (String, String);
 
-struct Series {
+struct Series<G> {
     unit: String,
     better: Better,
+    goal: Option<G>,
     direct: Vec<f64>,
     mesh: Vec<f64>,
 }
@@ -107,18 +103,19 @@ struct Series {
 /// (a few dozen series: a list is all it takes).
 #[derive(Default)]
 pub struct Collector {
-    compared: Vec<(Key, Series)>,
-    measured: Vec<(Key, Series)>,
+    compared: Vec<(Key, Series<ComparisonGoal>)>,
+    measured: Vec<(Key, Series<MeasurementGoal>)>,
 }
 
 /// The series named `scenario`/`metric` in `list`, added if new.
-fn series<'a>(
-    list: &'a mut Vec<(Key, Series)>,
+fn series<'a, G>(
+    list: &'a mut Vec<(Key, Series<G>)>,
     scenario: &str,
     metric: &str,
     unit: &str,
     better: Better,
-) -> &'a mut Series {
+    goal: Option<G>,
+) -> &'a mut Series<G> {
     let index = match list
         .iter()
         .position(|((s, m), _)| s == scenario && m == metric)
@@ -128,6 +125,7 @@ fn series<'a>(
             let series = Series {
                 unit: unit.to_string(),
                 better,
+                goal,
                 direct: Vec::new(),
                 mesh: Vec::new(),
             };
@@ -139,33 +137,36 @@ fn series<'a>(
 }
 
 impl Collector {
-    /// A sample of a direct-versus-mesh metric.
+    /// A sample of a direct-versus-mesh metric, held to `goal` if it has one.
+    #[allow(clippy::too_many_arguments)]
     pub fn compare(
         &mut self,
         scenario: &str,
         metric: &str,
         unit: &str,
         better: Better,
+        goal: Option<ComparisonGoal>,
         mode: Mode,
         value: f64,
     ) {
-        let series = series(&mut self.compared, scenario, metric, unit, better);
+        let series = series(&mut self.compared, scenario, metric, unit, better, goal);
         match mode {
             Mode::Direct => series.direct.push(value),
             Mode::Mesh => series.mesh.push(value),
         }
     }
 
-    /// A sample of a mesh-only metric.
+    /// A sample of a mesh-only metric, held to `goal` if it has one.
     pub fn measure(
         &mut self,
         scenario: &str,
         metric: &str,
         unit: &str,
         better: Better,
+        goal: Option<MeasurementGoal>,
         value: f64,
     ) {
-        series(&mut self.measured, scenario, metric, unit, better)
+        series(&mut self.measured, scenario, metric, unit, better, goal)
             .mesh
             .push(value);
     }
@@ -182,7 +183,10 @@ impl Collector {
                     mesh.median / direct.median
                 };
                 let added = mesh.median - direct.median;
-                let mut comparison = Comparison {
+                let target = series
+                    .goal
+                    .map(|goal| goal.check(&series.unit, direct.median, mesh.median));
+                Some(Comparison {
                     scenario: key.0.clone(),
                     metric: key.1.clone(),
                     unit: series.unit.clone(),
@@ -191,10 +195,8 @@ impl Collector {
                     mesh,
                     ratio,
                     added,
-                    target: None,
-                };
-                comparison.target = crate::targets::for_comparison(&comparison);
-                Some(comparison)
+                    target,
+                })
             })
             .collect()
     }
@@ -204,16 +206,17 @@ impl Collector {
             .iter()
             .filter_map(|(key, series)| {
                 let stats = Stats::of(&series.mesh)?;
-                let mut measurement = Measurement {
+                let target = series
+                    .goal
+                    .map(|goal| goal.check(&series.unit, stats.median));
+                Some(Measurement {
                     scenario: key.0.clone(),
                     metric: key.1.clone(),
                     unit: series.unit.clone(),
                     better: series.better,
                     stats,
-                    target: None,
-                };
-                measurement.target = crate::targets::for_measurement(&measurement);
-                Some(measurement)
+                    target,
+                })
             })
             .collect()
     }
@@ -240,6 +243,7 @@ mod tests {
                 "single stream",
                 "Gbit/s",
                 Better::Higher,
+                Some(crate::goals::SINGLE_STREAM_THROUGHPUT),
                 mode,
                 value,
             );
@@ -247,5 +251,9 @@ mod tests {
         let comparison = &collector.comparisons()[0];
         assert_eq!(comparison.ratio, 5.0 / 11.0);
         assert_eq!(comparison.added, -6.0);
+        // The goal rides with the metric, whatever it is called.
+        let target = comparison.target.as_ref().expect("goal attached");
+        assert_eq!(target.text, "mesh/direct >= 0.45");
+        assert!(target.met);
     }
 }

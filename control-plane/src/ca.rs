@@ -30,9 +30,9 @@ use rcgen::{
 use crate::Error;
 
 /// File name of the root certificate inside the CA directory.
-pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+pub const ROOT_CERT_FILE: &str = kanava_mesh::names::CA_ROOT_CERT_FILE;
 /// File name of the root private key inside the CA directory.
-pub const ROOT_KEY_FILE: &str = "root-key.pem";
+pub const ROOT_KEY_FILE: &str = kanava_mesh::names::CA_ROOT_KEY_FILE;
 
 /// Lifetime of a generated root.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);

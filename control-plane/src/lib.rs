@@ -2,17 +2,17 @@
 //!
 //! ```text
 //!  source ──► translate ──► store ──► discovery ──► every ztunnel
-//!  (manifest dir,          (versioned    (xDS-like gRPC stream)
-//!   later Kubernetes)       snapshot +
-//!                           deltas)  ──► certificates (the mesh CA)
+//!  (manifest    (kanava-     (versioned    (xDS-like gRPC stream)
+//!   directory)   cluster)     snapshot +
+//!                             deltas)  ──► certificates (the mesh CA)
 //! ```
 //!
-//! - [`source`]: where cluster objects come from. A directory of Kubernetes
-//!   manifests, watched for changes; the Kubernetes API source feeds the same
-//!   [`source::ClusterObjects`].
-//! - [`translate`]: Kubernetes objects → mesh model (workloads, services,
-//!   policies), validating as it goes.
-//! - [`crd`]: the `AuthorizationPolicy` custom resource.
+//! - [`source`]: where cluster objects come from: today a directory of
+//!   Kubernetes manifests, watched for changes. A Kubernetes API source is to
+//!   come and will feed the same [`source::ClusterObjects`].
+//! - translation of Kubernetes objects into the mesh model (workloads,
+//!   services, policies), and the `AuthorizationPolicy` CRD, live in
+//!   [`kanava_cluster`], shared with the lab and the benchmarks.
 //! - [`store`]: the current mesh state, its version, and the changes between
 //!   versions, computed once and shared by every stream.
 //! - [`discovery`]: the gRPC service ztunnels subscribe to.
@@ -25,18 +25,17 @@ pub mod auth;
 pub mod ca;
 pub mod certificates;
 pub mod config;
-pub mod crd;
 pub mod discovery;
 mod error;
 pub mod server;
 pub mod source;
 pub mod store;
-pub mod translate;
 
 use std::sync::Arc;
 
 pub use config::Config;
 pub use error::Error;
+use kanava_cluster::translate;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the control plane until `shutdown` is cancelled.

@@ -14,7 +14,7 @@ use kanava_mesh::{Identity, Workload};
 use kanava_proto::v1 as pb;
 use tokio::sync::{broadcast, watch};
 
-use crate::translate::MeshState;
+use kanava_cluster::MeshState;
 
 /// How many changes a slow stream may fall behind before it is sent a fresh
 /// snapshot instead.

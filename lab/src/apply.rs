@@ -4,278 +4,58 @@
 //! their ztunnel (and take them back when they leave the mesh), start and
 //! stop their processes, allocate Service IPs.
 //!
-//! Everything is checked first ([`plan`]); nothing changes unless the whole
+//! Everything is checked first ([`plan`](crate::plan)); nothing changes unless the whole
 //! file is acceptable.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kanava_control_plane::crd::AuthorizationPolicy;
-use kanava_control_plane::source::{ClusterObjects, Object};
-use kanava_mesh::{is_enrolled, names};
+use k8s_openapi::api::core::v1::Pod;
+use kanava_cluster::Object;
+use kanava_mesh::is_enrolled;
 
+use crate::context::{Context, Progress};
+use crate::layout::Layout;
 use crate::manifests::{self, Manifests};
-use crate::pods::{self, Env};
+use crate::plan::{Current, Plan, REDIRECTION_ANNOTATION, plan};
 use crate::propagation::Expect;
-use crate::spec::check_dns_label;
-use crate::state::LabState;
-use crate::{Error, propagation};
+use crate::spec::parse_objects;
+use crate::state::{self, LabState};
+use crate::{Error, pods, propagation};
 
-/// Service virtual IPs come from 10.96.0.0/16, like a default cluster.
-pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
-/// Annotation the lab puts on a pod it has handed to its ztunnel (what the
-/// CNI agent does on a real node), so the change is visible to everyone.
-pub const REDIRECTION_ANNOTATION: &str = "kanava.io/redirection";
-
-/// What a lab holds now.
-pub struct Current {
-    pub nodes: Vec<String>,
-    pub objects: ClusterObjects,
-}
-
-impl Current {
-    pub fn empty(nodes: &[String]) -> Self {
-        Current {
-            nodes: nodes.to_vec(),
-            objects: ClusterObjects::default(),
-        }
-    }
-}
-
-/// The checked changes of one file.
-#[derive(Default)]
-pub struct Plan {
-    pub namespaces: Vec<Namespace>,
-    /// New pods, with namespace, uid and node filled in.
-    pub new_pods: Vec<Pod>,
-    /// Existing pods whose labels or annotations change.
-    pub changed_pods: Vec<Pod>,
-    /// With `spec.clusterIP` set.
-    pub services: Vec<Service>,
-    pub policies: Vec<AuthorizationPolicy>,
-}
-
-/// Namespaces that exist in every cluster.
-const BUILTIN_NAMESPACES: [&str; 2] = ["default", names::SYSTEM_NAMESPACE];
-
-/// Checks `objects` against `current` and decides what changes.
-pub fn plan(objects: &[Object], current: &Current) -> Result<Plan, Error> {
-    let mut plan = Plan::default();
-    let mut seen = BTreeSet::new();
-    for object in objects {
-        let described = object.describe();
-        if !seen.insert(format!("{} {}", object.kind(), manifests::key(object))) {
-            return Err(Error::Spec(format!(
-                "duplicate {}",
-                described.replacen(object.kind(), &object.kind().to_lowercase(), 1)
-            )));
-        }
-    }
-    let mut namespaces: BTreeSet<String> = current.objects.namespaces.keys().cloned().collect();
-    namespaces.extend(BUILTIN_NAMESPACES.iter().map(|n| n.to_string()));
-    for object in objects {
-        if let Object::Namespace(ns) = object {
-            let name = ns.metadata.name.clone().unwrap_or_default();
-            check_dns_label("namespace", &name)?;
-            namespaces.insert(name);
-            plan.namespaces.push((**ns).clone());
-        }
-    }
-    let namespace_of = |meta: &ObjectMeta, what: &str| -> Result<String, Error> {
-        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-        let name = meta.name.clone().unwrap_or_default();
-        check_dns_label(&format!("{what} {namespace}/{name}: name"), &name)?;
-        if namespaces.contains(&namespace) {
-            Ok(namespace)
-        } else {
-            Err(Error::Spec(format!(
-                "{what} {namespace}/{name}: namespace {namespace} does not exist (declare it in the file)"
-            )))
-        }
+/// Applies manifests to the lab `name` (see [`Lab::apply`]).
+pub fn apply_manifests(
+    name: &str,
+    yaml: &str,
+    progress: Option<Progress>,
+) -> Result<Report, Error> {
+    let (objects, _) = parse_objects(yaml, false)?;
+    let layout = Layout::new(name);
+    let _lock = state::lock(&layout)?;
+    let mut state = LabState::load(name)?;
+    let current = Current {
+        nodes: state.nodes.iter().map(|n| n.name.clone()).collect(),
+        objects: Manifests::new(layout.manifest_dir()).read()?,
     };
-
-    let mut pods_per_node: BTreeMap<&str, usize> =
-        current.nodes.iter().map(|n| (n.as_str(), 0)).collect();
-    for pod in current.objects.pods.values() {
-        if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
-            *pods_per_node.entry(node).or_default() += 1;
-        }
-    }
-    let mut taken_ips: BTreeSet<IpAddr> = current
-        .objects
-        .services
-        .values()
-        .filter_map(|s| s.spec.as_ref()?.cluster_ip.as_deref()?.parse().ok())
-        .collect();
-
-    for object in objects {
-        match object {
-            Object::Namespace(_) => {}
-            Object::Pod(pod) => {
-                let namespace = namespace_of(&pod.metadata, "pod")?;
-                let name = pod.metadata.name.clone().unwrap_or_default();
-                let key = format!("{namespace}/{name}");
-                let mut pod = (**pod).clone();
-                pod.metadata.namespace = Some(namespace.clone());
-                let spec = pod
-                    .spec
-                    .as_mut()
-                    .ok_or_else(|| Error::Spec(format!("pod {key}: missing spec")))?;
-                if spec.containers.is_empty() {
-                    return Err(Error::Spec(format!("pod {key}: spec.containers is empty")));
-                }
-                if let Some(sa) = &spec.service_account_name {
-                    check_dns_label(&format!("pod {key}: serviceAccountName"), sa)?;
-                }
-                if let Some(existing) = current.objects.pods.get(&(namespace.clone(), name.clone()))
-                {
-                    plan.changed_pods.push(changed_pod(existing, pod, &key)?);
-                    continue;
-                }
-                let node = match &spec.node_name {
-                    Some(node) if !current.nodes.contains(node) => {
-                        return Err(Error::Spec(format!(
-                            "pod {key}: unknown node {node} (nodes: {})",
-                            current.nodes.join(", ")
-                        )));
-                    }
-                    Some(node) => node.clone(),
-                    // The node with the fewest pods, in node order on ties.
-                    None => current
-                        .nodes
-                        .iter()
-                        .min_by_key(|n| pods_per_node.get(n.as_str()).copied().unwrap_or(0))
-                        .cloned()
-                        .ok_or_else(|| Error::Spec("the lab has no nodes".into()))?,
-                };
-                if let Some(count) = current
-                    .nodes
-                    .iter()
-                    .find(|n| **n == node)
-                    .and_then(|n| pods_per_node.get_mut(n.as_str()))
-                {
-                    *count += 1;
-                }
-                spec.node_name = Some(node);
-                pod.metadata
-                    .uid
-                    .get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
-                pod.status = None;
-                plan.new_pods.push(pod);
-            }
-            Object::Service(service) => {
-                let namespace = namespace_of(&service.metadata, "service")?;
-                let name = service.metadata.name.clone().unwrap_or_default();
-                let key = format!("{namespace}/{name}");
-                let mut service = (**service).clone();
-                service.metadata.namespace = Some(namespace.clone());
-                let existing_ip = current
-                    .objects
-                    .services
-                    .get(&(namespace, name))
-                    .and_then(|s| s.spec.as_ref()?.cluster_ip.clone());
-                let spec = service.spec.get_or_insert_with(Default::default);
-                if matches!(spec.type_.as_deref(), Some("ExternalName")) {
-                    return Err(Error::Spec(format!(
-                        "service {key}: type ExternalName is not supported"
-                    )));
-                }
-                if spec.ports.as_ref().is_none_or(Vec::is_empty) {
-                    return Err(Error::Spec(format!("service {key}: spec.ports is empty")));
-                }
-                let ip = match (spec.cluster_ip.as_deref(), existing_ip) {
-                    (Some(asked), Some(existing)) if asked != existing => {
-                        return Err(Error::Spec(format!(
-                            "service {key}: spec.clusterIP is immutable (it is {existing})"
-                        )));
-                    }
-                    (_, Some(existing)) => existing,
-                    (Some(asked), None) => {
-                        let ip: Ipv4Addr = asked.parse().map_err(|_| {
-                            Error::Spec(format!(
-                                "service {key}: clusterIP {asked:?} is not an IPv4 address"
-                            ))
-                        })?;
-                        if !in_service_cidr(ip) {
-                            return Err(Error::Spec(format!(
-                                "service {key}: clusterIP {ip} is outside the service range {}/{}",
-                                SERVICE_CIDR.0, SERVICE_CIDR.1
-                            )));
-                        }
-                        if !taken_ips.insert(IpAddr::V4(ip)) {
-                            return Err(Error::Spec(format!(
-                                "service {key}: clusterIP {ip} is already allocated"
-                            )));
-                        }
-                        ip.to_string()
-                    }
-                    (None, None) => {
-                        let ip = allocate(&taken_ips).ok_or_else(|| {
-                            Error::Spec(format!("service {key}: the service range is full"))
-                        })?;
-                        taken_ips.insert(IpAddr::V4(ip));
-                        ip.to_string()
-                    }
-                };
-                spec.cluster_ip = Some(ip.clone());
-                spec.cluster_ips = Some(vec![ip]);
-                spec.type_.get_or_insert_with(|| "ClusterIP".into());
-                plan.services.push(service);
-            }
-            Object::AuthorizationPolicy(policy) => {
-                let namespace = namespace_of(&policy.metadata, "AuthorizationPolicy")?;
-                let mut policy = (**policy).clone();
-                policy.metadata.namespace = Some(namespace);
-                plan.policies.push(policy);
-            }
-        }
-    }
-    Ok(plan)
+    let plan = plan(&objects, &current)?;
+    let mut env = Context::discover(None)?;
+    env.progress = progress;
+    execute(&mut state, plan, &env)
 }
 
-/// A pod applied again: its spec cannot change, its labels and annotations
-/// can. The stored status and identity are kept.
-fn changed_pod(existing: &Pod, applied: Pod, key: &str) -> Result<Pod, Error> {
-    let mut applied_spec = applied.spec.clone().unwrap_or_default();
-    let existing_spec = existing.spec.clone().unwrap_or_default();
-    if applied_spec.node_name.is_none() {
-        applied_spec.node_name = existing_spec.node_name.clone();
-    }
-    if applied_spec != existing_spec {
-        return Err(Error::Spec(format!(
-            "pod {key} exists and its spec cannot change; delete it first"
-        )));
-    }
-    let mut pod = existing.clone();
-    pod.metadata.labels = applied.metadata.labels;
-    let mut annotations = applied.metadata.annotations.unwrap_or_default();
-    if let Some(redirection) = existing
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(REDIRECTION_ANNOTATION))
-    {
-        annotations.insert(REDIRECTION_ANNOTATION.into(), redirection.clone());
-    }
-    pod.metadata.annotations = (!annotations.is_empty()).then_some(annotations);
-    Ok(pod)
-}
-
-fn in_service_cidr(ip: Ipv4Addr) -> bool {
-    let mask = u32::MAX << (32 - SERVICE_CIDR.1);
-    u32::from(ip) & mask == u32::from(SERVICE_CIDR.0) & mask
-}
-
-fn allocate(taken: &BTreeSet<IpAddr>) -> Option<Ipv4Addr> {
-    let base = u32::from(SERVICE_CIDR.0);
-    let size = 1u32 << (32 - SERVICE_CIDR.1);
-    // .0.0 is the network, .0.1 by convention the API server.
-    (10..size - 1)
-        .map(|offset| Ipv4Addr::from(base + offset))
-        .find(|ip| !taken.contains(&IpAddr::V4(*ip)))
+/// Deletes the objects named in manifests from the lab `name` (see
+/// [`Lab::delete`]).
+pub fn delete_manifests(
+    name: &str,
+    yaml: &str,
+    progress: Option<Progress>,
+) -> Result<Report, Error> {
+    let (objects, _) = parse_objects(yaml, false)?;
+    let layout = Layout::new(name);
+    let _lock = state::lock(&layout)?;
+    let mut state = LabState::load(name)?;
+    let mut env = Context::discover(None)?;
+    env.progress = progress;
+    delete(&mut state, &objects, &env)
 }
 
 /// What an apply or delete did.
@@ -292,7 +72,7 @@ pub struct Report {
 }
 
 /// Carries out `plan` in a running lab.
-pub fn execute(state: &mut LabState, plan: Plan, env: &Env) -> Result<Report, Error> {
+pub fn execute(state: &mut LabState, plan: Plan, env: &Context) -> Result<Report, Error> {
     let manifests = Manifests::new(state.layout().manifest_dir());
     let mut report = Report::default();
     let mut expect = Vec::new();
@@ -384,7 +164,7 @@ pub fn execute(state: &mut LabState, plan: Plan, env: &Env) -> Result<Report, Er
 
 /// Deletes the objects named in a file (cascading from namespaces to what
 /// they hold).
-pub fn delete(state: &mut LabState, objects: &[Object], env: &Env) -> Result<Report, Error> {
+pub fn delete(state: &mut LabState, objects: &[Object], env: &Context) -> Result<Report, Error> {
     let manifests = Manifests::new(state.layout().manifest_dir());
     let current = manifests.read()?;
     let mut targets: Vec<Object> = Vec::new();
@@ -465,9 +245,10 @@ pub fn delete(state: &mut LabState, objects: &[Object], env: &Env) -> Result<Rep
             }
             Object::Namespace(_) => manifests.remove(object)?,
         }
-        report
-            .changes
-            .push(format!("{} {key} deleted", object.kind().to_lowercase()));
+        report.changes.push(format!(
+            "{} {key} deleted",
+            object.kind().as_str().to_lowercase()
+        ));
     }
     wait(state, env, expect, &mut report)?;
     Ok(report)
@@ -479,7 +260,7 @@ pub fn delete(state: &mut LabState, objects: &[Object], env: &Env) -> Result<Rep
 fn reconcile_capture(
     state: &mut LabState,
     manifests: &Manifests,
-    env: &Env,
+    env: &Context,
     report: &mut Report,
 ) -> Result<Vec<Expect>, Error> {
     let objects = manifests.read()?;
@@ -546,7 +327,7 @@ fn reconcile_capture(
 
 fn wait(
     state: &LabState,
-    env: &Env,
+    env: &Context,
     expect: Vec<Expect>,
     report: &mut Report,
 ) -> Result<(), Error> {
@@ -568,17 +349,4 @@ fn wait(
 
 fn pod_uid(pod: &Pod) -> String {
     pod.metadata.uid.clone().unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn service_ips_are_allocated_inside_the_range() {
-        let taken = BTreeSet::from([IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))]);
-        assert_eq!(allocate(&taken), Some(Ipv4Addr::new(10, 96, 0, 11)));
-        assert!(in_service_cidr(Ipv4Addr::new(10, 96, 255, 1)));
-        assert!(!in_service_cidr(Ipv4Addr::new(10, 97, 0, 1)));
-    }
 }

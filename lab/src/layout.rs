@@ -17,29 +17,14 @@ use std::path::{Path, PathBuf};
 
 use kanava_mesh::ports;
 
-use crate::Error;
-
 /// Prefix of every network namespace a lab creates.
 pub const NETNS_PREFIX: &str = "kanava-";
-/// Longest lab name (keeps Unix socket paths within their limit).
-pub const MAX_NAME_LEN: usize = 24;
 
 /// Directory holding one subdirectory per lab (`KANAVA_LAB_ROOT` overrides).
 pub fn lab_root() -> PathBuf {
     std::env::var_os("KANAVA_LAB_ROOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/kanava/labs"))
-}
-
-/// Checks a lab name: a Kubernetes-style name of at most
-/// [`MAX_NAME_LEN`] characters.
-pub fn check_lab_name(name: &str) -> Result<(), Error> {
-    if name.len() > MAX_NAME_LEN {
-        return Err(Error::Spec(format!(
-            "lab name {name:?} is longer than {MAX_NAME_LEN} characters"
-        )));
-    }
-    crate::spec::check_dns_label("lab name", name)
 }
 
 /// Where a lab keeps its files and what it calls things.
@@ -82,7 +67,7 @@ impl Layout {
     }
 
     pub fn root_cert(&self) -> PathBuf {
-        self.ca_dir().join(kanava_control_plane::ca::ROOT_CERT_FILE)
+        self.ca_dir().join(kanava_mesh::names::CA_ROOT_CERT_FILE)
     }
 
     pub fn manifest_dir(&self) -> PathBuf {

@@ -18,19 +18,27 @@
 //! remove a lab from another process. Nothing is changed in the host's own
 //! network namespace.
 
+// Layered bottom-up; a module imports only from the ones above it here.
 pub mod apply;
 pub mod cni;
+pub mod context;
 mod error;
+pub mod files;
 pub mod handoff;
 pub mod layout;
 pub mod manifests;
+pub mod names;
 pub mod network;
+pub mod plan;
 pub mod pods;
 pub mod process;
 pub mod propagation;
+pub mod services;
 pub mod spec;
 pub mod state;
+pub mod target;
 mod teardown;
+pub mod testdata;
 mod up;
 
 use std::net::SocketAddr;
@@ -38,14 +46,17 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-pub use apply::Report;
+pub use apply::{Report, apply_manifests, delete_manifests};
+pub use context::{Context, Progress, bin_dir, path_with_bin_dir};
 pub use error::Error;
 use kanava_netns::NetNs;
-use pods::Env;
+pub use services::{ServiceStatus, services};
 pub use spec::LabSpec;
 pub use state::{Component, LabState, NodeState, PodState};
+pub use target::Target;
 pub use teardown::{clean, down};
-pub use up::{Progress, UpOptions, bin_dir, path_with_bin_dir};
+pub use testdata::pattern;
+pub use up::UpOptions;
 
 /// A running lab.
 pub struct Lab {
@@ -103,7 +114,7 @@ impl Lab {
         if let Some(pid) = state.control_plane.pid.filter(|&pid| process::alive(pid)) {
             process::terminate(&[pid], std::time::Duration::from_secs(3));
         }
-        up::start_control_plane(&mut state, &Env::discover(None)?)?;
+        up::start_control_plane(&mut state, &Context::discover(None)?)?;
         state.save()?;
         self.state = state;
         Ok(())
@@ -191,7 +202,7 @@ impl Lab {
         Command::new("ip")
             .args(["netns", "exec", &netns, program])
             .args(args)
-            .env("PATH", up::path_with_bin_dir())
+            .env("PATH", path_with_bin_dir())
             .output()
             .map_err(Error::io(format!("run {program} in {netns}")))
     }
@@ -223,211 +234,6 @@ impl Drop for Lab {
             && let Err(error) = down(&self.state.name)
         {
             eprintln!("tearing down lab {}: {error}", self.state.name);
-        }
-    }
-}
-
-/// Applies manifests to the lab `name` (see [`Lab::apply`]).
-pub fn apply_manifests(
-    name: &str,
-    yaml: &str,
-    progress: Option<Progress>,
-) -> Result<Report, Error> {
-    let (objects, _) = spec::parse_objects(yaml, false)?;
-    let layout = layout::Layout::new(name);
-    let _lock = state::lock(&layout)?;
-    let mut state = LabState::load(name)?;
-    let current = apply::Current {
-        nodes: state.nodes.iter().map(|n| n.name.clone()).collect(),
-        objects: manifests::Manifests::new(layout.manifest_dir()).read()?,
-    };
-    let plan = apply::plan(&objects, &current)?;
-    let mut env = Env::discover(None)?;
-    env.progress = progress;
-    apply::execute(&mut state, plan, &env)
-}
-
-/// Deletes the objects named in manifests from the lab `name` (see
-/// [`Lab::delete`]).
-pub fn delete_manifests(
-    name: &str,
-    yaml: &str,
-    progress: Option<Progress>,
-) -> Result<Report, Error> {
-    let (objects, _) = spec::parse_objects(yaml, false)?;
-    let layout = layout::Layout::new(name);
-    let _lock = state::lock(&layout)?;
-    let mut state = LabState::load(name)?;
-    let mut env = Env::discover(None)?;
-    env.progress = progress;
-    apply::delete(&mut state, &objects, &env)
-}
-
-/// A Service as `lab status` shows it.
-#[derive(Clone, Debug, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceStatus {
-    pub namespace: String,
-    pub name: String,
-    #[serde(rename = "clusterIP")]
-    pub cluster_ip: String,
-    /// `port` or `port→targetPort`.
-    pub ports: Vec<String>,
-    /// `namespace/pod` of every ready endpoint.
-    pub endpoints: Vec<String>,
-}
-
-/// The lab's Services, computed from its manifests the way the control
-/// plane computes them.
-pub fn services(state: &LabState) -> Result<Vec<ServiceStatus>, Error> {
-    use kanava_control_plane::translate::{TranslateConfig, Translator};
-    let objects = manifests::Manifests::new(state.layout().manifest_dir()).read()?;
-    let mesh = Translator::new(TranslateConfig {
-        trust_domain: kanava_mesh::DEFAULT_TRUST_DOMAIN.into(),
-        root_namespace: kanava_mesh::names::ROOT_NAMESPACE.into(),
-    })
-    .translate(&objects);
-    let pod_of = |uid: &str| {
-        state
-            .pods
-            .iter()
-            .find(|p| p.uid == uid)
-            .map(PodState::key)
-            .unwrap_or_else(|| uid.to_string())
-    };
-    Ok(mesh
-        .services
-        .iter()
-        .map(|service| ServiceStatus {
-            namespace: service.namespace.clone(),
-            name: service.name.clone(),
-            cluster_ip: service
-                .addresses
-                .first()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            ports: service
-                .ports
-                .iter()
-                .map(|p| match (p.target_port, p.target_port_name.as_str()) {
-                    (0, name) => format!("{}→{name}", p.port),
-                    (target, _) if target == p.port => p.port.to_string(),
-                    (target, _) => format!("{}→{target}", p.port),
-                })
-                .collect(),
-            endpoints: service
-                .endpoints
-                .iter()
-                .map(|e| pod_of(&e.workload_uid))
-                .collect(),
-        })
-        .collect())
-}
-
-/// Fills `buffer` with deterministic pseudo-random bytes (xorshift): cheap
-/// to produce, reproducible from `seed`, and nothing like text, so a stray
-/// match in a packet capture means real leakage.
-pub fn pattern(seed: u64, buffer: &mut [u8]) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buffer.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let bytes = state.to_le_bytes();
-        chunk.copy_from_slice(&bytes[..chunk.len()]);
-    }
-}
-
-/// Something inside a lab that commands can be aimed at.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// `NAMESPACE/POD`
-    Pod { namespace: String, name: String },
-    /// `node/NODE`: the node's namespace (where its ztunnel runs).
-    Node(String),
-    /// `fabric`: the underlay's namespace.
-    Fabric,
-    /// `control-plane`
-    ControlPlane,
-    /// `ztunnel/NODE`
-    Ztunnel(String),
-}
-
-impl Target {
-    pub fn parse(text: &str, state: &LabState) -> Result<Target, Error> {
-        match text {
-            "fabric" => return Ok(Target::Fabric),
-            "control-plane" => return Ok(Target::ControlPlane),
-            _ => {}
-        }
-        let Some((first, second)) = text.split_once('/') else {
-            return Err(Error::Spec(format!(
-                "target {text:?} must be NAMESPACE/POD, node/NODE, ztunnel/NODE, fabric or control-plane"
-            )));
-        };
-        if state.pod(first, second).is_some() {
-            return Ok(Target::Pod {
-                namespace: first.into(),
-                name: second.into(),
-            });
-        }
-        match first {
-            "node" | "ztunnel" if state.node(second).is_some() => Ok(if first == "node" {
-                Target::Node(second.into())
-            } else {
-                Target::Ztunnel(second.into())
-            }),
-            "node" | "ztunnel" => Err(Error::Spec(format!(
-                "no node {second} in lab {} (nodes: {})",
-                state.name,
-                state
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
-            _ => Err(Error::Spec(format!(
-                "no pod {text} in lab {} (pods: {})",
-                state.name,
-                state
-                    .pods
-                    .iter()
-                    .map(PodState::key)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
-        }
-    }
-
-    fn netns(&self, state: &LabState) -> String {
-        match self {
-            Target::Pod { namespace, name } => state
-                .pod(namespace, name)
-                .map(|p| p.netns.clone())
-                .unwrap_or_default(),
-            Target::Node(node) | Target::Ztunnel(node) => state
-                .node(node)
-                .map(|n| n.netns.clone())
-                .unwrap_or_default(),
-            Target::Fabric | Target::ControlPlane => state.fabric_netns.clone(),
-        }
-    }
-
-    fn log(&self, state: &LabState) -> Result<PathBuf, Error> {
-        match self {
-            Target::Pod { namespace, name } => state
-                .pod(namespace, name)
-                .map(|p| p.log.clone())
-                .ok_or_else(|| Error::Spec(format!("no pod {namespace}/{name}"))),
-            Target::Ztunnel(node) => state
-                .node(node)
-                .map(|n| n.ztunnel.log.clone())
-                .ok_or_else(|| Error::Spec(format!("no node {node}"))),
-            Target::ControlPlane => Ok(state.control_plane.log.clone()),
-            Target::Node(_) | Target::Fabric => Err(Error::Spec(
-                "logs exist for NAMESPACE/POD, ztunnel/NODE and control-plane".into(),
-            )),
         }
     }
 }

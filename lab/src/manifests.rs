@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kanava_control_plane::source::{ClusterObjects, Object, parse_manifests};
+use kanava_cluster::{ClusterObjects, Object, parse_manifests};
 
 use crate::Error;
-use crate::state::{LabState, write_atomically};
+use crate::files::write_atomically;
+use crate::state::LabState;
 
 /// The manifest directory of one lab.
 pub struct Manifests {
@@ -84,7 +85,7 @@ impl Manifests {
 
     fn path_of(&self, object: &Object) -> PathBuf {
         let meta = meta(object);
-        let kind = object.kind().to_lowercase();
+        let kind = object.kind().as_str().to_lowercase();
         let name = meta.name.as_deref().unwrap_or("");
         let file = match object {
             Object::Namespace(_) => format!("{kind}_{name}.yaml"),

@@ -5,88 +5,22 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodIP, PodStatus};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kanava_control_plane::source::Object;
+use kanava_cluster::Object;
 use kanava_mesh::{DEFAULT_TRUST_DOMAIN, Identity, names};
 use kanava_netns::NetNs;
 use kanava_proto::v1 as pb;
 
+use crate::context::Context;
 use crate::manifests::Manifests;
-use crate::process::Cancel;
 use crate::state::{LabState, PodState};
-use crate::up::Progress;
 use crate::{Error, cni, handoff, network, process};
 
-/// What pod operations need from their surroundings.
-#[derive(Clone)]
-pub struct Env {
-    /// Where `labapp` and the mesh's binaries are.
-    pub bins: PathBuf,
-    /// Where the CNI plugins are.
-    pub plugins: PathBuf,
-    /// Bound on each wait (a component starting, a pod becoming ready).
-    pub step_timeout: Duration,
-    /// Bound on waiting for the ztunnels to see a change.
-    pub propagation_timeout: Duration,
-    pub cancel: Option<Cancel>,
-    pub progress: Option<Progress>,
-}
-
-impl Env {
-    /// The defaults, finding binaries and plugins on this machine.
-    pub fn discover(bins: Option<&Path>) -> Result<Self, Error> {
-        Ok(Env {
-            bins: crate::up::bin_dir(bins)?,
-            plugins: cni::plugin_dir()?,
-            step_timeout: Duration::from_secs(30),
-            propagation_timeout: Duration::from_secs(10),
-            cancel: None,
-            progress: None,
-        })
-    }
-
-    pub fn say(&self, message: &str) {
-        if let Some(progress) = &self.progress {
-            progress(message);
-        }
-    }
-
-    pub fn check_cancel(&self) -> Result<(), Error> {
-        match &self.cancel {
-            Some(cancel) if cancel.load(Ordering::SeqCst) => Err(Error::Cancelled),
-            _ => Ok(()),
-        }
-    }
-
-    /// Polls `check` until it is true, `what` fails, or the step times out.
-    pub fn wait_until(
-        &self,
-        what: &str,
-        mut check: impl FnMut() -> Result<bool, Error>,
-    ) -> Result<(), Error> {
-        let deadline = Instant::now() + self.step_timeout;
-        loop {
-            self.check_cancel()?;
-            if check()? {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: what.to_string(),
-                    after: self.step_timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// Creates the pod's namespace and runs the CNI plugins for it.
-pub fn create_network(state: &LabState, env: &Env, pod: &Pod) -> Result<PodState, Error> {
+pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodState, Error> {
     let layout = state.layout();
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -185,7 +119,7 @@ pub fn manifest(state: &LabState, pod: &Pod, ready: bool) -> Result<Pod, Error> 
 }
 
 /// Hands the pod to its node's ztunnel and waits for the capture.
-pub fn capture(state: &LabState, index: usize, env: &Env) -> Result<(), Error> {
+pub fn capture(state: &LabState, index: usize, env: &Context) -> Result<(), Error> {
     let pod = &state.pods[index];
     let node = state
         .node(&pod.node)
@@ -209,7 +143,7 @@ pub fn capture(state: &LabState, index: usize, env: &Env) -> Result<(), Error> {
 
 /// Takes the pod back from its ztunnel: rules and listeners go, the
 /// process stays.
-pub fn release(state: &LabState, index: usize, env: &Env) -> Result<(), Error> {
+pub fn release(state: &LabState, index: usize, env: &Context) -> Result<(), Error> {
     let pod = &state.pods[index];
     let node = state
         .node(&pod.node)
@@ -229,7 +163,7 @@ pub fn release(state: &LabState, index: usize, env: &Env) -> Result<(), Error> {
 pub fn start(
     state: &mut LabState,
     manifests: &Manifests,
-    env: &Env,
+    env: &Context,
     uid: &str,
 ) -> Result<Option<u64>, Error> {
     let Some(index) = state.pods.iter().position(|p| p.uid == uid) else {
@@ -295,7 +229,7 @@ pub fn start(
 }
 
 /// Ends a pod: its process, its capture, its network.
-pub fn destroy(state: &LabState, env: &Env, uid: &str) -> Result<(), Error> {
+pub fn destroy(state: &LabState, env: &Context, uid: &str) -> Result<(), Error> {
     let Some(index) = state.pods.iter().position(|p| p.uid == uid) else {
         return Ok(());
     };

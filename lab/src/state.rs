@@ -4,11 +4,12 @@
 //! can still be taken down completely.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::files::write_atomically;
 use crate::layout::{Layout, lab_root};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -206,19 +207,4 @@ pub fn resolve_name(name: Option<&str>) -> Result<String, Error> {
             many.join(", ")
         ))),
     }
-}
-
-/// Writes a file through a temporary name starting with `.` and a rename,
-/// so readers (the control plane's directory watch among them) never see it
-/// half-written.
-pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp"));
-    std::fs::write(&tmp, contents).map_err(Error::io(format!("write {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(Error::io(format!("rename to {}", path.display())))
 }

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use crate::layout::{Layout, NETNS_PREFIX, check_lab_name, is_inside_root};
+use crate::layout::{Layout, NETNS_PREFIX, is_inside_root};
+use crate::names::check_lab_name;
 use crate::{Error, network, process, state};
 
 /// How long processes get to exit after SIGTERM before SIGKILL.

@@ -6,21 +6,21 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use kanava_mesh::ports;
 use kanava_netns::NetNs;
 
-use crate::apply::{self, Current, Report};
-use crate::layout::{self, Layout, check_lab_name};
-use crate::pods::{Env, check_running, connects};
+use crate::apply::{self, Report};
+use crate::context::{Context, Progress};
+use crate::files::write_atomically;
+use crate::layout::{self, Layout};
+use crate::names::check_lab_name;
+use crate::pods::{check_running, connects};
 use crate::process::Cancel;
-use crate::state::{Component, LabState, NodeState, write_atomically};
-use crate::{Error, LabSpec, network, process};
-
-/// Receives a line per step of `up`.
-pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+use crate::spec::LabSpec;
+use crate::state::{Component, LabState, NodeState};
+use crate::{Error, network, process, teardown};
 
 /// How a lab is brought up.
 #[derive(Clone)]
@@ -63,7 +63,7 @@ struct Guard<'a> {
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = crate::down(self.name);
+            let _ = teardown::down(self.name);
         }
     }
 }
@@ -71,12 +71,12 @@ impl Drop for Guard<'_> {
 pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Report), Error> {
     check_lab_name(&options.name)?;
     preflight()?;
-    let mut env = Env::discover(options.bin_dir.as_deref())?;
+    let mut env = Context::discover(options.bin_dir.as_deref())?;
     env.cancel = options.cancel.clone();
     env.progress = options.progress.clone();
     env.step_timeout = options.step_timeout;
     // Everything is checked before anything is built.
-    let plan = apply::plan(&spec.objects, &Current::empty(&spec.nodes))?;
+    let plan = spec.plan()?;
     let layout = Layout::new(&options.name);
 
     let prefix = layout.netns_prefix();
@@ -183,44 +183,6 @@ fn which(tool: &str) -> Option<PathBuf> {
     })
 }
 
-const BINARIES: [&str; 3] = ["ztunnel", "kanava-control-plane", "labapp"];
-
-/// Where Kanava's binaries are: `KANAVA_BIN_DIR`, or beside the running
-/// executable (its parent when that is a Cargo test binary in `deps/`).
-pub fn bin_dir(explicit: Option<&Path>) -> Result<PathBuf, Error> {
-    let candidate = match (explicit, std::env::var_os("KANAVA_BIN_DIR")) {
-        (Some(dir), _) => dir.to_path_buf(),
-        (None, Some(dir)) => PathBuf::from(dir),
-        (None, None) => {
-            let exe =
-                std::env::current_exe().map_err(Error::io("locate the running executable"))?;
-            let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-            if dir.ends_with("deps") {
-                dir.parent().map(Path::to_path_buf).unwrap_or(dir)
-            } else {
-                dir
-            }
-        }
-    };
-    match BINARIES.iter().find(|b| !candidate.join(b).is_file()) {
-        None => Ok(candidate),
-        Some(missing) => Err(Error::Missing(format!(
-            "{missing} not found in {}; build everything with `cargo build --workspace` (or set KANAVA_BIN_DIR)",
-            candidate.display()
-        ))),
-    }
-}
-
-/// `PATH` for processes in the lab: Kanava's binaries first.
-pub fn path_with_bin_dir() -> String {
-    let system = std::env::var("PATH")
-        .unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    match bin_dir(None) {
-        Ok(dir) => format!("{}:{system}", dir.display()),
-        Err(_) => system,
-    }
-}
-
 /// One random credential per node: a file for the node's ztunnel, and the
 /// list the control plane checks them against.
 fn write_credentials(state: &LabState) -> Result<(), Error> {
@@ -241,7 +203,7 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
 
 /// Starts the control plane (again, after a crash or a kill) and waits for
 /// it to serve.
-pub fn start_control_plane(state: &mut LabState, env: &Env) -> Result<(), Error> {
+pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Error> {
     let layout = state.layout();
     let address = layout::control_plane_address();
     let mut argv: Vec<String> = vec![
@@ -272,7 +234,7 @@ pub fn start_control_plane(state: &mut LabState, env: &Env) -> Result<(), Error>
     })
 }
 
-fn start_ztunnels(state: &mut LabState, env: &Env) -> Result<(), Error> {
+fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
     let layout = state.layout();
     for node in &mut state.nodes {
         let argv: Vec<String> = vec![

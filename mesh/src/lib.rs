@@ -40,6 +40,11 @@ pub mod names {
     pub const SYSTEM_NAMESPACE: &str = "kanava-system";
     /// Service account assumed when a pod names none.
     pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+    /// The mesh root's certificate (PEM) in the control plane's CA
+    /// directory (`--ca-dir`), also what ztunnels trust.
+    pub const CA_ROOT_CERT_FILE: &str = "root-cert.pem";
+    /// The mesh root's private key (PEM) in the control plane's CA directory.
+    pub const CA_ROOT_KEY_FILE: &str = "root-key.pem";
     /// DNS name in the control plane's serving certificate, and the name a
     /// ztunnel verifies by default.
     pub const CONTROL_PLANE_SERVER_NAME: &str = "kanava-control-plane.kanava-system.svc";

@@ -19,8 +19,8 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
-use super::{ClusterObjects, Object, ObjectId, parse_manifests};
 use crate::Error;
+use kanava_cluster::{ClusterObjects, Object, ObjectId, parse_manifests};
 
 /// How long the directory must be quiet before changed files are read.
 const SETTLE: Duration = Duration::from_millis(10);

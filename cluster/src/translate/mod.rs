@@ -3,24 +3,35 @@
 //! Shared by every source, so the lab's manifest directory and a real API
 //! server produce identical workloads, services and policies.
 //!
+//! - [`workloads`]: a Pod (and its Namespace) → a [`Workload`];
+//! - [`services`]: a ClusterIP Service and the ready pods it selects → a
+//!   [`Service`](kanava_mesh::Service) with its endpoints;
+//! - [`policies`]: an `AuthorizationPolicy` → a validated
+//!   [`Policy`];
+//! - [`Translator`] (here): all of them for a whole view of the cluster,
+//!   incrementally: pods that did not change keep their translation.
+//!
 //! Objects that cannot be translated are reported. For policies, which
 //! decide who may connect, a rejected change never weakens or breaks what
 //! is in force: the last version of that policy that was valid stays.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+mod policies;
+mod services;
+mod workloads;
+
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kanava_mesh::policy::{self, Action, Policy, Rule, SourceBuilder};
-use kanava_mesh::{
-    Endpoint, Identity, MtlsMode, Service, ServicePort, TunnelProtocol, Workload, is_enrolled,
-    names,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kanava_mesh::policy::Policy;
+use kanava_mesh::{Service, Workload};
 
-use crate::crd::{AuthorizationPolicy, PolicyAction};
-use crate::source::{ClusterObjects, ObjectKey};
+pub use policies::policy_of;
+pub use services::{NamespaceWorkloads, service_of};
+use workloads::is_ready;
+pub use workloads::workload_of;
+
+use crate::objects::{ClusterObjects, ObjectKey};
 
 #[derive(Clone, Debug)]
 pub struct TranslateConfig {
@@ -181,359 +192,15 @@ impl Translator {
     }
 }
 
-/// The workload a pod stands for, or `None` when the pod is not (yet) part
-/// of the data plane: not scheduled, no IP, finished, or on the host network.
-pub fn workload_of(
-    pod: &Pod,
-    namespace: Option<&Namespace>,
-    config: &TranslateConfig,
-) -> Result<Option<Workload>, String> {
-    let meta = &pod.metadata;
-    let Some(spec) = pod.spec.as_ref() else {
-        return Err("missing spec".into());
-    };
-    if spec.host_network == Some(true) {
-        return Ok(None);
-    }
-    let status = pod.status.as_ref();
-    if matches!(
-        status.and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    ) {
-        return Ok(None);
-    }
-    let Some(node) = spec.node_name.clone() else {
-        return Ok(None);
-    };
-    let mut ip_texts: Vec<&str> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|ips| ips.iter().map(|ip| ip.ip.as_str()).collect())
-        .unwrap_or_default();
-    if let (true, Some(ip)) = (
-        ip_texts.is_empty(),
-        status.and_then(|s| s.pod_ip.as_deref()),
-    ) {
-        ip_texts.push(ip);
-    }
-    if ip_texts.is_empty() {
-        return Ok(None);
-    }
-    let ips = ip_texts
-        .iter()
-        .map(|text| {
-            text.parse::<IpAddr>()
-                .map_err(|_| format!("status.podIP {text:?} is not an IP address"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let uid = meta.uid.clone().ok_or("missing metadata.uid")?;
-    let name = meta.name.clone().ok_or("missing metadata.name")?;
-    let namespace_name = meta.namespace.clone().unwrap_or_else(|| "default".into());
-    let service_account = spec
-        .service_account_name
-        .clone()
-        .filter(|sa| !sa.is_empty())
-        .unwrap_or_else(|| names::DEFAULT_SERVICE_ACCOUNT.into());
-    let identity = Identity::new(&config.trust_domain, &namespace_name, &service_account)
-        .map_err(|e| e.to_string())?;
-    let namespace_labels = namespace.and_then(|ns| ns.metadata.labels.as_ref());
-    let enrolled = is_enrolled(namespace_labels, meta.labels.as_ref());
-    let mtls_mode = match namespace_labels
-        .and_then(|l| l.get(names::MTLS_MODE_LABEL))
-        .map(String::as_str)
-    {
-        Some("permissive") => MtlsMode::Permissive,
-        // Anything but an explicit `permissive` is strict: a typo must not
-        // open the door to plaintext.
-        _ => MtlsMode::Strict,
-    };
-    Ok(Some(Workload {
-        uid,
-        name,
-        namespace: namespace_name,
-        service_account,
-        node,
-        ips,
-        identity,
-        protocol: if enrolled {
-            TunnelProtocol::Hbone
-        } else {
-            TunnelProtocol::None
-        },
-        labels: meta.labels.clone().unwrap_or_default(),
-        mtls_mode,
-        resource_version: newest_version(
-            meta.resource_version.as_deref(),
-            namespace.and_then(|ns| ns.metadata.resource_version.as_deref()),
-        ),
-    }))
-}
-
-/// A workload derives from its pod and its namespace (labels decide its
-/// mode), so its version is the newer of the two. Resource versions are
-/// opaque to clients but numeric in practice (etcd revisions, the lab's
-/// counter); a non-numeric one is passed through as it is.
-fn newest_version(pod: Option<&str>, namespace: Option<&str>) -> String {
-    match (pod.map(str::parse::<u64>), namespace.map(str::parse::<u64>)) {
-        (Some(Ok(pod)), Some(Ok(namespace))) => pod.max(namespace).to_string(),
-        _ => pod.unwrap_or_default().to_string(),
-    }
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|conditions| {
-            conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
-}
-
-/// The ready workloads of one namespace, indexed by label so that a
-/// selector looks at the pods carrying its rarest label, not at all pods.
-#[derive(Default)]
-pub struct NamespaceWorkloads<'a> {
-    workloads: Vec<(&'a Workload, &'a Pod)>,
-    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
-}
-
-impl<'a> NamespaceWorkloads<'a> {
-    pub fn add(&mut self, workload: &'a Workload, pod: &'a Pod) {
-        let index = self.workloads.len();
-        self.workloads.push((workload, pod));
-        for (key, value) in &workload.labels {
-            self.by_label
-                .entry((key.as_str(), value.as_str()))
-                .or_default()
-                .push(index);
-        }
-    }
-
-    /// The workloads carrying every label of `selector` (not empty).
-    pub fn select<'s>(
-        &'s self,
-        selector: &'s BTreeMap<String, String>,
-    ) -> impl Iterator<Item = (&'a Workload, &'a Pod)> + 's {
-        let rarest = selector
-            .iter()
-            .map(|(k, v)| {
-                self.by_label
-                    .get(&(k.as_str(), v.as_str()))
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-            })
-            .min_by_key(|indexes| indexes.len())
-            .unwrap_or_default();
-        rarest
-            .iter()
-            .map(|&i| self.workloads[i])
-            .filter(move |(workload, _)| {
-                selector
-                    .iter()
-                    .all(|(k, v)| workload.labels.get(k).is_some_and(|l| l == v))
-            })
-    }
-}
-
-/// A ClusterIP Service with the ready pods it selects. `None` for Services
-/// without a virtual IP (headless, ExternalName, not yet allocated).
-pub fn service_of(
-    service: &KubeService,
-    candidates: &NamespaceWorkloads<'_>,
-) -> Result<Option<Service>, String> {
-    let meta = &service.metadata;
-    let Some(spec) = service.spec.as_ref() else {
-        return Err("missing spec".into());
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(None);
-    }
-    let mut vips: Vec<&str> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if let (true, Some(ip)) = (vips.is_empty(), spec.cluster_ip.as_deref()) {
-        vips.push(ip);
-    }
-    if vips.is_empty() || vips.contains(&"None") {
-        return Ok(None);
-    }
-    let addresses = vips
-        .iter()
-        .map(|ip| {
-            ip.parse::<IpAddr>()
-                .map_err(|_| format!("clusterIP {ip:?} is not an IP address"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-    let name = meta.name.clone().ok_or("missing metadata.name")?;
-
-    let mut ports = Vec::new();
-    for port in spec.ports.iter().flatten() {
-        let number = u16::try_from(port.port)
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| format!("port {} is not in 1-65535", port.port))?;
-        let (target_port, target_port_name) = match &port.target_port {
-            None => (number, String::new()),
-            Some(IntOrString::Int(n)) => (
-                u16::try_from(*n)
-                    .ok()
-                    .filter(|&p| p != 0)
-                    .ok_or_else(|| format!("targetPort {n} is not in 1-65535"))?,
-                String::new(),
-            ),
-            Some(IntOrString::String(text)) => match text.parse::<u16>() {
-                Ok(n) if n != 0 => (n, String::new()),
-                _ => (0, text.clone()),
-            },
-        };
-        ports.push(ServicePort {
-            port: number,
-            target_port,
-            target_port_name,
-        });
-    }
-
-    let mut endpoints = Vec::new();
-    if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
-        for (workload, pod) in candidates.select(selector) {
-            let endpoint_ports = ports
-                .iter()
-                .filter_map(|p| {
-                    let target = if p.target_port != 0 {
-                        Some(p.target_port)
-                    } else {
-                        named_port(pod, &p.target_port_name)
-                    };
-                    target.map(|t| (p.port, t))
-                })
-                .collect::<BTreeMap<_, _>>();
-            if !endpoint_ports.is_empty() {
-                endpoints.push(Endpoint {
-                    workload_uid: workload.uid.clone(),
-                    ports: endpoint_ports,
-                });
-            }
-        }
-    }
-    Ok(Some(Service {
-        namespace,
-        name,
-        addresses,
-        ports,
-        endpoints,
-        resource_version: meta.resource_version.clone().unwrap_or_default(),
-    }))
-}
-
-/// The number of a pod's container port called `name`.
-fn named_port(pod: &Pod, name: &str) -> Option<u16> {
-    pod.spec
-        .as_ref()?
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .find(|p| p.name.as_deref() == Some(name))
-        .and_then(|p| u16::try_from(p.container_port).ok())
-}
-
-/// Validates an AuthorizationPolicy and turns it into the mesh model.
-pub fn policy_of(object: &AuthorizationPolicy, root_namespace: &str) -> Result<Policy, String> {
-    let namespace = object
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = object
-        .metadata
-        .name
-        .clone()
-        .ok_or("missing metadata.name")?;
-    let spec = &object.spec;
-    let mut rules = Vec::new();
-    for (r, rule) in spec.rules.iter().flatten().enumerate() {
-        let mut translated = Rule::default();
-        if let Some(from) = &rule.from {
-            if from.is_empty() {
-                return Err(format!(
-                    "rules[{r}].from is empty; omit it to match every source"
-                ));
-            }
-            for (f, source) in from.iter().enumerate() {
-                let list = |l: &Option<Vec<String>>| l.clone().unwrap_or_default();
-                let (principals, not_principals) =
-                    (list(&source.principals), list(&source.not_principals));
-                let (namespaces, not_namespaces) =
-                    (list(&source.namespaces), list(&source.not_namespaces));
-                let (ip_blocks, not_ip_blocks) =
-                    (list(&source.ip_blocks), list(&source.not_ip_blocks));
-                let built = SourceBuilder {
-                    principals: &principals,
-                    not_principals: &not_principals,
-                    namespaces: &namespaces,
-                    not_namespaces: &not_namespaces,
-                    ip_blocks: &ip_blocks,
-                    not_ip_blocks: &not_ip_blocks,
-                }
-                .build()
-                .map_err(|e| format!("rules[{r}].from[{f}]: {e}"))?;
-                translated.from.push(built);
-            }
-        }
-        if let Some(to) = &rule.to {
-            if to.is_empty() {
-                return Err(format!(
-                    "rules[{r}].to is empty; omit it to match every port"
-                ));
-            }
-            for (t, operation) in to.iter().enumerate() {
-                let ports = port_numbers(operation.ports.as_deref())
-                    .map_err(|e| format!("rules[{r}].to[{t}].ports: {e}"))?;
-                let not_ports = port_numbers(operation.not_ports.as_deref())
-                    .map_err(|e| format!("rules[{r}].to[{t}].notPorts: {e}"))?;
-                translated.to.push(
-                    policy::destination(&ports, &not_ports)
-                        .map_err(|e| format!("rules[{r}].to[{t}]: {e}"))?,
-                );
-            }
-        }
-        rules.push(translated);
-    }
-    Ok(Policy {
-        mesh_wide: namespace == root_namespace,
-        namespace,
-        name,
-        selector: spec.selector.as_ref().map(|s| s.match_labels.clone()),
-        action: match spec.action {
-            PolicyAction::Allow => Action::Allow,
-            PolicyAction::Deny => Action::Deny,
-        },
-        rules,
-        resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
-    })
-}
-
-fn port_numbers(ports: Option<&[IntOrString]>) -> Result<Vec<u32>, String> {
-    ports
-        .unwrap_or_default()
-        .iter()
-        .map(|port| match port {
-            IntOrString::Int(n) => u32::try_from(*n).map_err(|_| format!("{n} is not a port")),
-            IntOrString::String(text) => text
-                .parse::<u32>()
-                .map_err(|_| format!("{text:?} is not a port number")),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
+    use kanava_mesh::policy::Action;
+    use kanava_mesh::{MtlsMode, TunnelProtocol};
+
     use super::*;
-    use crate::source::parse_manifests;
+    use crate::manifests::parse_manifests;
 
     fn objects(text: &str) -> ClusterObjects {
         let mut objects = ClusterObjects::default();

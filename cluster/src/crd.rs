@@ -1,7 +1,7 @@
 //! `AuthorizationPolicy` (`security.kanava.io/v1alpha1`): the Kubernetes
 //! resource operators write. Defined once here; the CRD manifest in
 //! `deploy/crds/` is generated from it (a test fails when it is stale;
-//! `KANAVA_UPDATE_CRDS=1 cargo test -p kanava-control-plane crd` rewrites it).
+//! `KANAVA_UPDATE_CRDS=1 cargo test -p kanava-cluster crd` rewrites it).
 //!
 //! ```yaml
 //! apiVersion: security.kanava.io/v1alpha1
@@ -121,7 +121,7 @@ pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     let body = serde_yaml::to_string(&AuthorizationPolicy::crd()).unwrap_or_default();
     format!(
-        "# Generated from control-plane/src/crd.rs; do not edit.\n# Regenerate: KANAVA_UPDATE_CRDS=1 cargo test -p kanava-control-plane crd\n{body}"
+        "# Generated from cluster/src/crd.rs; do not edit.\n# Regenerate: KANAVA_UPDATE_CRDS=1 cargo test -p kanava-cluster crd\n{body}"
     )
 }
 
@@ -143,7 +143,7 @@ mod tests {
         let committed = std::fs::read_to_string(CRD_FILE).unwrap_or_default();
         assert!(
             committed == generated,
-            "{CRD_FILE} is stale; regenerate it with KANAVA_UPDATE_CRDS=1 cargo test -p kanava-control-plane crd"
+            "{CRD_FILE} is stale; regenerate it with KANAVA_UPDATE_CRDS=1 cargo test -p kanava-cluster crd"
         );
     }
 

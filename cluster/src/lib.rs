@@ -1,0 +1,28 @@
+//! The cluster as Kanava reads it, and what it means for the mesh.
+//!
+//! ```text
+//!  Kubernetes API  ─┐
+//!  (control plane)  ├─► ClusterObjects ──translate──► MeshState
+//!  manifest files  ─┘   (k8s-openapi types)          (workloads, services, policies)
+//!  (lab, tests)
+//! ```
+//!
+//! - [`objects`]: [`ClusterObjects`], a view of the Namespaces, Pods,
+//!   Services and AuthorizationPolicies that exist, in the Kubernetes API's
+//!   own types;
+//! - [`manifests`]: reading them from YAML or JSON manifests;
+//! - [`crd`]: the `AuthorizationPolicy` custom resource;
+//! - [`translate`]: objects → the mesh model of [`kanava_mesh`], validated.
+//!
+//! Every source of objects (the control plane's Kubernetes watches and
+//! manifest directory, the lab, the benchmarks) goes through this one crate,
+//! so all of them produce the same mesh from the same objects.
+
+pub mod crd;
+pub mod manifests;
+pub mod objects;
+pub mod translate;
+
+pub use manifests::{ManifestError, Other, parse_manifests};
+pub use objects::{ClusterObjects, Kind, Object, ObjectId, ObjectKey};
+pub use translate::{MeshState, TranslateConfig, Translator};

@@ -388,3 +388,34 @@ fn table(rows: &[Vec<String>]) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns_and_trim_line_ends() {
+        let rows = vec![
+            vec!["POD".to_string(), "IP".into(), "MESH".into()],
+            vec!["shop/frontend".to_string(), "10.244.1.2".into(), "-".into()],
+            vec!["shop/web".to_string(), "-".into(), "captured".into()],
+        ];
+        assert_eq!(
+            table(&rows),
+            "POD            IP          MESH\n\
+             shop/frontend  10.244.1.2  -\n\
+             shop/web       -           captured\n"
+        );
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(subcommand)]
+            lab: LabCommand,
+        }
+        Wrapper::command().debug_assert();
+    }
+}

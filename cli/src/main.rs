@@ -1,9 +1,12 @@
 //! `kanava`: the operator's command line.
 //!
 //! ```text
-//! kanava lab up -f FILE [--name NAME] [--nodes N]
+//! kanava lab up -f FILE [--name NAME] [--nodes N] [--log-filter FILTER]
+//! kanava lab apply [--name NAME] -f FILE
+//! kanava lab delete [--name NAME] -f FILE
 //! kanava lab status [--name NAME] [--output table|json]
 //! kanava lab exec [--name NAME] TARGET -- CMD ARGS...
+//! kanava lab ip [--name NAME] NAMESPACE/POD
 //! kanava lab logs [--name NAME] TARGET
 //! kanava lab down [--name NAME | --all]
 //! kanava lab clean

@@ -63,26 +63,29 @@ impl CertificateAuthority {
         match (cert_path.exists(), key_path.exists()) {
             (true, true) => Self::load(&cert_path, &key_path, trust_domain),
             (false, false) => Self::create(dir, trust_domain),
-            (true, false) => Err(Error::Ca(format!(
-                "{} exists but {} does not; supply both or neither",
-                cert_path.display(),
-                key_path.display()
-            ))),
-            (false, true) => Err(Error::Ca(format!(
-                "{} exists but {} does not; supply both or neither",
-                key_path.display(),
-                cert_path.display()
-            ))),
+            (true, false) => Err(Error::HalfARoot {
+                present: cert_path,
+                missing: key_path,
+            }),
+            (false, true) => Err(Error::HalfARoot {
+                present: key_path,
+                missing: cert_path,
+            }),
         }
     }
 
     fn load(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<Self, Error> {
         let root_pem = read(cert_path)?;
         let key_pem = read(key_path)?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| Error::Ca(format!("{}: {e}", key_path.display())))?;
-        let issuer = Issuer::from_ca_cert_pem(&root_pem, key)
-            .map_err(|e| Error::Ca(format!("{}: {e}", cert_path.display())))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|source| Error::RootUnusable {
+            path: key_path.to_path_buf(),
+            source,
+        })?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&root_pem, key).map_err(|source| Error::RootUnusable {
+                path: cert_path.to_path_buf(),
+                source,
+            })?;
         tracing::info!(root = %cert_path.display(), "loaded CA root");
         Ok(CertificateAuthority {
             issuer,
@@ -211,18 +214,21 @@ impl CertificateAuthority {
         dns_names: &[String],
         ips: &[IpAddr],
         ttl: Duration,
-    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), Error> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ca_error)?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         name.push(DnType::CommonName, "kanava-control-plane");
         params.distinguished_name = name;
         for dns in dns_names {
-            params.subject_alt_names.push(SanType::DnsName(
-                dns.clone()
-                    .try_into()
-                    .map_err(|e| Error::Ca(format!("server name {dns:?}: {e}")))?,
-            ));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(dns.clone().try_into().map_err(
+                    |source| Error::BadServerName {
+                        name: dns.clone(),
+                        source,
+                    },
+                )?));
         }
         params
             .subject_alt_names
@@ -237,7 +243,7 @@ impl CertificateAuthority {
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer).map_err(ca_error)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Ok((vec![cert.der().clone()], key))
+        Ok((cert.der().clone(), key))
     }
 }
 
@@ -267,8 +273,8 @@ fn truncate_to_seconds(t: SystemTime) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
-fn ca_error(e: rcgen::Error) -> Error {
-    Error::Ca(e.to_string())
+fn ca_error(source: rcgen::Error) -> Error {
+    Error::Signing(source)
 }
 
 fn read(path: &Path) -> Result<String, Error> {

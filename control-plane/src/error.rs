@@ -9,8 +9,18 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("certificate authority: {0}")]
-    Ca(String),
+    #[error(
+        "CA directory: {} exists but {} does not; supply both the root certificate and its key (a plug-in CA), or neither to have a root created",
+        present.display(),
+        missing.display()
+    )]
+    HalfARoot { present: PathBuf, missing: PathBuf },
+    #[error("mesh root {}: {source}; is it the PEM root certificate and its PKCS#8 key?", path.display())]
+    RootUnusable { path: PathBuf, source: rcgen::Error },
+    #[error("certificate authority could not sign: {0}")]
+    Signing(rcgen::Error),
+    #[error("serving certificate: {name:?} is not a usable DNS name (--server-names): {source}")]
+    BadServerName { name: String, source: rcgen::Error },
     #[error("node credentials file {path}: {reason}")]
     NodeTokens { path: PathBuf, reason: String },
     #[error("watching {path}: {reason}")]

@@ -240,20 +240,17 @@ fn issue_serving(
     names: &[String],
     ips: &[IpAddr],
 ) -> Result<ServingKey, Error> {
-    let (chain, key) = ca.sign_server(names, ips, SERVING_CERT_TTL)?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| Error::Ca("CA returned an empty chain".into()))?;
-    let not_after = kanava_tls::not_after_of(leaf)?;
+    let (leaf, key) = ca.sign_server(names, ips, SERVING_CERT_TTL)?;
+    let not_after = kanava_tls::not_after_of(&leaf)?;
     let signing_key = kanava_tls::provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| Error::Ca(e.to_string()))?;
+        .map_err(kanava_tls::Error::from)?;
     let lifetime = not_after
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
     Ok(ServingKey {
-        key: Arc::new(CertifiedKey::new(chain, signing_key)),
+        key: Arc::new(CertifiedKey::new(vec![leaf], signing_key)),
         renew_at: SystemTime::now() + lifetime / 2,
     })
 }

@@ -22,32 +22,40 @@ use crate::spec::parse_objects;
 use crate::state::{self, LabState};
 use crate::{Error, pods, propagation};
 
-/// Applies manifests to the lab `name` (see [`Lab::apply`]).
+/// Applies manifests to the lab `name` (see [`Lab::apply`](crate::Lab::apply)).
 pub fn apply_manifests(
     name: &str,
     yaml: &str,
     progress: Option<Progress>,
 ) -> Result<Report, Error> {
-    let (objects, _) = parse_objects(yaml, false)?;
-    let layout = Layout::new(name);
-    let _lock = state::lock(&layout)?;
-    let mut state = LabState::load(name)?;
-    let current = Current {
-        nodes: state.nodes.iter().map(|n| n.name.clone()).collect(),
-        objects: Manifests::new(layout.manifest_dir()).read()?,
-    };
-    let plan = plan(&objects, &current)?;
-    let mut env = Context::discover(None)?;
-    env.progress = progress;
-    execute(&mut state, plan, &env)
+    with_lab(name, yaml, progress, |state, objects, layout, env| {
+        let current = Current {
+            nodes: state.nodes.iter().map(|n| n.name.clone()).collect(),
+            objects: Manifests::new(layout.manifest_dir()).read()?,
+        };
+        let plan = plan(objects, &current)?;
+        execute(state, plan, env)
+    })
 }
 
 /// Deletes the objects named in manifests from the lab `name` (see
-/// [`Lab::delete`]).
+/// [`Lab::delete`](crate::Lab::delete)).
 pub fn delete_manifests(
     name: &str,
     yaml: &str,
     progress: Option<Progress>,
+) -> Result<Report, Error> {
+    with_lab(name, yaml, progress, |state, objects, _, env| {
+        delete(state, objects, env)
+    })
+}
+
+/// Reads `yaml`, locks the lab `name` and runs `change` on its state.
+fn with_lab(
+    name: &str,
+    yaml: &str,
+    progress: Option<Progress>,
+    change: impl FnOnce(&mut LabState, &[Object], &Layout, &Context) -> Result<Report, Error>,
 ) -> Result<Report, Error> {
     let (objects, _) = parse_objects(yaml, false)?;
     let layout = Layout::new(name);
@@ -55,7 +63,7 @@ pub fn delete_manifests(
     let mut state = LabState::load(name)?;
     let mut env = Context::discover(None)?;
     env.progress = progress;
-    delete(&mut state, &objects, &env)
+    change(&mut state, &objects, &layout, &env)
 }
 
 /// What an apply or delete did.

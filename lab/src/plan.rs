@@ -286,32 +286,13 @@ impl LabSpec {
 mod tests {
     use super::*;
 
-    /// The lab file of the parser's tests: nodes alpha and beta, namespace
-    /// shop, pods shop/a, shop/b (on alpha), shop/c and default/d.
-    const FILE: &str = r#"
-kind: Lab
-nodes: [alpha, beta]
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {kanava.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: shop}
-spec: {containers: [{name: c, command: [sleep, "1000"]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: shop}
-spec: {nodeName: alpha, containers: [{name: c}]}
-"#;
+    use crate::spec::tests::FILE;
 
     #[test]
     fn a_valid_file_plans_pods_onto_nodes() {
         let plan = LabSpec::parse(FILE, 2).unwrap().plan().unwrap();
         assert_eq!(plan.namespaces.len(), 1);
-        assert_eq!(plan.new_pods.len(), 2);
+        assert_eq!(plan.new_pods.len(), 4);
         for pod in &plan.new_pods {
             let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
             assert!(matches!(node, Some("alpha" | "beta")), "{node:?}");

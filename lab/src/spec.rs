@@ -176,10 +176,13 @@ fn numbered_nodes(count: usize) -> Result<Vec<String>, Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const FILE: &str = r#"
+    /// A lab file: nodes alpha and beta, namespace shop, pods shop/a,
+    /// shop/b (on alpha), shop/c and default/d. The planner's tests use it
+    /// too.
+    pub(crate) const FILE: &str = r#"
 kind: Lab
 nodes: [alpha, beta]
 certificateTTL: 90s

@@ -5,7 +5,8 @@
 //! - [`Service`]: a ClusterIP Service and its ready endpoints.
 //! - [`policy`]: authorization policies and how they decide.
 //! - [`names`], [`ports`], [`marks`]: values fixed for users and for
-//!   compatibility with Istio ambient (see `DESIGN.md`).
+//!   compatibility with Istio ambient (the README's tables list them;
+//!   `ARCHITECTURE.md` says where each is used).
 //!
 //! Conversions to and from the wire types of [`kanava_proto`] live beside the
 //! types, so each component validates what it receives the same way.

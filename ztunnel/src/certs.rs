@@ -103,25 +103,35 @@ impl CertManager {
                 identity: identity.to_string(),
                 reason: "no pod with this identity is captured on this node".into(),
             })?;
-        let valid = |cert: &Option<WorkloadCert>| {
-            cert.as_ref()
-                .is_some_and(|c| !c.expired_at(SystemTime::now()))
-        };
-        let cert = tokio::time::timeout(timeout, rx.wait_for(valid))
-            .await
-            .map_err(|_| Error::NoCertificate {
-                identity: identity.to_string(),
-                reason: format!("none issued within {timeout:?}"),
-            })?
-            .map_err(|_| Error::NoCertificate {
-                identity: identity.to_string(),
-                reason: "the last pod of this identity left".into(),
-            })?
-            .clone();
-        cert.ok_or_else(|| Error::NoCertificate {
-            identity: identity.to_string(),
-            reason: "certificate vanished".into(),
-        })
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = rx
+                .borrow_and_update()
+                .as_ref()
+                .filter(|cert| !cert.expired_at(SystemTime::now()))
+                .cloned();
+            if let Some(cert) = current {
+                return Ok(cert);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => {
+                    return Err(Error::NoCertificate {
+                        identity: identity.to_string(),
+                        reason: "the last pod of this identity left the node".into(),
+                    });
+                }
+                Err(_) => {
+                    return Err(Error::NoCertificate {
+                        identity: identity.to_string(),
+                        reason: format!(
+                            "none issued within {timeout:?}; is the control plane reachable from \
+                             this node (see the ztunnel's certificate errors)?"
+                        ),
+                    });
+                }
+            }
+        }
     }
 
     /// Serves `identity`'s current certificate to TLS handshakes.

@@ -67,6 +67,16 @@ pub mod ports {
     pub const METRICS: u16 = 15020;
     /// ztunnel readiness.
     pub const READINESS: u16 = 15021;
+
+    /// The ports the ztunnel listens on inside every enrolled pod. A
+    /// connection aimed at one of them from the pod itself, or proxied to
+    /// one of them, would come straight back to the ztunnel: a loop.
+    pub const POD_LISTENERS: [u16; 3] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE];
+
+    /// Whether `port` is one of [`POD_LISTENERS`].
+    pub fn is_pod_listener(port: u16) -> bool {
+        POD_LISTENERS.contains(&port)
+    }
 }
 
 /// Packet marks shared by the ztunnel's sockets and the capture rules.

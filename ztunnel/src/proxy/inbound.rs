@@ -17,6 +17,7 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Uri};
 use kanava_mesh::policy::Decision;
+use kanava_mesh::ports;
 use kanava_tls::PeerCertificate;
 use tokio::net::TcpStream;
 
@@ -90,8 +91,9 @@ pub struct Client {
 
 /// Judges one `CONNECT` request to `pod`: the app address to connect to,
 /// or the refusal that answers it. Checked in this order: a well-formed
-/// `CONNECT` aimed at this pod (400), a client certificate still valid
-/// (401), authorization policy (401).
+/// `CONNECT` aimed at this pod and not at the ztunnel's own listeners in it
+/// (400), a client certificate still valid (401), authorization policy
+/// (401).
 pub fn decide(
     store: &WorkloadStore,
     pod: &PodInfo,
@@ -101,6 +103,12 @@ pub fn decide(
     now: SystemTime,
 ) -> Result<SocketAddr, Refusal> {
     let target = server::connect_target(method, uri)?;
+    if ports::is_pod_listener(target.port()) {
+        return Err(Refusal::BadRequest(format!(
+            "target port {} is the ztunnel's own listener; proxying to it would loop",
+            target.port()
+        )));
+    }
     if !pod.owns(target.ip()) {
         return Err(Refusal::BadRequest(format!(
             "target {} is not an address of pod {}",
@@ -293,6 +301,26 @@ mod tests {
             matches!(&verdict, Err(Refusal::BadRequest(reason)) if reason.contains("10.244.2.4")),
             "{verdict:?}"
         );
+    }
+
+    #[test]
+    fn a_target_on_the_ztunnels_own_listeners_is_a_bad_request() {
+        let store = store(&[workload("web", "10.244.2.3")], &[], &[]);
+        for target in ["10.244.2.3:15001", "10.244.2.3:15006", "10.244.2.3:15008"] {
+            let (method, uri) = connect(target);
+            let verdict = decide(
+                &store,
+                &pod_info("web", "10.244.2.3"),
+                &client("client", Duration::from_secs(60)),
+                &method,
+                &uri,
+                SystemTime::now(),
+            );
+            assert!(
+                matches!(&verdict, Err(Refusal::BadRequest(reason)) if reason.contains("loop")),
+                "{target}: {verdict:?}"
+            );
+        }
     }
 
     #[test]

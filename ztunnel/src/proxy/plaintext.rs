@@ -7,8 +7,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use kanava_mesh::MtlsMode;
 use kanava_mesh::policy::Decision;
+use kanava_mesh::{MtlsMode, ports};
 use tokio::net::TcpStream;
 
 use super::access_log::{AccessLog, Ending};
@@ -46,6 +46,11 @@ pub fn decide(
     peer: IpAddr,
     destination: SocketAddr,
 ) -> Result<(), String> {
+    if ports::is_pod_listener(destination.port()) {
+        return Err(format!(
+            "plaintext connection for {destination}, the ztunnel's own listener; proxying it would loop"
+        ));
+    }
     let mode = store
         .find_by_uid(&pod.uid)
         .map(|w| w.mtls_mode)
@@ -155,6 +160,19 @@ mod tests {
         );
         // Not for another address than the pod's own.
         assert!(decide(&open, &pod, ip("10.244.1.9"), to("10.244.2.4:80")).is_err());
+        // Never for the ztunnel's own listeners: that would loop.
+        for port in [15001, 15006, 15008] {
+            let verdict = decide(
+                &open,
+                &pod,
+                ip("10.244.1.9"),
+                SocketAddr::new(ip("10.244.2.3"), port),
+            );
+            assert!(
+                matches!(&verdict, Err(reason) if reason.contains("loop")),
+                "{port}: {verdict:?}"
+            );
+        }
         // An ALLOW naming principals never matches an unauthenticated peer.
         let principals_only = policy(
             "shop",

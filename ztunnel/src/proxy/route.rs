@@ -90,8 +90,12 @@ impl Hop {
 /// Why a connection is not carried.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// The pod dialled its own outbound listener: proxying would loop.
-    OutboundListenerItself,
+    /// The pod dialled one of the ztunnel's own listeners in it (directly,
+    /// on its own IP or on loopback): proxying would loop back into it.
+    ZtunnelListener(SocketAddr),
+    /// A loopback or unspecified destination, which only reaches the ztunnel
+    /// when a pod dials its listeners directly: never proxied.
+    LocalAddress(SocketAddr),
     /// The Service has no such port.
     NoServicePort { service: String, port: u16 },
     /// The Service has no ready endpoint serving that port.
@@ -101,7 +105,7 @@ pub enum Refusal {
 impl Refusal {
     pub fn outcome(&self) -> Outcome {
         match self {
-            Refusal::OutboundListenerItself => Outcome::Denied,
+            Refusal::ZtunnelListener(_) | Refusal::LocalAddress(_) => Outcome::Denied,
             Refusal::NoServicePort { .. } | Refusal::NoReadyEndpoint { .. } => Outcome::Failed,
         }
     }
@@ -110,9 +114,15 @@ impl Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::OutboundListenerItself => {
-                write!(f, "connection to the outbound listener itself")
-            }
+            Refusal::ZtunnelListener(address) => write!(
+                f,
+                "{address} is the ztunnel's own listener in this pod; proxying it would loop"
+            ),
+            Refusal::LocalAddress(address) => write!(
+                f,
+                "{address} is a loopback or unspecified address; only a pod dialling the \
+                 ztunnel's listeners directly sends one here, and it is never proxied"
+            ),
             Refusal::NoServicePort { service, port } => {
                 write!(f, "service {service} has no port {port}")
             }
@@ -132,8 +142,12 @@ impl fmt::Display for Refusal {
 /// - a workload in the mesh: HBONE, expecting its identity;
 /// - a pod outside the mesh, or an address the mesh does not know: plain TCP.
 pub fn route(store: &WorkloadStore, source: &PodInfo, destination: SocketAddr) -> Route {
-    if destination.port() == ports::OUTBOUND && source.owns(destination.ip()) {
-        return Route::Refused(Refusal::OutboundListenerItself);
+    let ip = destination.ip().to_canonical();
+    if ports::is_pod_listener(destination.port()) && (source.owns(ip) || ip.is_loopback()) {
+        return Route::Refused(Refusal::ZtunnelListener(destination));
+    }
+    if ip.is_loopback() || ip.is_unspecified() {
+        return Route::Refused(Refusal::LocalAddress(destination));
     }
     let Some(service) = store.find_service(destination.ip()) else {
         let workload = store.find_by_ip(destination.ip());
@@ -358,18 +372,44 @@ mod tests {
     }
 
     #[test]
-    fn dialling_the_own_outbound_listener_is_refused() {
-        let decision = route(&mesh(), &client(), addr("10.244.1.2:15001"));
-        assert_eq!(decision, Route::Refused(Refusal::OutboundListenerItself));
-        let Route::Refused(refusal) = decision else {
-            unreachable!()
-        };
-        assert_eq!(refusal.outcome(), Outcome::Denied);
+    fn dialling_the_ztunnels_own_listeners_is_refused() {
+        for destination in [
+            "10.244.1.2:15001",
+            "10.244.1.2:15006",
+            "10.244.1.2:15008",
+            "127.0.0.1:15001",
+            "127.0.0.53:15006",
+            "[::1]:15008",
+            "[::ffff:127.0.0.1]:15001",
+        ] {
+            let decision = route(&mesh(), &client(), addr(destination));
+            assert!(
+                matches!(decision, Route::Refused(Refusal::ZtunnelListener(_))),
+                "{destination}: {decision:?}"
+            );
+            let Route::Refused(refusal) = decision else {
+                unreachable!()
+            };
+            assert_eq!(refusal.outcome(), Outcome::Denied);
+        }
         // Another pod's port 15001 is an ordinary destination.
         assert!(matches!(
             route(&mesh(), &client(), addr("10.244.2.3:15001")),
             Route::Direct(Hop::Hbone { .. })
         ));
+    }
+
+    #[test]
+    fn loopback_and_unspecified_destinations_are_never_proxied() {
+        for destination in ["127.0.0.1:8080", "[::1]:80", "0.0.0.0:80", "[::]:443"] {
+            assert!(
+                matches!(
+                    route(&mesh(), &client(), addr(destination)),
+                    Route::Refused(Refusal::LocalAddress(_))
+                ),
+                "{destination}"
+            );
+        }
     }
 
     #[test]

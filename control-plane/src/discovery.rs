@@ -74,21 +74,26 @@ async fn serve_stream(
     if !send_all(&responses, &snapshot.encoded()).await {
         return;
     }
+    // Set when the ztunnel refused a full snapshot: resending it would be
+    // refused again, so the next change goes out as a full snapshot.
+    let mut resync_on_next_change = false;
     loop {
         tokio::select! {
             change = changes.recv() => {
                 let sent = match change {
                     Ok(delta) if delta.version <= sent_version => continue,
-                    Ok(delta) if delta.version == sent_version + 1 => {
+                    Ok(delta) if delta.version == sent_version + 1 && !resync_on_next_change => {
                         sent_version = delta.version;
                         responses.send(Ok(delta.encoded.clone())).await.is_ok()
                     }
-                    // A gap (missed changes) or a lagging receiver: start over
-                    // from the whole state.
+                    // A gap (missed changes), a lagging receiver, or a
+                    // ztunnel whose state we no longer know: start over from
+                    // the whole state.
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        resync_on_next_change = false;
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
-                        tracing::info!(%node, version = sent_version, "stream fell behind; sending a full snapshot");
+                        tracing::info!(%node, version = sent_version, "sending a full snapshot");
                         send_all(&responses, &snapshot.encoded()).await
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -98,7 +103,25 @@ async fn serve_stream(
                 }
             }
             request = requests.message() => match request {
-                Ok(Some(request)) => log_reply(&node, &request),
+                Ok(Some(request)) => {
+                    log_reply(&node, &request);
+                    if request.error_detail.is_none() {
+                        continue;
+                    }
+                    if crate::store::is_delta_nonce(&request.response_nonce) {
+                        // The ztunnel kept its state from before this delta,
+                        // and any later delta was applied on a base this side
+                        // does not know: converge by sending everything.
+                        let snapshot = store.snapshot();
+                        sent_version = snapshot.version;
+                        tracing::info!(%node, version = sent_version, "update rejected; resending the full state");
+                        if !send_all(&responses, &snapshot.encoded()).await {
+                            return;
+                        }
+                    } else {
+                        resync_on_next_change = true;
+                    }
+                }
                 Ok(None) => {
                     tracing::info!(%node, "ztunnel closed its discovery stream");
                     return;

@@ -237,7 +237,7 @@ impl Store {
         });
         let encoded = encode(&pb::DiscoveryResponse {
             version_info: version.to_string(),
-            nonce: format!("{version}-delta"),
+            nonce: format!("{version}{DELTA_NONCE_SUFFIX}"),
             full_snapshot: false,
             resources: upserts.iter().map(|r| (**r).clone()).collect(),
             removed: removed.clone(),
@@ -266,6 +266,15 @@ impl Store {
         // leave the snapshot half-written, so a poisoned lock is still good.
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// How the nonce of an incremental update ends (`<version>-delta`); full
+/// snapshots are `<version>-full-<part>`.
+const DELTA_NONCE_SUFFIX: &str = "-delta";
+
+/// Whether a response nonce names an incremental update.
+pub fn is_delta_nonce(nonce: &str) -> bool {
+    nonce.ends_with(DELTA_NONCE_SUFFIX)
 }
 
 #[cfg(test)]

@@ -359,6 +359,43 @@ pub async fn http_get(lab: &Lab, from: &str, to: SocketAddr) -> Result<String, S
         .map_err(|_| "timed out".to_string())?
 }
 
+/// A gRPC channel to the lab's control plane, from the fabric namespace,
+/// over TLS verified against the mesh root, as a ztunnel would open it.
+pub async fn control_plane_channel(lab: &Lab) -> tonic::transport::Channel {
+    use kanava_tls::pki_types::ServerName;
+    let fabric = kanava_netns::NetNs::named(&lab.netns("fabric").unwrap()).unwrap();
+    let address: SocketAddr = "10.200.0.1:15012".parse().unwrap();
+    let tcp = fabric
+        .run(|| std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(
+        kanava_tls::control_plane_client_config(&mesh_roots(lab)).unwrap(),
+    );
+    let name = ServerName::try_from(kanava_mesh::names::CONTROL_PLANE_SERVER_NAME).unwrap();
+    let stream = tls.connect(name, tcp).await.unwrap();
+    let mut once = Some(hyper_util::rt::TokioIo::new(stream));
+    tonic::transport::Endpoint::from_static("http://control-plane")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let stream = once.take();
+            async move { stream.ok_or_else(|| std::io::Error::other("used")) }
+        }))
+        .await
+        .unwrap()
+}
+
+/// Wraps `message` in a request carrying `node`'s credential.
+pub fn as_node<T>(lab: &Lab, node: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let token = lab.node_token(node).unwrap();
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 /// Applies manifests to a lab; panics on refusal.
 pub fn apply(lab: &mut Lab, yaml: &str) -> kanava_lab::Report {
     lab.apply(yaml)

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
 use kanava_e2e::{
-    MESH_LAB, connect, http_get, log_line, mesh_cert, mesh_roots, pod_ip, runtime, up,
+    MESH_LAB, connect, control_plane_channel, http_get, log_line, mesh_cert, mesh_roots, pod_ip,
+    runtime, up,
 };
 use kanava_mesh::Identity;
 use kanava_proto::v1 as pb;
@@ -155,33 +156,14 @@ fn plaintext_to_an_enrolled_pod_is_refused() {
 #[test]
 fn the_ca_signs_only_for_identities_on_the_requesting_node() {
     let lab = up(MESH_LAB);
-    let fabric = kanava_netns::NetNs::named(&lab.netns("fabric").unwrap()).unwrap();
-    let roots = mesh_roots(&lab);
     // Only node-2 runs a pod (shop/sink) with this identity.
     let sink: Identity = "spiffe://cluster.local/ns/shop/sa/sink".parse().unwrap();
 
     runtime().block_on(async {
         let sign = |token: String, identity: Identity| {
-            let roots = roots.clone();
-            let fabric = &fabric;
+            let lab = &lab;
             async move {
-                let tcp = fabric
-                    .run(|| std::net::TcpStream::connect_timeout(&"10.200.0.1:15012".parse().unwrap(), Duration::from_secs(5)))
-                    .unwrap()
-                    .unwrap();
-                tcp.set_nonblocking(true).unwrap();
-                let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
-                let tls = TlsConnector::from(kanava_tls::control_plane_client_config(&roots).unwrap());
-                let name = ServerName::try_from("kanava-control-plane.kanava-system.svc").unwrap();
-                let stream = tls.connect(name, tcp).await.unwrap();
-                let mut once = Some(hyper_util::rt::TokioIo::new(stream));
-                let channel = tonic::transport::Endpoint::from_static("http://control-plane")
-                    .connect_with_connector(tower::service_fn(move |_| {
-                        let stream = once.take();
-                        async move { stream.ok_or_else(|| std::io::Error::other("used")) }
-                    }))
-                    .await
-                    .unwrap();
+                let channel = control_plane_channel(lab).await;
                 let request = kanava_tls::CertificateRequest::generate(&identity).unwrap();
                 let mut call = tonic::Request::new(pb::SignRequest {
                     csr: request.csr_der().to_vec(),

@@ -89,7 +89,10 @@ fn a_pod_cannot_loop_connections_through_its_own_ztunnel() {
         SocketAddr::from((client_ip, 15006)),
     ] {
         let open_for = poke(&lab, "shop/client", to);
-        assert!(open_for < Duration::from_secs(5), "{to} stayed open {open_for:?}");
+        assert!(
+            open_for < Duration::from_secs(5),
+            "{to} stayed open {open_for:?}"
+        );
     }
     let after = settle(&lab, "node-1", before + 10);
     assert!(
@@ -119,7 +122,10 @@ fn no_peer_can_loop_a_permissive_pods_plaintext_port() {
         for port in [15001, 15006] {
             let to = SocketAddr::from((web, port));
             let open_for = poke(&lab, from, to);
-            assert!(open_for < Duration::from_secs(5), "{from} → {to} stayed open {open_for:?}");
+            assert!(
+                open_for < Duration::from_secs(5),
+                "{from} → {to} stayed open {open_for:?}"
+            );
         }
     }
     let after = settle(&lab, "node-2", before + 10);

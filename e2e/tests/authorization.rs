@@ -375,7 +375,8 @@ fn an_invalid_policy_leaves_enforcement_unchanged_and_is_reported() {
         "enforcement unchanged"
     );
 
-    // A new policy with an entry that would match everything.
+    // A new policy that was never valid refuses everything for the
+    // workloads it selects until it is fixed: never weaker than intended.
     let empty_entry = policy(
         "deny-all-by-accident",
         "app",
@@ -383,8 +384,8 @@ fn an_invalid_policy_leaves_enforcement_unchanged_and_is_reported() {
     );
     lab.apply(&empty_entry).unwrap();
     assert!(
-        rt.block_on(http_get(&lab, "app/frontend", web)).is_ok(),
-        "the invalid DENY is not applied"
+        rt.block_on(http_get(&lab, "app/frontend", web)).is_err(),
+        "the invalid DENY refuses everything"
     );
 
     let log = lab.logs("control-plane").unwrap();

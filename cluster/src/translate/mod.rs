@@ -26,7 +26,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kanava_mesh::policy::Policy;
 use kanava_mesh::{Service, Workload};
 
-pub use policies::policy_of;
+pub use policies::{policy_of, refuse_all_of};
 pub use services::{NamespaceWorkloads, service_of};
 use workloads::is_ready;
 pub use workloads::workload_of;
@@ -162,18 +162,22 @@ impl Translator {
                     state.policies.push(policy);
                 }
                 Err(problem) => {
-                    let kept = self.last_good_policies.get(key);
+                    // Never weaker than what the operator meant: the last
+                    // valid version stays, and a policy that never was valid
+                    // refuses everything for the workloads it selects.
+                    let (in_force, meaning) = match self.last_good_policies.get(key) {
+                        Some(kept) => (Some(kept.clone()), "its last valid version stays in force"),
+                        None => (
+                            refuse_all_of(object, &self.config.root_namespace),
+                            "until it is fixed it refuses every connection to the workloads it \
+                             selects",
+                        ),
+                    };
                     state.problems.push(format!(
-                        "AuthorizationPolicy {}/{} rejected: {problem}; {}",
-                        key.0,
-                        key.1,
-                        if kept.is_some() {
-                            "its last valid version stays in force"
-                        } else {
-                            "it is not applied"
-                        }
+                        "AuthorizationPolicy {}/{} rejected: {problem}; {meaning}",
+                        key.0, key.1,
                     ));
-                    state.policies.extend(kept.cloned());
+                    state.policies.extend(in_force);
                 }
             }
         }
@@ -516,14 +520,42 @@ spec:
             "{CLUSTER}---\napiVersion: security.kanava.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: bad, namespace: shop}}\nspec:\n  rules:\n  - from: [{{}}]\n"
         );
         let third = translator.translate(&objects(&new_and_broken));
+        assert_eq!(third.policies.len(), 3);
+        let bad = third
+            .policies
+            .iter()
+            .find(|p| p.name == "bad")
+            .expect("the invalid policy is in force, as refuse-all");
         assert_eq!(
-            third.policies.len(),
-            2,
-            "a new invalid policy is not applied"
+            (bad.action, bad.rules.len()),
+            (Action::Allow, 0),
+            "an invalid ALLOW allows nothing"
         );
         assert!(third.problems.iter().any(|p| p.contains("shop/bad")
             && p.contains("omit `from`")
-            && p.contains("not applied")));
+            && p.contains("refuses every connection")));
+    }
+
+    #[test]
+    fn a_new_invalid_deny_refuses_everything_for_its_selector() {
+        let state = translate_text(
+            "apiVersion: security.kanava.io/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {name: oops, namespace: shop}\n\
+             spec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{from: [{ipBlocks: [nonsense]}]}]}\n",
+        );
+        let [oops] = state.policies.as_slice() else {
+            panic!("{:?}", state.policies);
+        };
+        assert_eq!(oops.action, Action::Deny);
+        assert_eq!(
+            oops.rules,
+            vec![kanava_mesh::policy::Rule::default()],
+            "matches everything"
+        );
+        assert_eq!(
+            oops.selector,
+            Some([("app".to_string(), "web".to_string())].into())
+        );
     }
 
     #[test]
@@ -550,7 +582,9 @@ spec:
   - to: []
 "#,
         );
-        assert!(state.workloads.is_empty() && state.policies.is_empty());
+        assert!(state.workloads.is_empty());
+        assert_eq!(state.policies.len(), 1, "the invalid policy allows nothing");
+        assert!(state.policies[0].rules.is_empty());
         assert_eq!(state.problems.len(), 3, "{:?}", state.problems);
         assert!(state.problems[0].contains("x/a") && state.problems[0].contains("uid"));
         assert!(state.problems[1].contains("\"ten\""));

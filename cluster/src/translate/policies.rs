@@ -81,6 +81,36 @@ pub fn policy_of(object: &AuthorizationPolicy, root_namespace: &str) -> Result<P
     })
 }
 
+/// What a policy that was never valid means while it stays invalid: it
+/// refuses everything for the workloads it selects. An ALLOW becomes an
+/// ALLOW of nothing (Istio's reading of an invalid ALLOW), a DENY a DENY of
+/// everything. `None` only without a name to key it by.
+pub fn refuse_all_of(object: &AuthorizationPolicy, root_namespace: &str) -> Option<Policy> {
+    let namespace = object
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = object.metadata.name.clone()?;
+    let (action, rules) = match object.spec.action {
+        PolicyAction::Allow => (Action::Allow, Vec::new()),
+        PolicyAction::Deny => (Action::Deny, vec![Rule::default()]),
+    };
+    Some(Policy {
+        mesh_wide: namespace == root_namespace,
+        namespace,
+        name,
+        selector: object
+            .spec
+            .selector
+            .as_ref()
+            .map(|s| s.match_labels.clone()),
+        action,
+        rules,
+        resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
+    })
+}
+
 fn port_numbers(ports: Option<&[IntOrString]>) -> Result<Vec<u32>, String> {
     ports
         .unwrap_or_default()

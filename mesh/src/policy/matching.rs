@@ -99,6 +99,16 @@ impl PolicySet {
         set
     }
 
+    /// Whether a policy with a selector applies in `namespace` (its own
+    /// namespace's or a mesh-wide one): deciding for a workload there needs
+    /// its labels.
+    pub fn has_selector_in_scope(&self, namespace: &str) -> bool {
+        self.mesh_wide
+            .iter()
+            .chain(self.by_namespace.get(namespace).into_iter().flatten())
+            .any(|policy| policy.selector.is_some())
+    }
+
     pub fn len(&self) -> usize {
         self.mesh_wide.len() + self.by_namespace.values().map(Vec::len).sum::<usize>()
     }

@@ -83,21 +83,47 @@ pub fn install(netns: &NetNs) -> Result<(), Error> {
         restore(netns, "iptables-restore", &release_rules())?;
     }
     restore(netns, "iptables-restore", &capture_rules("127.0.0.0/8"))?;
-    match has_rules(netns, "ip6tables-save") {
-        Ok(true) => {
-            restore(netns, "ip6tables-restore", &release_rules())?;
-            restore(netns, "ip6tables-restore", &capture_rules("::1/128"))?;
-        }
-        Ok(false) => restore(netns, "ip6tables-restore", &capture_rules("::1/128"))?,
-        // A namespace without IPv6 has no IPv6 traffic to capture.
-        Err(error) => tracing::debug!(netns = netns.name(), %error, "no IPv6 capture"),
-    }
-
     route_replies(netns, "-4", true)?;
-    if let Err(error) = route_replies(netns, "-6", true) {
-        tracing::debug!(netns = netns.name(), %error, "no IPv6 reply routing");
+
+    let ipv6 = ipv6_enabled(netns);
+    let captured = match has_rules(netns, "ip6tables-save") {
+        Ok(true) => restore(netns, "ip6tables-restore", &release_rules())
+            .and_then(|()| restore(netns, "ip6tables-restore", &capture_rules("::1/128"))),
+        Ok(false) => restore(netns, "ip6tables-restore", &capture_rules("::1/128")),
+        Err(error) => Err(error),
     }
-    Ok(())
+    .and_then(|()| route_replies(netns, "-6", true));
+    ipv6_outcome(ipv6, captured, netns.name())
+}
+
+/// Whether the namespace can carry IPv6 at all (the kernel has it, and it is
+/// not disabled there). `/proc/sys/net` shows the namespace of the reader.
+fn ipv6_enabled(netns: &NetNs) -> bool {
+    netns
+        .run(|| std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6"))
+        .ok()
+        .and_then(Result::ok)
+        .is_some_and(|value| value.trim() == "0")
+}
+
+/// A pod whose IPv6 traffic cannot be captured must not start: it would
+/// bypass the mesh over IPv6. Without IPv6 there is nothing to capture.
+fn ipv6_outcome(ipv6: bool, captured: Result<(), Error>, netns: &str) -> Result<(), Error> {
+    match captured {
+        Ok(()) => Ok(()),
+        Err(error) if ipv6 => Err(Error::Capture {
+            command: "ip6tables-restore / ip -6 rule".into(),
+            netns: netns.to_string(),
+            reason: format!(
+                "the pod has IPv6 but its IPv6 traffic cannot be captured ({error}); install \
+                 ip6tables on the node or disable IPv6 in the pod"
+            ),
+        }),
+        Err(error) => {
+            tracing::debug!(netns, %error, "no IPv6 in the pod; nothing to capture");
+            Ok(())
+        }
+    }
 }
 
 /// Stops capturing the pod's traffic.
@@ -197,6 +223,28 @@ fn run(netns: &NetNs, program: &str, args: &[&str], stdin: Option<&str>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_that_cannot_be_captured_fails_the_capture() {
+        let failed = || {
+            Err(Error::Capture {
+                command: "ip6tables-save".into(),
+                netns: "pod".into(),
+                reason: "No such file or directory".into(),
+            })
+        };
+        let refused = ipv6_outcome(true, failed(), "pod").expect_err("must fail closed");
+        let text = refused.to_string();
+        assert!(
+            text.contains("has IPv6") && text.contains("ip6tables"),
+            "{text}"
+        );
+        assert!(
+            ipv6_outcome(false, failed(), "pod").is_ok(),
+            "no IPv6, nothing to capture"
+        );
+        assert!(ipv6_outcome(true, Ok(()), "pod").is_ok());
+    }
 
     #[test]
     fn rules_follow_the_design() {

@@ -27,9 +27,20 @@ pub fn authorize(
     if policies.is_empty() {
         return Decision::Allow;
     }
-    // Labels come from discovery; a pod the control plane has not described
-    // yet still gets its namespace's and the mesh's policies.
+    // Labels come from discovery. A pod the control plane has not described
+    // yet cannot be matched against selectors: if any policy in its scope
+    // has one, refuse rather than guess (it may be the one that denies).
     let workload = store.find_by_uid(&pod.uid);
+    if workload.is_none() && policies.has_selector_in_scope(&pod.namespace) {
+        return Decision::Deny {
+            policy: "-".into(),
+            reason: format!(
+                "pod {} is not yet described by discovery, and policies with selectors apply in \
+                 its namespace; refusing until its labels are known",
+                pod.display_name()
+            ),
+        };
+    }
     let no_labels = BTreeMap::new();
     let labels = workload.as_ref().map(|w| &w.labels).unwrap_or(&no_labels);
     policies.evaluate(

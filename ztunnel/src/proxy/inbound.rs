@@ -89,11 +89,17 @@ pub struct Client {
     pub certificate: PeerCertificate,
 }
 
+/// Why everything is refused until the first discovery snapshot arrived:
+/// without policies known, admitting would mean admitting everyone.
+pub const NOT_CONFIGURED: &str =
+    "no configuration from the control plane yet; refusing until the first snapshot arrives";
+
 /// Judges one `CONNECT` request to `pod`: the app address to connect to,
 /// or the refusal that answers it. Checked in this order: a well-formed
-/// `CONNECT` aimed at this pod and not at the ztunnel's own listeners in it
-/// (400), a client certificate still valid (401), authorization policy
-/// (401).
+/// `CONNECT` (400), a configuration from the control plane (503 until the
+/// first snapshot), aimed at this pod and not at the ztunnel's own listeners
+/// in it (400), a client certificate still valid (401), authorization
+/// policy (401).
 pub fn decide(
     store: &WorkloadStore,
     pod: &PodInfo,
@@ -103,6 +109,9 @@ pub fn decide(
     now: SystemTime,
 ) -> Result<SocketAddr, Refusal> {
     let target = server::connect_target(method, uri)?;
+    if !store.is_ready() {
+        return Err(Refusal::NoUpstream(NOT_CONFIGURED.into()));
+    }
     if ports::is_pod_listener(target.port()) {
         return Err(Refusal::BadRequest(format!(
             "target port {} is the ztunnel's own listener; proxying to it would loop",
@@ -282,6 +291,51 @@ mod tests {
                 SystemTime::now()
             ),
             Ok("10.244.2.3:8080".parse().expect("address"))
+        );
+    }
+
+    #[test]
+    fn nothing_is_admitted_before_the_first_snapshot() {
+        let unconfigured = WorkloadStore::new();
+        let (method, uri) = connect("10.244.2.3:8080");
+        assert_eq!(
+            decide(
+                &unconfigured,
+                &pod_info("web", "10.244.2.3"),
+                &client("client", Duration::from_secs(60)),
+                &method,
+                &uri,
+                SystemTime::now()
+            ),
+            Err(Refusal::NoUpstream(NOT_CONFIGURED.into())),
+            "503 until the first snapshot, whatever the policies will say"
+        );
+    }
+
+    #[test]
+    fn a_pod_discovery_does_not_know_is_refused_under_selective_policies() {
+        let mut only_frontend = (*policy(
+            "shop",
+            "web-from-frontend",
+            Action::Allow,
+            vec![Rule::default()],
+        ))
+        .clone();
+        only_frontend.selector = Some([("app".to_string(), "web".to_string())].into());
+        // web is captured, but discovery has not described it yet.
+        let store = store(&[], &[], &[std::sync::Arc::new(only_frontend)]);
+        let (method, uri) = connect("10.244.2.3:8080");
+        let verdict = decide(
+            &store,
+            &pod_info("web", "10.244.2.3"),
+            &client("frontend", Duration::from_secs(60)),
+            &method,
+            &uri,
+            SystemTime::now(),
+        );
+        assert!(
+            matches!(&verdict, Err(Refusal::Unauthorized(reason)) if reason.contains("not yet described")),
+            "{verdict:?}"
         );
     }
 

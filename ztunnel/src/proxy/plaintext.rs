@@ -46,6 +46,9 @@ pub fn decide(
     peer: IpAddr,
     destination: SocketAddr,
 ) -> Result<(), String> {
+    if !store.is_ready() {
+        return Err(super::inbound::NOT_CONFIGURED.into());
+    }
     if ports::is_pod_listener(destination.port()) {
         return Err(format!(
             "plaintext connection for {destination}, the ztunnel's own listener; proxying it would loop"
@@ -120,6 +123,17 @@ mod tests {
 
     fn to(text: &str) -> SocketAddr {
         text.parse().expect("address")
+    }
+
+    #[test]
+    fn plaintext_is_reset_before_the_first_snapshot() {
+        let verdict = decide(
+            &WorkloadStore::new(),
+            &pod_info("web", "10.244.2.3"),
+            ip("10.244.1.9"),
+            to("10.244.2.3:80"),
+        );
+        assert!(matches!(verdict, Err(reason) if reason.contains("first snapshot")));
     }
 
     #[test]

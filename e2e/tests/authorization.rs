@@ -275,6 +275,23 @@ fn strict_refuses_plaintext_and_permissive_admits_it_subject_to_policy() {
         "plaintext peer is not in ops"
     );
 
+    // A DENY of everyone outside a namespace refuses the plaintext peer too:
+    // it cannot prove it is inside.
+    apply(
+        &mut lab,
+        &policy(
+            "app-only",
+            "app",
+            "  action: DENY\n  rules:\n  - from: [{notNamespaces: [app, ops]}]\n",
+        ),
+    );
+    assert!(
+        rt.block_on(http_get(&lab, "legacy/plain", web)).is_err(),
+        "plaintext peer refused by a negative DENY"
+    );
+    assert!(rt.block_on(http_get(&lab, "app/frontend", web)).is_ok());
+    delete(&mut lab, &policy("app-only", "app", "  action: DENY\n"));
+
     // An ALLOW by principal can never admit a plaintext peer.
     apply(
         &mut lab,
@@ -289,6 +306,45 @@ fn strict_refuses_plaintext_and_permissive_admits_it_subject_to_policy() {
         "plaintext peers have no principal"
     );
     assert!(rt.block_on(http_get(&lab, "app/frontend", web)).is_ok());
+}
+
+#[test]
+fn switching_to_strict_closes_open_plaintext_connections() {
+    let mut lab = up(LAB);
+    let permissive = |mode: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: app, labels: {{kanava.io/dataplane-mode: ambient, kanava.io/mtls-mode: {mode}}}}}\n"
+        )
+    };
+    apply(&mut lab, &permissive("permissive"));
+    let sink = SocketAddr::from((pod_ip(&lab, "app/sink"), 9000));
+    let rt = runtime();
+    let mut stream = rt.block_on(connect(&lab, "legacy/plain", sink));
+    let sender = rt.spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if stream.write_all(&chunk).await.is_err() {
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the plaintext transfer was not ended");
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!sender.is_finished(), "plaintext flows in permissive mode");
+
+    let applied = Instant::now();
+    apply(&mut lab, &permissive("strict"));
+    let ended = rt.block_on(sender).unwrap();
+    let after = ended.duration_since(applied);
+    assert!(
+        after < Duration::from_secs(1),
+        "the plaintext transfer ended {after:?} after the switch to strict"
+    );
+    log_line(&lab, "ztunnel/node-2", |l| {
+        l.contains("closing an open connection") && l.contains("requires mutual TLS")
+    });
 }
 
 #[test]

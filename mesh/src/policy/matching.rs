@@ -14,10 +14,19 @@ impl Source {
             && self.not_namespaces.is_empty())
     }
 
-    pub(super) fn matches(&self, connection: &Connection<'_>) -> bool {
+    /// Whether the entry matches. An unauthenticated peer has no identity to
+    /// prove: positive identity fields never match it; negative ones match it
+    /// in a DENY (it is not proven to be outside the list, so it is refused)
+    /// and never in an ALLOW (it cannot be admitted on an identity claim).
+    pub(super) fn matches(&self, connection: &Connection<'_>, action: Action) -> bool {
         if self.names_identity() {
             let Some(identity) = connection.identity else {
-                return false;
+                let positive = !(self.principals.is_empty() && self.namespaces.is_empty());
+                let negative = !(self.not_principals.is_empty() && self.not_namespaces.is_empty());
+                if positive || !negative || action == Action::Allow {
+                    return false;
+                }
+                return self.matches_ip(connection);
             };
             let principal = identity.principal();
             let any = |patterns: &[Pattern], value: &str| patterns.iter().any(|p| p.matches(value));
@@ -34,6 +43,10 @@ impl Source {
                 return false;
             }
         }
+        self.matches_ip(connection)
+    }
+
+    fn matches_ip(&self, connection: &Connection<'_>) -> bool {
         let ip = connection.source_ip.to_canonical();
         if !self.ip_blocks.is_empty() && !self.ip_blocks.iter().any(|net| net.contains(&ip)) {
             return false;
@@ -49,8 +62,8 @@ impl Destination {
 }
 
 impl Rule {
-    pub(super) fn matches(&self, connection: &Connection<'_>) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(connection)))
+    pub(super) fn matches(&self, connection: &Connection<'_>, action: Action) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(connection, action)))
             && (self.to.is_empty()
                 || self
                     .to
@@ -72,7 +85,9 @@ impl Policy {
     }
 
     pub(super) fn matches(&self, connection: &Connection<'_>) -> bool {
-        self.rules.iter().any(|rule| rule.matches(connection))
+        self.rules
+            .iter()
+            .any(|rule| rule.matches(connection, self.action))
     }
 }
 

@@ -14,9 +14,13 @@
 //! matches when any of its entries does; an entry matches when all the
 //! fields it sets do.
 //!
-//! A peer without a verified identity (plaintext, in permissive mode) never
-//! matches an entry that names principals or namespaces, in either the
-//! positive or the negative form.
+//! A peer without a verified identity (plaintext, in permissive mode) has no
+//! identity to match: an entry with `principals` or `namespaces` never
+//! matches it; an entry with only `notPrincipals`/`notNamespaces` (and IP
+//! fields) matches it in a DENY policy (it is not proven to be outside the
+//! list, so it is refused, as in Istio) but never in an ALLOW policy (it
+//! cannot be admitted on an identity it did not prove, which is stricter than
+//! Istio).
 
 mod build;
 mod matching;
@@ -202,6 +206,19 @@ mod tests {
         }
     }
 
+    fn namespaces(list: &[&str]) -> Source {
+        SourceBuilder::<&str> {
+            principals: &[],
+            not_principals: &[],
+            namespaces: list,
+            not_namespaces: &[],
+            ip_blocks: &[],
+            not_ip_blocks: &[],
+        }
+        .build()
+        .unwrap()
+    }
+
     fn principals(list: &[&str]) -> Source {
         SourceBuilder::<&str> {
             principals: list,
@@ -292,8 +309,36 @@ mod tests {
         }
         .build()
         .unwrap();
-        let set = PolicySet::new([policy("shop", "p", Action::Allow, vec![from(not_admin)])]);
-        assert!(!set.evaluate("shop", &labels, &plaintext).is_allowed());
+        let allow = PolicySet::new([policy(
+            "shop",
+            "p",
+            Action::Allow,
+            vec![from(not_admin.clone())],
+        )]);
+        assert!(
+            !allow.evaluate("shop", &labels, &plaintext).is_allowed(),
+            "an ALLOW never admits a plaintext peer on a negative identity field"
+        );
+        let deny = PolicySet::new([policy("shop", "p", Action::Deny, vec![from(not_admin)])]);
+        assert!(
+            !deny.evaluate("shop", &labels, &plaintext).is_allowed(),
+            "a DENY of everyone but admins refuses a plaintext peer"
+        );
+        let admin = id("ops", "admin");
+        let as_admin = Connection {
+            identity: Some(&admin),
+            ..plaintext
+        };
+        assert!(deny.evaluate("shop", &labels, &as_admin).is_allowed());
+        // A positive identity field in a DENY still cannot match a peer
+        // without identity.
+        let deny_ops = PolicySet::new([policy(
+            "shop",
+            "p",
+            Action::Deny,
+            vec![from(namespaces(&["ops"]))],
+        )]);
+        assert!(deny_ops.evaluate("shop", &labels, &plaintext).is_allowed());
     }
 
     #[test]

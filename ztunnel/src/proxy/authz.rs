@@ -1,14 +1,15 @@
 //! Authorization at the destination, and re-checking open connections
 //! whenever the policies (or the workloads they select) change: a connection
-//! the new configuration would refuse is closed.
+//! the new configuration would refuse is closed, and so is a plaintext one
+//! when its pod's namespace switched from permissive to strict.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kanava_mesh::Identity;
 use kanava_mesh::policy::{Connection, Decision};
+use kanava_mesh::{Identity, MtlsMode};
 use tokio_util::sync::CancellationToken;
 
 use super::{CapturedPod, PodInfo};
@@ -52,6 +53,14 @@ pub fn authorize(
             destination_port: port,
         },
     )
+}
+
+/// Whether `pod` currently takes plaintext peers (its namespace is in
+/// permissive mode).
+fn admits_plaintext(store: &WorkloadStore, pod: &PodInfo) -> bool {
+    store
+        .find_by_uid(&pod.uid)
+        .is_some_and(|w| w.mtls_mode == MtlsMode::Permissive)
 }
 
 struct Open {
@@ -120,13 +129,22 @@ impl OpenConnections {
             if connection.close.is_cancelled() {
                 continue;
             }
-            let decision = authorize(
-                store,
-                &connection.pod.info,
-                connection.identity.as_ref(),
-                connection.source_ip,
-                connection.port,
-            );
+            let decision = if connection.identity.is_none()
+                && !admits_plaintext(store, &connection.pod.info)
+            {
+                Decision::Deny {
+                    policy: "-".into(),
+                    reason: "the pod's namespace now requires mutual TLS".into(),
+                }
+            } else {
+                authorize(
+                    store,
+                    &connection.pod.info,
+                    connection.identity.as_ref(),
+                    connection.source_ip,
+                    connection.port,
+                )
+            };
             if let Decision::Deny { policy, reason } = decision {
                 tracing::info!(
                     pod = %connection.pod.info.display_name(),

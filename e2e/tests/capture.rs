@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use kanava_e2e::{MESH_LAB, exec_ok, pod_ip, up};
+use kanava_e2e::{MESH_LAB, exec_ok, log_line, pod_ip, up};
 
 fn listening_ports(lab: &kanava_lab::Lab, pod: &str) -> Vec<u16> {
     exec_ok(lab, pod, &["ss", "-Hltn"])
@@ -107,4 +107,32 @@ fn the_handoff_refuses_malformed_requests() {
     assert!(err.contains("network namespace"), "{err}");
     // Nothing was captured by any of them.
     assert!(!exec_ok(&lab, "legacy/plain-client", &["iptables-save"]).contains("KANAVA"));
+}
+
+#[test]
+fn only_root_may_hand_pods_over() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = up(MESH_LAB);
+    let socket = lab.state().node("node-1").unwrap().handoff_socket.clone();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the handoff socket is root's alone");
+
+    // Even with the file opened up, the ztunnel asks the kernel who is
+    // connecting and refuses anyone but root.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let refused = std::thread::spawn(move || {
+        // Only this thread becomes `nobody`; the test process stays root.
+        rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(65534)).unwrap();
+        kanava_lab::handoff::delete_pod(&socket, "no-such-pod", Duration::from_secs(10))
+    })
+    .join()
+    .unwrap();
+    let error = refused.expect_err("a non-root peer is refused");
+    assert!(
+        error.contains("uid 65534 may not hand pods over"),
+        "{error}"
+    );
+    log_line(&lab, "ztunnel/node-1", |l| {
+        l.contains("handoff connection refused") && l.contains("65534")
+    });
 }

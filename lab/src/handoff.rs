@@ -46,11 +46,16 @@ fn call(
     let conn = Conn::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    conn.send(&request.encode_to_vec(), fds)
-        .map_err(|e| format!("send: {e}"))?;
-    let (reply, _) = conn
-        .recv()
-        .map_err(|e| format!("no reply within {timeout:?}: {e}"))?;
+    // A ztunnel that refuses the connection itself (who we are, too many
+    // at once) answers before reading and closes: the send then fails, but
+    // its reply, with the reason, is still there to read.
+    let sent = conn.send(&request.encode_to_vec(), fds);
+    let (reply, _) = match (sent, conn.recv()) {
+        (_, Ok(received)) if !received.0.is_empty() => received,
+        (Err(error), _) => return Err(format!("send: {error}")),
+        (Ok(()), Ok(received)) => received,
+        (Ok(()), Err(error)) => return Err(format!("no reply within {timeout:?}: {error}")),
+    };
     if reply.is_empty() {
         return Err("the ztunnel closed the connection without replying".into());
     }

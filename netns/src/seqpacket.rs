@@ -38,12 +38,16 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `path` (replacing a stale socket file) and listens.
-    pub fn bind(path: &Path) -> std::io::Result<Self> {
+    /// Binds `path` (replacing a stale socket file) and listens. The socket
+    /// file has `mode` (less the umask) from the moment it exists: Linux
+    /// gives it the mode of the socket itself, which is set before binding,
+    /// so there is no window in which others could connect.
+    pub fn bind(path: &Path, mode: u32) -> std::io::Result<Self> {
         if path.exists() {
             std::fs::remove_file(path)?;
         }
         let fd = new_socket()?;
+        rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode))?;
         rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
         rustix::net::listen(&fd, 64)?;
         Ok(Listener { fd })
@@ -68,6 +72,12 @@ impl Conn {
         let fd = new_socket()?;
         rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
         Ok(Conn { fd })
+    }
+
+    /// The user id of the process at the other end, as the kernel recorded it
+    /// when it connected (`SO_PEERCRED`): not something the peer can claim.
+    pub fn peer_uid(&self) -> std::io::Result<u32> {
+        Ok(sockopt::socket_peercred(&self.fd)?.uid.as_raw())
     }
 
     /// Bounds how long `recv` waits (`None`: forever).
@@ -142,9 +152,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kanava-seqpacket-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.sock");
-        let listener = Listener::bind(&path).unwrap();
+        let listener = Listener::bind(&path, 0o600).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "the socket is private from the moment it exists"
+        );
         let server = std::thread::spawn(move || {
             let conn = listener.accept().unwrap();
+            assert_eq!(
+                conn.peer_uid().unwrap(),
+                rustix::process::getuid().as_raw(),
+                "the kernel names the connecting user"
+            );
             let (msg, fds) = conn.recv().unwrap();
             assert_eq!(msg, b"hello");
             assert_eq!(fds.len(), 1);

@@ -37,6 +37,11 @@ pub struct Config {
     )]
     pub handoff_socket: PathBuf,
 
+    /// A user id besides root allowed to hand pods over (checked on every
+    /// connection with the kernel's SO_PEERCRED), e.g. a CNI agent's.
+    #[arg(long, env = "KANAVA_HANDOFF_ALLOWED_UID")]
+    pub handoff_allowed_uid: Option<u32>,
+
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "KANAVA_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,

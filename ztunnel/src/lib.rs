@@ -85,6 +85,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     pods::handoff::serve(
         &config.handoff_socket,
+        config.handoff_allowed_uid,
         pods,
         tokio::runtime::Handle::current(),
     )?;

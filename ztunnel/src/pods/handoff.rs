@@ -2,11 +2,16 @@
 //! a pod and its network namespace. Protocol: `kanava/v1/handoff.proto`.
 //!
 //! Served by plain threads: handoffs are rare, and each waits for capture to
-//! be installed before it is answered.
+//! be installed before it is answered. Only root (or the one configured
+//! uid) may hand pods over: the socket file is private from the moment it
+//! is bound, and every connection's peer is checked with `SO_PEERCRED`.
+//! At most [`MAX_CONNECTIONS`] connections are served at once, and one that
+//! stays silent for [`IDLE_TIMEOUT`] is closed.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use kanava_netns::NetNs;
 use kanava_netns::seqpacket::{Conn, Listener};
@@ -17,27 +22,46 @@ use tokio::runtime::Handle;
 use super::PodRegistry;
 use crate::Error;
 
-/// Binds the socket and serves it on a background thread.
-pub fn serve(path: &Path, registry: Arc<PodRegistry>, runtime: Handle) -> Result<(), Error> {
+/// Connections served at once; more are refused with a reply saying so.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a connection may stay silent before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the socket and serves it on a background thread. `allowed_uid`
+/// may hand pods over besides root.
+pub fn serve(
+    path: &Path,
+    allowed_uid: Option<u32>,
+    registry: Arc<PodRegistry>,
+    runtime: Handle,
+) -> Result<(), Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
     }
-    let listener = Listener::bind(path).map_err(Error::io(format!("bind {}", path.display())))?;
-    // Only root on the node may hand over pods.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(Error::io(format!("chmod {}", path.display())))?;
-    tracing::info!(socket = %path.display(), "accepting pod handoffs");
+    let listener =
+        Listener::bind(path, 0o600).map_err(Error::io(format!("bind {}", path.display())))?;
+    tracing::info!(socket = %path.display(), ?allowed_uid, "accepting pod handoffs");
+    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("handoff".into())
         .spawn(move || {
             loop {
                 match listener.accept() {
                     Ok(conn) => {
+                        if let Err(reason) = admit(&conn, allowed_uid, &active) {
+                            tracing::warn!(%reason, "handoff connection refused");
+                            refuse(&conn, &reason);
+                            continue;
+                        }
                         let registry = registry.clone();
                         let runtime = runtime.clone();
+                        let slot = Slot(active.clone());
                         let spawned = std::thread::Builder::new()
                             .name("handoff-conn".into())
-                            .spawn(move || serve_conn(conn, &registry, &runtime));
+                            .spawn(move || {
+                                let _slot = slot;
+                                serve_conn(conn, &registry, &runtime)
+                            });
                         if let Err(error) = spawned {
                             tracing::error!(%error, "cannot start handoff thread");
                         }
@@ -51,6 +75,48 @@ pub fn serve(path: &Path, registry: Arc<PodRegistry>, runtime: Handle) -> Result
         })
         .map_err(Error::io("start handoff thread"))?;
     Ok(())
+}
+
+/// Checks who connected and whether there is room; takes a slot if so.
+fn admit(conn: &Conn, allowed_uid: Option<u32>, active: &AtomicUsize) -> Result<(), String> {
+    let uid = conn
+        .peer_uid()
+        .map_err(|e| format!("cannot tell who connected: {e}"))?;
+    if uid != 0 && Some(uid) != allowed_uid {
+        return Err(format!(
+            "uid {uid} may not hand pods over (root only{})",
+            allowed_uid
+                .map(|u| format!(", and uid {u}"))
+                .unwrap_or_default()
+        ));
+    }
+    let taken = active.fetch_add(1, Ordering::AcqRel);
+    if taken >= MAX_CONNECTIONS {
+        active.fetch_sub(1, Ordering::AcqRel);
+        return Err(format!(
+            "{MAX_CONNECTIONS} handoff connections are already being served; retry"
+        ));
+    }
+    conn.set_read_timeout(Some(IDLE_TIMEOUT))
+        .map_err(|e| format!("cannot bound the connection's idle time: {e}"))
+}
+
+/// Frees a connection's slot when its thread ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Tells a refused client why, then closes.
+fn refuse(conn: &Conn, reason: &str) {
+    let reply = pb::HandoffReply {
+        ok: false,
+        error: reason.to_string(),
+    };
+    let _ = conn.send(&reply.encode_to_vec(), &[]);
 }
 
 fn serve_conn(conn: Conn, registry: &PodRegistry, runtime: &Handle) {

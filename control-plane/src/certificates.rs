@@ -6,6 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use kanava_mesh::Identity;
 use kanava_proto::v1 as pb;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::Error;
@@ -71,13 +72,44 @@ impl CertificateService {
     }
 }
 
+/// Largest signing request accepted: a CSR for one identity is well under a
+/// kilobyte, so anything near this is not one.
+pub const MAX_SIGN_REQUEST_BYTES: usize = 16 * 1024;
+
+/// The node a request's credential belongs to, found before its body is
+/// decoded (see [`server`]).
+#[derive(Clone, Debug)]
+struct AuthenticatedNode(String);
+
+/// The certificate service as served: callers are authenticated from their
+/// metadata before a byte of the request body is decoded, and bodies are
+/// capped at [`MAX_SIGN_REQUEST_BYTES`].
+pub fn server(
+    service: CertificateService,
+) -> InterceptedService<
+    pb::certificates_server::CertificatesServer<CertificateService>,
+    impl tonic::service::Interceptor + Clone,
+> {
+    let auth = service.auth.clone();
+    let server = pb::certificates_server::CertificatesServer::new(service)
+        .max_decoding_message_size(MAX_SIGN_REQUEST_BYTES);
+    InterceptedService::new(server, move |mut request: Request<()>| {
+        let node = auth.authenticate(request.metadata())?;
+        request.extensions_mut().insert(AuthenticatedNode(node));
+        Ok(request)
+    })
+}
+
 #[tonic::async_trait]
 impl pb::certificates_server::Certificates for CertificateService {
     async fn sign(
         &self,
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
-        let node = self.auth.authenticate(request.metadata())?;
+        let node = match request.extensions().get::<AuthenticatedNode>() {
+            Some(AuthenticatedNode(node)) => node.clone(),
+            None => self.auth.authenticate(request.metadata())?,
+        };
         match self.sign(&node, request.get_ref()) {
             Ok(response) => Ok(Response::new(response)),
             Err(error) => {

@@ -172,11 +172,18 @@ pub struct DiscoveryServer {
     max_encoding_message_size: usize,
 }
 
+/// Largest message a ztunnel sends on its discovery stream: an ACK, or a
+/// NACK with its reason.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 impl DiscoveryServer {
+    /// `max_message_bytes` bounds what is sent; what is received is bounded
+    /// by [`MAX_REQUEST_BYTES`], and nothing is read from a stream before its
+    /// caller is authenticated.
     pub fn new(service: DiscoveryService, max_message_bytes: usize) -> Self {
         DiscoveryServer {
             service: Arc::new(service),
-            max_decoding_message_size: max_message_bytes,
+            max_decoding_message_size: MAX_REQUEST_BYTES.min(max_message_bytes),
             max_encoding_message_size: max_message_bytes,
         }
     }

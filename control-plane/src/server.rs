@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use kanava_proto::v1::certificates_server::CertificatesServer;
 use kanava_tls::rustls::server::{ClientHello, ResolvesServerCert};
 use kanava_tls::rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::NodeAuthenticator;
 use crate::ca::CertificateAuthority;
-use crate::certificates::CertificateService;
+use crate::certificates::{self, CertificateService};
 use crate::discovery::{DiscoveryServer, DiscoveryService};
 use crate::store::Store;
 use crate::{Config, Error};
@@ -80,14 +79,13 @@ impl Server {
             DiscoveryService::new(self.store.clone(), self.auth.clone()),
             max,
         );
-        let certificates = CertificatesServer::new(CertificateService::new(
+        let certificates = certificates::server(CertificateService::new(
             self.ca.clone(),
             self.auth.clone(),
             self.store.clone(),
             self.config.cert_ttl,
             self.config.max_cert_ttl,
-        ))
-        .max_decoding_message_size(max);
+        ));
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

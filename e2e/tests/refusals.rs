@@ -196,3 +196,39 @@ fn the_ca_signs_only_for_identities_on_the_requesting_node() {
         "refusals are logged:\n{log}"
     );
 }
+
+#[test]
+fn the_control_plane_authenticates_before_it_reads_and_caps_requests() {
+    let lab = up(MESH_LAB);
+    let sink: Identity = "spiffe://cluster.local/ns/shop/sa/sink".parse().unwrap();
+    runtime().block_on(async {
+        let sign = |token: Option<String>, csr: Vec<u8>| {
+            let lab = &lab;
+            let identity = sink.to_string();
+            async move {
+                let channel = control_plane_channel(lab).await;
+                let mut call = tonic::Request::new(pb::SignRequest {
+                    csr,
+                    identity,
+                    ttl_seconds: 0,
+                });
+                if let Some(token) = token {
+                    call.metadata_mut()
+                        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                }
+                pb::certificates_client::CertificatesClient::new(channel)
+                    .max_encoding_message_size(8 * 1024 * 1024)
+                    .sign(call)
+                    .await
+            }
+        };
+        let huge = vec![0x30u8; 4 * 1024 * 1024];
+        // Without a credential, refused as such whatever the body.
+        let status = sign(None, huge.clone()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        // With one, a body far larger than any CSR is not decoded at all.
+        let token = lab.node_token("node-2").unwrap();
+        let status = sign(Some(token), huge).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    });
+}

@@ -9,13 +9,15 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -36,7 +38,16 @@ pub enum Endpoint {
     Readiness,
 }
 
-/// Binds `address` and serves `endpoint` until `stop`.
+/// Connections served at once per endpoint; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// Longest a client may take to send its request head. Pods can reach the
+/// metrics and readiness ports through the node's address; a slow client
+/// must not hold a connection for longer.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds `address` and serves `endpoint` until `stop`: one request per
+/// connection, at most [`MAX_CONNECTIONS`] at once, each head within
+/// [`HEADER_TIMEOUT`].
 pub async fn serve(
     address: SocketAddr,
     endpoint: Endpoint,
@@ -47,6 +58,7 @@ pub async fn serve(
         .await
         .map_err(Error::io(format!("bind {endpoint:?} endpoint {address}")))?;
     tracing::info!(%address, ?endpoint, "serving");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
@@ -59,15 +71,25 @@ pub async fn serve(
                 },
                 _ = stop.cancelled() => return,
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(?endpoint, "too many connections; closing a new one");
+                continue;
+            };
             let state = state.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |request| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(respond(endpoint, &state, &request)) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service);
+                // The head has a deadline; a response body could still be
+                // read slowly, so the whole exchange has one too.
+                let _ = tokio::time::timeout(HEADER_TIMEOUT * 2, connection).await;
             });
         }
     });

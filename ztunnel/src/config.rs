@@ -84,6 +84,28 @@ pub struct Config {
     #[arg(long, env = "KANAVA_MAX_PENDING_HANDSHAKES", default_value_t = 1024)]
     pub max_pending_handshakes: usize,
 
+    /// Most inbound TLS handshakes in progress at once from one source
+    /// address: one pod cannot take the node's whole budget.
+    #[arg(
+        long,
+        env = "KANAVA_MAX_PENDING_HANDSHAKES_PER_SOURCE",
+        default_value_t = 32
+    )]
+    pub max_pending_handshakes_per_source: usize,
+
+    /// Most inbound TLS handshakes in progress at once to one pod.
+    #[arg(
+        long,
+        env = "KANAVA_MAX_PENDING_HANDSHAKES_PER_POD",
+        default_value_t = 256
+    )]
+    pub max_pending_handshakes_per_pod: usize,
+
+    /// Longest an inbound HBONE handshake (TLS and the HTTP/2 preface) may
+    /// take before the connection is closed.
+    #[arg(long, env = "KANAVA_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
     /// Largest discovery or certificate message accepted, in bytes.
     #[arg(long, env = "KANAVA_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_message_bytes: usize,

@@ -38,7 +38,7 @@ pub enum Error {
         ports::HBONE
     )]
     HandshakeTimeout { peer: SocketAddr, after: Duration },
-    #[error("client {peer} did not finish its TLS handshake within {after:?}")]
+    #[error("client {peer} did not finish its TLS and HTTP/2 handshake within {after:?}")]
     ClientHandshakeTimeout { peer: SocketAddr, after: Duration },
     #[error("TLS handshake with {peer} failed: {source}")]
     Handshake {

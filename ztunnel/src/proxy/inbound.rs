@@ -23,30 +23,28 @@ use tokio::net::TcpStream;
 
 use super::access_log::{AccessLog, Ending, Transferred};
 use super::hbone::{self, Refusal, server};
-use super::{CapturedPod, HANDSHAKE_TIMEOUT, PodInfo, Proxy, authz, socket};
+use super::{CapturedPod, PodInfo, Proxy, authz, socket};
 use crate::metrics::{Direction, Outcome, Transport};
 use crate::workloads::WorkloadStore;
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, peer: SocketAddr) {
-    let Ok(permit) = proxy.handshakes.clone().try_acquire_owned() else {
-        tracing::warn!(pod = %pod.info.display_name(), %peer, "too many TLS handshakes in progress; refusing");
-        socket::reset(tcp);
-        return;
+    let permit = match proxy.handshakes.try_acquire(peer.ip(), &pod.info.uid) {
+        Ok(permit) => permit,
+        Err(exhausted) => {
+            proxy.metrics.hbone_handshake_failures.inc();
+            tracing::warn!(pod = %pod.info.display_name(), %peer, reason = %exhausted, "HBONE connection refused");
+            socket::reset(tcp);
+            return;
+        }
     };
+    let timeout = proxy.config.handshake_timeout;
     // Our own certificate must exist before we can present it.
-    if let Err(error) = proxy.certs.get(&pod.info.identity, HANDSHAKE_TIMEOUT).await {
+    if let Err(error) = proxy.certs.get(&pod.info.identity, timeout).await {
         tracing::warn!(pod = %pod.info.display_name(), %peer, %error, "cannot accept HBONE");
         socket::reset(tcp);
         return;
     }
-    let accepted = server::accept(
-        &proxy.config,
-        pod.hbone_tls.clone(),
-        tcp,
-        peer,
-        HANDSHAKE_TIMEOUT,
-    )
-    .await;
+    let accepted = server::accept(&proxy.config, pod.hbone_tls.clone(), tcp, peer, timeout).await;
     drop(permit);
     let server::Accepted {
         mut connection,

@@ -25,6 +25,7 @@
 pub mod access_log;
 pub mod authz;
 mod chunks;
+pub mod handshakes;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
@@ -44,16 +45,12 @@ use kanava_netns::{NetNs, NetNsSwitch};
 use kanava_tls::MeshRoots;
 use kanava_tls::rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::CertManager;
 use crate::metrics::Metrics;
 use crate::workloads::WorkloadStore;
 use crate::{Config, Error};
-
-/// Longest an inbound TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who a captured pod is: all that routing and authorization decide on,
 /// and nothing to do I/O with.
@@ -104,7 +101,7 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Inbound connections in progress, re-judged on every policy change.
     pub open: authz::OpenConnections,
-    handshakes: Arc<Semaphore>,
+    handshakes: handshakes::Handshakes,
 }
 
 impl Proxy {
@@ -120,7 +117,11 @@ impl Proxy {
                 config.max_streams_per_connection as usize,
                 config.pool_idle_timeout,
             ),
-            handshakes: Arc::new(Semaphore::new(config.max_pending_handshakes)),
+            handshakes: handshakes::Handshakes::new(handshakes::Limits {
+                node: config.max_pending_handshakes,
+                per_source: config.max_pending_handshakes_per_source,
+                per_pod: config.max_pending_handshakes_per_pod,
+            }),
             open: authz::OpenConnections::default(),
             netns: NetNsSwitch::new()?,
             config,

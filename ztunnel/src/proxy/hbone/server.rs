@@ -25,7 +25,8 @@ pub struct Accepted {
 }
 
 /// Completes TLS (presenting the pod's certificate, demanding the client's)
-/// and the HTTP/2 preface on a connection accepted on :15008.
+/// and the HTTP/2 preface on a connection accepted on :15008, both within
+/// `handshake_timeout`: a peer that stalls either holds a slot for no more.
 pub async fn accept(
     config: &Config,
     tls: Arc<ServerConfig>,
@@ -33,12 +34,23 @@ pub async fn accept(
     peer: SocketAddr,
     handshake_timeout: Duration,
 ) -> Result<Accepted, Error> {
-    let tls = tokio::time::timeout(handshake_timeout, TlsAcceptor::from(tls).accept(tcp))
+    tokio::time::timeout(handshake_timeout, handshake(config, tls, tcp, peer))
         .await
         .map_err(|_| Error::ClientHandshakeTimeout {
             peer,
             after: handshake_timeout,
         })?
+}
+
+async fn handshake(
+    config: &Config,
+    tls: Arc<ServerConfig>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<Accepted, Error> {
+    let tls = TlsAcceptor::from(tls)
+        .accept(tcp)
+        .await
         .map_err(|source| Error::Handshake { peer, source })?;
     let client = kanava_tls::peer_certificate(tls.get_ref().1)
         .map_err(|source| Error::PeerCertificate { peer, source })?;

@@ -127,10 +127,16 @@ pub fn unique_name() -> String {
 
 /// Brings up a lab from `yaml` (defaults: 2 nodes).
 pub fn up(yaml: &str) -> Lab {
+    up_with_ztunnel_args(yaml, &[])
+}
+
+/// Brings up a lab whose ztunnels run with extra flags.
+pub fn up_with_ztunnel_args(yaml: &str, args: &[&str]) -> Lab {
     require_root();
     let spec = LabSpec::parse(yaml, 2).expect("lab file");
-    Lab::up(&spec, &UpOptions::named(unique_name()))
-        .unwrap_or_else(|e| panic!("lab up failed: {e}"))
+    let mut options = UpOptions::named(unique_name());
+    options.ztunnel_args = args.iter().map(ToString::to_string).collect();
+    Lab::up(&spec, &options).unwrap_or_else(|e| panic!("lab up failed: {e}"))
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {

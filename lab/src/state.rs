@@ -30,6 +30,9 @@ pub struct LabState {
     /// `RUST_LOG` of the mesh's processes.
     #[serde(default)]
     pub log_filter: String,
+    /// Extra command-line flags of every ztunnel.
+    #[serde(default)]
+    pub ztunnel_args: Vec<String>,
 }
 
 /// One of the mesh's own processes.
@@ -106,6 +109,7 @@ impl LabState {
             resource_version: 0,
             cert_ttl: None,
             log_filter: "info".into(),
+            ztunnel_args: Vec::new(),
         }
     }
 

@@ -39,6 +39,9 @@ pub struct UpOptions {
     pub step_timeout: Duration,
     /// `RUST_LOG` for the control plane and the ztunnels.
     pub log_filter: String,
+    /// Extra command-line flags for every ztunnel (e.g. lower limits in a
+    /// test).
+    pub ztunnel_args: Vec<String>,
 }
 
 impl UpOptions {
@@ -50,6 +53,7 @@ impl UpOptions {
             progress: None,
             step_timeout: Duration::from_secs(30),
             log_filter: "info".into(),
+            ztunnel_args: Vec::new(),
         }
     }
 }
@@ -105,6 +109,7 @@ pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Re
         .cert_ttl
         .map(|t| humantime::format_duration(t).to_string());
     state.log_filter = options.log_filter.clone();
+    state.ztunnel_args = options.ztunnel_args.clone();
     state.save()?;
 
     env.say(&format!(
@@ -249,7 +254,10 @@ fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
             node.token_file.display().to_string(),
             "--handoff-socket".into(),
             node.handoff_socket.display().to_string(),
-        ];
+        ]
+        .into_iter()
+        .chain(state.ztunnel_args.iter().cloned())
+        .collect();
         let vars = [("RUST_LOG".to_string(), state.log_filter.clone())];
         node.ztunnel.pid = Some(process::spawn_in(
             &node.netns,

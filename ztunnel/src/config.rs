@@ -80,6 +80,11 @@ pub struct Config {
     #[arg(long, env = "KANAVA_MAX_HEADER_LIST_BYTES", default_value_t = 16 * 1024)]
     pub max_header_list_bytes: u32,
 
+    /// Most connections one pod may have open through the ztunnel in each
+    /// direction (those it opened; those opened to it).
+    #[arg(long, env = "KANAVA_MAX_CONNECTIONS_PER_POD", default_value_t = 16_384)]
+    pub max_connections_per_pod: usize,
+
     /// Most inbound TLS handshakes in progress at once, across all pods.
     #[arg(long, env = "KANAVA_MAX_PENDING_HANDSHAKES", default_value_t = 1024)]
     pub max_pending_handshakes: usize,

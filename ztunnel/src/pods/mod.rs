@@ -87,6 +87,7 @@ impl PodRegistry {
             },
             netns,
             hbone_tls,
+            connections: Default::default(),
         });
         let stop = CancellationToken::new();
         if let Err(error) = self.proxy.serve_pod(pod.clone(), listeners, stop.clone()) {

@@ -28,6 +28,13 @@ use crate::metrics::{Direction, Outcome, Transport};
 use crate::workloads::WorkloadStore;
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, peer: SocketAddr) {
+    let max = proxy.config.max_connections_per_pod;
+    let Some(_opened) = pod.connections.inbound.try_open(max) else {
+        let reason = super::outbound::over_limit(&pod, "inbound", max);
+        tracing::warn!(pod = %pod.info.display_name(), %peer, %reason, "HBONE connection refused");
+        socket::reset(tcp);
+        return;
+    };
     let permit = match proxy.handshakes.try_acquire(peer.ip(), &pod.info.uid) {
         Ok(permit) => permit,
         Err(exhausted) => {

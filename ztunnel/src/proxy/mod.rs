@@ -28,6 +28,7 @@ mod chunks;
 pub mod handshakes;
 pub mod hbone;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;
@@ -70,6 +71,8 @@ pub struct CapturedPod {
     pub netns: Arc<NetNs>,
     /// TLS server configuration presenting this pod's identity on :15008.
     pub hbone_tls: Arc<ServerConfig>,
+    /// Its connections open through this ztunnel, bounded per direction.
+    pub connections: limits::PodConnections,
 }
 
 impl PodInfo {
@@ -214,6 +217,7 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                socket::keep_alive(&stream);
                 tokio::spawn(handle(stream, socket::canonical(peer)));
             }
             Err(error) => {

@@ -38,6 +38,15 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream,
         destination,
     );
     log.source_identity(Some(pod.info.identity.clone()));
+    let max = proxy.config.max_connections_per_pod;
+    let Some(_opened) = pod.connections.outbound.try_open(max) else {
+        socket::reset(client);
+        log.finish(
+            &proxy.metrics,
+            Ending::denied(over_limit(&pod, "outbound", max)),
+        );
+        return;
+    };
     // Boxed: the set-up futures are large and over once connected; the task
     // that lives as long as the connection should not carry them.
     let ending = match Box::pin(establish(&proxy, &pod, destination, &mut log)).await {
@@ -159,6 +168,15 @@ async fn connect(proxy: &Proxy, pod: &CapturedPod, hop: &Hop) -> Result<Upstream
         .await
         .map(Upstream::Tcp),
     }
+}
+
+/// Why a connection over a pod's bound is refused.
+pub fn over_limit(pod: &CapturedPod, direction: &str, max: usize) -> String {
+    format!(
+        "pod {} already has {max} {direction} connections open through this ztunnel, the most \
+         allowed (--max-connections-per-pod)",
+        pod.info.display_name()
+    )
 }
 
 /// What the access log says of a connection that could not be set up.

@@ -28,6 +28,15 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream,
         peer,
         destination,
     );
+    let max = proxy.config.max_connections_per_pod;
+    let Some(_opened) = pod.connections.inbound.try_open(max) else {
+        socket::reset(client);
+        log.finish(
+            &proxy.metrics,
+            Ending::denied(super::outbound::over_limit(&pod, "inbound", max)),
+        );
+        return;
+    };
     let ending = match decide(&proxy.workloads, &pod.info, peer.ip(), destination) {
         Err(reason) => {
             socket::reset(client);

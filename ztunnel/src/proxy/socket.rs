@@ -18,6 +18,22 @@ use crate::Error;
 /// Backlog of the listeners in pods.
 const LISTEN_BACKLOG: i32 = 1024;
 
+/// TCP keepalive on both legs of every proxied connection: a peer that
+/// vanished without a FIN (a node gone, a pod's namespace deleted) releases
+/// its connection's resources after about five minutes instead of never.
+pub fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(180))
+        .with_interval(Duration::from_secs(30))
+        .with_retries(4)
+}
+
+/// Turns keepalive on for an accepted or connected socket.
+pub fn keep_alive(stream: &TcpStream) {
+    // Err only for a socket that is already gone; the copy will notice.
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive());
+}
+
 /// Creates a listener on `[::]:port` (both IPv4 and IPv6), falling back to
 /// `0.0.0.0:port` where IPv6 is disabled. Must run inside the pod's
 /// namespace. SO_REUSEPORT lets a new ztunnel listen beside the old one
@@ -86,6 +102,7 @@ fn new_socket(destination: SocketAddr, source: Option<IpAddr>) -> io::Result<Soc
     socket.set_mark(marks::PROXY)?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(&keepalive())?;
     if let Some(source) = source {
         match source {
             IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,

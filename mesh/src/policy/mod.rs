@@ -24,6 +24,8 @@
 
 mod build;
 mod matching;
+#[cfg(test)]
+mod properties;
 mod proto;
 
 use std::collections::BTreeMap;

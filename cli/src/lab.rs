@@ -93,7 +93,7 @@ pub enum LabCommand {
 pub struct LabName {
     /// Which lab; may be left out when exactly one runs.
     #[arg(long)]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -366,7 +366,7 @@ fn describe_pid(pid: Option<u32>) -> String {
     }
 }
 
-fn table(rows: &[Vec<String>]) -> String {
+pub(crate) fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {

@@ -10,9 +10,11 @@
 //! kanava lab logs [--name NAME] TARGET
 //! kanava lab down [--name NAME | --all]
 //! kanava lab clean
+//! kanava verify [--name NAME] [--output table|json]
 //! ```
 
 mod lab;
+mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -28,12 +30,18 @@ enum Command {
     /// A local cluster of network namespaces running the mesh (needs root).
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// Check, from inside pods, that the mesh isolates and encrypts: the
+    /// ztunnel's ports, the control plane, plaintext, foreign certificates,
+    /// other nodes' identities, self-loops, spoofing, the fabric, policy
+    /// changes (needs root). Exits 1 if any check fails.
+    Verify(verify::VerifyArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lab(command) => lab::run(command),
+        Command::Verify(args) => verify::run(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

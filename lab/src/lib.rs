@@ -40,6 +40,7 @@ pub mod target;
 mod teardown;
 pub mod testdata;
 mod up;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

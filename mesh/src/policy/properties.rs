@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use super::{Action, Connection, Decision, Destination, Policy, PolicySet, Rule, Source, SourceBuilder};
+use super::{
+    Action, Connection, Decision, Destination, Policy, PolicySet, Rule, Source, SourceBuilder,
+};
 use crate::Identity;
 
 const NAMESPACES: [&str; 3] = ["shop", "ops", "kanava-system"];

@@ -19,13 +19,15 @@ use kanava_proto::v1 as pb;
 use prost::Message;
 use tokio::runtime::Handle;
 
-use super::PodRegistry;
+use super::{HandedPod, PodRegistry};
 use crate::Error;
 
 /// Connections served at once; more are refused with a reply saying so.
 pub const MAX_CONNECTIONS: usize = 16;
 /// How long a connection may stay silent before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused connection is given to send the request it came with.
+const REFUSAL_GRACE: Duration = Duration::from_millis(200);
 
 /// Binds the socket and serves it on a background thread. `allowed_uid`
 /// may hand pods over besides root.
@@ -110,8 +112,14 @@ impl Drop for Slot {
     }
 }
 
-/// Tells a refused client why, then closes.
+/// Tells a refused client why, then closes. Its request is read first (and
+/// dropped unseen): closing a socket with unread data resets it, and the
+/// client would lose the reply with the reason. A client that sends nothing
+/// holds the accept loop for [`REFUSAL_GRACE`] at most.
 fn refuse(conn: &Conn, reason: &str) {
+    if conn.set_read_timeout(Some(REFUSAL_GRACE)).is_ok() {
+        let _ = conn.recv();
+    }
     let reply = pb::HandoffReply {
         ok: false,
         error: reason.to_string(),
@@ -144,30 +152,52 @@ fn serve_conn(conn: Conn, registry: &PodRegistry, runtime: &Handle) {
     }
 }
 
-fn handle(
-    message: &[u8],
-    fds: Vec<std::os::fd::OwnedFd>,
-    registry: &PodRegistry,
-    runtime: &Handle,
-) -> Result<(), Error> {
+/// A handoff request, decoded and checked: everything that comes from the
+/// message itself (a pod's namespace travels beside it, as a descriptor).
+#[derive(Debug)]
+pub enum Request {
+    Add(HandedPod),
+    Delete { uid: String },
+}
+
+/// Decodes and checks a handoff message; pure, so every byte a client can
+/// send is covered by the fuzz target `handoff`.
+pub fn parse(message: &[u8], trust_domain: &str) -> Result<Request, Error> {
     let request = pb::HandoffRequest::decode(message)?;
     match request.request {
         Some(pb::handoff_request::Request::Add(add)) => {
             let pod = add
                 .pod
                 .ok_or(Error::HandoffIncomplete("a pod in its add"))?;
+            Ok(Request::Add(super::validate(pod, trust_domain)?))
+        }
+        Some(pb::handoff_request::Request::Delete(delete)) => {
+            Ok(Request::Delete { uid: delete.uid })
+        }
+        None => Err(Error::HandoffIncomplete("a request")),
+    }
+}
+
+fn handle(
+    message: &[u8],
+    fds: Vec<std::os::fd::OwnedFd>,
+    registry: &PodRegistry,
+    runtime: &Handle,
+) -> Result<(), Error> {
+    match parse(message, registry.trust_domain())? {
+        Request::Add(pod) => {
             let mut fds = fds.into_iter();
             let (Some(fd), None) = (fds.next(), fds.next()) else {
                 return Err(Error::HandoffIncomplete(
                     "exactly one descriptor, the pod's network namespace, in its add",
                 ));
             };
-            let netns = NetNs::from_fd(fd, format!("pod {}/{}", pod.namespace, pod.name))?;
+            let netns = NetNs::from_fd(
+                fd,
+                format!("pod {}/{}", pod.info.namespace, pod.info.name),
+            )?;
             runtime.block_on(registry.add(pod, netns))
         }
-        Some(pb::handoff_request::Request::Delete(delete)) => {
-            runtime.block_on(registry.remove(&delete.uid))
-        }
-        None => Err(Error::HandoffIncomplete("a request")),
+        Request::Delete { uid } => runtime.block_on(registry.remove(&uid)),
     }
 }

@@ -39,10 +39,20 @@ impl PodRegistry {
         }
     }
 
+    /// The trust domain handed-over pods' identities are in.
+    pub fn trust_domain(&self) -> &str {
+        &self.proxy.config.trust_domain
+    }
+
     /// Captures a pod. Adding a pod that is already captured succeeds
     /// without doing anything.
-    pub async fn add(&self, info: pb::PodInfo, netns: NetNs) -> Result<(), Error> {
-        let (uid, identity, ips) = validate(&info, &self.proxy.config.trust_domain)?;
+    pub async fn add(&self, pod: HandedPod, netns: NetNs) -> Result<(), Error> {
+        let HandedPod {
+            info,
+            uid,
+            identity,
+            ips,
+        } = pod;
         if self.lock().contains_key(&uid) {
             tracing::info!(pod = %format!("{}/{}", info.namespace, info.name), "pod already captured");
             return Ok(());
@@ -141,8 +151,28 @@ impl PodRegistry {
     }
 }
 
+/// A pod as handed over, checked: what it says it is, and the identity and
+/// addresses that follow from it.
+#[derive(Debug)]
+pub struct HandedPod {
+    pub info: pb::PodInfo,
+    pub uid: String,
+    pub identity: Identity,
+    pub ips: Vec<IpAddr>,
+}
+
 /// Checks a handoff's pod description and derives its identity.
-fn validate(
+pub fn validate(info: pb::PodInfo, trust_domain: &str) -> Result<HandedPod, Error> {
+    let (uid, identity, ips) = check(&info, trust_domain)?;
+    Ok(HandedPod {
+        info,
+        uid,
+        identity,
+        ips,
+    })
+}
+
+fn check(
     info: &pb::PodInfo,
     trust_domain: &str,
 ) -> Result<(String, Identity, Vec<IpAddr>), Error> {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: installs what is missing, builds in release mode and runs
 # kanava-bench, which writes benches/RESULTS.md and benches/results.json
-# (about ten minutes; `--quick` for a run of seconds). Needs root.
+# (about 35 minutes with the soak, `--soak-minutes 0` skips it; `--quick`
+# for a run of seconds). Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -15,6 +15,7 @@ mod goals;
 mod mesh;
 mod procfs;
 mod report;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ struct Args {
     /// Skip the control plane scenario.
     #[arg(long)]
     no_control_plane: bool,
+    /// Minutes of each soak phase (holding 10,000 connections; 1,000 new
+    /// connections a second). 0 skips the soak.
+    #[arg(long, default_value_t = 10)]
+    soak_minutes: u64,
     /// Measure nothing: rewrite RESULTS.md from the results.json and
     /// analysis.md already in the output directory (after editing the
     /// analysis).
@@ -85,6 +90,15 @@ fn main() -> anyhow::Result<()> {
         eprintln!("data path: {settings:?}");
         let mut bench = mesh::MeshBench::up(settings)?;
         bench.run(&mut collector)?;
+        let soak = match (args.quick, args.soak_minutes) {
+            (true, _) => Some(soak::SoakSettings::quick()),
+            (false, 0) => None,
+            (false, minutes) => Some(soak::SoakSettings::full(minutes)),
+        };
+        if let Some(soak) = soak {
+            eprintln!("soak: {soak:?}");
+            bench.soak(&soak, &mut collector)?;
+        }
     }
     if !args.no_control_plane {
         let settings = if args.quick {

@@ -49,7 +49,7 @@ impl Settings {
     }
 }
 
-const SERVER_PORT: u16 = 7000;
+pub(crate) const SERVER_PORT: u16 = 7000;
 const IPERF_PORT: u16 = 5201;
 
 fn lab_file() -> String {
@@ -81,7 +81,7 @@ spec:
 }
 
 pub struct MeshBench {
-    lab: Lab,
+    pub(crate) lab: Lab,
     settings: Settings,
 }
 
@@ -127,7 +127,7 @@ impl MeshBench {
         Ok(())
     }
 
-    fn server(&self, mode: Mode, port: u16) -> anyhow::Result<SocketAddr> {
+    pub(crate) fn server(&self, mode: Mode, port: u16) -> anyhow::Result<SocketAddr> {
         let ip: Ipv4Addr = self
             .lab
             .pod(&format!("{}/server", mode.namespace()))?
@@ -136,11 +136,11 @@ impl MeshBench {
         Ok(SocketAddr::from((ip, port)))
     }
 
-    fn client(mode: Mode) -> String {
+    pub(crate) fn client(mode: Mode) -> String {
         format!("{}/client", mode.namespace())
     }
 
-    fn ztunnel_pids(&self) -> Vec<u32> {
+    pub(crate) fn ztunnel_pids(&self) -> Vec<u32> {
         self.lab
             .state()
             .nodes
@@ -150,7 +150,7 @@ impl MeshBench {
     }
 
     /// Runs a command in a pod and parses the JSON it prints last.
-    fn run_json(&self, pod: &str, argv: &[&str]) -> anyhow::Result<Value> {
+    pub(crate) fn run_json(&self, pod: &str, argv: &[&str]) -> anyhow::Result<Value> {
         let output = self.lab.exec(pod, argv)?;
         if !output.status.success() {
             bail!(

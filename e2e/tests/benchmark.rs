@@ -72,6 +72,9 @@ fn quick_benchmark_produces_every_number() {
         "one pod change to every stream p50",
         "one pod change to every stream p99",
         "RSS",
+        "new connections per second achieved",
+        "client ztunnel peak RSS",
+        "server ztunnel peak RSS",
     ] {
         let m = measurements
             .iter()
@@ -82,4 +85,18 @@ fn quick_benchmark_produces_every_number() {
             "{metric}"
         );
     }
+    // The soak leaves nothing behind and breaks nothing.
+    for m in measurements.iter().filter(|m| m["scenario"] == "soak") {
+        if m["target"].is_object() {
+            assert_eq!(m["target"]["met"], true, "soak: {m:#}");
+        }
+    }
+    assert!(
+        measurements
+            .iter()
+            .filter(|m| m["scenario"] == "soak" && m["target"].is_object())
+            .count()
+            >= 4,
+        "soak numbers are held to their goals"
+    );
 }

@@ -89,6 +89,10 @@ enum Mode {
         /// Make exactly one connection and print how long it took.
         #[arg(long)]
         once: bool,
+        /// New connections per second, all workers together (default: as
+        /// many as they manage).
+        #[arg(long)]
+        rate: Option<f64>,
     },
 }
 
@@ -117,8 +121,10 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             size,
             once,
+            rate,
         } => {
-            tokio::task::spawn_blocking(move || churn(to, concurrency, seconds, size, once)).await?
+            tokio::task::spawn_blocking(move || churn(to, concurrency, seconds, size, once, rate))
+                .await?
         }
     }
 }
@@ -185,6 +191,7 @@ fn churn(
     seconds: f64,
     size: usize,
     once: bool,
+    rate: Option<f64>,
 ) -> anyhow::Result<()> {
     let one = move || -> std::io::Result<u64> {
         let started = Instant::now();
@@ -210,11 +217,29 @@ fn churn(
     let warmup = measure / 10;
     let start = Instant::now() + warmup;
     let end = start + measure;
-    let workers: Vec<_> = (0..concurrency.max(1))
+    let workers = concurrency.max(1);
+    // Paced: each worker takes every `workers`-th slot of the schedule.
+    let interval = match rate {
+        Some(rate) if rate.is_finite() && rate > 0.0 => {
+            Some(Duration::from_secs_f64(workers as f64 / rate))
+        }
+        Some(rate) => anyhow::bail!("--rate must be a positive number, not {rate}"),
+        None => None,
+    };
+    let workers: Vec<_> = (0..workers)
         .map(|_| {
             std::thread::spawn(move || {
                 let (mut done, mut errors, mut samples) = (0u64, 0u64, Vec::new());
+                let mut next = Instant::now();
                 while Instant::now() < end {
+                    if let Some(interval) = interval {
+                        let now = Instant::now();
+                        if next > now {
+                            std::thread::sleep(next - now);
+                        }
+                        // Behind schedule: go on from now, no burst to catch up.
+                        next = next.max(now) + interval;
+                    }
                     let counted = Instant::now() >= start;
                     match one() {
                         Ok(nanos) if counted => {

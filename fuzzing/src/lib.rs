@@ -26,8 +26,11 @@ use kanava_mesh::{DEFAULT_TRUST_DOMAIN, Identity};
 use kanava_proto::v1 as pb;
 use prost::Message;
 
+/// What a target does with one input.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name: what `fuzz/` and the replay tests share.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("handoff", handoff),
     ("discovery", discovery),
     ("identity", identity),
@@ -79,7 +82,11 @@ pub fn identity(data: &[u8]) {
     {
         let _ = identity.principal();
         let again: Result<Identity, _> = identity.to_string().parse();
-        assert_eq!(again.ok(), Some(identity), "an identity reads back as itself");
+        assert_eq!(
+            again.ok(),
+            Some(identity),
+            "an identity reads back as itself"
+        );
     }
     let der = kanava_tls::pki_types::CertificateDer::from(data);
     let _ = kanava_tls::identity_of(&der);
@@ -88,8 +95,10 @@ pub fn identity(data: &[u8]) {
 }
 
 fn ca() -> &'static kanava_control_plane::ca::CertificateAuthority {
-    static CA: OnceLock<(tempfile::TempDir, kanava_control_plane::ca::CertificateAuthority)> =
-        OnceLock::new();
+    static CA: OnceLock<(
+        tempfile::TempDir,
+        kanava_control_plane::ca::CertificateAuthority,
+    )> = OnceLock::new();
     &CA.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temporary directory");
         let ca = kanava_control_plane::ca::CertificateAuthority::load_or_create(
@@ -117,7 +126,11 @@ pub fn policy_proto(data: &[u8]) {
         return;
     };
     let back = Policy::from_proto(&policy.to_proto());
-    assert_eq!(back.as_ref().ok(), Some(&policy), "a valid policy survives the wire");
+    assert_eq!(
+        back.as_ref().ok(),
+        Some(&policy),
+        "a valid policy survives the wire"
+    );
     evaluate(&[Arc::new(policy)]);
 }
 

@@ -94,7 +94,11 @@ fn run(name: &str, target: fn(&[u8]), input: &[u8]) {
 fn every_target_survives_its_corpus_and_mutations_of_it() {
     for &(name, target) in kanava_fuzzing::TARGETS {
         let seeds = corpus(name);
-        assert!(!seeds.is_empty(), "no corpus for {name} in {}", corpus_dir(name).display());
+        assert!(
+            !seeds.is_empty(),
+            "no corpus for {name} in {}",
+            corpus_dir(name).display()
+        );
         for input in &seeds {
             run(name, target, input);
         }

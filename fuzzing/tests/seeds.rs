@@ -133,7 +133,11 @@ fn write_seed_corpus() {
     };
     write("discovery", "delta", &delta.encode_to_vec());
 
-    write("policy_proto", "allow", &policy().to_proto().encode_to_vec());
+    write(
+        "policy_proto",
+        "allow",
+        &policy().to_proto().encode_to_vec(),
+    );
     let mut deny = policy();
     deny.action = Action::Deny;
     deny.selector = None;
@@ -147,7 +151,11 @@ fn write_seed_corpus() {
     let request = kanava_tls::CertificateRequest::generate(&identity("web")).expect("CSR");
     write("csr", "der", request.csr_der());
     let issued = ca
-        .sign_workload(request.csr_der(), &identity("web"), std::time::Duration::from_secs(3600))
+        .sign_workload(
+            request.csr_der(),
+            &identity("web"),
+            std::time::Duration::from_secs(3600),
+        )
         .expect("signed");
     let leaf = kanava_tls::parse_pem_certs(issued.chain_pem[0].as_bytes()).expect("PEM");
     write("identity", "certificate", leaf[0].as_ref());

@@ -192,10 +192,8 @@ fn handle(
                     "exactly one descriptor, the pod's network namespace, in its add",
                 ));
             };
-            let netns = NetNs::from_fd(
-                fd,
-                format!("pod {}/{}", pod.info.namespace, pod.info.name),
-            )?;
+            let netns =
+                NetNs::from_fd(fd, format!("pod {}/{}", pod.info.namespace, pod.info.name))?;
             runtime.block_on(registry.add(pod, netns))
         }
         Request::Delete { uid } => runtime.block_on(registry.remove(&uid)),

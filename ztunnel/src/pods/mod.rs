@@ -172,10 +172,7 @@ pub fn validate(info: pb::PodInfo, trust_domain: &str) -> Result<HandedPod, Erro
     })
 }
 
-fn check(
-    info: &pb::PodInfo,
-    trust_domain: &str,
-) -> Result<(String, Identity, Vec<IpAddr>), Error> {
+fn check(info: &pb::PodInfo, trust_domain: &str) -> Result<(String, Identity, Vec<IpAddr>), Error> {
     let bad = |reason: String| Error::InvalidPod {
         pod: format!("{}/{} (uid {:?})", info.namespace, info.name, info.uid),
         reason,

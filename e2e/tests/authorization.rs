@@ -308,6 +308,20 @@ fn strict_refuses_plaintext_and_permissive_admits_it_subject_to_policy() {
     assert!(rt.block_on(http_get(&lab, "app/frontend", web)).is_ok());
 }
 
+/// Keeps sending to a sink (which reads until the end) for up to 30 s;
+/// returns when the connection was cut.
+async fn send_until_cut(mut stream: tokio::net::TcpStream) -> Instant {
+    let chunk = vec![b'x'; 64 * 1024];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        if stream.write_all(&chunk).await.is_err() {
+            return Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the transfer was not cut within 30 s");
+}
+
 #[test]
 fn switching_to_strict_closes_open_plaintext_connections() {
     let mut lab = up(LAB);
@@ -319,18 +333,8 @@ fn switching_to_strict_closes_open_plaintext_connections() {
     apply(&mut lab, &permissive("permissive"));
     let sink = SocketAddr::from((pod_ip(&lab, "app/sink"), 9000));
     let rt = runtime();
-    let mut stream = rt.block_on(connect(&lab, "legacy/plain", sink));
-    let sender = rt.spawn(async move {
-        let chunk = vec![b'x'; 64 * 1024];
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
-            if stream.write_all(&chunk).await.is_err() {
-                return Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        panic!("the plaintext transfer was not ended");
-    });
+    let stream = rt.block_on(connect(&lab, "legacy/plain", sink));
+    let sender = rt.spawn(send_until_cut(stream));
     std::thread::sleep(Duration::from_millis(500));
     assert!(!sender.is_finished(), "plaintext flows in permissive mode");
 
@@ -353,19 +357,8 @@ fn a_deny_ends_a_running_transfer_within_a_second() {
     let web = SocketAddr::from((pod_ip(&lab, "app/web"), 8080));
     let sink = SocketAddr::from((pod_ip(&lab, "app/sink"), 9000));
     let rt = runtime();
-    let mut stream = rt.block_on(connect(&lab, "app/frontend", sink));
-    // Keep sending to the sink (which reads until the end) for up to 30 s.
-    let sender = rt.spawn(async move {
-        let chunk = vec![b'x'; 64 * 1024];
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
-            if stream.write_all(&chunk).await.is_err() {
-                return Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        panic!("the transfer was not ended");
-    });
+    let stream = rt.block_on(connect(&lab, "app/frontend", sink));
+    let sender = rt.spawn(send_until_cut(stream));
     std::thread::sleep(Duration::from_millis(500));
     assert!(!sender.is_finished(), "the transfer runs before the policy");
 

@@ -23,16 +23,22 @@ fn a_pod_over_its_connection_bound_is_refused_and_its_neighbours_are_not() {
         })
         .collect();
 
-    // The next one is accepted by the kernel and reset by the ztunnel.
-    let mut over = lab
-        .connect("shop/client", web, Duration::from_secs(5))
-        .unwrap();
-    over.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buffer = [0u8; 16];
-    assert!(
-        matches!(over.read(&mut buffer), Ok(0) | Err(_)),
-        "the connection over the bound is closed"
-    );
+    // The next one is accepted by the kernel and reset by the ztunnel (so
+    // fast, at times, that the connect itself sees the reset).
+    match lab.connect("shop/client", web, Duration::from_secs(5)) {
+        Ok(mut over) => {
+            over.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buffer = [0u8; 16];
+            assert!(
+                matches!(over.read(&mut buffer), Ok(0) | Err(_)),
+                "the connection over the bound is closed"
+            );
+        }
+        Err(error) => assert!(
+            error.to_string().contains("reset"),
+            "refused, not failed: {error}"
+        ),
+    }
     let line = log_line(&lab, "ztunnel/node-1", |l| {
         l.contains("--max-connections-per-pod")
     });

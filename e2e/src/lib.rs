@@ -11,7 +11,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -211,107 +211,22 @@ pub fn kanava() -> Command {
     Command::new(kanava_binary())
 }
 
-/// A packet seen on the fabric.
-#[derive(Debug, Clone)]
-pub struct Packet {
-    pub source: SocketAddr,
-    pub destination: SocketAddr,
-    pub payload: Vec<u8>,
-}
+pub use kanava_lab::capture::{Packet, contains};
 
-/// tcpdump on the fabric bridge, writing to a file until stopped.
-pub struct Capture {
-    child: Child,
-    file: tempfile::NamedTempFile,
-}
+/// tcpdump on the fabric bridge (see [`kanava_lab::capture`]), failing the
+/// test on any problem.
+pub struct Capture(kanava_lab::capture::Capture);
 
 impl Capture {
     /// Starts capturing every TCP packet crossing the lab's underlay.
     pub fn start(lab: &Lab) -> Capture {
-        let file = tempfile::Builder::new().suffix(".pcap").tempfile().unwrap();
-        let netns = lab.netns("fabric").unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &netns,
-                "tcpdump",
-                "-i",
-                "br0",
-                "-s",
-                "0",
-                "-B",
-                "131072",
-                "-U",
-                "--immediate-mode",
-                "-w",
-            ])
-            .arg(file.path())
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("tcpdump installed (scripts/setup.sh)");
-        // tcpdump writes the file header once it is capturing.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0) == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tcpdump did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        Capture { child, file }
+        Capture(kanava_lab::capture::Capture::start(lab).expect("tcpdump captures"))
     }
 
-    /// Stops tcpdump and returns the TCP packets it saw.
+    /// Stops tcpdump and returns the TCP packets it saw (all of them).
     pub fn stop(self) -> Vec<Packet> {
-        std::thread::sleep(Duration::from_millis(200));
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
-        let output = self.child.wait_with_output().unwrap();
-        let report = String::from_utf8_lossy(&output.stderr);
-        // A capture that lost packets proves nothing about what it lost.
-        let dropped = report
-            .lines()
-            .find_map(|line| line.strip_suffix(" packets dropped by kernel"))
-            .and_then(|count| count.trim().parse::<u64>().ok());
-        assert_eq!(
-            dropped,
-            Some(0),
-            "tcpdump lost packets; the capture is incomplete:\n{report}"
-        );
-        read_pcap(&std::fs::read(self.file.path()).unwrap())
+        self.0.stop().expect("a complete capture")
     }
-}
-
-fn read_pcap(bytes: &[u8]) -> Vec<Packet> {
-    let mut reader = pcap_file::pcap::PcapReader::new(bytes).expect("pcap header");
-    let mut packets = Vec::new();
-    while let Some(packet) = reader.next_packet() {
-        let packet = packet.expect("pcap packet");
-        let Ok(sliced) = etherparse::SlicedPacket::from_ethernet(&packet.data) else {
-            continue;
-        };
-        let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
-            continue;
-        };
-        let Some(etherparse::TransportSlice::Tcp(tcp)) = &sliced.transport else {
-            continue;
-        };
-        packets.push(Packet {
-            source: SocketAddr::from((ip.header().source_addr(), tcp.source_port())),
-            destination: SocketAddr::from((ip.header().destination_addr(), tcp.destination_port())),
-            payload: tcp.payload().to_vec(),
-        });
-    }
-    packets
-}
-
-/// Whether `needle` occurs in `haystack`.
-pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// A workload certificate for `identity`, signed by the lab's CA, as a
@@ -331,8 +246,7 @@ pub fn mesh_cert(lab: &Lab, identity: &kanava_mesh::Identity) -> kanava_tls::Wor
 
 /// The lab's mesh root.
 pub fn mesh_roots(lab: &Lab) -> kanava_tls::MeshRoots {
-    let pem = std::fs::read(lab.ca_dir().join(kanava_control_plane::ca::ROOT_CERT_FILE)).unwrap();
-    kanava_tls::MeshRoots::from_pem(&pem).unwrap()
+    kanava_lab::clients::mesh_roots(lab).unwrap()
 }
 
 /// An HTTP GET from inside `from` to `to` over a fresh connection: the
@@ -368,26 +282,7 @@ pub async fn http_get(lab: &Lab, from: &str, to: SocketAddr) -> Result<String, S
 /// A gRPC channel to the lab's control plane, from the fabric namespace,
 /// over TLS verified against the mesh root, as a ztunnel would open it.
 pub async fn control_plane_channel(lab: &Lab) -> tonic::transport::Channel {
-    use kanava_tls::pki_types::ServerName;
-    let fabric = kanava_netns::NetNs::named(&lab.netns("fabric").unwrap()).unwrap();
-    let address: SocketAddr = "10.200.0.1:15012".parse().unwrap();
-    let tcp = fabric
-        .run(|| std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)))
-        .unwrap()
-        .unwrap();
-    tcp.set_nonblocking(true).unwrap();
-    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(
-        kanava_tls::control_plane_client_config(&mesh_roots(lab)).unwrap(),
-    );
-    let name = ServerName::try_from(kanava_mesh::names::CONTROL_PLANE_SERVER_NAME).unwrap();
-    let stream = tls.connect(name, tcp).await.unwrap();
-    let mut once = Some(hyper_util::rt::TokioIo::new(stream));
-    tonic::transport::Endpoint::from_static("http://control-plane")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let stream = once.take();
-            async move { stream.ok_or_else(|| std::io::Error::other("used")) }
-        }))
+    kanava_lab::clients::control_plane_channel(lab, "fabric")
         .await
         .unwrap()
 }

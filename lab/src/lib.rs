@@ -20,6 +20,8 @@
 
 // Layered bottom-up; a module imports only from the ones above it here.
 pub mod apply;
+pub mod capture;
+pub mod clients;
 pub mod cni;
 pub mod context;
 mod error;

@@ -240,7 +240,7 @@ fn control_plane(lab: &Lab, pods: &Pods, runtime: &tokio::runtime::Runtime) -> C
         "discovery and signing refused without a node credential",
     );
     let result = runtime.block_on(async {
-        let channel = control_plane_channel(lab, &pods.local.key()).await?;
+        let channel = crate::clients::control_plane_channel(lab, &pods.local.key()).await?;
         let identity = pods
             .local
             .identity
@@ -320,11 +320,11 @@ fn foreign_certificate(lab: &Lab, pods: &Pods, runtime: &tokio::runtime::Runtime
             .parse()
             .map_err(|e: kanava_mesh::Error| e.to_string())?;
         let foreign = foreign_cert(&identity)?;
-        let roots = mesh_roots(lab)?;
+        let roots = crate::clients::mesh_roots(lab)?;
         let tls = kanava_tls::hbone_client_config(&foreign, &roots, &identity)
             .map_err(|e| e.to_string())?;
         let from = format!("node/{}", pods.other_node(lab));
-        let tcp = tokio_stream_from(lab.connect(
+        let tcp = crate::clients::tokio_stream_from(lab.connect(
             &from,
             SocketAddr::from((pods.local_ip, ports::HBONE)),
             TIMEOUT,
@@ -387,7 +387,9 @@ fn csr_for_another_node(lab: &Lab, pods: &Pods, runtime: &tokio::runtime::Runtim
         let token = lab
             .node_token(&pods.local.node)
             .map_err(|e| e.to_string())?;
-        let channel = control_plane_channel(lab, &format!("node/{}", pods.local.node)).await?;
+        let channel =
+            crate::clients::control_plane_channel(lab, &format!("node/{}", pods.local.node))
+                .await?;
         let identity: Identity = foreign
             .parse()
             .map_err(|e: kanava_mesh::Error| e.to_string())?;
@@ -570,93 +572,52 @@ fn fabric_only_tls(lab: &Lab, pods: &Pods, probe: &Probe) -> Check {
         "a pod's traffic on the node-to-node fabric",
         "only TLS on port 15008, no plaintext",
     );
-    let capture = std::env::temp_dir().join(format!("kanava-verify-{}.pcap", std::process::id()));
-    let fabric = lab.state().fabric_netns.clone();
-    let mut tcpdump = match std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &fabric, "tcpdump", "-i", "br0", "-s", "0", "-B", "131072", "-U", "-w",
-        ])
-        .arg(&capture)
-        .arg(format!(
-            "host {} and host {}",
-            pods.local_ip,
-            probe.address.ip()
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-    {
-        Ok(child) => child,
+    let capture = match crate::capture::Capture::start(lab) {
+        Ok(capture) => capture,
         Err(error) => return check.fail(format!("tcpdump: {error}")),
     };
-    // tcpdump needs a moment before it captures.
-    std::thread::sleep(Duration::from_secs(1));
     let marker = format!("KANAVA-VERIFY-{}", std::process::id());
     let sent = lab
         .connect(&pods.local.key(), probe.address, TIMEOUT)
         .and_then(|mut stream| {
             stream
                 .write_all(marker.repeat(64).as_bytes())
-                .map_err(|e| crate::Error::io("write")(e))?;
+                .map_err(crate::Error::io("write"))?;
             let _ = stream.shutdown(std::net::Shutdown::Write);
             let mut answer = Vec::new();
             let _ = stream.set_read_timeout(Some(TIMEOUT));
             let _ = stream.read_to_end(&mut answer);
             Ok(answer.len())
         });
-    std::thread::sleep(Duration::from_millis(500));
-    // SIGINT lets tcpdump write out what it holds.
-    if let Some(pid) = rustix::process::Pid::from_raw(tcpdump.id() as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
-    }
-    let _ = tcpdump.wait();
-    let packets = std::fs::read(&capture).unwrap_or_default();
-    let _ = std::fs::remove_file(&capture);
+    let packets = match capture.stop() {
+        Ok(packets) => packets,
+        Err(error) => return check.fail(error.to_string()),
+    };
     if let Err(error) = sent {
         return check.fail(format!("could not send through the mesh: {error}"));
     }
-    let in_clear = packets
-        .windows(marker.len())
-        .any(|window| window == marker.as_bytes());
-    let ports = tcp_ports(&packets);
-    let outside_15008 = ports
+    let between: Vec<_> = packets
         .iter()
-        .filter(|(a, b)| *a != ports::HBONE && *b != ports::HBONE)
+        .filter(|p| {
+            let ends = [p.source.ip(), p.destination.ip()];
+            ends.contains(&IpAddr::V4(pods.local_ip)) && ends.contains(&probe.address.ip())
+        })
+        .collect();
+    let outside_15008 = between
+        .iter()
+        .filter(|p| p.source.port() != ports::HBONE && p.destination.port() != ports::HBONE)
         .count();
+    let in_clear = between
+        .iter()
+        .any(|p| crate::capture::contains(&p.payload, marker.as_bytes()));
     check.judge(
-        !in_clear && outside_15008 == 0 && !ports.is_empty(),
+        !in_clear && outside_15008 == 0 && !between.is_empty(),
         format!(
             "{} packets, {outside_15008} outside 15008, payload in clear: {}",
-            ports.len(),
+            between.len(),
             if in_clear { "yes" } else { "no" }
         ),
     )
-}
-
-/// TCP ports of every IPv4 packet in a classic pcap file (Ethernet link).
-/// Read by hand: two fixed headers and two offsets are all it takes.
-fn tcp_ports(pcap: &[u8]) -> Vec<(u16, u16)> {
-    let mut ports = Vec::new();
-    let mut at = 24; // global header
-    while at + 16 <= pcap.len() {
-        let captured =
-            u32::from_le_bytes([pcap[at + 8], pcap[at + 9], pcap[at + 10], pcap[at + 11]]) as usize;
-        let frame = &pcap[(at + 16).min(pcap.len())..(at + 16 + captured).min(pcap.len())];
-        at += 16 + captured;
-        // Ethernet (14) then IPv4 with its header length, protocol TCP (6).
-        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 6 {
-            continue;
-        }
-        let ihl = usize::from(frame[14] & 0x0f) * 4;
-        let tcp = 14 + ihl;
-        if frame.len() >= tcp + 4 {
-            ports.push((
-                u16::from_be_bytes([frame[tcp], frame[tcp + 1]]),
-                u16::from_be_bytes([frame[tcp + 2], frame[tcp + 3]]),
-            ));
-        }
-    }
-    ports
 }
 
 fn deny_closes(lab: &mut Lab, pods: &Pods, probe: &Probe) -> Check {
@@ -717,12 +678,6 @@ fn http(lab: &Lab, from: &str, to: SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-fn mesh_roots(lab: &Lab) -> Result<kanava_tls::MeshRoots, String> {
-    let path = lab.state().layout().root_cert();
-    let pem = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    kanava_tls::MeshRoots::from_pem(&pem).map_err(|e| e.to_string())
-}
-
 /// A certificate for `identity` signed by a CA the mesh has never seen.
 fn foreign_cert(identity: &Identity) -> Result<kanava_tls::WorkloadCert, String> {
     use rcgen::{
@@ -740,39 +695,6 @@ fn foreign_cert(identity: &Identity) -> Result<kanava_tls::WorkloadCert, String>
         .signed_by(&csr.public_key, &issuer)
         .map_err(|e| e.to_string())?;
     request.into_cert(&[leaf.pem()]).map_err(|e| e.to_string())
-}
-
-fn tokio_stream_from(
-    stream: Result<TcpStream, crate::Error>,
-) -> Result<tokio::net::TcpStream, String> {
-    let stream = stream.map_err(|e| e.to_string())?;
-    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-    tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())
-}
-
-/// A gRPC channel to the lab's control plane from `from`'s namespace, over
-/// TLS verified against the mesh root.
-async fn control_plane_channel(lab: &Lab, from: &str) -> Result<tonic::transport::Channel, String> {
-    let address = SocketAddr::from((
-        crate::layout::control_plane_address().ip(),
-        ports::CONTROL_PLANE,
-    ));
-    let tcp = tokio_stream_from(lab.connect(from, address, TIMEOUT))?;
-    let tls =
-        kanava_tls::control_plane_client_config(&mesh_roots(lab)?).map_err(|e| e.to_string())?;
-    let name = ServerName::try_from(names::CONTROL_PLANE_SERVER_NAME).map_err(|e| e.to_string())?;
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let mut once = Some(hyper_util::rt::TokioIo::new(stream));
-    tonic::transport::Endpoint::from_static("http://control-plane")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let stream = once.take();
-            async move { stream.ok_or_else(|| std::io::Error::other("connection used")) }
-        }))
-        .await
-        .map_err(|e| e.to_string())
 }
 
 /// The first line of `text`, at most 90 characters.

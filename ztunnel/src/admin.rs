@@ -17,12 +17,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::pods::PodRegistry;
 use crate::proxy::Proxy;
+use crate::proxy::handshakes::{Handshakes, Limits};
 
 /// What the endpoints read from.
 pub struct State {
@@ -40,13 +40,17 @@ pub enum Endpoint {
 
 /// Connections served at once per endpoint; more are closed at once.
 const MAX_CONNECTIONS: usize = 64;
+/// Of those, from one source address: a pod that reaches the readiness port
+/// through the node's address must not fill it and fail the kubelet's probe.
+const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// Longest a client may take to send its request head. Pods can reach the
 /// metrics and readiness ports through the node's address; a slow client
 /// must not hold a connection for longer.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds `address` and serves `endpoint` until `stop`: one request per
-/// connection, at most [`MAX_CONNECTIONS`] at once, each head within
+/// connection, at most [`MAX_CONNECTIONS`] at once and
+/// [`MAX_CONNECTIONS_PER_SOURCE`] from one address, each head within
 /// [`HEADER_TIMEOUT`].
 pub async fn serve(
     address: SocketAddr,
@@ -58,22 +62,34 @@ pub async fn serve(
         .await
         .map_err(Error::io(format!("bind {endpoint:?} endpoint {address}")))?;
     tracing::info!(%address, ?endpoint, "serving");
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // The same budgets as inbound handshakes, with the endpoint as the one
+    // "pod": the whole endpoint, and each source address's share of it.
+    let slots = Handshakes::new(Limits {
+        node: MAX_CONNECTIONS,
+        per_source: MAX_CONNECTIONS_PER_SOURCE,
+        per_pod: MAX_CONNECTIONS,
+    });
     tokio::spawn(async move {
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
+                        // Out of descriptors and the like: back off instead
+                        // of spinning on the same error.
                         tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
                 _ = stop.cancelled() => return,
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(?endpoint, "too many connections; closing a new one");
-                continue;
+            let slot = match slots.try_acquire(peer.ip(), "") {
+                Ok(slot) => slot,
+                Err(exhausted) => {
+                    tracing::debug!(?endpoint, %peer, %exhausted, "closing a new connection");
+                    continue;
+                }
             };
             let state = state.clone();
             tokio::spawn(async move {

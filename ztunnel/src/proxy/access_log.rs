@@ -62,6 +62,19 @@ impl Ending {
         Ending::refused(Outcome::Failed, reason)
     }
 
+    /// Refused on purpose (`denied`: policy, a bad request) or could not be
+    /// carried; either way before any byte flowed.
+    pub fn not_carried(denied: bool, reason: impl Display) -> Self {
+        Ending::refused(
+            if denied {
+                Outcome::Denied
+            } else {
+                Outcome::Failed
+            },
+            reason,
+        )
+    }
+
     pub fn refused(outcome: Outcome, reason: impl Display) -> Self {
         Ending {
             outcome,

@@ -32,9 +32,9 @@ pub enum Exhausted {
 impl std::fmt::Display for Exhausted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Exhausted::Node => "too many TLS handshakes in progress on this node",
-            Exhausted::Source => "too many TLS handshakes in progress from this source address",
-            Exhausted::Pod => "too many TLS handshakes in progress to this pod",
+            Exhausted::Node => "too many in progress on this node",
+            Exhausted::Source => "too many in progress from this source address",
+            Exhausted::Pod => "too many in progress to this destination",
         })
     }
 }

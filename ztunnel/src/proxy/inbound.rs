@@ -23,14 +23,14 @@ use tokio::net::TcpStream;
 
 use super::access_log::{AccessLog, Ending, Transferred};
 use super::hbone::{self, Refusal, server};
-use super::{CapturedPod, PodInfo, Proxy, authz, socket};
-use crate::metrics::{Direction, Outcome, Transport};
+use super::{CapturedPod, PodInfo, Proxy, authz, limits, socket};
+use crate::metrics::{Direction, Transport};
 use crate::workloads::WorkloadStore;
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, peer: SocketAddr) {
     let max = proxy.config.max_connections_per_pod;
     let Some(_opened) = pod.connections.inbound.try_open(max) else {
-        let reason = super::outbound::over_limit(&pod, "inbound", max);
+        let reason = limits::over_limit(&pod, "inbound", max);
         tracing::warn!(pod = %pod.info.display_name(), %peer, %reason, "HBONE connection refused");
         socket::reset(tcp);
         return;
@@ -39,7 +39,7 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
         Ok(permit) => permit,
         Err(exhausted) => {
             proxy.metrics.hbone_handshake_failures.inc();
-            tracing::warn!(pod = %pod.info.display_name(), %peer, reason = %exhausted, "HBONE connection refused");
+            tracing::warn!(pod = %pod.info.display_name(), %peer, reason = %exhausted, "HBONE connection refused: handshakes");
             socket::reset(tcp);
             return;
         }
@@ -245,18 +245,7 @@ async fn connect_and_bridge(
 
 /// The access-log ending of a refused stream.
 fn refused(refusal: Refusal) -> Ending {
-    let outcome = if refusal.is_denial() {
-        Outcome::Denied
-    } else {
-        Outcome::Failed
-    };
-    let reason = match refusal {
-        Refusal::BadRequest(reason)
-        | Refusal::Unauthorized(reason)
-        | Refusal::NoUpstream(reason) => reason,
-        Refusal::Other(status) => status.to_string(),
-    };
-    Ending::refused(outcome, reason)
+    Ending::not_carried(refusal.is_denial(), refusal.reason())
 }
 
 #[cfg(test)]
@@ -282,19 +271,31 @@ mod tests {
         (Method::CONNECT, target.parse().expect("uri"))
     }
 
+    /// How pod shop/web (10.244.2.3) answers `CONNECT target` at `at` from
+    /// the service account `sa`, whose certificate is valid for a minute.
+    fn verdict(
+        store: &WorkloadStore,
+        sa: &str,
+        target: &str,
+        at: SystemTime,
+    ) -> Result<SocketAddr, Refusal> {
+        let (method, uri) = connect(target);
+        let client = client(sa, Duration::from_secs(60));
+        decide(
+            store,
+            &pod_info("web", "10.244.2.3"),
+            &client,
+            &method,
+            &uri,
+            at,
+        )
+    }
+
     #[test]
     fn a_connect_to_this_pod_without_policies_is_admitted() {
         let store = store(&[workload("web", "10.244.2.3")], &[], &[]);
-        let (method, uri) = connect("10.244.2.3:8080");
         assert_eq!(
-            decide(
-                &store,
-                &pod_info("web", "10.244.2.3"),
-                &client("client", Duration::from_secs(60)),
-                &method,
-                &uri,
-                SystemTime::now()
-            ),
+            verdict(&store, "client", "10.244.2.3:8080", SystemTime::now()),
             Ok("10.244.2.3:8080".parse().expect("address"))
         );
     }
@@ -302,14 +303,11 @@ mod tests {
     #[test]
     fn nothing_is_admitted_before_the_first_snapshot() {
         let unconfigured = WorkloadStore::new();
-        let (method, uri) = connect("10.244.2.3:8080");
         assert_eq!(
-            decide(
+            verdict(
                 &unconfigured,
-                &pod_info("web", "10.244.2.3"),
-                &client("client", Duration::from_secs(60)),
-                &method,
-                &uri,
+                "client",
+                "10.244.2.3:8080",
                 SystemTime::now()
             ),
             Err(Refusal::NoUpstream(NOT_CONFIGURED.into())),
@@ -329,15 +327,7 @@ mod tests {
         only_frontend.selector = Some([("app".to_string(), "web".to_string())].into());
         // web is captured, but discovery has not described it yet.
         let store = store(&[], &[], &[std::sync::Arc::new(only_frontend)]);
-        let (method, uri) = connect("10.244.2.3:8080");
-        let verdict = decide(
-            &store,
-            &pod_info("web", "10.244.2.3"),
-            &client("frontend", Duration::from_secs(60)),
-            &method,
-            &uri,
-            SystemTime::now(),
-        );
+        let verdict = verdict(&store, "frontend", "10.244.2.3:8080", SystemTime::now());
         assert!(
             matches!(&verdict, Err(Refusal::Unauthorized(reason)) if reason.contains("not yet described")),
             "{verdict:?}"
@@ -347,15 +337,7 @@ mod tests {
     #[test]
     fn a_target_of_another_pod_is_a_bad_request() {
         let store = store(&[], &[], &[]);
-        let (method, uri) = connect("10.244.2.4:8080");
-        let verdict = decide(
-            &store,
-            &pod_info("web", "10.244.2.3"),
-            &client("client", Duration::from_secs(60)),
-            &method,
-            &uri,
-            SystemTime::now(),
-        );
+        let verdict = verdict(&store, "client", "10.244.2.4:8080", SystemTime::now());
         assert!(
             matches!(&verdict, Err(Refusal::BadRequest(reason)) if reason.contains("10.244.2.4")),
             "{verdict:?}"
@@ -366,15 +348,7 @@ mod tests {
     fn a_target_on_the_ztunnels_own_listeners_is_a_bad_request() {
         let store = store(&[workload("web", "10.244.2.3")], &[], &[]);
         for target in ["10.244.2.3:15001", "10.244.2.3:15006", "10.244.2.3:15008"] {
-            let (method, uri) = connect(target);
-            let verdict = decide(
-                &store,
-                &pod_info("web", "10.244.2.3"),
-                &client("client", Duration::from_secs(60)),
-                &method,
-                &uri,
-                SystemTime::now(),
-            );
+            let verdict = verdict(&store, "client", target, SystemTime::now());
             assert!(
                 matches!(&verdict, Err(Refusal::BadRequest(reason)) if reason.contains("loop")),
                 "{target}: {verdict:?}"
@@ -385,17 +359,9 @@ mod tests {
     #[test]
     fn an_expired_client_certificate_is_unauthorized_even_without_policies() {
         let store = store(&[], &[], &[]);
-        let (method, uri) = connect("10.244.2.3:8080");
         let at = SystemTime::now() + Duration::from_secs(61);
         assert_eq!(
-            decide(
-                &store,
-                &pod_info("web", "10.244.2.3"),
-                &client("client", Duration::from_secs(60)),
-                &method,
-                &uri,
-                at
-            ),
+            verdict(&store, "client", "10.244.2.3:8080", at),
             Err(Refusal::Unauthorized("client certificate expired".into()))
         );
     }

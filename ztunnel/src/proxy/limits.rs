@@ -55,6 +55,15 @@ pub struct PodConnections {
     pub inbound: Arc<OpenCount>,
 }
 
+/// Why a connection over a pod's bound is refused.
+pub fn over_limit(pod: &super::CapturedPod, direction: &str, max: usize) -> String {
+    format!(
+        "pod {} already has {max} {direction} connections open through this ztunnel, the most \
+         allowed (--max-connections-per-pod)",
+        pod.info.display_name()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

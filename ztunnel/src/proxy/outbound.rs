@@ -15,9 +15,9 @@ use super::access_log::{AccessLog, Ending, Transferred};
 use super::hbone::{self, client::Stream};
 use super::pool::{PoolKey, StreamSlot};
 use super::route::{Hop, Route, route};
-use super::{CapturedPod, Proxy, chunks, socket};
+use super::{CapturedPod, Proxy, chunks, limits, socket};
 use crate::Error;
-use crate::metrics::{Direction, Outcome};
+use crate::metrics::Direction;
 
 /// Most endpoints tried for one connection to a Service.
 const MAX_ENDPOINT_ATTEMPTS: usize = 5;
@@ -43,7 +43,7 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream,
         socket::reset(client);
         log.finish(
             &proxy.metrics,
-            Ending::denied(over_limit(&pod, "outbound", max)),
+            Ending::denied(limits::over_limit(&pod, "outbound", max)),
         );
         return;
     };
@@ -170,23 +170,9 @@ async fn connect(proxy: &Proxy, pod: &CapturedPod, hop: &Hop) -> Result<Upstream
     }
 }
 
-/// Why a connection over a pod's bound is refused.
-pub fn over_limit(pod: &CapturedPod, direction: &str, max: usize) -> String {
-    format!(
-        "pod {} already has {max} {direction} connections open through this ztunnel, the most \
-         allowed (--max-connections-per-pod)",
-        pod.info.display_name()
-    )
-}
-
 /// What the access log says of a connection that could not be set up.
 fn failure(error: Error) -> Ending {
-    let outcome = if error.is_denial() {
-        Outcome::Denied
-    } else {
-        Outcome::Failed
-    };
-    Ending::refused(outcome, error)
+    Ending::not_carried(error.is_denial(), error)
 }
 
 /// Copies between the client and the upstream until both directions end.

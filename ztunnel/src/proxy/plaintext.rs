@@ -33,7 +33,7 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream,
         socket::reset(client);
         log.finish(
             &proxy.metrics,
-            Ending::denied(super::outbound::over_limit(&pod, "inbound", max)),
+            Ending::denied(super::limits::over_limit(&pod, "inbound", max)),
         );
         return;
     };

@@ -104,6 +104,16 @@ impl Refusal {
         })
     }
 
+    /// What the refusal says, without its status code.
+    pub fn reason(&self) -> String {
+        match self {
+            Refusal::BadRequest(reason)
+            | Refusal::Unauthorized(reason)
+            | Refusal::NoUpstream(reason) => reason.clone(),
+            Refusal::Other(status) => status.to_string(),
+        }
+    }
+
     /// Refused on purpose (as opposed to: could not be carried).
     pub fn is_denial(&self) -> bool {
         matches!(self, Refusal::BadRequest(_) | Refusal::Unauthorized(_))

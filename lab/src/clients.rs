@@ -1,0 +1,57 @@
+//! Clients of the lab's mesh made the way its own components make them:
+//! the mesh root to trust, and a channel to the control plane from inside
+//! any of the lab's namespaces. Used by `kanava verify` and the tests.
+
+use std::net::{SocketAddr, TcpStream};
+
+use kanava_mesh::{names, ports};
+use kanava_tls::pki_types::ServerName;
+
+use crate::{Error, Lab};
+
+/// Bound on connecting to the control plane.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The mesh root certificate(s) of `lab`.
+pub fn mesh_roots(lab: &Lab) -> Result<kanava_tls::MeshRoots, String> {
+    let path = lab.state().layout().root_cert();
+    let pem = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    kanava_tls::MeshRoots::from_pem(&pem).map_err(|e| e.to_string())
+}
+
+/// A blocking stream from the lab, made usable by Tokio.
+pub fn tokio_stream_from(
+    stream: Result<TcpStream, Error>,
+) -> Result<tokio::net::TcpStream, String> {
+    let stream = stream.map_err(|e| e.to_string())?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())
+}
+
+/// A gRPC channel to the lab's control plane from `from`'s namespace, over
+/// TLS verified against the mesh root.
+pub async fn control_plane_channel(
+    lab: &Lab,
+    from: &str,
+) -> Result<tonic::transport::Channel, String> {
+    let address = SocketAddr::from((
+        crate::layout::control_plane_address().ip(),
+        ports::CONTROL_PLANE,
+    ));
+    let tcp = tokio_stream_from(lab.connect(from, address, CONNECT_TIMEOUT))?;
+    let tls =
+        kanava_tls::control_plane_client_config(&mesh_roots(lab)?).map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(names::CONTROL_PLANE_SERVER_NAME).map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut once = Some(hyper_util::rt::TokioIo::new(stream));
+    tonic::transport::Endpoint::from_static("http://control-plane")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let stream = once.take();
+            async move { stream.ok_or_else(|| std::io::Error::other("connection used")) }
+        }))
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 # The end-to-end tests start the binaries (ztunnel, kanava-control-plane,
-# labapp, kanava), so they are built first.
-cargo build --locked --workspace --bins
+# labapp, kanava), so they are built first, in the same invocation as the
+# tests: one feature resolution, so `cargo test` builds nothing twice.
+cargo build --locked --workspace --bins --tests
 cargo test --locked --workspace "$@"

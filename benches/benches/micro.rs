@@ -234,9 +234,7 @@ fn tls_handshake(c: &mut Criterion) {
 
     kanava_tls::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
-    let ca =
-        kanava_control_plane::ca::CertificateAuthority::load_or_create(dir.path(), "cluster.local")
-            .unwrap();
+    let ca = kanava_control_plane::ca::files::load_or_create(dir.path(), "cluster.local").unwrap();
     let roots = kanava_tls::MeshRoots::from_pem(ca.root_pem().as_bytes()).unwrap();
     let workload_cert = |service_account: &str| {
         let identity = Identity::new("cluster.local", "bench", service_account).unwrap();

@@ -35,6 +35,7 @@ pub const API_VERSION: &str = "security.kanava.io/v1alpha1";
     kind = "AuthorizationPolicy",
     plural = "authorizationpolicies",
     namespaced,
+    status = "AuthorizationPolicyStatus",
     derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
@@ -114,6 +115,36 @@ pub struct PolicyOperation {
     pub ports: Option<Vec<IntOrString>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_ports: Option<Vec<IntOrString>>,
+}
+
+/// What the control plane found of a policy, shown by `kubectl get` and
+/// `kubectl describe`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicyStatus {
+    /// `Accepted`: `True` when the policy is in force as written, `False`
+    /// (with the reason) when it was rejected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PolicyCondition>,
+}
+
+/// A status condition, as Kubernetes conditions are written.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    /// The `metadata.generation` the condition is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
 }
 
 /// The CRD manifest, as written to `deploy/crds/`.

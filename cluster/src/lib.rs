@@ -25,4 +25,4 @@ pub mod translate;
 
 pub use manifests::{ManifestError, Other, parse_manifests};
 pub use objects::{ClusterObjects, Kind, Object, ObjectId, ObjectKey};
-pub use translate::{MeshState, TranslateConfig, Translator};
+pub use translate::{MeshState, PolicyVerdict, TranslateConfig, Translator};

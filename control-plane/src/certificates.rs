@@ -6,17 +6,15 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use kanava_mesh::Identity;
 use kanava_proto::v1 as pb;
-use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::Error;
-use crate::auth::NodeAuthenticator;
+use crate::auth::{self, Authenticated, Authenticator};
 use crate::ca::CertificateAuthority;
 use crate::store::Store;
 
 pub struct CertificateService {
     ca: Arc<CertificateAuthority>,
-    auth: Arc<NodeAuthenticator>,
     store: Arc<Store>,
     default_ttl: Duration,
     max_ttl: Duration,
@@ -25,14 +23,12 @@ pub struct CertificateService {
 impl CertificateService {
     pub fn new(
         ca: Arc<CertificateAuthority>,
-        auth: Arc<NodeAuthenticator>,
         store: Arc<Store>,
         default_ttl: Duration,
         max_ttl: Duration,
     ) -> Self {
         CertificateService {
             ca,
-            auth,
             store,
             default_ttl,
             max_ttl,
@@ -66,7 +62,7 @@ impl CertificateService {
         tracing::info!(%node, %identity, ttl = ?ttl, "signed workload certificate");
         Ok(pb::SignResponse {
             cert_chain: issued.chain_pem,
-            trust_roots: vec![self.ca.root_pem().to_string()],
+            trust_roots: self.ca.roots_pem().to_vec(),
             not_after_unix: not_after,
         })
     }
@@ -76,28 +72,16 @@ impl CertificateService {
 /// kilobyte, so anything near this is not one.
 pub const MAX_SIGN_REQUEST_BYTES: usize = 16 * 1024;
 
-/// The node a request's credential belongs to, found before its body is
-/// decoded (see [`server`]).
-#[derive(Clone, Debug)]
-struct AuthenticatedNode(String);
-
 /// The certificate service as served: callers are authenticated from their
-/// metadata before a byte of the request body is decoded, and bodies are
+/// headers before a byte of the request body is decoded, and bodies are
 /// capped at [`MAX_SIGN_REQUEST_BYTES`].
 pub fn server(
     service: CertificateService,
-) -> InterceptedService<
-    pb::certificates_server::CertificatesServer<CertificateService>,
-    impl tonic::service::Interceptor + Clone,
-> {
-    let auth = service.auth.clone();
+    auth: Arc<Authenticator>,
+) -> Authenticated<pb::certificates_server::CertificatesServer<CertificateService>> {
     let server = pb::certificates_server::CertificatesServer::new(service)
         .max_decoding_message_size(MAX_SIGN_REQUEST_BYTES);
-    InterceptedService::new(server, move |mut request: Request<()>| {
-        let node = auth.authenticate(request.metadata())?;
-        request.extensions_mut().insert(AuthenticatedNode(node));
-        Ok(request)
-    })
+    Authenticated::new(server, auth)
 }
 
 #[tonic::async_trait]
@@ -106,10 +90,7 @@ impl pb::certificates_server::Certificates for CertificateService {
         &self,
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
-        let node = match request.extensions().get::<AuthenticatedNode>() {
-            Some(AuthenticatedNode(node)) => node.clone(),
-            None => self.auth.authenticate(request.metadata())?,
-        };
+        let node = auth::node_of(&request)?;
         match self.sign(&node, request.get_ref()) {
             Ok(response) => Ok(Response::new(response)),
             Err(error) => {

@@ -23,24 +23,23 @@ use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::NodeAuthenticator;
+use crate::auth;
 use crate::store::Store;
 
 pub struct DiscoveryService {
     store: Arc<Store>,
-    auth: Arc<NodeAuthenticator>,
 }
 
 impl DiscoveryService {
-    pub fn new(store: Arc<Store>, auth: Arc<NodeAuthenticator>) -> Self {
-        DiscoveryService { store, auth }
+    pub fn new(store: Arc<Store>) -> Self {
+        DiscoveryService { store }
     }
 
     async fn subscribe(
         &self,
         request: Request<Streaming<pb::DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let node = self.auth.authenticate(request.metadata())?;
+        let node = auth::node_of(&request)?;
         let mut requests = request.into_inner();
         let first = requests
             .message()

@@ -15,8 +15,14 @@ pub enum Error {
         missing.display()
     )]
     HalfARoot { present: PathBuf, missing: PathBuf },
-    #[error("mesh root {}: {source}; is it the PEM root certificate and its PKCS#8 key?", path.display())]
-    RootUnusable { path: PathBuf, source: rcgen::Error },
+    #[error("CA from {origin} is unusable: {reason}")]
+    CaUnusable { origin: String, reason: String },
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("Kubernetes API: cannot {action}: {source}")]
+    Kubernetes { action: String, source: kube::Error },
+    #[error("Kubernetes client configuration: {0}")]
+    KubeConfig(String),
     #[error("certificate authority could not sign: {0}")]
     Signing(rcgen::Error),
     #[error("serving certificate: {name:?} is not a usable DNS name (--server-names): {source}")]

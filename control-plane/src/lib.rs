@@ -2,14 +2,13 @@
 //!
 //! ```text
 //!  source ──► translate ──► store ──► discovery ──► every ztunnel
-//!  (manifest    (kanava-     (versioned    (xDS-like gRPC stream)
-//!   directory)   cluster)     snapshot +
-//!                             deltas)  ──► certificates (the mesh CA)
+//!  (Kubernetes  (kanava-     (versioned    (xDS-like gRPC stream)
+//!   API, or      cluster)     snapshot +
+//!   manifests)                deltas)  ──► certificates (the mesh CA)
 //! ```
 //!
-//! - [`source`]: where cluster objects come from: today a directory of
-//!   Kubernetes manifests, watched for changes. A Kubernetes API source is to
-//!   come and will feed the same [`source::ClusterObjects`].
+//! - [`source`]: where cluster objects come from: the Kubernetes API, or a
+//!   directory of manifests; both feed the same [`translate_into`].
 //! - translation of Kubernetes objects into the mesh model (workloads,
 //!   services, policies), and the `AuthorizationPolicy` CRD, live in
 //!   [`kanava_cluster`], shared with the lab and the benchmarks.
@@ -19,7 +18,7 @@
 //! - [`ca`] and [`certificates`]: the certificate authority and the gRPC
 //!   service that signs workload certificates for the node that runs them.
 //! - [`auth`]: how a ztunnel proves which node it speaks for.
-//! - [`server`]: TLS listener and gRPC router.
+//! - [`server`]: TLS listener and gRPC router; [`readiness`]: `/ready`.
 
 pub mod auth;
 pub mod ca;
@@ -27,48 +26,110 @@ pub mod certificates;
 pub mod config;
 pub mod discovery;
 mod error;
+pub mod policy_status;
+pub mod readiness;
 pub mod server;
 pub mod source;
 pub mod store;
 
+use std::path::Path;
 use std::sync::Arc;
 
-pub use config::Config;
+pub use config::{Config, Source};
 pub use error::Error;
-use kanava_cluster::translate;
+use kanava_cluster::{ClusterObjects, translate};
 use tokio_util::sync::CancellationToken;
 
 /// Runs the control plane until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let source = config.source()?;
+    let store = Arc::new(store::Store::new());
+    let readiness = match config.readiness_address(&source) {
+        Some(address) => Some(readiness::serve(address, store.clone(), shutdown.clone()).await?),
+        None => None,
+    };
+    // `watch` keeps the source's watch running until it is dropped.
+    let (ca, auth, watch) = match &source {
+        Source::Manifests {
+            dir,
+            ca_dir,
+            node_tokens_file,
+        } => {
+            let ca = ca::files::load_or_create(ca_dir, &config.trust_domain)?;
+            let auth = auth::Authenticator::NodeTokens(auth::NodeAuthenticator::from_file(
+                node_tokens_file,
+            )?);
+            let translate = translate_into(&config, store.clone(), None);
+            let watch = source::manifests::watch(dir.clone(), translate)?;
+            (ca, auth, Box::new(watch) as Box<dyn Send>)
+        }
+        Source::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let ca = ca::secret::load_or_create(&client, &config.namespace, &config.trust_domain)
+                .await?;
+            let auth = auth::Authenticator::TokenReview(auth::TokenReviewer::new(
+                client.clone(),
+                &config.token_audience,
+                &config.namespace,
+                &config.ztunnel_service_account,
+            ));
+            let statuses = policy_status::StatusWriter::start(client.clone(), &config.pod_name);
+            let translate = translate_into(&config, store.clone(), Some(statuses));
+            let watch = source::kubernetes::watch(client, translate);
+            (ca, auth, Box::new(watch) as Box<dyn Send>)
+        }
+    };
+    let server = server::Server::new(&config, Arc::new(ca), Arc::new(auth), store)?;
+    let result = server.serve(shutdown).await;
+    drop(watch);
+    drop(readiness);
+    result
+}
+
+/// Translates every new view of the cluster into the store, where the
+/// source keeps it (no copy of a large cluster per change). Every source
+/// feeds this one function. With a `statuses` writer, policies' statuses
+/// follow their verdicts.
+pub fn translate_into(
+    config: &Config,
+    store: Arc<store::Store>,
+    statuses: Option<policy_status::StatusWriter>,
+) -> impl FnMut(&ClusterObjects) + Send + 'static {
     let mut translator = translate::Translator::new(translate::TranslateConfig {
         trust_domain: config.trust_domain.clone(),
         root_namespace: config.root_namespace.clone(),
     });
-    let ca = Arc::new(ca::CertificateAuthority::load_or_create(
-        &config.ca_dir,
-        &config.trust_domain,
-    )?);
-    let auth = Arc::new(auth::NodeAuthenticator::from_file(
-        &config.node_tokens_file,
-    )?);
-    let store = Arc::new(store::Store::new());
-
-    // Translate every new view of the cluster into the store, where the
-    // source keeps it (no copy of a large cluster per change).
-    let translator_store = store.clone();
-    let watcher = source::manifests::watch(config.manifest_dir.clone(), move |objects| {
+    move |objects| {
         let started = std::time::Instant::now();
         let state = translator.translate(objects);
         let translated = started.elapsed();
         for problem in translator.new_problems(&state) {
             tracing::error!(%problem, "configuration rejected");
         }
-        translator_store.replace(&state);
+        store.replace(&state);
+        if let Some(statuses) = &statuses {
+            statuses.submit(policy_status::updates(objects, &state.policy_verdicts));
+        }
         tracing::debug!(?translated, total = ?started.elapsed(), "configuration translated");
-    })?;
+    }
+}
 
-    let server = server::Server::new(&config, ca, auth, store)?;
-    let result = server.serve(shutdown).await;
-    drop(watcher);
-    result
+/// A client of the API server: from `kubeconfig`, or the in-cluster
+/// configuration.
+pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::KubeConfig(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::KubeConfig(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::incluster().map_err(|e| {
+            Error::KubeConfig(format!(
+                "in-cluster configuration: {e} (outside a cluster, pass --kubeconfig)"
+            ))
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| Error::KubeConfig(e.to_string()))
 }

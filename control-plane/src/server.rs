@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::NodeAuthenticator;
+use crate::auth::{Authenticated, Authenticator};
 use crate::ca::CertificateAuthority;
 use crate::certificates::{self, CertificateService};
 use crate::discovery::{DiscoveryServer, DiscoveryService};
@@ -34,7 +34,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Server {
     config: Config,
     ca: Arc<CertificateAuthority>,
-    auth: Arc<NodeAuthenticator>,
+    auth: Arc<Authenticator>,
     store: Arc<Store>,
 }
 
@@ -42,7 +42,7 @@ impl Server {
     pub fn new(
         config: &Config,
         ca: Arc<CertificateAuthority>,
-        auth: Arc<NodeAuthenticator>,
+        auth: Arc<Authenticator>,
         store: Arc<Store>,
     ) -> Result<Self, Error> {
         Ok(Server {
@@ -75,17 +75,19 @@ impl Server {
 
         let incoming = accept_tls(listener, TlsAcceptor::from(tls), shutdown.clone());
         let max = self.config.max_message_bytes;
-        let discovery = DiscoveryServer::new(
-            DiscoveryService::new(self.store.clone(), self.auth.clone()),
-            max,
-        );
-        let certificates = certificates::server(CertificateService::new(
-            self.ca.clone(),
+        let discovery = Authenticated::new(
+            DiscoveryServer::new(DiscoveryService::new(self.store.clone()), max),
             self.auth.clone(),
-            self.store.clone(),
-            self.config.cert_ttl,
-            self.config.max_cert_ttl,
-        ));
+        );
+        let certificates = certificates::server(
+            CertificateService::new(
+                self.ca.clone(),
+                self.store.clone(),
+                self.config.cert_ttl,
+                self.config.max_cert_ttl,
+            ),
+            self.auth.clone(),
+        );
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

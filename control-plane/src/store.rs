@@ -28,7 +28,7 @@ const SNAPSHOT_PART: usize = 1000;
 pub struct Snapshot {
     pub version: u64,
     pub resources: BTreeMap<String, Arc<pb::Resource>>,
-    /// Identities of the pods scheduled on each node (for the CA).
+    /// Identities of the enrolled pods scheduled on each node (for the CA).
     identities_by_node: HashMap<String, HashSet<Identity>>,
     /// The full-snapshot responses (parts), encoded on first use.
     encoded: OnceLock<Arc<[Bytes]>>,
@@ -129,6 +129,12 @@ impl Store {
         }
     }
 
+    /// Whether the source has been read in full at least once (the control
+    /// plane is ready).
+    pub fn is_loaded(&self) -> bool {
+        *self.loaded.borrow()
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.lock().clone()
@@ -157,10 +163,14 @@ impl Store {
         previous.generation = generation;
         let mut unchanged = HashSet::new();
         for workload in &state.workloads {
-            identities_by_node
-                .entry(workload.node.clone())
-                .or_default()
-                .insert(workload.identity.clone());
+            // Only a pod in the mesh makes its identity requestable: a pod
+            // outside it has no use for a certificate.
+            if workload.in_mesh() {
+                identities_by_node
+                    .entry(workload.node.clone())
+                    .or_default()
+                    .insert(workload.identity.clone());
+            }
             let resource = match previous.entries.get_mut(&workload.uid) {
                 Some(entry) if Arc::ptr_eq(&entry.workload, workload) => {
                     entry.seen = generation;

@@ -232,11 +232,8 @@ impl Capture {
 /// A workload certificate for `identity`, signed by the lab's CA, as a
 /// hand-made mesh client would hold.
 pub fn mesh_cert(lab: &Lab, identity: &kanava_mesh::Identity) -> kanava_tls::WorkloadCert {
-    let ca = kanava_control_plane::ca::CertificateAuthority::load_or_create(
-        &lab.ca_dir(),
-        "cluster.local",
-    )
-    .unwrap();
+    let ca =
+        kanava_control_plane::ca::files::load_or_create(&lab.ca_dir(), "cluster.local").unwrap();
     let request = kanava_tls::CertificateRequest::generate(identity).unwrap();
     let issued = ca
         .sign_workload(request.csr_der(), identity, Duration::from_secs(600))

@@ -228,3 +228,101 @@ fn certificates_rotate_under_continuous_traffic() {
         );
     }
 }
+
+/// The README's root rotation, in the lab: both roots trusted from the
+/// start (step 1), then the control plane switched to signing with the new
+/// root (step 2) under continuous traffic. Certificates are short-lived here,
+/// so both pods' certificates are renewed from the new root while the other
+/// side may still hold one from the old: no connection fails.
+#[test]
+fn the_root_rotates_without_a_failed_connection() {
+    use kanava_control_plane::ca::{SigningMaterial, generate_root};
+    use kanava_mesh::names;
+
+    kanava_e2e::require_root();
+    let old = generate_root("cluster.local").unwrap();
+    let new = generate_root("cluster.local").unwrap();
+    let both = format!("{}{}", old.roots_pem, new.roots_pem);
+    let spec =
+        kanava_lab::LabSpec::parse(&LAB.replace("nodes: 2", "nodes: 2\ncertificateTTL: 20s"), 2)
+            .unwrap();
+    let mut options = kanava_lab::UpOptions::named(kanava_e2e::unique_name());
+    options.ca_files = vec![
+        (names::CA_CERT_KEY.to_string(), old.ca_cert_pem.clone()),
+        (names::CA_KEY_KEY.to_string(), old.ca_key_pem.clone()),
+        (names::ROOT_CERT_KEY.to_string(), both.clone()),
+    ];
+    let mut lab = kanava_lab::Lab::up(&spec, &options).unwrap();
+    let web = SocketAddr::from((pod_ip(&lab, "shop/web"), 80));
+
+    // Traffic through a second handle on the same lab, so this one can
+    // restart the control plane meanwhile.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let driver = {
+        let (name, stop) = (lab.name().to_string(), stop.clone());
+        std::thread::spawn(move || {
+            let handle = kanava_lab::Lab::attach(Some(&name)).unwrap();
+            traffic(
+                &handle,
+                "shop/client",
+                web,
+                Duration::from_millis(50),
+                &stop,
+                Duration::from_secs(90),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Step 2: sign with the new root, both still trusted.
+    let switch = |signer: &SigningMaterial| {
+        for (name, contents) in [
+            (names::CA_CERT_KEY, &signer.ca_cert_pem),
+            (names::CA_KEY_KEY, &signer.ca_key_pem),
+        ] {
+            let tmp = lab.ca_dir().join(format!(".{name}"));
+            std::fs::write(&tmp, contents).unwrap();
+            std::fs::rename(&tmp, lab.ca_dir().join(name)).unwrap();
+        }
+    };
+    switch(&new);
+    lab.restart_control_plane().unwrap();
+
+    // Both pods' certificates renewed by the new CA (20 s lifetime: renewed
+    // every 10 s), while traffic flows.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let log = lab.logs("control-plane").unwrap();
+        let since_switch = log
+            .rsplit("certificate authority ready")
+            .next()
+            .unwrap_or("");
+        let renewed = |sa: &str| {
+            since_switch
+                .lines()
+                .any(|l| l.contains("signed workload certificate") && l.contains(sa))
+        };
+        if renewed("sa/client") && renewed("sa/web") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not renewed by the new root:\n{since_switch}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failures) = driver.join().unwrap();
+    assert!(ok > 50, "traffic flowed ({ok} connections)");
+    assert!(
+        failures.is_empty(),
+        "{} failed connections: {failures:?}",
+        failures.len()
+    );
+    let log = lab.logs("control-plane").unwrap();
+    assert!(
+        log.matches("certificate authority ready").count() >= 2,
+        "restarted with the new signer"
+    );
+}

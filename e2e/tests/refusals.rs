@@ -108,11 +108,9 @@ fn hbone_refuses_wrong_targets_and_clients_without_mesh_certificates() {
 
         // A certificate from another CA, for a plausible identity.
         let other_ca = tempfile::tempdir().unwrap();
-        let foreign = kanava_control_plane::ca::CertificateAuthority::load_or_create(
-            other_ca.path(),
-            "cluster.local",
-        )
-        .unwrap();
+        let foreign =
+            kanava_control_plane::ca::files::load_or_create(other_ca.path(), "cluster.local")
+                .unwrap();
         let client_id: Identity = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
         let request = kanava_tls::CertificateRequest::generate(&client_id).unwrap();
         let issued = foreign

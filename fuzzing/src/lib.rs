@@ -101,11 +101,8 @@ fn ca() -> &'static kanava_control_plane::ca::CertificateAuthority {
     )> = OnceLock::new();
     &CA.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let ca = kanava_control_plane::ca::CertificateAuthority::load_or_create(
-            dir.path(),
-            DEFAULT_TRUST_DOMAIN,
-        )
-        .expect("a CA");
+        let ca = kanava_control_plane::ca::files::load_or_create(dir.path(), DEFAULT_TRUST_DOMAIN)
+            .expect("a CA");
         (dir, ca)
     })
     .1

@@ -146,8 +146,7 @@ fn write_seed_corpus() {
     write("identity", "text", b"spiffe://cluster.local/ns/shop/sa/web");
     let dir = tempfile::tempdir().expect("temporary directory");
     let ca =
-        kanava_control_plane::ca::CertificateAuthority::load_or_create(dir.path(), "cluster.local")
-            .expect("CA");
+        kanava_control_plane::ca::files::load_or_create(dir.path(), "cluster.local").expect("CA");
     let request = kanava_tls::CertificateRequest::generate(&identity("web")).expect("CSR");
     write("csr", "der", request.csr_der());
     let issued = ca

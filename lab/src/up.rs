@@ -42,6 +42,10 @@ pub struct UpOptions {
     /// Extra command-line flags for every ztunnel (e.g. lower limits in a
     /// test).
     pub ztunnel_args: Vec<String>,
+    /// Files (name, PEM) put in the CA directory before the control plane
+    /// first starts: a plug-in CA (`ca-cert.pem`, `ca-key.pem`,
+    /// `root-cert.pem`, ...) instead of a generated root.
+    pub ca_files: Vec<(String, String)>,
 }
 
 impl UpOptions {
@@ -54,6 +58,7 @@ impl UpOptions {
             step_timeout: Duration::from_secs(30),
             log_filter: "info".into(),
             ztunnel_args: Vec::new(),
+            ca_files: Vec::new(),
         }
     }
 }
@@ -143,6 +148,7 @@ pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Re
     std::fs::create_dir_all(layout.manifest_dir())
         .map_err(Error::io("create the manifest directory"))?;
     write_credentials(&state)?;
+    write_ca_files(&layout, &options.ca_files)?;
 
     env.say("control plane");
     start_control_plane(&mut state, &env)?;
@@ -190,6 +196,36 @@ fn which(tool: &str) -> Option<PathBuf> {
 
 /// One random credential per node: a file for the node's ztunnel, and the
 /// list the control plane checks them against.
+fn write_ca_files(layout: &Layout, files: &[(String, String)]) -> Result<(), Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if files.is_empty() {
+        return Ok(());
+    }
+    let dir = layout.ca_dir();
+    std::fs::create_dir_all(&dir).map_err(Error::io("create the CA directory"))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io("make the CA directory private"))?;
+    for (name, contents) in files {
+        // Only plain names: these land inside the CA directory.
+        if name.contains('/') || name.starts_with('.') {
+            return Err(Error::Io {
+                context: format!("CA file name {name:?}"),
+                source: std::io::Error::other("not a plain file name"),
+            });
+        }
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dir.join(name))
+            .and_then(|mut file| file.write_all(contents.as_bytes()))
+            .map_err(Error::io(format!("write {name} in the CA directory")))?;
+    }
+    Ok(())
+}
+
 fn write_credentials(state: &LabState) -> Result<(), Error> {
     let mut tokens = String::from("# node credentials of this lab: <node> <token>\n");
     for node in &state.nodes {

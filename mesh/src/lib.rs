@@ -49,6 +49,29 @@ pub mod names {
     /// DNS name in the control plane's serving certificate, and the name a
     /// ztunnel verifies by default.
     pub const CONTROL_PLANE_SERVER_NAME: &str = "kanava-control-plane.kanava-system.svc";
+
+    /// Secret (in the control plane's namespace) holding the root the control
+    /// plane generated on its first start.
+    pub const CA_SECRET: &str = "kanava-ca";
+    /// Secret of a plug-in CA: the operator's intermediate, which the
+    /// control plane signs with instead of generating a root.
+    pub const PLUGIN_CA_SECRET: &str = "cacerts";
+    /// ConfigMap publishing the roots ztunnels and users trust.
+    pub const ROOT_CERT_CONFIGMAP: &str = "kanava-root-cert";
+    /// Keys of the CA Secrets (the names Istio's users know). The signing
+    /// certificate and its key:
+    pub const CA_CERT_KEY: &str = "ca-cert.pem";
+    pub const CA_KEY_KEY: &str = "ca-key.pem";
+    /// The trusted roots (one or more PEM certificates); also the key of
+    /// [`ROOT_CERT_CONFIGMAP`].
+    pub const ROOT_CERT_KEY: &str = "root-cert.pem";
+    /// The signing certificate's chain up to the root, served with every
+    /// workload certificate.
+    pub const CERT_CHAIN_KEY: &str = "cert-chain.pem";
+    /// Service account of the ztunnel DaemonSet.
+    pub const ZTUNNEL_SERVICE_ACCOUNT: &str = "ztunnel";
+    /// Audience of the projected token a ztunnel authenticates with.
+    pub const TOKEN_AUDIENCE: &str = "kanava";
 }
 
 /// Well-known ports.
@@ -63,6 +86,8 @@ pub mod ports {
     pub const HBONE: u16 = 15008;
     /// Control plane gRPC: discovery and certificates, over TLS.
     pub const CONTROL_PLANE: u16 = 15012;
+    /// Control plane readiness (`/ready`), plain HTTP, for the kubelet.
+    pub const CONTROL_PLANE_READINESS: u16 = 15014;
     /// ztunnel Prometheus metrics.
     pub const METRICS: u16 = 15020;
     /// ztunnel readiness.

@@ -1,8 +1,15 @@
 //! The ztunnel's connection to the control plane: one TLS channel, shared by
 //! discovery and certificate requests, authenticated with the node's
 //! credential on every call.
+//!
+//! The credential file is read again for every call: on Kubernetes it is a
+//! projected service-account token that the kubelet replaces before it
+//! expires, so the token presented is always the current one. A read that
+//! fails (the kubelet swaps the file by renaming a directory) keeps the last
+//! good token.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -20,7 +27,7 @@ use crate::{Config, Error};
 #[derive(Clone)]
 pub struct ControlPlane {
     channel: Channel,
-    authorization: Arc<MetadataValue<Ascii>>,
+    credential: Arc<Credential>,
     max_message_bytes: usize,
 }
 
@@ -28,14 +35,7 @@ impl ControlPlane {
     /// Prepares the channel; it connects on first use and reconnects by
     /// itself after failures.
     pub fn new(config: &Config, roots: &MeshRoots) -> Result<Self, Error> {
-        let token = std::fs::read_to_string(&config.node_token_file).map_err(Error::io(
-            format!("read node credential {}", config.node_token_file.display()),
-        ))?;
-        let authorization = format!("Bearer {}", token.trim())
-            .parse::<MetadataValue<Ascii>>()
-            .map_err(|_| Error::NodeCredential {
-                path: config.node_token_file.clone(),
-            })?;
+        let credential = Credential::read(config.node_token_file.clone())?;
         let channel = channel(
             &config.control_plane_address,
             &config.control_plane_name,
@@ -44,7 +44,7 @@ impl ControlPlane {
         )?;
         Ok(ControlPlane {
             channel,
-            authorization: Arc::new(authorization),
+            credential: Arc::new(credential),
             max_message_bytes: config.max_message_bytes,
         })
     }
@@ -65,8 +65,50 @@ impl ControlPlane {
         let mut request = tonic::Request::new(message);
         request
             .metadata_mut()
-            .insert("authorization", (*self.authorization).clone());
+            .insert("authorization", self.credential.current());
         request
+    }
+}
+
+/// The node credential, as an `authorization` header value, from its file.
+struct Credential {
+    path: PathBuf,
+    last_good: Mutex<MetadataValue<Ascii>>,
+}
+
+impl Credential {
+    /// Reads the file once now: a missing or unusable credential stops the
+    /// ztunnel at start, with the file's name.
+    fn read(path: PathBuf) -> Result<Self, Error> {
+        let value = Self::load(&path)?;
+        Ok(Credential {
+            path,
+            last_good: Mutex::new(value),
+        })
+    }
+
+    fn load(path: &std::path::Path) -> Result<MetadataValue<Ascii>, Error> {
+        let token = std::fs::read_to_string(path).map_err(Error::io(format!(
+            "read node credential {}",
+            path.display()
+        )))?;
+        format!("Bearer {}", token.trim())
+            .parse::<MetadataValue<Ascii>>()
+            .map_err(|_| Error::NodeCredential {
+                path: path.to_path_buf(),
+            })
+    }
+
+    /// The credential as the file holds it now, or the last good one.
+    fn current(&self) -> MetadataValue<Ascii> {
+        let mut last_good = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
+        match Self::load(&self.path) {
+            Ok(value) => *last_good = value,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the node credential again; using the last one read")
+            }
+        }
+        last_good.clone()
     }
 }
 
@@ -112,4 +154,28 @@ pub fn channel(
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_credential_is_read_again_for_every_call_and_the_last_good_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first-token\n").unwrap();
+        let credential = Credential::read(path.clone()).unwrap();
+        assert_eq!(credential.current(), "Bearer first-token");
+        // The kubelet rotates the projected token.
+        std::fs::write(&path, "second-token").unwrap();
+        assert_eq!(credential.current(), "Bearer second-token");
+        // Mid-swap the file is briefly missing: the last good one stays.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(credential.current(), "Bearer second-token");
+        assert!(
+            Credential::read(path).is_err(),
+            "missing at start is an error"
+        );
+    }
 }

@@ -50,6 +50,19 @@ pub struct MeshState {
     pub policies: Vec<Policy>,
     /// Objects that could not be translated, and why.
     pub problems: Vec<String>,
+    /// Whether each AuthorizationPolicy was accepted, for its status.
+    pub policy_verdicts: Vec<PolicyVerdict>,
+}
+
+/// Whether a policy was accepted as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyVerdict {
+    pub key: ObjectKey,
+    /// `metadata.generation` of the version judged.
+    pub generation: Option<i64>,
+    /// Why it was rejected, and what is in force instead; `None` when it
+    /// was accepted.
+    pub rejection: Option<String>,
 }
 
 /// Translates views of the cluster one after another, remembering the last
@@ -160,6 +173,11 @@ impl Translator {
                 Ok(policy) => {
                     self.last_good_policies.insert(key.clone(), policy.clone());
                     state.policies.push(policy);
+                    state.policy_verdicts.push(PolicyVerdict {
+                        key: key.clone(),
+                        generation: object.metadata.generation,
+                        rejection: None,
+                    });
                 }
                 Err(problem) => {
                     // Never weaker than what the operator meant: the last
@@ -177,6 +195,11 @@ impl Translator {
                         "AuthorizationPolicy {}/{} rejected: {problem}; {meaning}",
                         key.0, key.1,
                     ));
+                    state.policy_verdicts.push(PolicyVerdict {
+                        key: key.clone(),
+                        generation: object.metadata.generation,
+                        rejection: Some(format!("{problem}; {meaning}")),
+                    });
                     state.policies.extend(in_force);
                 }
             }

@@ -5,9 +5,11 @@
 //! downstream (translation, validation, discovery) is shared between
 //! production and the lab.
 //!
+//! - [`kubernetes`]: watches of the Kubernetes API (production);
 //! - [`manifests`]: a directory of Kubernetes manifests, watched for
 //!   changes (the lab, tests, and clusters without API access).
 
+pub mod kubernetes;
 pub mod manifests;
 
 pub use kanava_cluster::ClusterObjects;

@@ -1,21 +1,25 @@
 //! The mesh certificate authority.
 //!
-//! The root key and certificate live in a directory (`root-key.pem`,
-//! `root-cert.pem`). On first start they are generated; afterwards they are
-//! reused, so certificates issued before a restart stay valid. An operator who
-//! wants Kanava to chain to an existing PKI puts that CA's certificate and key
-//! there before the first start ("plug-in CA").
+//! The CA signs with a certificate and key ([`SigningMaterial`]): a root it
+//! generated on first start, or an operator's own intermediate (a "plug-in
+//! CA"). Where they are kept depends on the source: a directory
+//! ([`files`], the lab) or Secrets in the control plane's namespace
+//! ([`secret`], Kubernetes). The roots that ztunnels trust may be more than
+//! the one the CA signs under, so a root can be rotated without a failed
+//! connection (see the README).
 //!
 //! Workload certificates are short-lived, carry exactly one URI SAN (the
 //! SPIFFE identity) and are usable for both TLS client and server auth. The CA
 //! decides everything in them; from a CSR it takes only the public key, after
 //! checking the CSR's signature and that it asks for the identity requested.
 
-use std::fs;
-use std::io::Write;
+pub mod files;
+mod material;
+pub mod secret;
+
+pub use material::SigningMaterial;
+
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use kanava_mesh::Identity;
@@ -29,11 +33,6 @@ use rcgen::{
 
 use crate::Error;
 
-/// File name of the root certificate inside the CA directory.
-pub const ROOT_CERT_FILE: &str = kanava_mesh::names::CA_ROOT_CERT_FILE;
-/// File name of the root private key inside the CA directory.
-pub const ROOT_KEY_FILE: &str = kanava_mesh::names::CA_ROOT_KEY_FILE;
-
 /// Lifetime of a generated root.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Backdating of issued certificates, so peers with slightly slow clocks
@@ -42,7 +41,11 @@ const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
-    root_pem: String,
+    /// Certificates served after each leaf: the signing certificate and its
+    /// intermediates, up to (not including) a trusted root.
+    chain_pem: Vec<String>,
+    /// The trusted roots, one PEM certificate each.
+    roots_pem: Vec<String>,
     trust_domain: String,
 }
 
@@ -55,84 +58,37 @@ pub struct IssuedCert {
 }
 
 impl CertificateAuthority {
-    /// Loads the root from `dir`, or creates and stores one if `dir` holds
-    /// none.
-    pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
-        let cert_path = dir.join(ROOT_CERT_FILE);
-        let key_path = dir.join(ROOT_KEY_FILE);
-        match (cert_path.exists(), key_path.exists()) {
-            (true, true) => Self::load(&cert_path, &key_path, trust_domain),
-            (false, false) => Self::create(dir, trust_domain),
-            (true, false) => Err(Error::HalfARoot {
-                present: cert_path,
-                missing: key_path,
-            }),
-            (false, true) => Err(Error::HalfARoot {
-                present: key_path,
-                missing: cert_path,
-            }),
-        }
-    }
-
-    fn load(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<Self, Error> {
-        let root_pem = read(cert_path)?;
-        let key_pem = read(key_path)?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|source| Error::RootUnusable {
-            path: key_path.to_path_buf(),
-            source,
-        })?;
-        let issuer =
-            Issuer::from_ca_cert_pem(&root_pem, key).map_err(|source| Error::RootUnusable {
-                path: cert_path.to_path_buf(),
-                source,
-            })?;
-        tracing::info!(root = %cert_path.display(), "loaded CA root");
-        Ok(CertificateAuthority {
-            issuer,
-            root_pem,
-            trust_domain: trust_domain.to_string(),
-        })
-    }
-
-    fn create(dir: &Path, trust_domain: &str) -> Result<Self, Error> {
-        fs::create_dir_all(dir).map_err(|source| Error::File {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ca_error)?;
-        let mut params = CertificateParams::default();
-        let mut name = DistinguishedName::new();
-        name.push(DnType::OrganizationName, "Kanava");
-        name.push(
-            DnType::CommonName,
-            format!("Kanava mesh root ({trust_domain})"),
+    /// A CA signing with `material`, which has been checked (see
+    /// [`SigningMaterial::check`]). `origin` names where it came from, for
+    /// errors.
+    pub fn from_material(
+        material: &SigningMaterial,
+        trust_domain: &str,
+        origin: &str,
+    ) -> Result<Self, Error> {
+        let checked = material.check(origin)?;
+        tracing::info!(
+            %origin,
+            roots = checked.roots_pem.len(),
+            chain = checked.chain_pem.len(),
+            "certificate authority ready"
         );
-        params.distinguished_name = name;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = SystemTime::now();
-        params.not_before = (now - CLOCK_SKEW).into();
-        params.not_after = (now + ROOT_LIFETIME).into();
-        params.serial_number = Some(random_serial());
-        let cert = params.self_signed(&key).map_err(ca_error)?;
-        write_private(&dir.join(ROOT_KEY_FILE), key.serialize_pem().as_bytes())?;
-        write_private(&dir.join(ROOT_CERT_FILE), cert.pem().as_bytes())?;
-        tracing::info!(dir = %dir.display(), "created CA root");
         Ok(CertificateAuthority {
-            root_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
+            issuer: checked.issuer,
+            chain_pem: checked.chain_pem,
+            roots_pem: checked.roots_pem,
             trust_domain: trust_domain.to_string(),
         })
     }
 
-    /// The root certificate, PEM.
-    pub fn root_pem(&self) -> &str {
-        &self.root_pem
+    /// The trusted roots, PEM, one after the other (what ztunnels trust).
+    pub fn root_pem(&self) -> String {
+        self.roots_pem.concat()
+    }
+
+    /// The trusted roots, one PEM certificate each.
+    pub fn roots_pem(&self) -> &[String] {
+        &self.roots_pem
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -202,7 +158,9 @@ impl CertificateAuthority {
             .signed_by(&request.public_key, &self.issuer)
             .map_err(ca_error)?;
         Ok(IssuedCert {
-            chain_pem: vec![cert.pem()],
+            chain_pem: std::iter::once(cert.pem())
+                .chain(self.chain_pem.iter().cloned())
+                .collect(),
             not_after: truncate_to_seconds(not_after),
         })
     }
@@ -247,6 +205,37 @@ impl CertificateAuthority {
     }
 }
 
+/// A new self-signed root for `trust_domain`: signing certificate and
+/// only trusted root at once.
+pub fn generate_root(trust_domain: &str) -> Result<SigningMaterial, Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ca_error)?;
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "Kanava");
+    name.push(
+        DnType::CommonName,
+        format!("Kanava mesh root ({trust_domain})"),
+    );
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    params.not_before = (now - CLOCK_SKEW).into();
+    params.not_after = (now + ROOT_LIFETIME).into();
+    params.serial_number = Some(random_serial());
+    let cert = params.self_signed(&key).map_err(ca_error)?;
+    Ok(SigningMaterial {
+        ca_cert_pem: cert.pem(),
+        ca_key_pem: key.serialize_pem(),
+        roots_pem: cert.pem(),
+        chain_pem: None,
+    })
+}
+
 fn parse_csr(csr: &[u8]) -> Result<CertificateSigningRequestParams, Error> {
     let result = if csr.starts_with(b"-----BEGIN") {
         let text =
@@ -277,71 +266,28 @@ fn ca_error(source: rcgen::Error) -> Error {
     Error::Signing(source)
 }
 
-fn read(path: &Path) -> Result<String, Error> {
-    fs::read_to_string(path).map_err(|source| Error::File {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Writes a file readable by its owner only, atomically (temp + rename), so a
-/// crash never leaves half a key behind.
-fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    let tmp: PathBuf = path.with_extension("tmp");
-    let file_error = |source| Error::File {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(file_error)?;
-    file.write_all(contents).map_err(file_error)?;
-    file.sync_all().map_err(file_error)?;
-    fs::rename(&tmp, path).map_err(file_error)
-}
-
 #[cfg(test)]
 mod tests {
     use kanava_tls::{CertificateRequest, MeshRoots, identity_of, parse_pem_certs};
 
     use super::*;
 
+    fn test_ca() -> CertificateAuthority {
+        CertificateAuthority::from_material(
+            &generate_root("cluster.local").unwrap(),
+            "cluster.local",
+            "test",
+        )
+        .unwrap()
+    }
+
     fn identity(ns: &str, sa: &str) -> Identity {
         Identity::new("cluster.local", ns, sa).unwrap()
     }
 
     #[test]
-    fn root_is_created_once_and_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
-        let again = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
-        assert_eq!(first.root_pem(), again.root_pem());
-        let mode = fs::metadata(dir.path().join(ROOT_KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600, "root key must be private");
-    }
-
-    #[test]
-    fn half_a_root_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
-        fs::remove_file(dir.path().join(ROOT_KEY_FILE)).unwrap();
-        let err = CertificateAuthority::load_or_create(dir.path(), "cluster.local")
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains(ROOT_KEY_FILE), "{err}");
-    }
-
-    #[test]
     fn signs_a_workload_certificate_that_chains_to_the_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        let ca = test_ca();
         let id = identity("shop", "web");
         let request = CertificateRequest::generate(&id).unwrap();
         let issued = ca
@@ -362,8 +308,7 @@ mod tests {
 
     #[test]
     fn refuses_a_csr_for_another_identity() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        let ca = test_ca();
         let request = CertificateRequest::generate(&identity("shop", "admin")).unwrap();
         let err = ca
             .sign_workload(
@@ -378,8 +323,7 @@ mod tests {
 
     #[test]
     fn refuses_garbage_and_foreign_trust_domains() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        let ca = test_ca();
         let id = identity("shop", "web");
         let err = ca
             .sign_workload(b"not a csr", &id, Duration::from_secs(60))

@@ -1,12 +1,10 @@
-//! Node credentials: how a ztunnel proves which node it speaks for.
+//! Node credentials of the lab (`--source manifests`).
 //!
-//! Every request carries `authorization: Bearer <token>`. The control plane
-//! knows one token per node, from a file of `<node-name> <token>` lines (the
+//! The control plane knows one token per node, from a file of `<node-name> <token>` lines (the
 //! lab writes it when it creates the nodes; blank lines and `#` comments are
 //! ignored). A token grants exactly one node: its ztunnel may subscribe to
 //! discovery as that node and obtain certificates only for identities of pods
-//! scheduled there. In Kubernetes the same role is played by the ztunnel's
-//! service-account token, checked with a TokenReview.
+//! scheduled there.
 //!
 //! Tokens are kept only as SHA-256 digests, so lookups compare digests and
 //! reveal nothing about the secret through timing.
@@ -15,9 +13,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
-use tonic::Status;
-use tonic::metadata::MetadataMap;
 
+use super::Refusal;
 use crate::Error;
 
 /// Shortest token accepted in the credentials file.
@@ -71,26 +68,16 @@ impl NodeAuthenticator {
         Ok(auth)
     }
 
-    /// The node the request's credential belongs to.
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        let header = metadata.get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing node credential (authorization header)")
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization header is not `Bearer <token>`")
-            })?;
+    /// The node `token` belongs to.
+    pub fn authenticate(&self, token: &str) -> Result<String, Refusal> {
         self.nodes_by_digest
             .get(&digest(token))
             .cloned()
-            .ok_or_else(|| Status::unauthenticated("unknown node credential"))
+            .ok_or_else(|| Refusal::unauthenticated("unknown node credential"))
     }
 }
 
-fn digest(token: &str) -> [u8; 32] {
+pub(super) fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
@@ -98,31 +85,15 @@ fn digest(token: &str) -> [u8; 32] {
 mod tests {
     use super::*;
 
-    fn metadata(value: &str) -> MetadataMap {
-        let mut md = MetadataMap::new();
-        md.insert("authorization", value.parse().unwrap());
-        md
-    }
-
     #[test]
     fn maps_tokens_to_nodes() {
         let auth = NodeAuthenticator::parse(
             "# lab nodes\nnode-1 aaaaaaaaaaaaaaaaaaaa\n\nnode-2 bbbbbbbbbbbbbbbbbbbb\n",
         )
         .unwrap();
-        assert_eq!(
-            auth.authenticate(&metadata("Bearer bbbbbbbbbbbbbbbbbbbb"))
-                .unwrap(),
-            "node-2"
-        );
-        let err = auth
-            .authenticate(&metadata("Bearer cccccccccccccccccccc"))
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unauthenticated);
-        let err = auth.authenticate(&metadata("Basic x")).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unauthenticated);
-        let err = auth.authenticate(&MetadataMap::new()).unwrap_err();
-        assert!(err.message().contains("missing"));
+        assert_eq!(auth.authenticate("bbbbbbbbbbbbbbbbbbbb").unwrap(), "node-2");
+        let refusal = auth.authenticate("cccccccccccccccccccc").unwrap_err();
+        assert_eq!(refusal.status().code(), tonic::Code::Unauthenticated);
     }
 
     #[test]

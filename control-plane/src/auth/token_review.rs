@@ -1,0 +1,247 @@
+//! ztunnels on Kubernetes: a projected service-account token, checked by a
+//! TokenReview, bound to the ztunnel's pod, whose node is the one the caller
+//! may act for.
+//!
+//! A token is accepted when, in this order:
+//! 1. it looks like a JWT that has not expired (checked here, so junk and
+//!    stale tokens cost no API call; the signature is the API server's
+//!    business);
+//! 2. the API server's TokenReview says it is authenticated, for the
+//!    audience `kanava`;
+//! 3. it belongs to the ztunnel service account
+//!    (`system:serviceaccount:<namespace>:ztunnel`);
+//! 4. it is bound to a pod (the review's `pod-name`/`pod-uid` extras), and
+//!    that pod exists, has the same uid, runs as the same account, is not
+//!    finished, and is scheduled on a node: that node is the answer.
+//!
+//! Answers are cached by the token's digest until the token expires, and
+//! never longer than [`CACHE_FOR`], so a deleted ztunnel pod loses access
+//! within that time.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use tokio::time::Instant;
+
+use super::Refusal;
+use super::node_tokens::digest;
+
+/// Longest an answer is reused without asking the API server again.
+pub const CACHE_FOR: Duration = Duration::from_secs(60);
+/// Most answers kept; beyond that, expired ones are dropped, then all.
+const CACHE_ENTRIES: usize = 4096;
+/// The TokenReview extras that bind a token to a pod.
+const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+
+/// Checks ztunnel tokens with the API server.
+pub struct TokenReviewer {
+    client: Client,
+    audience: String,
+    /// `system:serviceaccount:<namespace>:<name>` of the ztunnels.
+    username: String,
+    namespace: String,
+    service_account: String,
+    cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+}
+
+impl TokenReviewer {
+    pub fn new(client: Client, audience: &str, namespace: &str, service_account: &str) -> Self {
+        TokenReviewer {
+            client,
+            audience: audience.to_string(),
+            username: format!("system:serviceaccount:{namespace}:{service_account}"),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The node `token`'s bearer may act for.
+    pub async fn authenticate(&self, token: &str) -> Result<String, Refusal> {
+        let expires = expiry_of(token)?;
+        let now = SystemTime::now();
+        let left = expires
+            .duration_since(now)
+            .map_err(|_| Refusal::unauthenticated("token expired"))?;
+        let key = digest(token);
+        if let Some(node) = self.cached(&key) {
+            return Ok(node);
+        }
+        let node = self.review(token).await?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_ENTRIES {
+            let now = Instant::now();
+            cache.retain(|_, (_, until)| *until > now);
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (node.clone(), Instant::now() + left.min(CACHE_FOR)));
+        Ok(node)
+    }
+
+    fn cached(&self, key: &[u8; 32]) -> Option<String> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(key)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(node, _)| node.clone())
+    }
+
+    async fn review(&self, token: &str) -> Result<String, Refusal> {
+        let reviews: Api<TokenReview> = Api::all(self.client.clone());
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let answer = reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| Refusal::unavailable(format!("TokenReview failed: {e}")))?;
+        let status = answer.status.unwrap_or_default();
+        let (pod_name, pod_uid) = self.check_review(&status)?;
+        self.node_of_pod(&pod_name, &pod_uid).await
+    }
+
+    /// The bound pod's name and uid, if the review allows the caller in.
+    fn check_review(&self, status: &TokenReviewStatus) -> Result<(String, String), Refusal> {
+        if status.authenticated != Some(true) {
+            return Err(Refusal::unauthenticated(format!(
+                "TokenReview: not authenticated{}",
+                status
+                    .error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )));
+        }
+        let audiences = status.audiences.as_deref().unwrap_or_default();
+        if !audiences.contains(&self.audience) {
+            return Err(Refusal::unauthenticated(format!(
+                "TokenReview: the token is for audiences {audiences:?}, not {:?}",
+                self.audience
+            )));
+        }
+        let user = status.user.clone().unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if username != self.username {
+            return Err(Refusal::permission_denied(format!(
+                "the token belongs to {username:?}, not the ztunnel service account {:?}",
+                self.username
+            )));
+        }
+        let extra = user.extra.unwrap_or_default();
+        let one = |key: &str| {
+            extra
+                .get(key)
+                .and_then(|values| values.first())
+                .filter(|value| !value.is_empty())
+                .cloned()
+        };
+        match (one(POD_NAME_EXTRA), one(POD_UID_EXTRA)) {
+            (Some(name), Some(uid)) => Ok((name, uid)),
+            _ => Err(Refusal::permission_denied(
+                "the token is not bound to a pod (use a projected service-account token)",
+            )),
+        }
+    }
+
+    async fn node_of_pod(&self, name: &str, uid: &str) -> Result<String, Refusal> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let pod = pods
+            .get_opt(name)
+            .await
+            .map_err(|e| Refusal::unavailable(format!("read pod {}/{name}: {e}", self.namespace)))?
+            .ok_or_else(|| {
+                Refusal::permission_denied(format!(
+                    "the token's pod {}/{name} no longer exists",
+                    self.namespace
+                ))
+            })?;
+        let pod_name = format!("{}/{name}", self.namespace);
+        if pod.metadata.uid.as_deref() != Some(uid) {
+            return Err(Refusal::permission_denied(format!(
+                "pod {pod_name} is not the token's pod (uid {:?}, token bound to {uid})",
+                pod.metadata.uid.as_deref().unwrap_or_default()
+            )));
+        }
+        let spec = pod.spec.unwrap_or_default();
+        if spec.service_account_name.as_deref() != Some(self.service_account.as_str()) {
+            return Err(Refusal::permission_denied(format!(
+                "pod {pod_name} runs as {:?}, not {:?}",
+                spec.service_account_name.unwrap_or_default(),
+                self.service_account
+            )));
+        }
+        let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
+        if matches!(phase.as_str(), "Succeeded" | "Failed") {
+            return Err(Refusal::permission_denied(format!(
+                "pod {pod_name} has finished ({phase})"
+            )));
+        }
+        spec.node_name
+            .filter(|node| !node.is_empty())
+            .ok_or_else(|| {
+                Refusal::permission_denied(format!("pod {pod_name} is not scheduled on a node"))
+            })
+    }
+}
+
+/// When a JWT expires, from its `exp` claim (not verified here: only to
+/// refuse junk and stale tokens without asking the API server, and to bound
+/// how long an answer is cached).
+fn expiry_of(token: &str) -> Result<SystemTime, Refusal> {
+    let malformed = |why: &str| Refusal::unauthenticated(format!("malformed token: {why}"));
+    let mut parts = token.split('.');
+    let (Some(_header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(malformed("not a JWT (three dot-separated parts)"));
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| malformed("payload is not base64url"))?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| malformed("payload is not JSON"))?;
+    let exp = claims
+        .get("exp")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| malformed("no expiry (exp); only projected tokens are accepted"))?;
+    Ok(UNIX_EPOCH + Duration::from_secs(exp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: &str) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.c2ln", b64(r#"{"alg":"RS256"}"#), b64(claims))
+    }
+
+    #[test]
+    fn junk_and_stale_tokens_are_refused_without_asking() {
+        for (token, reason) in [
+            ("garbage".to_string(), "not a JWT"),
+            ("a.!!!.c".to_string(), "not base64url"),
+            (jwt("not json"), "not JSON"),
+            (jwt(r#"{"sub":"x"}"#), "no expiry"),
+        ] {
+            let refusal = expiry_of(&token).unwrap_err();
+            assert_eq!(refusal.code, tonic::Code::Unauthenticated);
+            assert!(refusal.reason.contains(reason), "{token}: {refusal:?}");
+        }
+        let expires = expiry_of(&jwt(r#"{"exp":4102444800}"#)).unwrap();
+        assert_eq!(expires, UNIX_EPOCH + Duration::from_secs(4102444800));
+    }
+}

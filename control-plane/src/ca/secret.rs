@@ -1,0 +1,202 @@
+//! The CA kept in the cluster (`--source kubernetes`).
+//!
+//! - A plug-in CA: when the Secret `cacerts` exists in the control plane's
+//!   namespace, the control plane signs with its `ca-cert.pem`/`ca-key.pem`,
+//!   trusts its `root-cert.pem` and serves its `cert-chain.pem`.
+//! - Otherwise the root is in the Secret `kanava-ca` (same keys), created on
+//!   the first start. When two replicas start at once, both try to create
+//!   it; the API server accepts one creation and answers the other `409
+//!   Conflict`, and the loser reads the winner's root: there is never a
+//!   second root.
+//! - The trusted roots are published in the ConfigMap `kanava-root-cert`
+//!   (`root-cert.pem`), for ztunnels and for users.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kanava_mesh::names;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+
+use super::{CertificateAuthority, SigningMaterial, generate_root};
+use crate::Error;
+
+/// Field manager of what the control plane writes.
+pub const FIELD_MANAGER: &str = "kanava-control-plane";
+
+/// The CA of the cluster: the plug-in CA if there is one, else the root in
+/// its Secret, created if missing. Publishes the trusted roots.
+pub async fn load_or_create(
+    client: &Client,
+    namespace: &str,
+    trust_domain: &str,
+) -> Result<CertificateAuthority, Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let api = |action: &str, source| Error::Kubernetes {
+        action: format!("{action} in namespace {namespace}"),
+        source,
+    };
+    let (material, origin) = match secrets
+        .get_opt(names::PLUGIN_CA_SECRET)
+        .await
+        .map_err(|e| api("read Secret cacerts", e))?
+    {
+        Some(plug_in) => {
+            let origin = format!(
+                "plug-in CA (Secret {namespace}/{})",
+                names::PLUGIN_CA_SECRET
+            );
+            (material_of(&plug_in, &origin)?, origin)
+        }
+        None => {
+            let origin = format!("Secret {namespace}/{}", names::CA_SECRET);
+            let material = match secrets
+                .get_opt(names::CA_SECRET)
+                .await
+                .map_err(|e| api("read Secret kanava-ca", e))?
+            {
+                Some(existing) => material_of(&existing, &origin)?,
+                None => create_root(&secrets, namespace, trust_domain, &origin).await?,
+            };
+            (material, origin)
+        }
+    };
+    let ca = CertificateAuthority::from_material(&material, trust_domain, &origin)?;
+    publish_roots(client, namespace, &ca.root_pem()).await?;
+    Ok(ca)
+}
+
+/// Creates the root Secret; if another replica created it first, uses
+/// theirs.
+async fn create_root(
+    secrets: &Api<Secret>,
+    namespace: &str,
+    trust_domain: &str,
+    origin: &str,
+) -> Result<SigningMaterial, Error> {
+    let material = generate_root(trust_domain)?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(names::CA_SECRET.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_string(),
+                FIELD_MANAGER.to_string(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data_of(&material)),
+        ..Secret::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(%origin, "created the mesh root");
+            Ok(material)
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            tracing::info!(%origin, "another replica created the mesh root first; using it");
+            let winner =
+                secrets
+                    .get(names::CA_SECRET)
+                    .await
+                    .map_err(|source| Error::Kubernetes {
+                        action: format!("read Secret {} after a conflict", names::CA_SECRET),
+                        source,
+                    })?;
+            material_of(&winner, origin)
+        }
+        Err(source) => Err(Error::Kubernetes {
+            action: format!("create Secret {namespace}/{}", names::CA_SECRET),
+            source,
+        }),
+    }
+}
+
+/// Puts the trusted roots in their ConfigMap (server-side apply: creates it
+/// or updates it, whoever wrote it before).
+async fn publish_roots(client: &Client, namespace: &str, roots_pem: &str) -> Result<(), Error> {
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let configmap = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": names::ROOT_CERT_CONFIGMAP, "namespace": namespace},
+        "data": {names::ROOT_CERT_KEY: roots_pem},
+    });
+    configmaps
+        .patch(
+            names::ROOT_CERT_CONFIGMAP,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&configmap),
+        )
+        .await
+        .map_err(|source| Error::Kubernetes {
+            action: format!(
+                "publish the trusted roots in ConfigMap {namespace}/{}",
+                names::ROOT_CERT_CONFIGMAP
+            ),
+            source,
+        })?;
+    Ok(())
+}
+
+/// The material in a CA Secret.
+pub fn material_of(secret: &Secret, origin: &str) -> Result<SigningMaterial, Error> {
+    let data = secret.data.as_ref();
+    let text = |key: &str| -> Result<Option<String>, Error> {
+        match data.and_then(|data| data.get(key)) {
+            None => Ok(None),
+            Some(ByteString(bytes)) => {
+                String::from_utf8(bytes.clone())
+                    .map(Some)
+                    .map_err(|_| Error::CaUnusable {
+                        origin: origin.to_string(),
+                        reason: format!("{key} is not PEM text"),
+                    })
+            }
+        }
+    };
+    let required = |key: &str| -> Result<String, Error> {
+        text(key)?.ok_or_else(|| Error::CaUnusable {
+            origin: origin.to_string(),
+            reason: format!(
+                "key {key} is missing (a CA Secret holds {}, {}, {} and optionally {})",
+                names::CA_CERT_KEY,
+                names::CA_KEY_KEY,
+                names::ROOT_CERT_KEY,
+                names::CERT_CHAIN_KEY
+            ),
+        })
+    };
+    Ok(SigningMaterial {
+        ca_cert_pem: required(names::CA_CERT_KEY)?,
+        ca_key_pem: required(names::CA_KEY_KEY)?,
+        roots_pem: required(names::ROOT_CERT_KEY)?,
+        chain_pem: text(names::CERT_CHAIN_KEY)?,
+    })
+}
+
+fn data_of(material: &SigningMaterial) -> BTreeMap<String, ByteString> {
+    let mut data = BTreeMap::from([
+        (
+            names::CA_CERT_KEY.to_string(),
+            ByteString(material.ca_cert_pem.clone().into_bytes()),
+        ),
+        (
+            names::CA_KEY_KEY.to_string(),
+            ByteString(material.ca_key_pem.clone().into_bytes()),
+        ),
+        (
+            names::ROOT_CERT_KEY.to_string(),
+            ByteString(material.roots_pem.clone().into_bytes()),
+        ),
+    ]);
+    if let Some(chain) = &material.chain_pem {
+        data.insert(
+            names::CERT_CHAIN_KEY.to_string(),
+            ByteString(chain.clone().into_bytes()),
+        );
+    }
+    data
+}

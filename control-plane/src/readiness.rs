@@ -1,0 +1,90 @@
+//! `GET /ready`: 200 once the source has been read in full, 503 before. A
+//! control plane that is not ready answers no discovery either (see
+//! [`Store::subscribe`](crate::store::Store::subscribe)), so the kubelet and
+//! the ztunnels agree on when it is usable.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::store::Store;
+
+/// Longest a probe may take to send its request.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves readiness on `address` until `shutdown`; dropping the handle
+/// stops it too.
+pub async fn serve(
+    address: SocketAddr,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+) -> Result<Server, Error> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Listen { address, source })?;
+    tracing::info!(%address, "serving readiness at /ready");
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        tracing::warn!(%error, "readiness accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let store = store.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<_>| {
+                    let ready = store.is_loaded();
+                    async move { Ok::<_, std::convert::Infallible>(answer(&request, ready)) }
+                });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .keep_alive(false);
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(Server { task })
+}
+
+/// The readiness endpoint; dropping it stops it.
+pub struct Server {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn answer<B>(request: &Request<B>, ready: bool) -> Response<Full<Bytes>> {
+    let (status, body) = match (request.uri().path(), ready) {
+        ("/ready", true) => (StatusCode::OK, "ready\n"),
+        ("/ready", false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the initial lists of the cluster\n",
+        ),
+        _ => (StatusCode::NOT_FOUND, "not found\n"),
+    };
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+}

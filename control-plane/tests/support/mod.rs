@@ -1,0 +1,2 @@
+pub mod api_server;
+pub mod rbac;

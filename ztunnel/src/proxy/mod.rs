@@ -152,18 +152,29 @@ impl Proxy {
 
         let proxy = self.clone();
         let for_pod = pod.clone();
-        tokio::spawn(accept_loop(outbound, stop.clone(), move |stream, peer| {
-            outbound::handle(proxy.clone(), for_pod.clone(), stream, peer)
-        }));
+        // The outbound listener's callers are the pod's own applications;
+        // the other two listeners' callers come over the network.
+        tokio::spawn(accept_loop(
+            outbound,
+            Peer::Local,
+            stop.clone(),
+            move |stream, peer| outbound::handle(proxy.clone(), for_pod.clone(), stream, peer),
+        ));
         let proxy = self.clone();
         let for_pod = pod.clone();
-        tokio::spawn(accept_loop(plaintext, stop.clone(), move |stream, peer| {
-            plaintext::handle(proxy.clone(), for_pod.clone(), stream, peer)
-        }));
+        tokio::spawn(accept_loop(
+            plaintext,
+            Peer::Remote,
+            stop.clone(),
+            move |stream, peer| plaintext::handle(proxy.clone(), for_pod.clone(), stream, peer),
+        ));
         let proxy = self.clone();
-        tokio::spawn(accept_loop(hbone, stop, move |stream, peer| {
-            inbound::handle(proxy.clone(), pod.clone(), stream, peer)
-        }));
+        tokio::spawn(accept_loop(
+            hbone,
+            Peer::Remote,
+            stop,
+            move |stream, peer| inbound::handle(proxy.clone(), pod.clone(), stream, peer),
+        ));
         Ok(())
     }
 
@@ -204,7 +215,9 @@ impl Proxy {
     }
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, handle: F)
+use socket::Peer;
+
+async fn accept_loop<F, Fut>(listener: TcpListener, peers: Peer, stop: CancellationToken, handle: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -217,7 +230,9 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                socket::keep_alive(&stream);
+                if peers == Peer::Remote {
+                    socket::keep_alive(&stream);
+                }
                 tokio::spawn(handle(stream, socket::canonical(peer)));
             }
             Err(error) => {

@@ -18,12 +18,36 @@ use crate::Error;
 /// Backlog of the listeners in pods.
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// TCP keepalive on both legs of every proxied connection: a peer that
-/// vanished without a FIN (a node gone, a pod's namespace deleted) releases
-/// its connection's resources after about five minutes instead of never.
+/// Where the other end of a proxied connection's leg is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// The pod's own application, in the same network namespace: when it
+    /// goes away the kernel closes its end at once, so keepalive would only
+    /// add probes.
+    Local,
+    /// Across the network (another node, a peer outside the mesh): it can
+    /// vanish without a FIN, so the leg carries TCP keepalive.
+    Remote,
+}
+
+/// Idle time before the first keepalive probe, and the random spread added
+/// to it per socket.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(180);
+const KEEPALIVE_SPREAD_SECS: u64 = 60;
+
+/// TCP keepalive on every leg whose peer is across the network: a peer that
+/// vanished without a FIN (a node gone) releases its connection's resources
+/// after about five minutes instead of never.
+///
+/// The first probe comes after 3 to 4 minutes, at random per socket:
+/// connections opened together would otherwise be probed together, and ten
+/// thousand probes (and their answers) in one instant overflow the kernel's
+/// per-CPU backlog (`net.core.netdev_max_backlog`, 1000): the dropped probes
+/// then killed live connections in the soak.
 pub fn keepalive() -> socket2::TcpKeepalive {
+    let spread = rand::random::<u64>() % KEEPALIVE_SPREAD_SECS;
     socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(180))
+        .with_time(KEEPALIVE_IDLE + Duration::from_secs(spread))
         .with_interval(Duration::from_secs(30))
         .with_retries(4)
 }
@@ -71,7 +95,10 @@ const fn libc_eafnosupport() -> i32 {
 ///
 /// With `source`, the socket is transparent and bound to that address, so
 /// the destination sees the original client's IP; the reply routing the
-/// capture rules install brings the answers back to this socket.
+/// capture rules install brings the answers back to this socket. Such a
+/// connection reaches the pod's own application ([`Peer::Local`]); without
+/// `source` the destination is across the network and the socket carries
+/// keepalive.
 pub async fn connect_in(
     switch: &NetNsSwitch,
     netns: &Arc<NetNs>,
@@ -102,7 +129,9 @@ fn new_socket(destination: SocketAddr, source: Option<IpAddr>) -> io::Result<Soc
     socket.set_mark(marks::PROXY)?;
     socket.set_nonblocking(true)?;
     socket.set_tcp_nodelay(true)?;
-    socket.set_tcp_keepalive(&keepalive())?;
+    if source.is_none() {
+        socket.set_tcp_keepalive(&keepalive())?;
+    }
     if let Some(source) = source {
         match source {
             IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
@@ -145,4 +174,41 @@ pub fn canonical(address: SocketAddr) -> SocketAddr {
 pub fn reset(stream: TcpStream) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_probes_start_at_a_random_point_of_a_minute() {
+        let firsts: Vec<Duration> = (0..200)
+            .map(|_| {
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                socket.set_tcp_keepalive(&keepalive()).unwrap();
+                socket.tcp_keepalive_time().unwrap()
+            })
+            .collect();
+        let spread = KEEPALIVE_IDLE..KEEPALIVE_IDLE + Duration::from_secs(KEEPALIVE_SPREAD_SECS);
+        assert!(
+            firsts.iter().all(|first| spread.contains(first)),
+            "{firsts:?}"
+        );
+        let distinct: std::collections::BTreeSet<_> = firsts.iter().collect();
+        assert!(distinct.len() > 20, "spread out: {distinct:?}");
+    }
+
+    #[test]
+    fn only_legs_across_the_network_carry_keepalive() {
+        let remote = new_socket(SocketAddr::from(([127, 0, 0, 1], 9)), None).unwrap();
+        assert!(remote.keepalive().unwrap());
+        // A socket to the pod's own application is transparent (bound to
+        // the client's address), which needs root, as the whole suite does.
+        let local = new_socket(
+            SocketAddr::from(([127, 0, 0, 1], 9)),
+            Some(IpAddr::from([127, 0, 0, 2])),
+        )
+        .expect("a transparent socket (the tests run as root)");
+        assert!(!local.keepalive().unwrap());
+    }
 }

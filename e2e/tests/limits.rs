@@ -1,6 +1,6 @@
 //! One pod cannot use up its node's ztunnel: its connections are bounded
 //! (and the bound says so in the access log) while its neighbours go on,
-//! and both legs of every proxied connection carry TCP keepalive.
+//! and the legs that cross the network carry TCP keepalive.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -52,16 +52,24 @@ fn a_pod_over_its_connection_bound_is_refused_and_its_neighbours_are_not() {
     let rt = runtime();
     assert!(rt.block_on(http_get(&lab, "shop/local-web", web)).is_ok());
 
-    // Both legs in the client pod carry keepalive: the app's connection to
-    // :15001 and the HBONE connection to node-2.
+    // The HBONE connection to node-2 carries keepalive; the app's own
+    // connections to :15001 stay in the pod and carry none (ten thousand of
+    // them probed at once overflowed the kernel's backlog in the soak).
     let sockets = exec_ok(&lab, "shop/client", &["ss", "-tno", "state", "established"]);
     let with_keepalive = |needle: &str| {
         sockets
             .lines()
-            .any(|l| l.contains(needle) && l.contains("timer:(keepalive"))
+            .filter(|l| l.contains(needle))
+            .map(|l| l.contains("timer:(keepalive"))
+            .collect::<Vec<bool>>()
     };
-    assert!(with_keepalive(":15001"), "{sockets}");
-    assert!(with_keepalive(":15008"), "{sockets}");
+    let hbone = with_keepalive(":15008");
+    assert!(!hbone.is_empty() && hbone.iter().all(|&k| k), "{sockets}");
+    let in_pod = with_keepalive(":15001");
+    assert!(
+        !in_pod.is_empty() && in_pod.iter().all(|&k| !k),
+        "{sockets}"
+    );
 
     // Closing the held connections frees the pod's budget.
     drop(held);

@@ -19,6 +19,9 @@ use crate::store::Store;
 
 /// Longest a probe may take to send its request.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most connections served at once; more wait in the kernel's backlog. The
+/// kubelet needs one; anyone else who can reach the port gets no more.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Serves readiness on `address` until `shutdown`; dropping the handle
 /// stops it too.
@@ -31,8 +34,12 @@ pub async fn serve(
         .await
         .map_err(|source| Error::Listen { address, source })?;
     tracing::info!(%address, "serving readiness at /ready");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let (stream, _) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
@@ -58,6 +65,7 @@ pub async fn serve(
                 let _ = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
+                drop(slot);
             });
         }
     });

@@ -101,8 +101,10 @@ impl Credential {
 
     /// The credential as the file holds it now, or the last good one.
     fn current(&self) -> MetadataValue<Ascii> {
+        // Read outside the lock: concurrent calls never wait on the file.
+        let loaded = Self::load(&self.path);
         let mut last_good = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
-        match Self::load(&self.path) {
+        match loaded {
             Ok(value) => *last_good = value,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the node credential again; using the last one read")

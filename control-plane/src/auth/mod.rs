@@ -32,6 +32,8 @@ pub use token_review::TokenReviewer;
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// Authenticates callers, one way or the other.
+// One per process, behind an Arc: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Authenticator {
     NodeTokens(NodeAuthenticator),
     TokenReview(TokenReviewer),

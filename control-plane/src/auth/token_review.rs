@@ -16,7 +16,8 @@
 //!
 //! Answers are cached by the token's digest until the token expires, and
 //! never longer than [`CACHE_FOR`], so a deleted ztunnel pod loses access
-//! within that time.
+//! within that time. At most 16 reviews run at once, so callers presenting
+//! made-up tokens cannot turn the control plane into a flood of API calls.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -36,6 +37,11 @@ use super::node_tokens::digest;
 pub const CACHE_FOR: Duration = Duration::from_secs(60);
 /// Most answers kept; beyond that, expired ones are dropped, then all.
 const CACHE_ENTRIES: usize = 4096;
+/// Most TokenReviews in flight at once, and how long a caller waits for a
+/// turn: anyone who reaches port 15012 can present fresh JWT-shaped tokens,
+/// and each would otherwise cost the API server a review.
+const MAX_REVIEWS_IN_FLIGHT: usize = 16;
+const REVIEW_QUEUE_WAIT: Duration = Duration::from_secs(5);
 /// The TokenReview extras that bind a token to a pod.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
@@ -49,6 +55,7 @@ pub struct TokenReviewer {
     namespace: String,
     service_account: String,
     cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    reviews_in_flight: tokio::sync::Semaphore,
 }
 
 impl TokenReviewer {
@@ -60,6 +67,7 @@ impl TokenReviewer {
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
             cache: Mutex::new(HashMap::new()),
+            reviews_in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
         }
     }
 
@@ -96,6 +104,14 @@ impl TokenReviewer {
     }
 
     async fn review(&self, token: &str) -> Result<String, Refusal> {
+        let _turn = tokio::time::timeout(REVIEW_QUEUE_WAIT, self.reviews_in_flight.acquire())
+            .await
+            .map_err(|_| {
+                Refusal::unavailable(format!(
+                    "{MAX_REVIEWS_IN_FLIGHT} TokenReviews already in flight for {REVIEW_QUEUE_WAIT:?}"
+                ))
+            })?
+            .map_err(|_| Refusal::unavailable("shutting down"))?;
         let reviews: Api<TokenReview> = Api::all(self.client.clone());
         let review = TokenReview {
             spec: TokenReviewSpec {

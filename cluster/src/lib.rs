@@ -23,6 +23,6 @@ pub mod manifests;
 pub mod objects;
 pub mod translate;
 
-pub use manifests::{ManifestError, Other, parse_manifests};
+pub use manifests::{ManifestDirError, ManifestError, Other, parse_manifests, read_manifest_dir};
 pub use objects::{ClusterObjects, Kind, Object, ObjectId, ObjectKey};
 pub use translate::{MeshState, PolicyVerdict, TranslateConfig, Translator};

@@ -28,6 +28,48 @@ pub struct Other {
     pub value: serde_yaml::Value,
 }
 
+/// A file of a manifest directory that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct ManifestDirError {
+    pub path: std::path::PathBuf,
+    pub reason: String,
+}
+
+/// Reads every `*.yaml` file of a directory in name order (hidden files,
+/// writes in progress, are skipped); an object in a later file replaces one
+/// of the same name. A missing directory holds nothing.
+pub fn read_manifest_dir(dir: &std::path::Path) -> Result<crate::ClusterObjects, ManifestDirError> {
+    let failed = |path: &std::path::Path, reason: String| ManifestDirError {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut objects = crate::ClusterObjects::default();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(objects),
+        Err(e) => return Err(failed(dir, e.to_string())),
+    };
+    let mut paths: Vec<std::path::PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    paths.sort();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).map_err(|e| failed(&path, e.to_string()))?;
+        let (parsed, _) = parse_manifests(&text).map_err(|e| failed(&path, e.to_string()))?;
+        for object in parsed {
+            objects.insert(object);
+        }
+    }
+    Ok(objects)
+}
+
 /// Reads a multi-document YAML (or JSON) stream of Kubernetes objects.
 ///
 /// Namespaced objects without `metadata.namespace` land in `default`, as

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use kanava_e2e::{MESH_LAB, exec_ok, log_line, pod_ip, up};
+use kanava_handoff::client;
 
 fn listening_ports(lab: &kanava_lab::Lab, pod: &str) -> Vec<u16> {
     exec_ok(lab, pod, &["ss", "-Hltn"])
@@ -30,7 +31,7 @@ fn a_released_pod_loses_rules_and_listeners_but_keeps_running() {
     }
     assert!(exec_ok(&lab, "shop/web", &["iptables-save"]).contains("KANAVA_PRERT"));
 
-    kanava_lab::handoff::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
+    client::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
 
     let ports = listening_ports(&lab, "shop/web");
     for port in [15001, 15006, 15008] {
@@ -62,7 +63,7 @@ fn a_released_pod_loses_rules_and_listeners_but_keeps_running() {
     assert!(body.starts_with("hello from shop/web"), "{body}");
 
     // Releasing an unknown or already released pod succeeds.
-    kanava_lab::handoff::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
+    client::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
     let log = lab.logs(&format!("ztunnel/{}", web.node)).unwrap();
     assert!(log.contains("pod released"), "{log}");
 }
@@ -71,8 +72,11 @@ fn a_released_pod_loses_rules_and_listeners_but_keeps_running() {
 fn the_handoff_refuses_malformed_requests() {
     let lab = up(MESH_LAB);
     let node = &lab.state().nodes[0];
-    let netns =
-        std::path::PathBuf::from("/run/netns").join(lab.netns("legacy/plain-client").unwrap());
+    let netns = std::fs::File::open(
+        std::path::PathBuf::from("/run/netns").join(lab.netns("legacy/plain-client").unwrap()),
+    )
+    .unwrap();
+    let not_a_netns = std::fs::File::open("/proc/self/exe").unwrap();
     let info = |ips: Vec<&str>| kanava_proto::v1::PodInfo {
         uid: "u-1".into(),
         name: "plain-client".into(),
@@ -80,30 +84,33 @@ fn the_handoff_refuses_malformed_requests() {
         service_account: String::new(),
         ips: ips.into_iter().map(String::from).collect(),
     };
-    let err = kanava_lab::handoff::add_pod(
+    let err = client::add_pod(
         &node.handoff_socket,
         info(vec!["not-an-ip"]),
         &netns,
         Duration::from_secs(10),
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("not-an-ip"), "{err}");
-    let err = kanava_lab::handoff::add_pod(
+    let err = client::add_pod(
         &node.handoff_socket,
         info(vec![]),
         &netns,
         Duration::from_secs(10),
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("has no IP"), "{err}");
     // A descriptor that is not a network namespace.
-    let err = kanava_lab::handoff::add_pod(
+    let err = client::add_pod(
         &node.handoff_socket,
         info(vec!["10.244.1.9"]),
-        std::path::Path::new("/proc/self/exe"),
+        &not_a_netns,
         Duration::from_secs(10),
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("network namespace"), "{err}");
     // Nothing was captured by any of them.
     assert!(!exec_ok(&lab, "legacy/plain-client", &["iptables-save"]).contains("KANAVA"));
@@ -123,7 +130,8 @@ fn only_root_may_hand_pods_over() {
     let refused = std::thread::spawn(move || {
         // Only this thread becomes `nobody`; the test process stays root.
         rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(65534)).unwrap();
-        kanava_lab::handoff::delete_pod(&socket, "no-such-pod", Duration::from_secs(10))
+        client::delete_pod(&socket, "no-such-pod", Duration::from_secs(10))
+            .map_err(|e| e.to_string())
     })
     .join()
     .unwrap();

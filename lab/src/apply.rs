@@ -1,8 +1,8 @@
 //! Applying and deleting objects in a lab, as `kubectl apply` / `delete`
 //! would against a cluster — and doing what the cluster's components would
-//! do about them: schedule pods, build their networks, hand enrolled pods to
-//! their ztunnel (and take them back when they leave the mesh), start and
-//! stop their processes, allocate Service IPs.
+//! do about them: schedule pods, build their networks through the CNI chain
+//! (which hands enrolled pods to their ztunnel), start and stop their
+//! processes, allocate Service IPs.
 //!
 //! Everything is checked first ([`plan`](crate::plan)); nothing changes unless the whole
 //! file is acceptable.
@@ -100,6 +100,8 @@ pub fn execute(state: &mut LabState, plan: Plan, env: &Context) -> Result<Report
     }
     for pod in &plan.new_pods {
         env.check_cancel()?;
+        // Stored first, as in a cluster: the CNI plugin reads it.
+        manifests.write(state, Object::Pod(Arc::new(pod.clone())))?;
         let created = pods::create_network(state, env, pod)?;
         let key = created.key();
         state.pods.push(created);
@@ -262,9 +264,9 @@ pub fn delete(state: &mut LabState, objects: &[Object], env: &Context) -> Result
     Ok(report)
 }
 
-/// Hands every pod that should be in the mesh, and is not yet, to its
-/// ztunnel; takes back every pod that should not be and is. Returns what the
-/// ztunnels must see before the change is complete.
+/// Notes every running pod whose enrollment changed (its namespace's label,
+/// its own opt-out) and waits for its ztunnel to capture or release it.
+/// Returns what the ztunnels must see before the change is complete.
 fn reconcile_capture(
     state: &mut LabState,
     manifests: &Manifests,
@@ -273,6 +275,7 @@ fn reconcile_capture(
 ) -> Result<Vec<Expect>, Error> {
     let objects = manifests.read()?;
     let mut expect = Vec::new();
+    let mut pending = Vec::new();
     let keys: Vec<(String, String)> = state
         .pods
         .iter()
@@ -302,17 +305,15 @@ fn reconcile_capture(
         if wanted == state.pods[index].captured {
             continue;
         }
-        if wanted {
-            pods::capture(state, index, env)?;
-            report
-                .changes
-                .push(format!("pod {}/{} captured", key.0, key.1));
-        } else {
-            pods::release(state, index, env)?;
-            report
-                .changes
-                .push(format!("pod {}/{} released", key.0, key.1));
-        }
+        // The ztunnel follows the change itself (from discovery); the
+        // lab only waits for it to have done so.
+        report.changes.push(format!(
+            "pod {}/{} {}",
+            key.0,
+            key.1,
+            if wanted { "captured" } else { "released" }
+        ));
+        pending.push((index, wanted));
         state.pods[index].captured = wanted;
         state.save()?;
         let mut pod = (**pod).clone();
@@ -330,6 +331,9 @@ fn reconcile_capture(
         expect.push(Expect::workload(&uid, version));
     }
     state.save()?;
+    for (index, wanted) in pending {
+        pods::wait_captured(state, index, env, wanted)?;
+    }
     Ok(expect)
 }
 

@@ -1,7 +1,9 @@
-//! Pod networks made the way a container runtime makes them: by running the
-//! standard CNI reference plugins (`bridge` with `host-local` IPAM) in the
-//! node's namespace. Kanava's own chained plugin can later be added to the
-//! configuration exactly as on a real node.
+//! Pod networks made the way a container runtime makes them: the plugins of
+//! a conflist run one after the other in the node's namespace, each given
+//! the previous one's result — the reference `bridge` plugin (with
+//! `host-local` IPAM), then Kanava's chained `kanava-cni`, which hands
+//! enrolled pods to the node's ztunnel. The environment is what containerd
+//! sets, `CNI_ARGS` with the Kubernetes pod's namespace, name and uid.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -9,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::Error;
-use crate::layout;
+use crate::layout::{self, Layout};
 
 /// Where distributions install the reference plugins.
 const PLUGIN_DIRS: &[&str] = &["/usr/lib/cni", "/opt/cni/bin"];
@@ -28,43 +30,78 @@ pub fn plugin_dir() -> Result<PathBuf, Error> {
         })
 }
 
-/// The network configuration for pods of node `index`.
-pub fn network_config(index: usize, ipam_dir: &Path) -> serde_json::Value {
+/// The network configuration list of node `index`: what a node's
+/// `/etc/cni/net.d/*.conflist` holds once Kanava's installer has added its
+/// plugin to the primary one.
+pub fn conflist(layout: &Layout, node: &str, index: usize) -> serde_json::Value {
     let (subnet, prefix) = layout::pod_subnet(index);
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "kanava-lab",
-        "type": "bridge",
-        "bridge": "cni0",
-        "isGateway": true,
-        "ipMasq": false,
-        "hairpinMode": true,
-        "ipam": {
-            "type": "host-local",
-            "ranges": [[{
-                "subnet": format!("{subnet}/{prefix}"),
-                "gateway": layout::pod_gateway(index).to_string(),
-            }]],
-            "routes": [{"dst": "0.0.0.0/0"}],
-            "dataDir": ipam_dir,
-        }
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{
+                        "subnet": format!("{subnet}/{prefix}"),
+                        "gateway": layout::pod_gateway(index).to_string(),
+                    }]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": layout.ipam_dir(node),
+                }
+            },
+            {
+                "type": "kanava-cni",
+                "socketPath": layout.handoff_socket(index),
+                "podRecordsDir": layout.pod_records_dir(node),
+                "manifestDir": layout.manifest_dir(),
+            }
+        ]
     })
 }
 
-/// Runs `CNI_COMMAND=ADD` for a pod and returns the IPv4 address it got.
-pub fn add(
-    plugins: &Path,
-    node_netns: &str,
-    pod_netns: &str,
-    container_id: &str,
-    config: &serde_json::Value,
-) -> Result<Ipv4Addr, Error> {
-    let output = invoke(plugins, "ADD", node_netns, pod_netns, container_id, config)?;
-    let result: serde_json::Value = serde_json::from_str(&output).map_err(|e| {
-        Error::Spec(format!(
-            "CNI bridge plugin returned unreadable output ({e}): {output}"
-        ))
-    })?;
+/// Who a call is for.
+#[derive(Debug, Clone)]
+pub struct Call<'a> {
+    /// Where the plugin binaries are, searched in order (`CNI_PATH`).
+    pub plugin_path: &'a [PathBuf],
+    pub node_netns: &'a str,
+    pub pod_netns: &'a str,
+    pub container_id: &'a str,
+    /// The Kubernetes pod: namespace, name, uid.
+    pub pod: (&'a str, &'a str, &'a str),
+}
+
+/// Runs ADD through the whole list and returns the pod's IPv4 address. If
+/// a plugin fails, the ones before it are undone (DEL), as a runtime does.
+pub fn add(call: &Call<'_>, conflist: &serde_json::Value) -> Result<Ipv4Addr, Error> {
+    let plugins = plugins(conflist);
+    let mut result: Option<serde_json::Value> = None;
+    for (position, plugin) in plugins.iter().enumerate() {
+        let config = plugin_config(conflist, plugin, result.as_ref());
+        match invoke(call, "ADD", &config) {
+            Ok(output) => {
+                result = Some(serde_json::from_str(&output).map_err(|e| {
+                    Error::Spec(format!(
+                        "CNI plugin {} returned unreadable output ({e}): {output}",
+                        plugin_type(plugin)
+                    ))
+                })?);
+            }
+            Err(error) => {
+                for earlier in plugins[..position].iter().rev() {
+                    let _ = invoke(call, "DEL", &plugin_config(conflist, earlier, None));
+                }
+                return Err(error);
+            }
+        }
+    }
+    let result = result.unwrap_or_default();
     result["ips"]
         .as_array()
         .into_iter()
@@ -72,43 +109,93 @@ pub fn add(
         .filter_map(|ip| ip["address"].as_str())
         .filter_map(|cidr| cidr.split('/').next())
         .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+        .ok_or_else(|| Error::Spec(format!("the CNI chain returned no IPv4 address: {result}")))
+}
+
+/// Runs CHECK through the list, with `ip` as the previous result.
+pub fn check(call: &Call<'_>, conflist: &serde_json::Value, ip: Ipv4Addr) -> Result<(), Error> {
+    let result = serde_json::json!({
+        "cniVersion": conflist["cniVersion"],
+        "ips": [{"address": format!("{ip}/{}", layout::pod_subnet(0).1)}],
+    });
+    for plugin in plugins(conflist) {
+        invoke(
+            call,
+            "CHECK",
+            &plugin_config(conflist, &plugin, Some(&result)),
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs DEL through the list in reverse order: the chained plugin releases
+/// the pod, then the bridge plugin returns its address.
+pub fn delete(call: &Call<'_>, conflist: &serde_json::Value) -> Result<(), Error> {
+    let mut first_error = None;
+    for plugin in plugins(conflist).iter().rev() {
+        if let Err(error) = invoke(call, "DEL", &plugin_config(conflist, plugin, None)) {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn plugins(conflist: &serde_json::Value) -> Vec<serde_json::Value> {
+    conflist["plugins"].as_array().cloned().unwrap_or_default()
+}
+
+fn plugin_type(plugin: &serde_json::Value) -> &str {
+    plugin["type"].as_str().unwrap_or("")
+}
+
+/// One plugin's configuration as a runtime builds it from the list.
+fn plugin_config(
+    conflist: &serde_json::Value,
+    plugin: &serde_json::Value,
+    prev_result: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let mut config = plugin.clone();
+    config["cniVersion"] = conflist["cniVersion"].clone();
+    config["name"] = conflist["name"].clone();
+    if let Some(result) = prev_result {
+        config["prevResult"] = result.clone();
+    }
+    config
+}
+
+/// Runs one plugin inside the node's namespace (`ip netns exec` also mounts
+/// the namespace's own /sys, which the bridge plugin reads).
+fn invoke(call: &Call<'_>, command: &str, config: &serde_json::Value) -> Result<String, Error> {
+    let kind = config["type"].as_str().unwrap_or_default();
+    let plugin = call
+        .plugin_path
+        .iter()
+        .map(|dir| dir.join(kind))
+        .find(|path| path.is_file())
         .ok_or_else(|| {
-            Error::Spec(format!(
-                "CNI bridge plugin returned no IPv4 address: {output}"
+            Error::Missing(format!(
+                "CNI plugin {kind:?} is in none of {:?}",
+                call.plugin_path
             ))
-        })
-}
-
-/// Runs `CNI_COMMAND=DEL` for a pod, releasing its address.
-pub fn delete(
-    plugins: &Path,
-    node_netns: &str,
-    pod_netns: &str,
-    container_id: &str,
-    config: &serde_json::Value,
-) -> Result<(), Error> {
-    invoke(plugins, "DEL", node_netns, pod_netns, container_id, config).map(|_| ())
-}
-
-/// Runs one plugin command inside the node's namespace (`ip netns exec`
-/// also mounts the namespace's own /sys, which the plugin reads).
-fn invoke(
-    plugins: &Path,
-    command: &str,
-    node_netns: &str,
-    pod_netns: &str,
-    container_id: &str,
-    config: &serde_json::Value,
-) -> Result<String, Error> {
-    let plugin = plugins.join("bridge");
+        })?;
+    let (namespace, name, uid) = call.pod;
+    let cni_path = std::env::join_paths(call.plugin_path)
+        .map_err(|e| Error::Spec(format!("CNI_PATH: {e}")))?;
     let mut child = Command::new("ip")
-        .args(["netns", "exec", node_netns])
+        .args(["netns", "exec", call.node_netns])
         .arg(&plugin)
         .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container_id)
-        .env("CNI_NETNS", format!("/run/netns/{pod_netns}"))
+        .env("CNI_CONTAINERID", call.container_id)
+        .env("CNI_NETNS", format!("/run/netns/{}", call.pod_netns))
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", plugins)
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={uid}",
+                call.container_id
+            ),
+        )
+        .env("CNI_PATH", cni_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -125,7 +212,7 @@ fn invoke(
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         return Err(Error::Command {
-            command: format!("CNI {command} for {pod_netns}"),
+            command: format!("CNI {command} ({kind}) for pod {namespace}/{name}"),
             status: output.status.to_string(),
             stderr: format!("{stdout}{}", String::from_utf8_lossy(&output.stderr))
                 .trim()
@@ -133,4 +220,9 @@ fn invoke(
         });
     }
     Ok(stdout)
+}
+
+/// The plugin search path of the lab: the reference plugins, then Kanava's.
+pub fn plugin_path(reference: &Path, kanava: &Path) -> Vec<PathBuf> {
+    vec![reference.to_path_buf(), kanava.to_path_buf()]
 }

@@ -78,7 +78,7 @@ impl Context {
     }
 }
 
-const BINARIES: [&str; 3] = ["ztunnel", "kanava-control-plane", "labapp"];
+const BINARIES: [&str; 4] = ["ztunnel", "kanava-control-plane", "kanava-cni", "labapp"];
 
 /// Where Kanava's binaries are: `KANAVA_BIN_DIR`, or beside the running
 /// executable (its parent when that is a Cargo test binary in `deps/`).

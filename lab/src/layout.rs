@@ -87,6 +87,11 @@ impl Layout {
         self.dir.join("sock").join(format!("{node_index}.sock"))
     }
 
+    /// Where the CNI plugin keeps the node's pod records for its ztunnel.
+    pub fn pod_records_dir(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("pods")
+    }
+
     pub fn ipam_dir(&self, node: &str) -> PathBuf {
         self.dir.join("ipam").join(node)
     }

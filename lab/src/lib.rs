@@ -26,7 +26,6 @@ pub mod cni;
 pub mod context;
 mod error;
 pub mod files;
-pub mod handoff;
 pub mod layout;
 pub mod manifests;
 pub mod names;

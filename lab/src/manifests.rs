@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kanava_cluster::{ClusterObjects, Object, parse_manifests};
+use kanava_cluster::{ClusterObjects, Object, read_manifest_dir};
 
 use crate::Error;
 use crate::files::write_atomically;
@@ -25,34 +25,10 @@ impl Manifests {
 
     /// Every object stored.
     pub fn read(&self) -> Result<ClusterObjects, Error> {
-        let mut objects = ClusterObjects::default();
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(objects),
-            Err(e) => return Err(Error::io(format!("list {}", self.dir.display()))(e)),
-        };
-        let mut paths: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .filter(|p| {
-                !p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            })
-            .collect();
-        paths.sort();
-        for path in paths {
-            let text = std::fs::read_to_string(&path)
-                .map_err(Error::io(format!("read {}", path.display())))?;
-            let (parsed, _) = parse_manifests(&text).map_err(|e| Error::State {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            for object in parsed {
-                objects.insert(object);
-            }
-        }
-        Ok(objects)
+        read_manifest_dir(&self.dir).map_err(|e| Error::State {
+            path: e.path.display().to_string(),
+            reason: e.reason,
+        })
     }
 
     /// Stores `object` with the lab's next resource version, which it

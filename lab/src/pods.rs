@@ -1,9 +1,9 @@
-//! A pod's life in the lab: its network (made by the CNI plugins, as a
-//! container runtime would), its capture by the node's ztunnel (as the CNI
-//! plugin would hand it over), its process, and its end.
+//! A pod's life in the lab: its network (made by the CNI chain, as a
+//! container runtime would; its last plugin, `kanava-cni`, hands enrolled
+//! pods to the node's ztunnel), its process, and its end.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,12 +12,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kanava_cluster::Object;
 use kanava_mesh::{DEFAULT_TRUST_DOMAIN, Identity, names};
 use kanava_netns::NetNs;
-use kanava_proto::v1 as pb;
 
 use crate::context::Context;
 use crate::manifests::Manifests;
 use crate::state::{LabState, PodState};
-use crate::{Error, cni, handoff, network, process};
+use crate::{Error, cni, network, process};
+use kanava_handoff::client;
 
 /// Creates the pod's namespace and runs the CNI plugins for it.
 pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodState, Error> {
@@ -34,14 +34,22 @@ pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodS
         .ok_or_else(|| Error::Spec(format!("pod {namespace}/{name}: unknown node {node}")))?;
     let netns = layout.pod_netns(&namespace, &name);
     network::add_netns(&netns)?;
-    let config = cni::network_config(index, &layout.ipam_dir(&node));
-    let ip = cni::add(
-        &env.plugins,
-        &layout.node_netns(&node),
-        &netns,
-        &container_id(state, &uid),
-        &config,
-    )?;
+    let plugin_path = cni::plugin_path(&env.plugins, &env.bins);
+    let call = cni::Call {
+        plugin_path: &plugin_path,
+        node_netns: &layout.node_netns(&node),
+        pod_netns: &netns,
+        container_id: &container_id(state, &uid),
+        pod: (&namespace, &name, &uid),
+    };
+    let ip = cni::add(&call, &cni::conflist(&layout, &node, index))?;
+    // Whether the chain put it in the mesh, as its ztunnel says.
+    let captured = is_captured(&state.nodes[index].handoff_socket, &uid, env.step_timeout)
+        .map_err(|reason| Error::Handoff {
+            pod: format!("{namespace}/{name}"),
+            node: node.clone(),
+            reason,
+        })?;
 
     let service_account = spec
         .service_account_name
@@ -74,7 +82,7 @@ pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodS
         uid,
         node,
         ip: Some(ip),
-        captured: false,
+        captured,
         service_account,
         identity: identity.to_string(),
         netns,
@@ -118,42 +126,42 @@ pub fn manifest(state: &LabState, pod: &Pod, ready: bool) -> Result<Pod, Error> 
     Ok(pod)
 }
 
-/// Hands the pod to its node's ztunnel and waits for the capture.
-pub fn capture(state: &LabState, index: usize, env: &Context) -> Result<(), Error> {
-    let pod = &state.pods[index];
-    let node = state
-        .node(&pod.node)
-        .ok_or_else(|| Error::Spec(format!("no node {}", pod.node)))?;
-    let info = pb::PodInfo {
-        uid: pod.uid.clone(),
-        name: pod.name.clone(),
-        namespace: pod.namespace.clone(),
-        service_account: pod.service_account.clone(),
-        ips: pod.ip.iter().map(ToString::to_string).collect(),
-    };
-    let netns_path = PathBuf::from("/run/netns").join(&pod.netns);
-    handoff::add_pod(&node.handoff_socket, info, &netns_path, env.step_timeout).map_err(|reason| {
-        Error::Handoff {
-            pod: pod.key(),
-            node: pod.node.clone(),
-            reason,
-        }
-    })
+/// Whether the ztunnel at `socket` holds the pod; `Err` when it cannot be
+/// asked.
+pub fn is_captured(socket: &Path, uid: &str, timeout: Duration) -> Result<bool, String> {
+    match client::check_pod(socket, uid, timeout) {
+        Ok(()) => Ok(true),
+        Err(kanava_handoff::Error::Refused(_)) => Ok(false),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
-/// Takes the pod back from its ztunnel: rules and listeners go, the
-/// process stays.
-pub fn release(state: &LabState, index: usize, env: &Context) -> Result<(), Error> {
+/// Waits until the pod's ztunnel has followed a change of its enrollment
+/// (it captures and releases running pods itself, from discovery).
+pub fn wait_captured(
+    state: &LabState,
+    index: usize,
+    env: &Context,
+    wanted: bool,
+) -> Result<(), Error> {
     let pod = &state.pods[index];
     let node = state
         .node(&pod.node)
         .ok_or_else(|| Error::Spec(format!("no node {}", pod.node)))?;
-    handoff::delete_pod(&node.handoff_socket, &pod.uid, env.step_timeout).map_err(|reason| {
-        Error::Handoff {
-            pod: pod.key(),
-            node: pod.node.clone(),
-            reason,
-        }
+    let what = format!(
+        "the ztunnel on {} to {} pod {}",
+        pod.node,
+        if wanted { "capture" } else { "release" },
+        pod.key()
+    );
+    env.wait_until(&what, || {
+        is_captured(&node.handoff_socket, &pod.uid, env.step_timeout)
+            .map(|captured| captured == wanted)
+            .map_err(|reason| Error::Handoff {
+                pod: pod.key(),
+                node: pod.node.clone(),
+                reason,
+            })
     })
 }
 
@@ -243,22 +251,18 @@ pub fn destroy(state: &LabState, env: &Context, uid: &str) -> Result<(), Error> 
         .collect();
     pids.retain(|&pid| pid != std::process::id());
     process::terminate(&pids, Duration::from_secs(3));
-    if pod.captured {
-        release(state, index, env)?;
-    }
     if let Some(node_index) = state.nodes.iter().position(|n| n.name == pod.node) {
         let layout = state.layout();
-        let config = cni::network_config(node_index, &layout.ipam_dir(&pod.node));
-        // Returns the IP to the pool; the namespace goes next anyway.
-        if let Err(error) = cni::delete(
-            &env.plugins,
-            &layout.node_netns(&pod.node),
-            &pod.netns,
-            &container_id(state, uid),
-            &config,
-        ) {
-            tracing::debug!(pod = %pod.key(), %error, "CNI DEL failed");
-        }
+        let plugin_path = cni::plugin_path(&env.plugins, &env.bins);
+        let call = cni::Call {
+            plugin_path: &plugin_path,
+            node_netns: &layout.node_netns(&pod.node),
+            pod_netns: &pod.netns,
+            container_id: &container_id(state, uid),
+            pod: (&pod.namespace, &pod.name, uid),
+        };
+        // Releases the pod from its ztunnel, then returns its address.
+        cni::delete(&call, &cni::conflist(&layout, &pod.node, node_index))?;
     }
     network::delete_netns(&pod.netns)
 }

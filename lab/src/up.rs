@@ -290,6 +290,8 @@ fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
             node.token_file.display().to_string(),
             "--handoff-socket".into(),
             node.handoff_socket.display().to_string(),
+            "--pod-records-dir".into(),
+            layout.pod_records_dir(&node.name).display().to_string(),
         ]
         .into_iter()
         .chain(state.ztunnel_args.iter().cloned())

@@ -37,6 +37,16 @@ pub struct Config {
     )]
     pub handoff_socket: PathBuf,
 
+    /// Directory of the pod records the CNI plugin keeps on this node: how
+    /// the ztunnel finds the enrolled pods that already run when it starts,
+    /// and running pods whose namespace is enrolled later.
+    #[arg(
+        long,
+        env = "KANAVA_POD_RECORDS_DIR",
+        default_value = "/var/run/kanava/pods"
+    )]
+    pub pod_records_dir: PathBuf,
+
     /// A user id besides root allowed to hand pods over (checked on every
     /// connection with the kernel's SO_PEERCRED), e.g. a CNI agent's.
     #[arg(long, env = "KANAVA_HANDOFF_ALLOWED_UID")]

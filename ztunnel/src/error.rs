@@ -101,6 +101,10 @@ pub enum Error {
     HandoffIncomplete(&'static str),
     #[error("pod {pod} cannot be captured: {reason}")]
     InvalidPod { pod: String, reason: String },
+    #[error("pod uid {uid:?} is not captured: {reason}")]
+    NotCaptured { uid: String, reason: String },
+    #[error("pod records: {0}")]
+    PodRecord(#[from] kanava_handoff::Error),
     #[error("{task} did not finish: {source}")]
     TaskFailed {
         task: &'static str,

@@ -59,8 +59,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         roots,
         metrics.clone(),
     )?);
-    let pods = Arc::new(pods::PodRegistry::new(proxy.clone()));
+    let pods = Arc::new(pods::PodRegistry::new(
+        proxy.clone(),
+        kanava_handoff::records::RecordDir::new(&config.pod_records_dir),
+    ));
+    // Before anything else: the pods an earlier ztunnel served have had
+    // their traffic blocked since it went away.
+    pods.restore().await;
 
+    tokio::spawn(pods.clone().follow_discovery(
+        workloads.clone(),
+        config.node_name.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(discovery::run(
         control_plane,
         workloads,

@@ -77,23 +77,51 @@ COMMIT
 }
 
 /// Captures the pod's traffic. Replaces earlier rules of ours if present
-/// (e.g. after a ztunnel restart), so it can be repeated safely.
+/// (e.g. after a ztunnel restart) in one atomic step, so it can be repeated
+/// safely and a captured pod is never without its rules meanwhile.
 pub fn install(netns: &NetNs) -> Result<(), Error> {
-    if has_rules(netns, "iptables-save")? {
-        restore(netns, "iptables-restore", &release_rules())?;
-    }
-    restore(netns, "iptables-restore", &capture_rules("127.0.0.0/8"))?;
+    replace_rules(netns, "iptables-save", "iptables-restore", "127.0.0.0/8")?;
     route_replies(netns, "-4", true)?;
 
     let ipv6 = ipv6_enabled(netns);
-    let captured = match has_rules(netns, "ip6tables-save") {
-        Ok(true) => restore(netns, "ip6tables-restore", &release_rules())
-            .and_then(|()| restore(netns, "ip6tables-restore", &capture_rules("::1/128"))),
-        Ok(false) => restore(netns, "ip6tables-restore", &capture_rules("::1/128")),
-        Err(error) => Err(error),
-    }
-    .and_then(|()| route_replies(netns, "-6", true));
+    let captured = replace_rules(netns, "ip6tables-save", "ip6tables-restore", "::1/128")
+        .and_then(|()| route_replies(netns, "-6", true));
     ipv6_outcome(ipv6, captured, netns.name())
+}
+
+fn replace_rules(netns: &NetNs, save: &str, program: &str, loopback: &str) -> Result<(), Error> {
+    let saved = run(netns, save, &[], None)?;
+    match refresh_input(&saved, loopback) {
+        Some(input) => restore(netns, program, &input),
+        None => {
+            if saved.contains(&format!(":{CHAIN_PREROUTING} ")) {
+                // Our chains without both jumps to them: start over.
+                restore(netns, program, &release_rules())?;
+            }
+            restore(netns, program, &capture_rules(loopback))
+        }
+    }
+}
+
+/// When `saved` (iptables-save output) already holds our chains and the
+/// jumps to them in both tables: the input that rewrites the chains' rules
+/// in place. With `--noflush`, declaring an existing chain flushes it, and
+/// each table's change is committed atomically.
+fn refresh_input(saved: &str, loopback: &str) -> Option<String> {
+    let jumps = [
+        format!("-A PREROUTING -j {CHAIN_PREROUTING}"),
+        format!("-A OUTPUT -j {CHAIN_OUTPUT}"),
+    ];
+    let complete = jumps
+        .iter()
+        .all(|jump| saved.lines().filter(|line| line.trim() == jump).count() == 2);
+    complete.then(|| {
+        capture_rules(loopback)
+            .lines()
+            .filter(|line| !jumps.iter().any(|jump| line == jump))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    })
 }
 
 /// Whether the namespace can carry IPv6 at all (the kernel has it, and it is
@@ -256,5 +284,26 @@ mod tests {
         ));
         assert_eq!(rules.matches("COMMIT").count(), 2);
         assert_eq!(release_rules().matches("-X ").count(), 4);
+    }
+
+    #[test]
+    fn rules_in_place_are_rewritten_without_their_jumps() {
+        let first = capture_rules("127.0.0.0/8");
+        assert_eq!(refresh_input("", "127.0.0.0/8"), None, "nothing to refresh");
+        // What iptables-save prints after the first install holds each jump
+        // once per table.
+        let refresh = refresh_input(&first, "127.0.0.0/8").expect("complete rules are refreshed");
+        assert!(!refresh.contains("-A PREROUTING -j") && !refresh.contains("-A OUTPUT -j"));
+        assert_eq!(refresh.matches("COMMIT").count(), 2);
+        assert!(
+            refresh.contains(":KANAVA_PRERT - [0:0]"),
+            "declaring a chain flushes it"
+        );
+        let half = first.replacen("-A OUTPUT -j KANAVA_OUTPUT\n", "", 1);
+        assert_eq!(
+            refresh_input(&half, "127.0.0.0/8"),
+            None,
+            "a missing jump starts over"
+        );
     }
 }

@@ -158,6 +158,7 @@ fn serve_conn(conn: Conn, registry: &PodRegistry, runtime: &Handle) {
 pub enum Request {
     Add(HandedPod),
     Delete { uid: String },
+    Check { uid: String },
 }
 
 /// Decodes and checks a handoff message; pure, so every byte a client can
@@ -174,6 +175,7 @@ pub fn parse(message: &[u8], trust_domain: &str) -> Result<Request, Error> {
         Some(pb::handoff_request::Request::Delete(delete)) => {
             Ok(Request::Delete { uid: delete.uid })
         }
+        Some(pb::handoff_request::Request::Check(check)) => Ok(Request::Check { uid: check.uid }),
         None => Err(Error::HandoffIncomplete("a request")),
     }
 }
@@ -197,5 +199,6 @@ fn handle(
             runtime.block_on(registry.add(pod, netns))
         }
         Request::Delete { uid } => runtime.block_on(registry.remove(&uid)),
+        Request::Check { uid } => runtime.block_on(registry.check(&uid)),
     }
 }

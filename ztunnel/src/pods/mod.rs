@@ -5,6 +5,18 @@
 //! three listeners there; only then is the add acknowledged, so a pod never
 //! runs uncaptured. Removing it closes the listeners (open connections run
 //! to their end) and removes the rules.
+//!
+//! Two more ways in, both through the pod records the CNI plugin keeps on
+//! the node ([`kanava_handoff::records`]):
+//! - [`PodRegistry::restore`] at start-up: a pod whose namespace still
+//!   holds our rules was captured by an earlier ztunnel (crash, upgrade).
+//!   The rules stayed while no ztunnel ran, so its traffic failed closed;
+//!   now its listeners open again.
+//! - [`PodRegistry::follow_discovery`]: a running pod whose namespace joins
+//!   the mesh is captured, one that leaves is released, without a restart.
+//!   Pods that discovery does not know (yet) are left as they are: a pod
+//!   handed over by the CNI plugin may reach the ztunnel before its workload
+//!   does.
 
 pub mod capture;
 pub mod handoff;
@@ -13,13 +25,15 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use kanava_mesh::{Identity, names, ports};
+use kanava_handoff::records::{PodRecord, RecordDir};
+use kanava_mesh::{Identity, TunnelProtocol, names, ports};
 use kanava_netns::NetNs;
 use kanava_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::proxy::{CapturedPod, PodInfo, PodListeners, Proxy, socket};
+use crate::workloads::WorkloadStore;
 
 struct Entry {
     pod: Arc<CapturedPod>,
@@ -29,13 +43,20 @@ struct Entry {
 pub struct PodRegistry {
     proxy: Arc<Proxy>,
     pods: Mutex<HashMap<String, Entry>>,
+    records: RecordDir,
+    /// Held across every add and remove: a pod handed over by the CNI
+    /// plugin may at the same moment be found by [`Self::follow_discovery`],
+    /// and setting one pod up twice would open its listeners twice.
+    changing: tokio::sync::Mutex<()>,
 }
 
 impl PodRegistry {
-    pub fn new(proxy: Arc<Proxy>) -> Self {
+    pub fn new(proxy: Arc<Proxy>, records: RecordDir) -> Self {
         PodRegistry {
             proxy,
             pods: Mutex::new(HashMap::new()),
+            records,
+            changing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -47,6 +68,7 @@ impl PodRegistry {
     /// Captures a pod. Adding a pod that is already captured succeeds
     /// without doing anything.
     pub async fn add(&self, pod: HandedPod, netns: NetNs) -> Result<(), Error> {
+        let _changing = self.changing.lock().await;
         let HandedPod {
             info,
             uid,
@@ -118,6 +140,7 @@ impl PodRegistry {
 
     /// Releases a pod. Unknown pods succeed.
     pub async fn remove(&self, uid: &str) -> Result<(), Error> {
+        let _changing = self.changing.lock().await;
         let Some(entry) = self.lock().remove(uid) else {
             return Ok(());
         };
@@ -139,6 +162,160 @@ impl PodRegistry {
         Ok(())
     }
 
+    /// Succeeds when the pod is captured and its rules are in place.
+    pub async fn check(&self, uid: &str) -> Result<(), Error> {
+        let not_captured = |reason: &str| Error::NotCaptured {
+            uid: uid.to_string(),
+            reason: reason.to_string(),
+        };
+        let netns = self
+            .lock()
+            .get(uid)
+            .map(|entry| entry.pod.netns.clone())
+            .ok_or_else(|| not_captured("this ztunnel does not hold it"))?;
+        let present =
+            tokio::task::spawn_blocking(move || capture::has_rules(&netns, "iptables-save"))
+                .await
+                .map_err(|source| Error::TaskFailed {
+                    task: "checking the pod's capture",
+                    source,
+                })??;
+        if present {
+            Ok(())
+        } else {
+            Err(not_captured("its capture rules are gone"))
+        }
+    }
+
+    /// Captures again every recorded pod whose namespace still holds our
+    /// rules: the pods an earlier ztunnel on this node served. Returns how
+    /// many.
+    pub async fn restore(&self) -> usize {
+        let uids = match self.records.uids() {
+            Ok(uids) => uids,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the pod records; pods captured before this start are not served");
+                return 0;
+            }
+        };
+        let mut restored = 0;
+        for uid in uids {
+            let record = match self.records.read(&uid) {
+                Ok(Some(record)) => record,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, "pod record skipped");
+                    continue;
+                }
+            };
+            let netns = match open_netns(&record) {
+                Ok(netns) => netns,
+                // Its pod is gone (or going): nothing to serve.
+                Err(error) => {
+                    tracing::info!(pod = %record_name(&record), %error, "recorded pod not restored");
+                    continue;
+                }
+            };
+            let netns = Arc::new(netns);
+            let probe = netns.clone();
+            let captured_before =
+                tokio::task::spawn_blocking(move || capture::has_rules(&probe, "iptables-save"))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(false);
+            if !captured_before {
+                continue;
+            }
+            let Ok(netns) = Arc::try_unwrap(netns) else {
+                continue;
+            };
+            match self.add_recorded(&record, netns).await {
+                Ok(()) => restored += 1,
+                Err(error) => {
+                    tracing::error!(pod = %record_name(&record), %error, "pod captured before this start not restored; its traffic stays blocked");
+                }
+            }
+        }
+        tracing::info!(restored, "pods captured before this start served again");
+        restored
+    }
+
+    /// Keeps the captured pods of this node in step with discovery until
+    /// `shutdown`: captures recorded pods that joined the mesh and releases
+    /// pods that left it.
+    pub async fn follow_discovery(
+        self: Arc<Self>,
+        workloads: Arc<WorkloadStore>,
+        node: String,
+        shutdown: CancellationToken,
+    ) {
+        let mut updates = workloads.subscribe();
+        tokio::select! {
+            () = workloads.wait_ready() => {}
+            () = shutdown.cancelled() => return,
+        }
+        loop {
+            self.reconcile(&workloads, &node).await;
+            tokio::select! {
+                changed = updates.changed() => if changed.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn reconcile(&self, workloads: &WorkloadStore, node: &str) {
+        for workload in workloads.workloads() {
+            if workload.node != node {
+                continue;
+            }
+            let wanted = workload.protocol == TunnelProtocol::Hbone;
+            let held = self.lock().contains_key(&workload.uid);
+            let pod = workload.display_name();
+            if wanted && !held {
+                let record = match self.records.read(&workload.uid) {
+                    Ok(Some(record)) => record,
+                    // Not set up on this node by the CNI plugin (yet): its
+                    // ADD hands it over itself.
+                    Ok(None) => continue,
+                    Err(error) => {
+                        tracing::warn!(%pod, %error, "pod joined the mesh but its record is unusable");
+                        continue;
+                    }
+                };
+                let result = match open_netns(&record) {
+                    Ok(netns) => self.add_recorded(&record, netns).await,
+                    Err(error) => Err(error),
+                };
+                match result {
+                    Ok(()) => tracing::info!(%pod, "running pod joined the mesh"),
+                    Err(error) => {
+                        tracing::warn!(%pod, %error, "running pod joined the mesh but cannot be captured");
+                    }
+                }
+            } else if !wanted && held {
+                match self.remove(&workload.uid).await {
+                    Ok(()) => tracing::info!(%pod, "pod left the mesh"),
+                    Err(error) => {
+                        tracing::warn!(%pod, %error, "pod left the mesh but release failed")
+                    }
+                }
+            }
+        }
+    }
+
+    async fn add_recorded(&self, record: &PodRecord, netns: NetNs) -> Result<(), Error> {
+        let info = pb::PodInfo {
+            uid: record.uid.clone(),
+            name: record.name.clone(),
+            namespace: record.namespace.clone(),
+            service_account: record.service_account.clone(),
+            ips: record.ips.clone(),
+        };
+        let pod = validate(info, self.trust_domain())?;
+        self.add(pod, netns).await
+    }
+
     /// Every captured pod.
     pub fn list(&self) -> Vec<Arc<CapturedPod>> {
         let mut pods: Vec<_> = self.lock().values().map(|e| e.pod.clone()).collect();
@@ -149,6 +326,18 @@ impl PodRegistry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.pods.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn open_netns(record: &PodRecord) -> Result<NetNs, Error> {
+    let file = record.open_netns()?;
+    Ok(NetNs::from_fd(
+        file.into(),
+        format!("pod {}", record_name(record)),
+    )?)
+}
+
+fn record_name(record: &PodRecord) -> String {
+    format!("{}/{}", record.namespace, record.name)
 }
 
 /// A pod as handed over, checked: what it says it is, and the identity and

@@ -275,6 +275,7 @@ fn status_json(state: &LabState, services: &[kanava_lab::ServiceStatus]) -> serd
         "components": state.components().iter().map(|c| serde_json::json!({
             "name": c.name,
             "pid": c.pid,
+            "restarts": c.restarts,
             "address": c.address,
             "running": c.pid.is_some_and(process::alive),
         })).collect::<Vec<_>>(),
@@ -344,12 +345,14 @@ fn status_table(state: &LabState, services: &[kanava_lab::ServiceStatus]) -> Str
     let mut rows = vec![vec![
         "COMPONENT".to_string(),
         "PID".into(),
+        "RESTARTS".into(),
         "ADDRESS".into(),
     ]];
     for component in state.components() {
         rows.push(vec![
             component.name.clone(),
             describe_pid(component.pid),
+            component.restarts.to_string(),
             component.address.clone(),
         ]);
     }

@@ -270,7 +270,12 @@ mod tests {
                 uid: Some("u-1".into())
             })
         );
-        let without_netns = Invocation::from_env(env(&add[..4]))
+        let no_netns: Vec<_> = add
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "CNI_NETNS")
+            .collect();
+        let without_netns = Invocation::from_env(env(&no_netns))
             .map(|_| ())
             .unwrap_err();
         assert!(

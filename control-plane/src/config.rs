@@ -28,6 +28,11 @@ pub struct Config {
     #[arg(long, env = "POD_NAMESPACE", default_value = names::SYSTEM_NAMESPACE)]
     pub namespace: String,
 
+    /// Kubernetes: the Secret (in `--namespace`) of an operator-supplied
+    /// plug-in CA; when it exists the control plane signs with it.
+    #[arg(long, env = "KANAVA_PLUGIN_CA_SECRET", default_value = names::PLUGIN_CA_SECRET)]
+    pub plugin_ca_secret: String,
+
     /// Kubernetes: the service account (in `--namespace`) that ztunnels run
     /// as; a token of any other account is refused.
     #[arg(long, env = "KANAVA_ZTUNNEL_SERVICE_ACCOUNT", default_value = names::ZTUNNEL_SERVICE_ACCOUNT)]

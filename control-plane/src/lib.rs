@@ -65,8 +65,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
         Source::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
-            let ca = ca::secret::load_or_create(&client, &config.namespace, &config.trust_domain)
-                .await?;
+            let ca = ca::secret::load_or_create(
+                &client,
+                &config.namespace,
+                &config.plugin_ca_secret,
+                &config.trust_domain,
+            )
+            .await?;
             let auth = auth::Authenticator::TokenReview(auth::TokenReviewer::new(
                 client.clone(),
                 &config.token_audience,

@@ -50,7 +50,7 @@ fn roots_in_configmap(server: &ApiServer) -> String {
 async fn the_root_is_created_once_in_its_secret_and_published() {
     let server = ApiServer::start().await;
     let client = server.client();
-    let first = ca::secret::load_or_create(&client, NS, "cluster.local")
+    let first = ca::secret::load_or_create(&client, NS, "cacerts", "cluster.local")
         .await
         .unwrap();
     let secret = server.secret(NS, "kanava-ca").expect("root Secret created");
@@ -59,11 +59,41 @@ async fn the_root_is_created_once_in_its_secret_and_published() {
     }
     assert_eq!(roots_in_configmap(&server), first.root_pem());
 
+    // Run outside the chart (no Service of its own): owned by nothing.
+    assert!(secret["metadata"]["ownerReferences"].is_null(), "{secret}");
+
     // A restart (or a second replica) uses the same root.
-    let again = ca::secret::load_or_create(&client, NS, "cluster.local")
+    let again = ca::secret::load_or_create(&client, NS, "cacerts", "cluster.local")
         .await
         .unwrap();
     assert_eq!(first.root_pem(), again.root_pem());
+}
+
+/// Installed by the chart, what the control plane creates belongs to its
+/// Service, so `helm uninstall` leaves no Secret behind.
+#[tokio::test]
+async fn the_root_belongs_to_the_control_planes_service() {
+    let server = ApiServer::start().await;
+    server.apply(
+        support::api_server::SERVICES,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kanava-control-plane", "namespace": NS, "uid": "svc-uid-1"},
+            "spec": {"ports": [{"port": 15012}]},
+        }),
+    );
+    ca::secret::load_or_create(&server.client(), NS, "cacerts", "cluster.local")
+        .await
+        .unwrap();
+    let secret = server.secret(NS, "kanava-ca").unwrap();
+    let owners = &secret["metadata"]["ownerReferences"];
+    assert_eq!(owners[0]["kind"], "Service", "{secret}");
+    assert_eq!(owners[0]["uid"], "svc-uid-1");
+    let configmap = server.configmap(NS, "kanava-root-cert").unwrap();
+    assert_eq!(
+        configmap["metadata"]["ownerReferences"][0]["uid"],
+        "svc-uid-1"
+    );
 }
 
 #[tokio::test]
@@ -72,7 +102,7 @@ async fn two_replicas_starting_at_once_share_one_root() {
     let winner = ca::generate_root("cluster.local").unwrap();
     // The other replica's creation lands between our read and our create.
     server.lose_secret_race(secret_of("kanava-ca", &winner));
-    let ca = ca::secret::load_or_create(&server.client(), NS, "cluster.local")
+    let ca = ca::secret::load_or_create(&server.client(), NS, "cacerts", "cluster.local")
         .await
         .unwrap();
     assert_eq!(
@@ -172,7 +202,7 @@ async fn a_plug_in_ca_signs_with_the_operators_intermediate_and_serves_its_chain
     let operators_root = ca::generate_root("cluster.local").unwrap();
     let intermediate = intermediate_of(&operators_root);
     server.put_secret(NS, secret_of("cacerts", &intermediate));
-    let ca = ca::secret::load_or_create(&server.client(), NS, "cluster.local")
+    let ca = ca::secret::load_or_create(&server.client(), NS, "cacerts", "cluster.local")
         .await
         .unwrap();
     assert!(
@@ -215,7 +245,7 @@ async fn a_broken_ca_secret_is_refused_by_name() {
     let mut mismatched = root.clone();
     mismatched.ca_key_pem = other.ca_key_pem;
     server.put_secret(NS, secret_of("cacerts", &mismatched));
-    let error = ca::secret::load_or_create(&server.client(), NS, "cluster.local")
+    let error = ca::secret::load_or_create(&server.client(), NS, "cacerts", "cluster.local")
         .await
         .err()
         .unwrap();
@@ -227,7 +257,7 @@ async fn a_broken_ca_secret_is_refused_by_name() {
         .unwrap()
         .remove("ca-key.pem");
     server.put_secret(NS, incomplete);
-    let error = ca::secret::load_or_create(&server.client(), NS, "cluster.local")
+    let error = ca::secret::load_or_create(&server.client(), NS, "cacerts", "cluster.local")
         .await
         .err()
         .unwrap();

@@ -78,7 +78,13 @@ impl Context {
     }
 }
 
-const BINARIES: [&str; 4] = ["ztunnel", "kanava-control-plane", "kanava-cni", "labapp"];
+const BINARIES: [&str; 5] = [
+    "ztunnel",
+    "kanava-control-plane",
+    "kanava-cni",
+    "labapp",
+    "lab-supervisor",
+];
 
 /// Where Kanava's binaries are: `KANAVA_BIN_DIR`, or beside the running
 /// executable (its parent when that is a Cargo test binary in `deps/`).

@@ -113,13 +113,31 @@ impl Lab {
     pub fn restart_control_plane(&mut self) -> Result<(), Error> {
         let _lock = state::lock(&self.state.layout())?;
         let mut state = LabState::load(&self.state.name)?;
-        if let Some(pid) = state.control_plane.pid.filter(|&pid| process::alive(pid)) {
-            process::terminate(&[pid], std::time::Duration::from_secs(3));
-        }
+        stop(&state.control_plane);
         up::start_control_plane(&mut state, &Context::discover(None)?)?;
         state.save()?;
         self.state = state;
         Ok(())
+    }
+
+    /// Stops the control plane for good (its supervisor too), until
+    /// [`Lab::restart_control_plane`].
+    pub fn stop_control_plane(&mut self) -> Result<(), Error> {
+        let _lock = state::lock(&self.state.layout())?;
+        let state = LabState::load(&self.state.name)?;
+        stop(&state.control_plane);
+        self.state = state;
+        Ok(())
+    }
+
+    /// The ztunnel on `node` as it runs now: its pid and how often its
+    /// supervisor restarted it.
+    pub fn ztunnel(&mut self, node: &str) -> Result<Component, Error> {
+        self.refresh()?;
+        self.state
+            .node(node)
+            .map(|n| n.ztunnel.clone())
+            .ok_or_else(|| Error::Spec(format!("no node {node}")))
     }
 
     /// Reads the lab's state again (after another process changed it).
@@ -238,4 +256,15 @@ impl Drop for Lab {
             eprintln!("tearing down lab {}: {error}", self.state.name);
         }
     }
+}
+
+/// Stops a component and its supervisor.
+fn stop(component: &state::Component) {
+    let pids: Vec<u32> = component
+        .supervisor
+        .into_iter()
+        .chain(component.pid)
+        .filter(|&pid| process::alive(pid))
+        .collect();
+    process::terminate(&pids, std::time::Duration::from_secs(3));
 }

@@ -41,12 +41,45 @@ pub struct LabState {
 pub struct Component {
     /// `control-plane` or `ztunnel/<node>`.
     pub name: String,
+    /// The running process (it changes when the supervisor restarts it).
     pub pid: Option<u32>,
+    /// The `lab-supervisor` that restarts it when it dies.
+    #[serde(default)]
+    pub supervisor: Option<u32>,
+    /// Where the supervisor reports the pid and the restarts.
+    #[serde(default)]
+    pub status_file: Option<PathBuf>,
+    /// How often it was started again after dying.
+    #[serde(default)]
+    pub restarts: u32,
     /// Where it serves: gRPC for the control plane, the handoff socket for a
     /// ztunnel.
     pub address: String,
     pub netns: String,
     pub log: PathBuf,
+}
+
+impl Component {
+    /// Takes the current pid and restart count from the supervisor's report.
+    pub fn refresh(&mut self) {
+        let Some(report) = self
+            .status_file
+            .as_ref()
+            .and_then(|path| std::fs::read(path).ok())
+            .and_then(|bytes| serde_json::from_slice::<SupervisorReport>(&bytes).ok())
+        else {
+            return;
+        };
+        self.pid = report.pid.or(self.pid);
+        self.restarts = report.restarts;
+    }
+}
+
+/// What `lab-supervisor` writes after every start.
+#[derive(Debug, Deserialize)]
+pub struct SupervisorReport {
+    pub pid: Option<u32>,
+    pub restarts: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -100,6 +133,9 @@ impl LabState {
             control_plane: Component {
                 name: "control-plane".into(),
                 pid: None,
+                supervisor: None,
+                status_file: None,
+                restarts: 0,
                 address: crate::layout::control_plane_address().to_string(),
                 netns: layout.fabric_netns(),
                 log: layout.log_dir().join("control-plane.log"),
@@ -139,10 +175,15 @@ impl LabState {
                 source: e,
             },
         })?;
-        serde_json::from_str(&text).map_err(|e| Error::State {
+        let mut state: LabState = serde_json::from_str(&text).map_err(|e| Error::State {
             path: path.display().to_string(),
             reason: e.to_string(),
-        })
+        })?;
+        state.control_plane.refresh();
+        for node in &mut state.nodes {
+            node.ztunnel.refresh();
+        }
+        Ok(state)
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeState> {

@@ -135,6 +135,9 @@ pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Re
             ztunnel: Component {
                 name: format!("ztunnel/{node}"),
                 pid: None,
+                supervisor: None,
+                status_file: None,
+                restarts: 0,
                 address: socket.display().to_string(),
                 netns: layout.node_netns(node),
                 log: layout.log_dir().join(format!("ztunnel-{node}.log")),
@@ -264,8 +267,16 @@ pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Er
         argv.extend(["--cert-ttl".into(), ttl.clone()]);
     }
     let vars = [("RUST_LOG".to_string(), state.log_filter.clone())];
-    let pid = process::spawn_in(&state.fabric_netns, &argv, &vars, &state.control_plane.log)?;
-    state.control_plane.pid = Some(pid);
+    let status = layout.log_dir().join("control-plane.status.json");
+    spawn_supervised(
+        env,
+        &mut state.control_plane,
+        &state.fabric_netns.clone(),
+        &argv,
+        &vars,
+        status,
+    )?;
+    let pid = state.control_plane.pid.unwrap_or_default();
     let fabric = NetNs::named(&state.fabric_netns)?;
     let root = layout.root_cert();
     let log = state.control_plane.log.clone();
@@ -297,12 +308,11 @@ fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
         .chain(state.ztunnel_args.iter().cloned())
         .collect();
         let vars = [("RUST_LOG".to_string(), state.log_filter.clone())];
-        node.ztunnel.pid = Some(process::spawn_in(
-            &node.netns,
-            &argv,
-            &vars,
-            &node.ztunnel.log,
-        )?);
+        let status = layout
+            .log_dir()
+            .join(format!("ztunnel-{}.status.json", node.name));
+        let netns = node.netns.clone();
+        spawn_supervised(env, &mut node.ztunnel, &netns, &argv, &vars, status)?;
     }
     for node in &state.nodes {
         let pid = node.ztunnel.pid.unwrap_or_default();
@@ -315,6 +325,38 @@ fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
             Ok(node.handoff_socket.exists() && ztunnel_ready(&node.netns))
         })?;
     }
+    Ok(())
+}
+
+/// Starts `argv` under `lab-supervisor` in `netns`, which starts it again
+/// whenever it dies, and records both pids in `component`.
+fn spawn_supervised(
+    env: &Context,
+    component: &mut Component,
+    netns: &str,
+    argv: &[String],
+    vars: &[(String, String)],
+    status: PathBuf,
+) -> Result<(), Error> {
+    let _ = std::fs::remove_file(&status);
+    let mut supervised = vec![
+        env.bins.join("lab-supervisor").display().to_string(),
+        "--status".into(),
+        status.display().to_string(),
+        "--".into(),
+    ];
+    supervised.extend(argv.iter().cloned());
+    let supervisor = process::spawn_in(netns, &supervised, vars, &component.log)?;
+    component.supervisor = Some(supervisor);
+    component.status_file = Some(status.clone());
+    component.restarts = 0;
+    component.pid = None;
+    let log = component.log.clone();
+    env.wait_until(&format!("{} to start", component.name), || {
+        check_running(supervisor, &component.name, &log)?;
+        Ok(status.exists())
+    })?;
+    component.refresh();
     Ok(())
 }
 

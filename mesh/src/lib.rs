@@ -58,6 +58,9 @@ pub mod names {
     pub const PLUGIN_CA_SECRET: &str = "cacerts";
     /// ConfigMap publishing the roots ztunnels and users trust.
     pub const ROOT_CERT_CONFIGMAP: &str = "kanava-root-cert";
+    /// The control plane's Service; it owns the CA Secret and the roots'
+    /// ConfigMap, so that uninstalling the chart takes them along.
+    pub const CONTROL_PLANE_SERVICE: &str = "kanava-control-plane";
     /// Keys of the CA Secrets (the names Istio's users know). The signing
     /// certificate and its key:
     pub const CA_CERT_KEY: &str = "ca-cert.pem";

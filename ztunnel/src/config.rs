@@ -52,6 +52,12 @@ pub struct Config {
     #[arg(long, env = "KANAVA_HANDOFF_ALLOWED_UID")]
     pub handoff_allowed_uid: Option<u32>,
 
+    /// After SIGTERM, how long the ztunnel goes on serving (connections in
+    /// flight, and the handoff socket, through which an uninstall releases
+    /// the node's pods) before it exits.
+    #[arg(long, env = "KANAVA_TERMINATION_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub termination_grace: std::time::Duration,
+
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "KANAVA_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,

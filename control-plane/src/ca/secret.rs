@@ -1,6 +1,6 @@
 //! The CA kept in the cluster (`--source kubernetes`).
 //!
-//! - A plug-in CA: when the Secret `cacerts` exists in the control plane's
+//! - A plug-in CA: when the Secret `cacerts` (`--plugin-ca-secret`) exists in the control plane's
 //!   namespace, the control plane signs with its `ca-cert.pem`/`ca-key.pem`,
 //!   trusts its `root-cert.pem` and serves its `cert-chain.pem`.
 //! - Otherwise the root is in the Secret `kanava-ca` (same keys), created on
@@ -10,11 +10,16 @@
 //!   second root.
 //! - The trusted roots are published in the ConfigMap `kanava-root-cert`
 //!   (`root-cert.pem`), for ztunnels and for users.
+//! - Both are owned (`ownerReferences`) by the control plane's Service when
+//!   it exists: `helm uninstall` deletes the Service and the garbage
+//!   collector the rest. An upgrade keeps the Service, and so the root. The
+//!   plug-in CA's Secret is the operator's and is never touched.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kanava_mesh::names;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -30,23 +35,22 @@ pub const FIELD_MANAGER: &str = "kanava-control-plane";
 pub async fn load_or_create(
     client: &Client,
     namespace: &str,
+    plugin_ca_secret: &str,
     trust_domain: &str,
 ) -> Result<CertificateAuthority, Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let owner = owner(client, namespace).await;
     let api = |action: &str, source| Error::Kubernetes {
         action: format!("{action} in namespace {namespace}"),
         source,
     };
     let (material, origin) = match secrets
-        .get_opt(names::PLUGIN_CA_SECRET)
+        .get_opt(plugin_ca_secret)
         .await
-        .map_err(|e| api("read Secret cacerts", e))?
+        .map_err(|e| api(&format!("read Secret {plugin_ca_secret}"), e))?
     {
         Some(plug_in) => {
-            let origin = format!(
-                "plug-in CA (Secret {namespace}/{})",
-                names::PLUGIN_CA_SECRET
-            );
+            let origin = format!("plug-in CA (Secret {namespace}/{plugin_ca_secret})");
             (material_of(&plug_in, &origin)?, origin)
         }
         None => {
@@ -57,14 +61,36 @@ pub async fn load_or_create(
                 .map_err(|e| api("read Secret kanava-ca", e))?
             {
                 Some(existing) => material_of(&existing, &origin)?,
-                None => create_root(&secrets, namespace, trust_domain, &origin).await?,
+                None => {
+                    create_root(&secrets, namespace, trust_domain, &origin, owner.clone()).await?
+                }
             };
             (material, origin)
         }
     };
     let ca = CertificateAuthority::from_material(&material, trust_domain, &origin)?;
-    publish_roots(client, namespace, &ca.root_pem()).await?;
+    publish_roots(client, namespace, &ca.root_pem(), owner).await?;
     Ok(ca)
+}
+
+/// The Service that owns what the control plane creates, if it exists (a
+/// control plane run outside the chart owns nothing).
+async fn owner(client: &Client, namespace: &str) -> Option<OwnerReference> {
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    match services.get_opt(names::CONTROL_PLANE_SERVICE).await {
+        Ok(Some(service)) => Some(OwnerReference {
+            api_version: "v1".into(),
+            kind: "Service".into(),
+            name: names::CONTROL_PLANE_SERVICE.into(),
+            uid: service.metadata.uid?,
+            ..OwnerReference::default()
+        }),
+        Ok(None) => None,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the control plane's Service; what it creates will outlive an uninstall");
+            None
+        }
+    }
 }
 
 /// Creates the root Secret; if another replica created it first, uses
@@ -74,6 +100,7 @@ async fn create_root(
     namespace: &str,
     trust_domain: &str,
     origin: &str,
+    owner: Option<OwnerReference>,
 ) -> Result<SigningMaterial, Error> {
     let material = generate_root(trust_domain)?;
     let secret = Secret {
@@ -84,6 +111,7 @@ async fn create_root(
                 "app.kubernetes.io/managed-by".to_string(),
                 FIELD_MANAGER.to_string(),
             )])),
+            owner_references: owner.map(|o| vec![o]),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -116,14 +144,22 @@ async fn create_root(
 
 /// Puts the trusted roots in their ConfigMap (server-side apply: creates it
 /// or updates it, whoever wrote it before).
-async fn publish_roots(client: &Client, namespace: &str, roots_pem: &str) -> Result<(), Error> {
+async fn publish_roots(
+    client: &Client,
+    namespace: &str,
+    roots_pem: &str,
+    owner: Option<OwnerReference>,
+) -> Result<(), Error> {
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let configmap = serde_json::json!({
+    let mut configmap = serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": names::ROOT_CERT_CONFIGMAP, "namespace": namespace},
         "data": {names::ROOT_CERT_KEY: roots_pem},
     });
+    if let Some(owner) = owner {
+        configmap["metadata"]["ownerReferences"] = serde_json::json!([owner]);
+    }
     configmaps
         .patch(
             names::ROOT_CERT_CONFIGMAP,

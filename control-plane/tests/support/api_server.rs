@@ -3,7 +3,7 @@
 //! lists with a resourceVersion, watches streamed as chunked JSON lines from
 //! a resourceVersion, bookmarks, `410 Gone` for a compacted version, dropped
 //! connections, and the TokenReview, Pod, Secret, ConfigMap, status and
-//! Event endpoints.
+//! Event endpoints, and single Namespaces and Pods.
 //!
 //! It keeps objects as JSON, as the API server serves them. Tests change
 //! them with [`ApiServer::apply`] / [`ApiServer::delete`], which watches see
@@ -347,6 +347,18 @@ async fn handle(
             let mut review = body.clone();
             review["status"] = answer;
             json_response(StatusCode::CREATED, review)
+        }
+        (Method::GET, ["api", "v1", "namespaces", name]) => {
+            match state.objects[NAMESPACES].get(&format!("/{name}")) {
+                Some(namespace) => json_response(StatusCode::OK, namespace.clone()),
+                None => status(404, "NotFound", &format!("namespaces \"{name}\" not found")),
+            }
+        }
+        (Method::GET, ["api", "v1", "namespaces", ns, "services", name]) => {
+            match state.objects[SERVICES].get(&format!("{ns}/{name}")) {
+                Some(service) => json_response(StatusCode::OK, service.clone()),
+                None => status(404, "NotFound", &format!("services \"{name}\" not found")),
+            }
         }
         (Method::GET, ["api", "v1", "namespaces", ns, "pods", name]) => {
             match state.objects[PODS].get(&format!("{ns}/{name}")) {

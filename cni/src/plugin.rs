@@ -131,20 +131,22 @@ fn delete(invocation: &Invocation, conf: &NetConf, records: &RecordDir) -> Resul
 
 /// Releases a pod from the ztunnel and forgets its record. A ztunnel that
 /// is not running has nothing to release: the pod's namespace goes with it.
+///
+/// The record goes first: the ztunnel captures recorded pods that discovery
+/// still shows in the mesh (a pod being deleted is, for a moment), and
+/// would otherwise take the pod back between the two steps.
 fn release(conf: &NetConf, records: &RecordDir, uid: &str) -> Result<(), Error> {
-    match client::delete_pod(&conf.socket_path, uid, conf.timeout()) {
-        Ok(()) | Err(HandoffError::Unreachable { .. }) => {}
-        Err(error) => {
-            return Err(Error::NotCaptured {
-                pod: format!("uid {uid}"),
-                source: error,
-            });
-        }
-    }
     records.remove(uid).map_err(|e| Error::Io {
         context: format!("forget pod uid {uid}"),
         reason: e.to_string(),
-    })
+    })?;
+    match client::delete_pod(&conf.socket_path, uid, conf.timeout()) {
+        Ok(()) | Err(HandoffError::Unreachable { .. }) => Ok(()),
+        Err(error) => Err(Error::NotCaptured {
+            pod: format!("uid {uid}"),
+            source: error,
+        }),
+    }
 }
 
 fn find_by_container(records: &RecordDir, container_id: &str) -> Option<String> {

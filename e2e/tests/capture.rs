@@ -144,3 +144,40 @@ fn only_root_may_hand_pods_over() {
         l.contains("handoff connection refused") && l.contains("65534")
     });
 }
+
+/// CNI CHECK, run through the node's chain as the runtime runs it, asks the
+/// ztunnel whether the pod is captured, and fails when it is not.
+#[test]
+fn cni_check_verifies_the_capture_is_in_place() {
+    let lab = up(MESH_LAB);
+    lab.cni_check("shop/web")
+        .expect("a captured pod passes CHECK");
+    lab.cni_check("legacy/plain-web")
+        .expect("a pod outside the mesh has nothing to check");
+
+    // Its rules removed behind the ztunnel's back.
+    let netns = lab.netns("shop/web").unwrap();
+    for args in [
+        ["-t", "nat", "-D", "PREROUTING", "-j", "KANAVA_PRERT"],
+        ["-t", "nat", "-F", "KANAVA_PRERT", "", ""],
+        ["-t", "nat", "-X", "KANAVA_PRERT", "", ""],
+    ] {
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "iptables"])
+            .args(&args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "iptables {args:?}");
+    }
+    let error = lab.cni_check("shop/web").unwrap_err().to_string();
+    assert!(error.contains("capture rules are gone"), "{error}");
+
+    // Released: the ztunnel no longer holds it.
+    let web = lab.pod("shop/web").unwrap().clone();
+    let socket = lab.state().node(&web.node).unwrap().handoff_socket.clone();
+    client::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
+    let error = lab.cni_check("shop/web").unwrap_err().to_string();
+    assert!(error.contains("does not hold it"), "{error}");
+    assert!(error.contains("\"code\":100"), "a CNI error: {error}");
+}

@@ -113,6 +113,31 @@ fn a_killed_ztunnel_is_restarted_and_serves_its_pods_again_without_plaintext_mea
     assert_eq!(after.restarts, 1, "the supervisor counted the restart");
     assert_ne!(after.pid, before.pid, "a new process");
     assert!(kanava_lab::process::alive(after.pid.unwrap()));
+    let status = kanava_e2e::kanava()
+        .args([
+            "lab",
+            "status",
+            "--name",
+            &lab.state().name,
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let shown = status["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "ztunnel/node-2")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        shown["restarts"], 1,
+        "lab status shows the restart: {shown}"
+    );
+    assert_eq!(shown["pid"], after.pid.unwrap(), "and the new pid");
+    assert_eq!(shown["running"], true);
     assert_eq!(
         rules(&lab, "shop/web"),
         rules_before,

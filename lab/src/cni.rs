@@ -77,9 +77,13 @@ pub struct Call<'a> {
     pub pod: (&'a str, &'a str, &'a str),
 }
 
-/// Runs ADD through the whole list and returns the pod's IPv4 address. If
-/// a plugin fails, the ones before it are undone (DEL), as a runtime does.
-pub fn add(call: &Call<'_>, conflist: &serde_json::Value) -> Result<Ipv4Addr, Error> {
+/// Runs ADD through the whole list and returns the final result (which the
+/// runtime caches and passes to CHECK and DEL) and the pod's IPv4 address.
+/// If a plugin fails, the ones before it are undone (DEL), as a runtime does.
+pub fn add(
+    call: &Call<'_>,
+    conflist: &serde_json::Value,
+) -> Result<(serde_json::Value, Ipv4Addr), Error> {
     let plugins = plugins(conflist);
     let mut result: Option<serde_json::Value> = None;
     for (position, plugin) in plugins.iter().enumerate() {
@@ -102,38 +106,44 @@ pub fn add(call: &Call<'_>, conflist: &serde_json::Value) -> Result<Ipv4Addr, Er
         }
     }
     let result = result.unwrap_or_default();
-    result["ips"]
+    let ip = result["ips"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|ip| ip["address"].as_str())
         .filter_map(|cidr| cidr.split('/').next())
         .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
-        .ok_or_else(|| Error::Spec(format!("the CNI chain returned no IPv4 address: {result}")))
+        .ok_or_else(|| Error::Spec(format!("the CNI chain returned no IPv4 address: {result}")))?;
+    Ok((result, ip))
 }
 
-/// Runs CHECK through the list, with `ip` as the previous result.
-pub fn check(call: &Call<'_>, conflist: &serde_json::Value, ip: Ipv4Addr) -> Result<(), Error> {
-    let result = serde_json::json!({
-        "cniVersion": conflist["cniVersion"],
-        "ips": [{"address": format!("{ip}/{}", layout::pod_subnet(0).1)}],
-    });
+/// Runs CHECK through the list with the cached result of ADD.
+pub fn check(
+    call: &Call<'_>,
+    conflist: &serde_json::Value,
+    result: &serde_json::Value,
+) -> Result<(), Error> {
     for plugin in plugins(conflist) {
         invoke(
             call,
             "CHECK",
-            &plugin_config(conflist, &plugin, Some(&result)),
+            &plugin_config(conflist, &plugin, Some(result)),
         )?;
     }
     Ok(())
 }
 
-/// Runs DEL through the list in reverse order: the chained plugin releases
-/// the pod, then the bridge plugin returns its address.
-pub fn delete(call: &Call<'_>, conflist: &serde_json::Value) -> Result<(), Error> {
+/// Runs DEL through the list in reverse order, with the cached result of
+/// ADD when there is one: the chained plugin releases the pod, then the
+/// bridge plugin returns its address.
+pub fn delete(
+    call: &Call<'_>,
+    conflist: &serde_json::Value,
+    result: Option<&serde_json::Value>,
+) -> Result<(), Error> {
     let mut first_error = None;
     for plugin in plugins(conflist).iter().rev() {
-        if let Err(error) = invoke(call, "DEL", &plugin_config(conflist, plugin, None)) {
+        if let Err(error) = invoke(call, "DEL", &plugin_config(conflist, plugin, result)) {
             first_error.get_or_insert(error);
         }
     }

@@ -42,7 +42,7 @@ pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodS
         container_id: &container_id(state, &uid),
         pod: (&namespace, &name, &uid),
     };
-    let ip = cni::add(&call, &cni::conflist(&layout, &node, index))?;
+    let (cni_result, ip) = cni::add(&call, &cni::conflist(&layout, &node, index))?;
     // Whether the chain put it in the mesh, as its ztunnel says.
     let captured = is_captured(&state.nodes[index].handoff_socket, &uid, env.step_timeout)
         .map_err(|reason| Error::Handoff {
@@ -83,6 +83,7 @@ pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodS
         node,
         ip: Some(ip),
         captured,
+        cni_result: Some(cni_result),
         service_account,
         identity: identity.to_string(),
         netns,
@@ -93,7 +94,8 @@ pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodS
     })
 }
 
-fn container_id(state: &LabState, uid: &str) -> String {
+/// The runtime's id of a pod's sandbox.
+pub fn container_id(state: &LabState, uid: &str) -> String {
     format!("{}-{uid}", state.name)
 }
 
@@ -262,7 +264,11 @@ pub fn destroy(state: &LabState, env: &Context, uid: &str) -> Result<(), Error> 
             pod: (&pod.namespace, &pod.name, uid),
         };
         // Releases the pod from its ztunnel, then returns its address.
-        cni::delete(&call, &cni::conflist(&layout, &pod.node, node_index))?;
+        cni::delete(
+            &call,
+            &cni::conflist(&layout, &pod.node, node_index),
+            pod.cni_result.as_ref(),
+        )?;
     }
     network::delete_netns(&pod.netns)
 }

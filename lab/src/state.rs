@@ -104,6 +104,10 @@ pub struct PodState {
     pub ip: Option<Ipv4Addr>,
     /// Handed to its node's ztunnel: its traffic goes through the mesh.
     pub captured: bool,
+    /// The CNI chain's result for it, kept as a runtime keeps it for CHECK
+    /// and DEL.
+    #[serde(default)]
+    pub cni_result: Option<serde_json::Value>,
     pub service_account: String,
     pub identity: String,
     pub netns: String,

@@ -137,11 +137,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
 fn release_pods(config: &Config) {
     let records = RecordDir::new(&config.pod_records_dir);
     for uid in records.uids().unwrap_or_default() {
+        // The record goes first: the ztunnel captures recorded pods that
+        // discovery says are in the mesh, and would take this one back.
+        let _ = records.remove(&uid);
         match client::delete_pod(&config.handoff_socket, &uid, Duration::from_secs(5)) {
             Ok(()) => tracing::info!(%uid, "pod released"),
             Err(error) => tracing::warn!(%uid, %error, "pod not released"),
         }
-        let _ = records.remove(&uid);
     }
 }
 

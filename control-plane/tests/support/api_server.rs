@@ -34,6 +34,8 @@ pub const NAMESPACES: &str = "/api/v1/namespaces";
 pub const PODS: &str = "/api/v1/pods";
 pub const SERVICES: &str = "/api/v1/services";
 pub const POLICIES: &str = "/apis/security.kanava.io/v1alpha1/authorizationpolicies";
+/// Only for single GETs (the CNI installer asks for its DaemonSet).
+pub const DAEMONSETS: &str = "/apis/apps/v1/daemonsets";
 
 #[derive(Default)]
 struct State {
@@ -86,7 +88,7 @@ impl ApiServer {
             revision: 100,
             ..State::default()
         };
-        for path in [NAMESPACES, PODS, SERVICES, POLICIES] {
+        for path in [NAMESPACES, PODS, SERVICES, POLICIES, DAEMONSETS] {
             state.objects.insert(path, BTreeMap::new());
         }
         let state = Arc::new(Mutex::new(state));
@@ -352,6 +354,16 @@ async fn handle(
             match state.objects[NAMESPACES].get(&format!("/{name}")) {
                 Some(namespace) => json_response(StatusCode::OK, namespace.clone()),
                 None => status(404, "NotFound", &format!("namespaces \"{name}\" not found")),
+            }
+        }
+        (Method::GET, ["apis", "apps", "v1", "namespaces", ns, "daemonsets", name]) => {
+            match state.objects[DAEMONSETS].get(&format!("{ns}/{name}")) {
+                Some(daemonset) => json_response(StatusCode::OK, daemonset.clone()),
+                None => status(
+                    404,
+                    "NotFound",
+                    &format!("daemonsets.apps \"{name}\" not found"),
+                ),
             }
         }
         (Method::GET, ["api", "v1", "namespaces", ns, "services", name]) => {

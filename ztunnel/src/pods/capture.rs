@@ -202,6 +202,27 @@ fn route_replies(netns: &NetNs, family: &str, install: bool) -> Result<(), Error
     Ok(())
 }
 
+/// Whether the namespace holds every rule of ours (IPv4): each jump and
+/// each chain with as many rules as [`capture_rules`] puts there. (Counted,
+/// not compared: `iptables-save` spells rules its own way.)
+pub fn rules_in_place(netns: &NetNs) -> Result<bool, Error> {
+    let saved = run(netns, "iptables-save", &[], None)?;
+    Ok(complete(&saved))
+}
+
+fn complete(saved: &str) -> bool {
+    let wanted = capture_rules("127.0.0.0/8");
+    let count = |text: &str, prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+    [
+        format!("-A PREROUTING -j {CHAIN_PREROUTING}"),
+        format!("-A OUTPUT -j {CHAIN_OUTPUT}"),
+        format!("-A {CHAIN_PREROUTING} "),
+        format!("-A {CHAIN_OUTPUT} "),
+    ]
+    .iter()
+    .all(|prefix| count(saved, prefix) == count(&wanted, prefix))
+}
+
 /// Whether the namespace holds our chains.
 pub fn has_rules(netns: &NetNs, save: &str) -> Result<bool, Error> {
     let output = run(netns, save, &[], None)?;

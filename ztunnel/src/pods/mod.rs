@@ -173,13 +173,12 @@ impl PodRegistry {
             .get(uid)
             .map(|entry| entry.pod.netns.clone())
             .ok_or_else(|| not_captured("this ztunnel does not hold it"))?;
-        let present =
-            tokio::task::spawn_blocking(move || capture::has_rules(&netns, "iptables-save"))
-                .await
-                .map_err(|source| Error::TaskFailed {
-                    task: "checking the pod's capture",
-                    source,
-                })??;
+        let present = tokio::task::spawn_blocking(move || capture::rules_in_place(&netns))
+            .await
+            .map_err(|source| Error::TaskFailed {
+                task: "checking the pod's capture",
+                source,
+            })??;
         if present {
             Ok(())
         } else {

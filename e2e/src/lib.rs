@@ -162,6 +162,16 @@ pub async fn connect(lab: &Lab, from: &str, to: SocketAddr) -> tokio::net::TcpSt
     stream
 }
 
+/// The TCP ports listening in a pod's namespace.
+pub fn listening_ports(lab: &Lab, pod: &str) -> Vec<u16> {
+    exec_ok(lab, pod, &["ss", "-Hltn"])
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .filter_map(|local| local.rsplit(':').next())
+        .filter_map(|port| port.parse().ok())
+        .collect()
+}
+
 /// Runs a command in a target's namespace; panics unless it succeeds.
 pub fn exec_ok(lab: &Lab, target: &str, argv: &[&str]) -> String {
     let output = lab.exec(target, argv).unwrap();

@@ -4,17 +4,8 @@
 
 use std::time::Duration;
 
-use kanava_e2e::{MESH_LAB, exec_ok, log_line, pod_ip, up};
+use kanava_e2e::{MESH_LAB, exec_ok, listening_ports, log_line, pod_ip, up};
 use kanava_handoff::client;
-
-fn listening_ports(lab: &kanava_lab::Lab, pod: &str) -> Vec<u16> {
-    exec_ok(lab, pod, &["ss", "-Hltn"])
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(3))
-        .filter_map(|local| local.rsplit(':').next())
-        .filter_map(|port| port.parse().ok())
-        .collect()
-}
 
 #[test]
 fn a_released_pod_loses_rules_and_listeners_but_keeps_running() {

@@ -18,13 +18,14 @@ fn namespaces_of(name: &str) -> Vec<String> {
         .collect()
 }
 
-/// Every pid the lab recorded: pods and components.
+/// Every pid the lab recorded: pods, components and their supervisors.
 fn pids_of(state: &kanava_lab::LabState) -> Vec<u32> {
     state
         .pods
         .iter()
         .filter_map(|p| p.pid)
         .chain(state.components().iter().filter_map(|c| c.pid))
+        .chain(state.components().iter().filter_map(|c| c.supervisor))
         .collect()
 }
 
@@ -151,7 +152,7 @@ fn lab_down_removes_every_namespace_and_process() {
 
     let state = kanava_lab::LabState::load(&name).unwrap();
     let pids = pids_of(&state);
-    assert_eq!(pids.len(), 11, "8 pods and 3 components");
+    assert_eq!(pids.len(), 14, "8 pods, 3 components and their supervisors");
     assert!(pids.iter().all(|&pid| process::alive(pid)));
     assert!(!namespaces_of(&name).is_empty());
 

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kanava_e2e::{Capture, MESH_LAB, exec_ok, http_get, log_line, pod_ip, runtime, up};
+use kanava_e2e::{
+    Capture, MESH_LAB, exec_ok, http_get, listening_ports, log_line, pod_ip, runtime, up,
+};
 use rustix::process::{Pid, Signal, kill_process};
 
 fn signal(pid: u32, signal: Signal) {
@@ -24,15 +26,6 @@ fn rules(lab: &kanava_lab::Lab, pod: &str) -> Vec<String> {
             Some((chain, _)) if line.starts_with(':') => chain.to_string(),
             _ => line.to_string(),
         })
-        .collect()
-}
-
-fn listening_ports(lab: &kanava_lab::Lab, pod: &str) -> Vec<u16> {
-    exec_ok(lab, pod, &["ss", "-Hltn"])
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(3))
-        .filter_map(|local| local.rsplit(':').next())
-        .filter_map(|port| port.parse().ok())
         .collect()
 }
 

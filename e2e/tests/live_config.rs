@@ -130,6 +130,42 @@ fn enrolling_a_namespace_at_runtime_captures_and_releases_its_running_pods() {
     );
 }
 
+/// A pod that started before Kanava was installed on its node has no record
+/// (no plugin of ours saw it): when its namespace joins the mesh, its
+/// ztunnel finds its network namespace by its address and captures it.
+#[test]
+fn a_running_pod_without_a_record_is_found_by_its_address_and_captured() {
+    let mut lab = up(LAB);
+    let pod = lab.pod("late/app").unwrap().clone();
+    let record = lab
+        .pod_records_dir(&pod.node)
+        .join(format!("{}.json", pod.uid));
+    std::fs::remove_file(&record).expect("the CNI plugin recorded the pod");
+
+    apply(
+        &mut lab,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: late, labels: {kanava.io/dataplane-mode: ambient}}\n",
+    );
+    assert!(lab.pod("late/app").unwrap().captured);
+    assert!(exec_ok(&lab, "late/app", &["iptables-save"]).contains("KANAVA_OUTPUT"));
+    log_line(&lab, &format!("ztunnel/{}", pod.node), |l| {
+        l.contains("found the network namespace of a pod without a record")
+            && l.contains("late/app")
+    });
+    // Recorded now, like any other pod, for the next restart.
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(written["uid"], pod.uid.as_str());
+    assert!(written["netns"].as_str().unwrap().ends_with(&pod.netns));
+    let app = SocketAddr::from((pod_ip(&lab, "late/app"), 80));
+    runtime()
+        .block_on(http_get(&lab, "shop/client", app))
+        .unwrap();
+    log_line(&lab, &format!("ztunnel/{}", pod.node), |l| {
+        l.contains("direction=inbound") && l.contains("pod=late/app") && l.contains("sa/client")
+    });
+}
+
 #[test]
 fn traffic_survives_the_control_plane_going_away_and_changes_flow_after_it_returns() {
     let mut lab = up(LAB);

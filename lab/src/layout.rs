@@ -92,6 +92,12 @@ impl Layout {
         self.node_dir(node).join("pods")
     }
 
+    /// The node's view of its pods' network namespaces (links to
+    /// `/run/netns/...`), as `/var/run/netns` is on a node: only its own.
+    pub fn node_netns_dir(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("netns")
+    }
+
     pub fn ipam_dir(&self, node: &str) -> PathBuf {
         self.dir.join("ipam").join(node)
     }

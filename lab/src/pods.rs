@@ -34,6 +34,15 @@ pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodS
         .ok_or_else(|| Error::Spec(format!("pod {namespace}/{name}: unknown node {node}")))?;
     let netns = layout.pod_netns(&namespace, &name);
     network::add_netns(&netns)?;
+    let node_view = layout.node_netns_dir(&node);
+    std::fs::create_dir_all(&node_view)
+        .and_then(|()| {
+            std::os::unix::fs::symlink(Path::new("/run/netns").join(&netns), node_view.join(&netns))
+        })
+        .map_err(Error::io(format!(
+            "link {netns} in {}",
+            node_view.display()
+        )))?;
     let plugin_path = cni::plugin_path(&env.plugins, &env.bins);
     let call = cni::Call {
         plugin_path: &plugin_path,
@@ -270,6 +279,7 @@ pub fn destroy(state: &LabState, env: &Context, uid: &str) -> Result<(), Error> 
             pod.cni_result.as_ref(),
         )?;
     }
+    let _ = std::fs::remove_file(state.layout().node_netns_dir(&pod.node).join(&pod.netns));
     network::delete_netns(&pod.netns)
 }
 

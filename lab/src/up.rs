@@ -303,6 +303,8 @@ fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
             node.handoff_socket.display().to_string(),
             "--pod-records-dir".into(),
             layout.pod_records_dir(&node.name).display().to_string(),
+            "--netns-dir".into(),
+            layout.node_netns_dir(&node.name).display().to_string(),
         ]
         .into_iter()
         .chain(state.ztunnel_args.iter().cloned())

@@ -47,6 +47,11 @@ pub struct Config {
     )]
     pub pod_records_dir: PathBuf,
 
+    /// Where the node keeps pods' network namespaces (containerd, CRI-O):
+    /// searched for a pod that joins the mesh without a record.
+    #[arg(long, env = "KANAVA_NETNS_DIR", default_value = "/var/run/netns")]
+    pub netns_dir: PathBuf,
+
     /// A user id besides root allowed to hand pods over (checked on every
     /// connection with the kernel's SO_PEERCRED), e.g. a CNI agent's.
     #[arg(long, env = "KANAVA_HANDOFF_ALLOWED_UID")]

@@ -62,6 +62,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let pods = Arc::new(pods::PodRegistry::new(
         proxy.clone(),
         kanava_handoff::records::RecordDir::new(&config.pod_records_dir),
+        config.netns_dir.clone(),
     ));
     // Before anything else: the pods an earlier ztunnel served have had
     // their traffic blocked since it went away.

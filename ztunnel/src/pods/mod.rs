@@ -16,17 +16,21 @@
 //!   the mesh is captured, one that leaves is released, without a restart.
 //!   Pods that discovery does not know (yet) are left as they are: a pod
 //!   handed over by the CNI plugin may reach the ztunnel before its workload
-//!   does.
+//!   does. A pod without a record (it started before Kanava was installed)
+//!   is looked for among the node's namespaces by its addresses
+//!   ([`discover`]).
 
 pub mod capture;
+pub mod discover;
 pub mod handoff;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kanava_handoff::records::{PodRecord, RecordDir};
-use kanava_mesh::{Identity, TunnelProtocol, names, ports};
+use kanava_mesh::{Identity, TunnelProtocol, Workload, names, ports};
 use kanava_netns::NetNs;
 use kanava_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +48,10 @@ pub struct PodRegistry {
     proxy: Arc<Proxy>,
     pods: Mutex<HashMap<String, Entry>>,
     records: RecordDir,
+    /// Where the node keeps pods' network namespaces.
+    netns_dir: PathBuf,
+    /// Workloads (`uid@resourceVersion`) already looked for there in vain.
+    searched: Mutex<HashSet<String>>,
     /// Held across every add and remove: a pod handed over by the CNI
     /// plugin may at the same moment be found by [`Self::follow_discovery`],
     /// and setting one pod up twice would open its listeners twice.
@@ -51,11 +59,13 @@ pub struct PodRegistry {
 }
 
 impl PodRegistry {
-    pub fn new(proxy: Arc<Proxy>, records: RecordDir) -> Self {
+    pub fn new(proxy: Arc<Proxy>, records: RecordDir, netns_dir: PathBuf) -> Self {
         PodRegistry {
             proxy,
             pods: Mutex::new(HashMap::new()),
             records,
+            netns_dir,
+            searched: Mutex::new(HashSet::new()),
             changing: tokio::sync::Mutex::new(()),
         }
     }
@@ -274,9 +284,10 @@ impl PodRegistry {
             if wanted && !held {
                 let record = match self.records.read(&workload.uid) {
                     Ok(Some(record)) => record,
-                    // Not set up on this node by the CNI plugin (yet): its
-                    // ADD hands it over itself.
-                    Ok(None) => continue,
+                    Ok(None) => match self.discover(&workload).await {
+                        Some(record) => record,
+                        None => continue,
+                    },
                     Err(error) => {
                         tracing::warn!(%pod, %error, "pod joined the mesh but its record is unusable");
                         continue;
@@ -301,6 +312,52 @@ impl PodRegistry {
                 }
             }
         }
+    }
+
+    /// Looks for the namespace of a pod without a record (once per version
+    /// of its workload) and records it.
+    async fn discover(&self, workload: &Workload) -> Option<PodRecord> {
+        let key = format!("{}@{}", workload.uid, workload.resource_version);
+        if !self
+            .searched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key)
+        {
+            return None;
+        }
+        let pod = workload.display_name();
+        let (dir, ips) = (self.netns_dir.clone(), workload.ips.clone());
+        let found = tokio::task::spawn_blocking(move || discover::find_netns(&dir, &ips))
+            .await
+            .ok()?;
+        let (path, netns) = match found {
+            discover::Found::One(found) => found,
+            discover::Found::None => {
+                tracing::info!(%pod, dir = %self.netns_dir.display(), "pod joined the mesh, but no record and no network namespace of this node holds its addresses");
+                return None;
+            }
+            discover::Found::Ambiguous(paths) => {
+                tracing::warn!(%pod, ?paths, "several network namespaces hold the pod's addresses; it is not captured");
+                return None;
+            }
+        };
+        let record = PodRecord {
+            uid: workload.uid.clone(),
+            container_id: String::new(),
+            name: workload.name.clone(),
+            namespace: workload.namespace.clone(),
+            service_account: workload.service_account.clone(),
+            ips: workload.ips.iter().map(ToString::to_string).collect(),
+            netns: path,
+            netns_inode: netns.inode().ok()?,
+        };
+        tracing::info!(%pod, netns = %record.netns.display(), "found the network namespace of a pod without a record (it started before Kanava was installed)");
+        // Recorded, so that a restart finds it like any other pod.
+        if let Err(error) = self.records.write(&record) {
+            tracing::warn!(%pod, %error, "cannot record the pod");
+        }
+        Some(record)
     }
 
     async fn add_recorded(&self, record: &PodRecord, netns: NetNs) -> Result<(), Error> {

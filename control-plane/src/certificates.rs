@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::Error;
 use crate::auth::{self, Authenticated, Authenticator};
 use crate::ca::CertificateAuthority;
+use crate::metrics::CertificateLabels;
 use crate::store::Store;
 
 pub struct CertificateService {
@@ -91,9 +92,24 @@ impl pb::certificates_server::Certificates for CertificateService {
         request: Request<pb::SignRequest>,
     ) -> Result<Response<pb::SignResponse>, Status> {
         let node = auth::node_of(&request)?;
+        let requests = &self.store.metrics().certificate_requests;
         match self.sign(&node, request.get_ref()) {
-            Ok(response) => Ok(Response::new(response)),
+            Ok(response) => {
+                requests
+                    .get_or_create(&CertificateLabels {
+                        result: "signed",
+                        reason: "-",
+                    })
+                    .inc();
+                Ok(Response::new(response))
+            }
             Err(error) => {
+                requests
+                    .get_or_create(&CertificateLabels {
+                        result: "refused",
+                        reason: error.refusal_reason(),
+                    })
+                    .inc();
                 tracing::warn!(%node, identity = %request.get_ref().identity, %error, "certificate request refused");
                 Err(error.into())
             }

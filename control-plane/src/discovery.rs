@@ -24,6 +24,7 @@ use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
+use crate::metrics::{Metrics, PushLabels};
 use crate::store::Store;
 
 pub struct DiscoveryService {
@@ -69,8 +70,10 @@ async fn serve_stream(
     responses: mpsc::Sender<Result<Bytes, Status>>,
 ) {
     let (snapshot, mut changes) = store.subscribe().await;
+    let metrics = store.metrics();
+    let _connected = Connected::count(metrics);
     let mut sent_version = snapshot.version;
-    if !send_all(&responses, &snapshot.encoded()).await {
+    if !send_snapshot(metrics, &responses, &snapshot).await {
         return;
     }
     // Set when the ztunnel refused a full snapshot: resending it would be
@@ -83,6 +86,8 @@ async fn serve_stream(
                     Ok(delta) if delta.version <= sent_version => continue,
                     Ok(delta) if delta.version == sent_version + 1 && !resync_on_next_change => {
                         sent_version = delta.version;
+                        metrics.push_delay.observe(delta.created.elapsed().as_secs_f64());
+                        metrics.pushes.get_or_create(&PushLabels { kind: "update" }).inc();
                         responses.send(Ok(delta.encoded.clone())).await.is_ok()
                     }
                     // A gap (missed changes), a lagging receiver, or a
@@ -93,7 +98,7 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "sending a full snapshot");
-                        send_all(&responses, &snapshot.encoded()).await
+                        send_snapshot(metrics, &responses, &snapshot).await
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
@@ -107,6 +112,7 @@ async fn serve_stream(
                     if request.error_detail.is_none() {
                         continue;
                     }
+                    metrics.nacks.inc();
                     if crate::store::is_delta_nonce(&request.response_nonce) {
                         // The ztunnel kept its state from before this delta,
                         // and any later delta was applied on a base this side
@@ -114,7 +120,7 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "update rejected; resending the full state");
-                        if !send_all(&responses, &snapshot.encoded()).await {
+                        if !send_snapshot(metrics, &responses, &snapshot).await {
                             return;
                         }
                     } else {
@@ -142,6 +148,34 @@ async fn send_all(responses: &mpsc::Sender<Result<Bytes, Status>>, parts: &[Byte
         }
     }
     true
+}
+
+/// Counts a discovery stream as connected while it lives.
+struct Connected<'a>(&'a Metrics);
+
+impl<'a> Connected<'a> {
+    fn count(metrics: &'a Metrics) -> Self {
+        metrics.ztunnels_connected.inc();
+        Connected(metrics)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.ztunnels_connected.dec();
+    }
+}
+
+async fn send_snapshot(
+    metrics: &Metrics,
+    responses: &mpsc::Sender<Result<Bytes, Status>>,
+    snapshot: &crate::store::Snapshot,
+) -> bool {
+    metrics
+        .pushes
+        .get_or_create(&PushLabels { kind: "snapshot" })
+        .inc();
+    send_all(responses, &snapshot.encoded()).await
 }
 
 fn log_reply(node: &str, request: &pb::DiscoveryRequest) {

@@ -57,6 +57,20 @@ pub enum Error {
     NotOnNode { identity: String, node: String },
 }
 
+impl Error {
+    /// A signing refusal as a metric label: one of a few fixed words.
+    pub fn refusal_reason(&self) -> &'static str {
+        match self {
+            Error::BadCsr(_) => "bad_csr",
+            Error::BadIdentity(_) => "bad_identity",
+            Error::CsrIdentityMismatch { .. } => "identity_mismatch",
+            Error::ForeignTrustDomain { .. } => "foreign_trust_domain",
+            Error::NotOnNode { .. } => "not_on_node",
+            _ => "internal",
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();

@@ -26,6 +26,7 @@ pub mod certificates;
 pub mod config;
 pub mod discovery;
 mod error;
+pub mod metrics;
 pub mod policy_status;
 pub mod readiness;
 pub mod server;
@@ -112,6 +113,21 @@ pub fn translate_into(
             tracing::error!(%problem, "configuration rejected");
         }
         store.replace(&state);
+        let metrics = store.metrics();
+        let rejected = state
+            .policy_verdicts
+            .iter()
+            .filter(|v| v.rejection.is_some())
+            .count();
+        metrics
+            .policies_rejected
+            .set(i64::try_from(rejected).unwrap_or(i64::MAX));
+        metrics.source_last_change.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or_default(),
+        );
         if let Some(statuses) = &statuses {
             statuses.submit(policy_status::updates(objects, &state.policy_verdicts));
         }

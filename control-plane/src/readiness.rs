@@ -1,7 +1,8 @@
-//! `GET /ready`: 200 once the source has been read in full, 503 before. A
-//! control plane that is not ready answers no discovery either (see
-//! [`Store::subscribe`](crate::store::Store::subscribe)), so the kubelet and
-//! the ztunnels agree on when it is usable.
+//! The monitoring port (15014). `GET /ready`: 200 once the source has been
+//! read in full, 503 before. A control plane that is not ready answers no
+//! discovery either (see [`Store::subscribe`](crate::store::Store::subscribe)),
+//! so the kubelet and the ztunnels agree on when it is usable. `GET
+//! /metrics`: the [metrics](crate::metrics) in Prometheus text format.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ pub async fn serve(
     let listener = TcpListener::bind(address)
         .await
         .map_err(|source| Error::Listen { address, source })?;
-    tracing::info!(%address, "serving readiness at /ready");
+    tracing::info!(%address, "serving /ready and /metrics");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
         loop {
@@ -54,8 +55,12 @@ pub async fn serve(
             let store = store.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request: Request<_>| {
-                    let ready = store.is_loaded();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&request, ready)) }
+                    let response = if request.uri().path() == "/metrics" {
+                        metrics_response(store.metrics().encode())
+                    } else {
+                        answer(&request, store.is_loaded())
+                    };
+                    async move { Ok::<_, std::convert::Infallible>(response) }
                 });
                 let mut builder = hyper::server::conn::http1::Builder::new();
                 builder
@@ -81,6 +86,16 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+fn metrics_response(text: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    if let Ok(value) = "text/plain; version=0.0.4; charset=utf-8".parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
 }
 
 fn answer<B>(request: &Request<B>, ready: bool) -> Response<Full<Bytes>> {

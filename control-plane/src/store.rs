@@ -82,6 +82,8 @@ fn encode(response: &pb::DiscoveryResponse) -> Bytes {
 #[derive(Debug)]
 pub struct Delta {
     pub version: u64,
+    /// When it entered the store (for the push delay).
+    pub created: std::time::Instant,
     pub upserts: Vec<Arc<pb::Resource>>,
     pub removed: Vec<String>,
     /// The incremental `DiscoveryResponse`, encoded once.
@@ -111,6 +113,7 @@ pub struct Store {
     /// Becomes true once the source has been read for the first time, so no
     /// ztunnel is ever told "the mesh is empty" during start-up.
     loaded: watch::Sender<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Default for Store {
@@ -126,7 +129,13 @@ impl Store {
             workload_resources: Mutex::new(WorkloadResources::default()),
             changes: broadcast::channel(CHANGE_BACKLOG).0,
             loaded: watch::channel(false).0,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
+    }
+
+    /// The control plane's metrics (every part of it holds the store).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// Whether the source has been read in full at least once (the control
@@ -235,6 +244,7 @@ impl Store {
             .cloned()
             .collect();
         self.loaded.send_replace(true);
+        self.metrics.source_synced.set(1);
         if upserts.is_empty() && removed.is_empty() && current.version > 0 {
             return None;
         }
@@ -255,6 +265,7 @@ impl Store {
         });
         let delta = Arc::new(Delta {
             version,
+            created: std::time::Instant::now(),
             upserts,
             removed,
             encoded,
@@ -266,6 +277,9 @@ impl Store {
             removed = delta.removed.len(),
             "mesh state updated"
         );
+        self.metrics
+            .configuration_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
         // Err only when no stream is listening.
         let _ = self.changes.send(delta.clone());
         Some(delta)

@@ -192,6 +192,22 @@ pub fn metric(lab: &Lab, node: &str, name: &str) -> f64 {
         &format!("node/{node}"),
         &["curl", "-sf", "http://127.0.0.1:15020/metrics"],
     );
+    sum_of(&text, name, "")
+}
+
+/// The value of a control plane metric: the sum over the label sets that
+/// contain `labels` (e.g. `result="signed"`; empty for all).
+pub fn control_plane_metric(lab: &Lab, name: &str, labels: &str) -> f64 {
+    let url = format!(
+        "http://{}:{}/metrics",
+        kanava_lab::layout::FABRIC_IP,
+        kanava_mesh::ports::CONTROL_PLANE_READINESS
+    );
+    let text = exec_ok(lab, "fabric", &["curl", "-sf", &url]);
+    sum_of(&text, name, labels)
+}
+
+fn sum_of(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .filter(|line| {
@@ -199,6 +215,7 @@ pub fn metric(lab: &Lab, node: &str, name: &str) -> f64 {
                 .next()
                 .is_some_and(|metric| metric == name)
         })
+        .filter(|line| line.contains(labels))
         .filter_map(|line| line.rsplit(' ').next())
         .filter_map(|value| value.parse::<f64>().ok())
         .sum()

@@ -262,6 +262,9 @@ pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Er
         layout.node_tokens_file().display().to_string(),
         "--server-ips".into(),
         layout::FABRIC_IP.to_string(),
+        // /ready and /metrics, as in a cluster.
+        "--readiness-listen".into(),
+        std::net::SocketAddr::from((layout::FABRIC_IP, ports::CONTROL_PLANE_READINESS)).to_string(),
     ];
     if let Some(ttl) = &state.cert_ttl {
         argv.extend(["--cert-ttl".into(), ttl.clone()]);

@@ -6,6 +6,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Which way a proxied connection goes, seen from the pod.
@@ -65,6 +66,41 @@ lowercase_names! {
     Transport { Hbone => "hbone", Passthrough => "passthrough" }
 }
 
+/// Who a connection is between, as the `kanava_tcp_*` metrics label it
+/// (names close to Istio's, so dashboards map over). Every value is bounded
+/// by the mesh's workloads, never by connections or client ports.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    /// `source` (the client's ztunnel, outbound) or `destination` (the
+    /// server's, inbound): each connection is reported by both.
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    /// SPIFFE identity, or `unknown` (plaintext).
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    /// `namespace/name` of the Service the client addressed, or `unknown`.
+    pub destination_service: String,
+    pub transport: Transport,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    #[prometheus(flatten)]
+    pub traffic: TrafficLabels,
+    pub outcome: Outcome,
+    /// Why it was refused or failed: one of a few fixed words (`-` on
+    /// success).
+    pub reason: &'static str,
+}
+
+/// Buckets of connection durations: 1 ms to about 9 hours.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 15))
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub direction: Direction,
@@ -106,6 +142,14 @@ pub struct Metrics {
     pub discovery_responses: Family<ResultLabels, Counter>,
     /// Pods captured now.
     pub pods_captured: Gauge,
+    /// Connections established to their destination.
+    pub tcp_opened: Family<TrafficLabels, Counter>,
+    /// Connections ended, established or refused, by outcome and reason.
+    pub tcp_closed: Family<ClosedLabels, Counter>,
+    pub tcp_sent_bytes: Family<TrafficLabels, Counter>,
+    pub tcp_received_bytes: Family<TrafficLabels, Counter>,
+    /// How long established connections lasted.
+    pub tcp_duration: Family<TrafficLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -129,8 +173,38 @@ impl Metrics {
             certificate_requests: Family::default(),
             discovery_responses: Family::default(),
             pods_captured: Gauge::default(),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent_bytes: Family::default(),
+            tcp_received_bytes: Family::default(),
+            tcp_duration: Family::new_with_constructor(duration_histogram),
             registry: Registry::default(),
         };
+        registry.register(
+            "tcp_connections_opened",
+            "Connections established to their destination, by source and destination workload",
+            metrics.tcp_opened.clone(),
+        );
+        registry.register(
+            "tcp_connections_closed",
+            "Connections ended (established or refused), by workloads, outcome and reason",
+            metrics.tcp_closed.clone(),
+        );
+        registry.register(
+            "tcp_sent_bytes",
+            "Bytes from the source to the destination, by workloads",
+            metrics.tcp_sent_bytes.clone(),
+        );
+        registry.register(
+            "tcp_received_bytes",
+            "Bytes from the destination back to the source, by workloads",
+            metrics.tcp_received_bytes.clone(),
+        );
+        registry.register(
+            "tcp_connection_duration_seconds",
+            "How long established connections lasted, by workloads",
+            metrics.tcp_duration.clone(),
+        );
         registry.register(
             "connections",
             "Proxied TCP connections, counted when they end",

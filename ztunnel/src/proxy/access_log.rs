@@ -1,5 +1,7 @@
 //! One access-log line per proxied connection, written when it ends (target
-//! `access`), plus the matching metrics.
+//! `access`), plus the matching metrics: the node's totals
+//! (`kanava_connections_total`, ...) and the traffic between workloads
+//! (`kanava_tcp_*`, labelled by source and destination workload).
 //!
 //! ```text
 //! INFO access: connection complete direction=inbound pod=shop/web
@@ -12,10 +14,40 @@ use std::fmt::Display;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use kanava_mesh::Identity;
+use kanava_mesh::{Identity, Workload};
 
 use super::route::{Hop, Route};
-use crate::metrics::{BytesLabels, ConnectionLabels, Direction, Metrics, Outcome, Transport};
+use crate::metrics::{
+    BytesLabels, ClosedLabels, ConnectionLabels, Direction, Metrics, Outcome, TrafficLabels,
+    Transport,
+};
+
+/// A label value for what is not known (a plaintext peer's identity, a
+/// destination outside the mesh).
+const UNKNOWN: &str = "unknown";
+
+/// One end of a connection, as the traffic metrics name it.
+#[derive(Clone, Debug)]
+struct Party {
+    workload: String,
+    namespace: String,
+}
+
+impl Party {
+    /// The workload's name: its `app.kubernetes.io/name` or `app` label
+    /// (what its pods share across restarts and scaling), else the pod's.
+    fn of(workload: &Workload) -> Self {
+        let name = ["app.kubernetes.io/name", "app"]
+            .iter()
+            .find_map(|key| workload.labels.get(*key))
+            .cloned()
+            .unwrap_or_else(|| workload.name.clone());
+        Party {
+            workload: name,
+            namespace: workload.namespace.clone(),
+        }
+    }
+}
 
 /// Bytes a proxied connection carried, named by direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,6 +65,8 @@ pub struct Ending {
     outcome: Outcome,
     bytes: Transferred,
     reason: Option<String>,
+    /// The reason as a metric label: one of a few fixed words.
+    code: &'static str,
 }
 
 impl Ending {
@@ -43,11 +77,13 @@ impl Ending {
                 outcome: Outcome::Success,
                 bytes,
                 reason: None,
+                code: "-",
             },
             Err(error) => Ending {
                 outcome: Outcome::Failed,
                 bytes,
                 reason: Some(error.to_string()),
+                code: "connection_error",
             },
         }
     }
@@ -80,7 +116,17 @@ impl Ending {
             outcome,
             bytes: Transferred::default(),
             reason: Some(reason.to_string()),
+            code: match outcome {
+                Outcome::Denied => "denied",
+                _ => "failed",
+            },
         }
+    }
+
+    /// Names the reason for the metrics (`connection_limit`, `policy`...).
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = code;
+        self
     }
 }
 
@@ -95,6 +141,10 @@ pub struct AccessLog {
     dst_service: Option<String>,
     transport: Transport,
     started: Instant,
+    src_party: Option<Party>,
+    dst_party: Option<Party>,
+    /// Set once established: the labels it was counted as opened with.
+    opened: Option<TrafficLabels>,
 }
 
 impl AccessLog {
@@ -121,6 +171,61 @@ impl AccessLog {
             dst_service: None,
             transport: Transport::Passthrough,
             started: Instant::now(),
+            src_party: None,
+            dst_party: None,
+            opened: None,
+        }
+    }
+
+    /// The workloads at either end, for the traffic metrics.
+    pub fn workloads(
+        &mut self,
+        source: Option<&Workload>,
+        destination: Option<&Workload>,
+    ) -> &mut Self {
+        if let Some(source) = source {
+            self.src_party = Some(Party::of(source));
+        }
+        if let Some(destination) = destination {
+            self.dst_party = Some(Party::of(destination));
+        }
+        self
+    }
+
+    /// The connection reached its destination: counted as opened.
+    pub fn opened(&mut self, metrics: &Metrics) {
+        let labels = self.traffic_labels();
+        metrics.tcp_opened.get_or_create(&labels).inc();
+        self.opened = Some(labels);
+    }
+
+    fn traffic_labels(&self) -> TrafficLabels {
+        let party = |party: &Option<Party>| {
+            party
+                .as_ref()
+                .map(|p| (p.workload.clone(), p.namespace.clone()))
+                .unwrap_or_else(|| (UNKNOWN.into(), UNKNOWN.into()))
+        };
+        let principal = |identity: &Option<Identity>| {
+            identity
+                .as_ref()
+                .map_or_else(|| UNKNOWN.to_string(), ToString::to_string)
+        };
+        let (source_workload, source_workload_namespace) = party(&self.src_party);
+        let (destination_workload, destination_workload_namespace) = party(&self.dst_party);
+        TrafficLabels {
+            reporter: match self.direction {
+                Direction::Outbound => "source",
+                Direction::Inbound => "destination",
+            },
+            source_workload,
+            source_workload_namespace,
+            source_principal: principal(&self.src_identity),
+            destination_workload,
+            destination_workload_namespace,
+            destination_principal: principal(&self.dst_identity),
+            destination_service: self.dst_service.clone().unwrap_or_else(|| UNKNOWN.into()),
+            transport: self.transport,
         }
     }
 
@@ -158,6 +263,7 @@ impl AccessLog {
         self.dst_addr = hop.address();
         self.transport = hop.transport();
         self.dst_workload = hop.workload().map(|w| w.display_name());
+        self.dst_party = hop.workload().map(|w| Party::of(w));
         self.dst_identity = hop.expected_identity().cloned();
         self
     }
@@ -168,12 +274,37 @@ impl AccessLog {
     }
 
     /// Writes the line and counts the connection.
-    pub fn finish(self, metrics: &Metrics, ending: Ending) {
+    pub fn finish(mut self, metrics: &Metrics, ending: Ending) {
         let Ending {
             outcome,
             bytes,
             reason,
+            code,
         } = ending;
+        let opened = self.opened.take();
+        let traffic = opened.clone().unwrap_or_else(|| self.traffic_labels());
+        if opened.is_some() {
+            metrics
+                .tcp_sent_bytes
+                .get_or_create(&traffic)
+                .inc_by(bytes.to_destination);
+            metrics
+                .tcp_received_bytes
+                .get_or_create(&traffic)
+                .inc_by(bytes.to_source);
+            metrics
+                .tcp_duration
+                .get_or_create(&traffic)
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+        metrics
+            .tcp_closed
+            .get_or_create(&ClosedLabels {
+                traffic,
+                outcome,
+                reason: code,
+            })
+            .inc();
         let labels = BytesLabels {
             direction: self.direction,
         };

@@ -167,6 +167,10 @@ async fn serve_stream(
         .destination(
             Some(pod.info.display_name()),
             Some(pod.info.identity.clone()),
+        )
+        .workloads(
+            proxy.workloads.find_by_ip(client.address.ip()).as_deref(),
+            proxy.workloads.find_by_uid(&pod.info.uid).as_deref(),
         );
     let verdict = decide(
         &proxy.workloads,
@@ -180,7 +184,7 @@ async fn serve_stream(
     let ending = match verdict {
         Ok(target) => {
             Box::pin(connect_and_bridge(
-                &proxy, &pod, &client, target, body, respond,
+                &proxy, &pod, &client, target, body, respond, &mut log,
             ))
             .await
         }
@@ -201,6 +205,7 @@ async fn connect_and_bridge(
     target: SocketAddr,
     body: RecvStream,
     respond: SendResponse<Bytes>,
+    log: &mut AccessLog,
 ) -> Ending {
     let upstream = socket::connect_in(
         &proxy.netns,
@@ -220,8 +225,12 @@ async fn connect_and_bridge(
     };
     let send = match server::accept_stream(respond) {
         Ok(send) => send,
-        Err(error) => return Ending::failed(format!("the client reset the stream: {error}")),
+        Err(error) => {
+            return Ending::failed(format!("the client reset the stream: {error}"))
+                .code("client_reset");
+        }
     };
+    log.opened(&proxy.metrics);
     let registration = proxy.open.register(
         pod.clone(),
         Some(client.certificate.identity.clone()),
@@ -238,14 +247,14 @@ async fn connect_and_bridge(
         _ = registration.closed.cancelled() => {
             // Dropping the bridge resets the HTTP/2 stream and closes the
             // connection to the app.
-            Ending::denied("closed: refused by a policy change")
+            Ending::denied("closed: refused by a policy change").code("policy_change")
         }
     }
 }
 
 /// The access-log ending of a refused stream.
 fn refused(refusal: Refusal) -> Ending {
-    Ending::not_carried(refusal.is_denial(), refusal.reason())
+    Ending::not_carried(refusal.is_denial(), refusal.reason()).code(refusal.code())
 }
 
 #[cfg(test)]

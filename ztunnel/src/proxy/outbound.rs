@@ -37,20 +37,24 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream,
         peer,
         destination,
     );
-    log.source_identity(Some(pod.info.identity.clone()));
+    log.source_identity(Some(pod.info.identity.clone()))
+        .workloads(proxy.workloads.find_by_uid(&pod.info.uid).as_deref(), None);
     let max = proxy.config.max_connections_per_pod;
     let Some(_opened) = pod.connections.outbound.try_open(max) else {
         socket::reset(client);
         log.finish(
             &proxy.metrics,
-            Ending::denied(limits::over_limit(&pod, "outbound", max)),
+            Ending::denied(limits::over_limit(&pod, "outbound", max)).code("connection_limit"),
         );
         return;
     };
     // Boxed: the set-up futures are large and over once connected; the task
     // that lives as long as the connection should not carry them.
     let ending = match Box::pin(establish(&proxy, &pod, destination, &mut log)).await {
-        Ok(upstream) => relay(client, upstream).await,
+        Ok(upstream) => {
+            log.opened(&proxy.metrics);
+            relay(client, upstream).await
+        }
         Err(ending) => {
             socket::reset(client);
             ending
@@ -73,12 +77,16 @@ async fn establish(
     {
         return Err(Ending::failed(
             "no configuration from the control plane yet (is it reachable from this node?)",
-        ));
+        )
+        .code("not_configured"));
     }
     let route = route(&proxy.workloads, &pod.info, destination);
     log.route(&route);
     match route {
-        Route::Refused(refusal) => Err(Ending::refused(refusal.outcome(), refusal)),
+        Route::Refused(refusal) => {
+            let code = refusal.code();
+            Err(Ending::refused(refusal.outcome(), refusal).code(code))
+        }
         Route::Direct(hop) => connect(proxy, pod, &hop).await.map_err(failure),
         Route::Service { service, endpoints } => {
             via_service(proxy, pod, &service, &endpoints, log).await
@@ -117,7 +125,9 @@ async fn via_service(
     }
     Err(match last {
         Some(error) => failure(error),
-        None => Ending::failed(format!("no endpoint of service {service} accepted")),
+        None => {
+            Ending::failed(format!("no endpoint of service {service} accepted")).code("no_endpoint")
+        }
     })
 }
 
@@ -172,7 +182,12 @@ async fn connect(proxy: &Proxy, pod: &CapturedPod, hop: &Hop) -> Result<Upstream
 
 /// What the access log says of a connection that could not be set up.
 fn failure(error: Error) -> Ending {
-    Ending::not_carried(error.is_denial(), error)
+    let code = if error.is_denial() {
+        "refused_by_destination"
+    } else {
+        "connect_failed"
+    };
+    Ending::not_carried(error.is_denial(), error).code(code)
 }
 
 /// Copies between the client and the upstream until both directions end.

@@ -21,28 +21,33 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream,
     let destination = socket::original_destination(&client)
         .or_else(|_| client.local_addr().map(socket::canonical))
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let log = AccessLog::start(
+    let mut log = AccessLog::start(
         &proxy.metrics,
         Direction::Inbound,
         pod.info.display_name(),
         peer,
         destination,
     );
+    log.workloads(
+        proxy.workloads.find_by_ip(peer.ip()).as_deref(),
+        proxy.workloads.find_by_uid(&pod.info.uid).as_deref(),
+    );
     let max = proxy.config.max_connections_per_pod;
     let Some(_opened) = pod.connections.inbound.try_open(max) else {
         socket::reset(client);
         log.finish(
             &proxy.metrics,
-            Ending::denied(super::limits::over_limit(&pod, "inbound", max)),
+            Ending::denied(super::limits::over_limit(&pod, "inbound", max))
+                .code("connection_limit"),
         );
         return;
     };
     let ending = match decide(&proxy.workloads, &pod.info, peer.ip(), destination) {
         Err(reason) => {
             socket::reset(client);
-            Ending::denied(reason)
+            Ending::denied(reason).code("plaintext_refused")
         }
-        Ok(()) => Box::pin(carry(&proxy, &pod, client, peer, destination)).await,
+        Ok(()) => Box::pin(carry(&proxy, &pod, client, peer, destination, &mut log)).await,
     };
     log.finish(&proxy.metrics, ending);
 }
@@ -91,6 +96,7 @@ async fn carry(
     mut client: TcpStream,
     peer: SocketAddr,
     destination: SocketAddr,
+    log: &mut AccessLog,
 ) -> Ending {
     let upstream = socket::connect_in(
         &proxy.netns,
@@ -104,9 +110,10 @@ async fn carry(
         Ok(upstream) => upstream,
         Err(error) => {
             socket::reset(client);
-            return Ending::failed(error);
+            return Ending::failed(error).code("no_upstream");
         }
     };
+    log.opened(&proxy.metrics);
     let registration = proxy
         .open
         .register(pod.clone(), None, peer.ip(), destination.port());
@@ -114,7 +121,7 @@ async fn carry(
         (bytes, result) = copy_tcp(&mut client, &mut upstream) => Ending::carried(bytes, result),
         _ = registration.closed.cancelled() => {
             socket::reset(client);
-            Ending::denied("closed: refused by a policy change")
+            Ending::denied("closed: refused by a policy change").code("policy_change")
         }
     }
 }

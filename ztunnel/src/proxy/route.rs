@@ -103,6 +103,15 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The refusal as a metric label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::ZtunnelListener(_) | Refusal::LocalAddress(_) => "loop",
+            Refusal::NoServicePort { .. } => "no_service_port",
+            Refusal::NoReadyEndpoint { .. } => "no_ready_endpoint",
+        }
+    }
+
     pub fn outcome(&self) -> Outcome {
         match self {
             Refusal::ZtunnelListener(_) | Refusal::LocalAddress(_) => Outcome::Denied,

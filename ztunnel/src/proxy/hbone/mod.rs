@@ -114,6 +114,16 @@ impl Refusal {
         }
     }
 
+    /// The refusal as a metric label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::Unauthorized(_) => "unauthorized",
+            Refusal::NoUpstream(_) => "no_upstream",
+            Refusal::Other(_) => "other",
+        }
+    }
+
     /// Refused on purpose (as opposed to: could not be carried).
     pub fn is_denial(&self) -> bool {
         matches!(self, Refusal::BadRequest(_) | Refusal::Unauthorized(_))

@@ -1,0 +1,177 @@
+//! The ztunnels' traffic metrics after known traffic: every connection is
+//! counted once by each side, under the right workloads, identities and
+//! transport, with exact byte counts; refusals are counted with their
+//! reason; and many short connections add no new series.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use kanava_e2e::{MESH_LAB, exec_ok, http_get, pod_ip, runtime, up};
+
+/// What `http_get` sends.
+const REQUEST_BYTES: f64 = b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n".len() as f64;
+
+fn scrape(lab: &kanava_lab::Lab, node: &str) -> String {
+    exec_ok(
+        lab,
+        &format!("node/{node}"),
+        &["curl", "-sf", "http://127.0.0.1:15020/metrics"],
+    )
+}
+
+/// The value of the one series of `name` carrying every label of `labels`.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<f64> = text
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        matching.len() <= 1,
+        "{name} {labels:?} matches {} series",
+        matching.len()
+    );
+    matching.first().copied().unwrap_or(0.0)
+}
+
+/// Every `kanava_tcp_*` series.
+fn traffic_series(text: &str) -> usize {
+    text.lines()
+        .filter(|line| line.starts_with("kanava_tcp_"))
+        .count()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn traffic_is_counted_by_workload_once_per_side_with_bounded_labels() {
+    let lab = up(MESH_LAB);
+    let rt = runtime();
+    let web = SocketAddr::from((pod_ip(&lab, "shop/web"), 80));
+    const REQUESTS: usize = 20;
+    let mut body_bytes = 0;
+    for _ in 0..REQUESTS {
+        body_bytes += rt
+            .block_on(http_get(&lab, "shop/client", web))
+            .unwrap()
+            .len();
+    }
+    let between = [
+        ("source_workload", "client"),
+        ("source_workload_namespace", "shop"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/shop/sa/client",
+        ),
+        ("destination_workload", "web"),
+        ("destination_workload_namespace", "shop"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/shop/sa/web",
+        ),
+        ("destination_service", "unknown"),
+        ("transport", "hbone"),
+    ];
+    for (node, reporter) in [("node-1", "source"), ("node-2", "destination")] {
+        let mut labels = between.to_vec();
+        labels.push(("reporter", reporter));
+        let closed = |text: &str| {
+            let mut labels = labels.clone();
+            labels.extend([("outcome", "success"), ("reason", "-")]);
+            value(text, "kanava_tcp_connections_closed_total", &labels)
+        };
+        wait_for(&format!("{node} to count every connection closed"), || {
+            closed(&scrape(&lab, node)) == REQUESTS as f64
+        });
+        let text = scrape(&lab, node);
+        let requests = REQUESTS as f64;
+        assert_eq!(
+            value(&text, "kanava_tcp_connections_opened_total", &labels),
+            requests,
+            "{node}"
+        );
+        assert_eq!(
+            value(&text, "kanava_tcp_sent_bytes_total", &labels),
+            requests * REQUEST_BYTES,
+            "{node}: exactly the requests' bytes"
+        );
+        let received = value(&text, "kanava_tcp_received_bytes_total", &labels);
+        assert!(
+            received > body_bytes as f64,
+            "{node}: the responses, headers and bodies ({received} bytes)"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "kanava_tcp_connection_duration_seconds_count",
+                &labels
+            ),
+            requests,
+            "{node}"
+        );
+    }
+
+    // A refusal, counted with its reason: plaintext into a strict pod.
+    assert!(
+        rt.block_on(http_get(&lab, "legacy/plain-client", web))
+            .is_err()
+    );
+    wait_for("the refusal to be counted", || {
+        value(
+            &scrape(&lab, "node-2"),
+            "kanava_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("source_workload", "plain-client"),
+                ("source_workload_namespace", "legacy"),
+                ("source_principal", "unknown"),
+                ("destination_workload", "web"),
+                ("transport", "passthrough"),
+                ("outcome", "denied"),
+                ("reason", "plaintext_refused"),
+            ],
+        ) == 1.0
+    });
+
+    // Many more short connections, each from a new client port: the same
+    // series, only larger numbers.
+    let series = [
+        traffic_series(&scrape(&lab, "node-1")),
+        traffic_series(&scrape(&lab, "node-2")),
+    ];
+    for _ in 0..200 {
+        rt.block_on(http_get(&lab, "shop/client", web)).unwrap();
+    }
+    wait_for("the last connections to be counted", || {
+        value(
+            &scrape(&lab, "node-2"),
+            "kanava_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("source_workload", "client"),
+                ("outcome", "success"),
+            ],
+        ) == (REQUESTS + 200) as f64
+    });
+    assert_eq!(
+        [
+            traffic_series(&scrape(&lab, "node-1")),
+            traffic_series(&scrape(&lab, "node-2"))
+        ],
+        series,
+        "200 connections added no series"
+    );
+}

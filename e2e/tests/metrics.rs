@@ -25,7 +25,9 @@ fn scrape(lab: &kanava_lab::Lab, node: &str) -> String {
 fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let matching: Vec<f64> = text
         .lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
         .filter(|line| {
             labels
                 .iter()
@@ -174,4 +176,24 @@ fn traffic_is_counted_by_workload_once_per_side_with_bounded_labels() {
         series,
         "200 connections added no series"
     );
+
+    // What the node holds: certificates and their expiry, the discovery
+    // version and its age.
+    let text = scrape(&lab, "node-2");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry = value(
+        &text,
+        "kanava_certificate_expiry_timestamp_seconds",
+        &[("identity", "spiffe://cluster.local/ns/shop/sa/web")],
+    );
+    assert!(
+        expiry > now + 3600.0,
+        "the web certificate expires at {expiry}"
+    );
+    assert!(value(&text, "kanava_discovery_version", &[]) >= 1.0);
+    let updated = value(&text, "kanava_discovery_last_update_timestamp_seconds", &[]);
+    assert!(now - updated < 300.0, "last update {} s ago", now - updated);
 }

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::Error;
 use crate::backoff::Backoff;
 use crate::control_plane::ControlPlane;
-use crate::metrics::{Metrics, ResultLabels};
+use crate::metrics::{IdentityLabels, Metrics, ResultLabels};
 
 struct Entry {
     users: usize,
@@ -80,6 +80,9 @@ impl CertManager {
             if entry.users == 0 {
                 entry.renewal.abort();
                 entries.remove(identity);
+                self.metrics.certificate_expiry.remove(&IdentityLabels {
+                    identity: identity.to_string(),
+                });
                 tracing::info!(%identity, "no pod of this identity remains; certificate dropped");
             }
         }
@@ -210,6 +213,12 @@ async fn keep_fresh(
                     renew_in = ?renew_in,
                     "workload certificate issued"
                 );
+                metrics
+                    .certificate_expiry
+                    .get_or_create(&IdentityLabels {
+                        identity: identity.to_string(),
+                    })
+                    .set(Metrics::unix_seconds(fresh.not_after()));
                 cert.send_replace(Some(fresh));
                 tokio::time::sleep(renew_in).await;
             }

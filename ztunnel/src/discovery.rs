@@ -107,6 +107,12 @@ async fn session(
                     .discovery_responses
                     .get_or_create(&ResultLabels { result: "ack" })
                     .inc();
+                metrics
+                    .discovery_version
+                    .set(response.version_info.parse().unwrap_or_default());
+                metrics
+                    .discovery_last_update
+                    .set(Metrics::unix_seconds(std::time::SystemTime::now()));
                 tracing::info!(
                     version = %response.version_info,
                     full = response.full_snapshot,

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the ztunnel, served on `/metrics` (port 15020).
 
 use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -118,6 +120,16 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Proxied connections, counted when they end.
@@ -134,14 +146,21 @@ pub struct Metrics {
     pub hbone_connections_open: Gauge,
     /// Inbound HBONE (TLS) connections accepted after a successful handshake.
     pub hbone_connections_accepted: Counter,
-    /// Inbound TLS handshakes that failed (no or untrusted client certificate...).
-    pub hbone_handshake_failures: Counter,
+    /// Inbound HBONE connections refused before or during the TLS
+    /// handshake, by reason (`handshake_budget`, `no_certificate`, `tls`).
+    pub hbone_handshake_failures: Family<ReasonLabels, Counter>,
     /// Certificate signing requests, by result.
     pub certificate_requests: Family<ResultLabels, Counter>,
     /// Discovery responses, by result (`ack`, `nack`).
     pub discovery_responses: Family<ResultLabels, Counter>,
     /// Pods captured now.
     pub pods_captured: Gauge,
+    /// When each identity's current certificate expires (Unix time).
+    pub certificate_expiry: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
+    /// Version of the discovery state held.
+    pub discovery_version: Gauge,
+    /// When the last discovery update was applied (Unix time).
+    pub discovery_last_update: Gauge<f64, AtomicU64>,
     /// Connections established to their destination.
     pub tcp_opened: Family<TrafficLabels, Counter>,
     /// Connections ended, established or refused, by outcome and reason.
@@ -169,10 +188,13 @@ impl Metrics {
             hbone_connections_opened: Counter::default(),
             hbone_connections_open: Gauge::default(),
             hbone_connections_accepted: Counter::default(),
-            hbone_handshake_failures: Counter::default(),
+            hbone_handshake_failures: Family::default(),
             certificate_requests: Family::default(),
             discovery_responses: Family::default(),
             pods_captured: Gauge::default(),
+            certificate_expiry: Family::default(),
+            discovery_version: Gauge::default(),
+            discovery_last_update: Gauge::default(),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
             tcp_sent_bytes: Family::default(),
@@ -180,6 +202,21 @@ impl Metrics {
             tcp_duration: Family::new_with_constructor(duration_histogram),
             registry: Registry::default(),
         };
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When each identity's current workload certificate expires (Unix time)",
+            metrics.certificate_expiry.clone(),
+        );
+        registry.register(
+            "discovery_version",
+            "Version of the discovery state this ztunnel holds",
+            metrics.discovery_version.clone(),
+        );
+        registry.register(
+            "discovery_last_update_timestamp_seconds",
+            "When the last discovery update was applied (Unix time)",
+            metrics.discovery_last_update.clone(),
+        );
         registry.register(
             "tcp_connections_opened",
             "Connections established to their destination, by source and destination workload",
@@ -242,7 +279,7 @@ impl Metrics {
         );
         registry.register(
             "hbone_handshake_failures",
-            "Inbound TLS handshakes that failed",
+            "Inbound HBONE connections refused before or during the TLS handshake, by reason",
             metrics.hbone_handshake_failures.clone(),
         );
         registry.register(
@@ -264,6 +301,14 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// Seconds since the Unix epoch of `time`, for `_timestamp_seconds`
+    /// gauges.
+    pub fn unix_seconds(time: SystemTime) -> f64 {
+        time.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default()
     }
 
     /// The Prometheus text exposition of every metric.

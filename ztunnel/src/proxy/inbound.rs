@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use super::access_log::{AccessLog, Ending, Transferred};
 use super::hbone::{self, Refusal, server};
 use super::{CapturedPod, PodInfo, Proxy, authz, limits, socket};
-use crate::metrics::{Direction, Transport};
+use crate::metrics::{Direction, ReasonLabels, Transport};
 use crate::workloads::WorkloadStore;
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, peer: SocketAddr) {
@@ -38,7 +38,13 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
     let permit = match proxy.handshakes.try_acquire(peer.ip(), &pod.info.uid) {
         Ok(permit) => permit,
         Err(exhausted) => {
-            proxy.metrics.hbone_handshake_failures.inc();
+            proxy
+                .metrics
+                .hbone_handshake_failures
+                .get_or_create(&ReasonLabels {
+                    reason: "handshake_budget",
+                })
+                .inc();
             tracing::warn!(pod = %pod.info.display_name(), %peer, reason = %exhausted, "HBONE connection refused: handshakes");
             socket::reset(tcp);
             return;
@@ -47,6 +53,13 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
     let timeout = proxy.config.handshake_timeout;
     // Our own certificate must exist before we can present it.
     if let Err(error) = proxy.certs.get(&pod.info.identity, timeout).await {
+        proxy
+            .metrics
+            .hbone_handshake_failures
+            .get_or_create(&ReasonLabels {
+                reason: "no_certificate",
+            })
+            .inc();
         tracing::warn!(pod = %pod.info.display_name(), %peer, %error, "cannot accept HBONE");
         socket::reset(tcp);
         return;
@@ -59,7 +72,11 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
     } = match accepted {
         Ok(accepted) => accepted,
         Err(error) => {
-            proxy.metrics.hbone_handshake_failures.inc();
+            proxy
+                .metrics
+                .hbone_handshake_failures
+                .get_or_create(&ReasonLabels { reason: "tls" })
+                .inc();
             tracing::info!(pod = %pod.info.display_name(), %peer, %error, "HBONE connection refused");
             return;
         }

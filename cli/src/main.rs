@@ -11,9 +11,12 @@
 //! kanava lab down [--name NAME | --all]
 //! kanava lab clean
 //! kanava verify [--name NAME] [--output table|json]
+//! kanava status [--name NAME] [--output table|json]
+//! kanava config-dump [--name NAME] NODE [--output table|json]
 //! ```
 
 mod lab;
+mod observe;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +38,14 @@ enum Command {
     /// other nodes' identities, self-loops, spoofing, the fabric, policy
     /// changes (needs root). Exits 1 if any check fails.
     Verify(verify::VerifyArgs),
+    /// Health of the mesh in a lab: per node, whether its ztunnel runs and
+    /// is ready, its discovery version against the control plane's, the
+    /// pods it captures and its certificates' expiry. Exits 1, naming the
+    /// fix, when something is off.
+    Status(observe::StatusArgs),
+    /// What one node's ztunnel holds: captured pods, workloads, services,
+    /// policies, certificates with expiry (never keys).
+    ConfigDump(observe::ConfigDumpArgs),
 }
 
 fn main() {
@@ -42,6 +53,8 @@ fn main() {
     let result = match cli.command {
         Command::Lab(command) => lab::run(command),
         Command::Verify(args) => verify::run(&args),
+        Command::Status(args) => observe::status_command(&args),
+        Command::ConfigDump(args) => observe::config_dump_command(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -55,3 +55,37 @@ pub async fn control_plane_channel(
         .await
         .map_err(|e| e.to_string())
 }
+
+/// `GET path` over HTTP/1.0 from inside `target`'s namespace (the mesh's
+/// admin, readiness and metrics ports): the status code and the body.
+pub fn http_get(
+    lab: &Lab,
+    target: &str,
+    to: SocketAddr,
+    path: &str,
+) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut stream = lab
+        .connect(target, to, CONNECT_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(CONNECT_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n").as_bytes())
+        .map_err(|e| format!("send to {to}: {e}"))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| format!("read from {to}: {e}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{to} answered no HTTP response"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("{to} answered an unreadable status line"))?;
+    Ok((status, body.to_string()))
+}

@@ -2,7 +2,7 @@
 //!
 //! | address | path | what |
 //! | --- | --- | --- |
-//! | admin (127.0.0.1:15000) | `/config_dump` | JSON: captured pods, known workloads, services, certificates, resource versions |
+//! | admin (127.0.0.1:15000) | `/config_dump` | JSON: captured pods, known workloads, services, policies, certificates (identity and expiry, never keys), resource versions |
 //! | metrics (:15020) | `/metrics` | Prometheus text format |
 //! | readiness (:15021) | `/healthz/ready` | 200 once the first configuration arrived, else 503 |
 
@@ -202,6 +202,22 @@ fn config_dump(state: &State) -> serde_json::Value {
             })
         })
         .collect();
+    let mut policies: Vec<_> = state
+        .proxy
+        .workloads
+        .policies()
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "namespace": p.namespace,
+                "name": p.name,
+                "action": format!("{:?}", p.action).to_uppercase(),
+                "meshWide": p.mesh_wide,
+                "rules": p.rules.len(),
+            })
+        })
+        .collect();
+    policies.sort_by_key(|p| format!("{}/{}", p["namespace"], p["name"]));
     serde_json::json!({
         "node": state.node,
         "ready": state.proxy.workloads.is_ready(),
@@ -209,7 +225,7 @@ fn config_dump(state: &State) -> serde_json::Value {
         "capturedPods": pods,
         "workloads": workloads,
         "services": services,
-        "policies": state.proxy.workloads.policies().len(),
+        "policies": policies,
         "resourceVersions": state.proxy.workloads.resource_versions(),
         "openInboundConnections": state.proxy.open.len(),
         "certificates": certificates,

@@ -124,6 +124,13 @@ impl PolicySet {
             .any(|policy| policy.selector.is_some())
     }
 
+    /// Every policy: mesh-wide ones first, then by namespace.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.mesh_wide
+            .iter()
+            .chain(self.by_namespace.values().flatten())
+    }
+
     pub fn len(&self) -> usize {
         self.mesh_wide.len() + self.by_namespace.values().map(Vec::len).sum::<usize>()
     }

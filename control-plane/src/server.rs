@@ -71,7 +71,7 @@ impl Server {
                 address: self.config.listen,
                 source,
             })?;
-        tracing::info!(address = %self.config.listen, "serving discovery and certificates");
+        tracing::info!(address = %self.config.listen, "serving discovery, certificates and reflection");
 
         let incoming = accept_tls(listener, TlsAcceptor::from(tls), shutdown.clone());
         let max = self.config.max_message_bytes;
@@ -88,11 +88,21 @@ impl Server {
             ),
             self.auth.clone(),
         );
+        // Server reflection, so generic clients (grpcurl, Postman) can list
+        // and describe the API; behind the same authentication as the rest.
+        let reflection = Authenticated::new(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(kanava_proto::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(|e| Error::Config(format!("gRPC server reflection: {e}")))?,
+            self.auth.clone(),
+        );
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(discovery)
             .add_service(certificates)
+            .add_service(reflection)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
             .await;
         rotation.abort();

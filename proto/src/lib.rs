@@ -6,6 +6,12 @@
 //! - [`v1::HandoffRequest`] / [`v1::HandoffReply`]: the node-local protocol
 //!   that hands a pod's network namespace to the ztunnel.
 
+/// The encoded `FileDescriptorSet` of every `.proto`, for gRPC server
+/// reflection (generic clients such as grpcurl list and describe the API
+/// from it).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/kanava_descriptor.bin"));
+
 /// Version 1 of the API (`package kanava.v1`).
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

@@ -21,6 +21,7 @@ packages=(
   procps                       # sysctl
   gcc libc6-dev                # C parts of the TLS library (aws-lc)
   unzip                        # fetching helm (below)
+  prometheus                   # the dashboard test scrapes a lab with it
 )
 missing=()
 for package in "${packages[@]}"; do

@@ -125,7 +125,7 @@ impl Metrics {
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
+        kanava_runtime::with_process_metrics(text)
     }
 }
 

@@ -90,7 +90,7 @@ impl Drop for Server {
 
 fn metrics_response(text: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(text)));
-    if let Ok(value) = "text/plain; version=0.0.4; charset=utf-8".parse() {
+    if let Ok(value) = "application/openmetrics-text; version=1.0.0; charset=utf-8".parse() {
         response
             .headers_mut()
             .insert(hyper::header::CONTENT_TYPE, value);

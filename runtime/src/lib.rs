@@ -88,3 +88,75 @@ pub fn shutdown_on_signal() -> CancellationToken {
     });
     token
 }
+
+/// The standard `process_*` metrics of this process (CPU time, resident
+/// memory, open descriptors), in OpenMetrics text, read from `/proc/self`
+/// at each scrape. Written by hand: the metrics library has no process
+/// collector, and these are three numbers.
+pub fn process_metrics() -> String {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 12th and 13th of those (14th and 15th of the line).
+    let after_name: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |index: usize| {
+        after_name
+            .get(index)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let per_second = rustix::param::clock_ticks_per_second().max(1);
+    let cpu_seconds = (ticks(11) + ticks(12)) as f64 / per_second as f64;
+    let resident_pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let resident_bytes = resident_pages * rustix::param::page_size() as u64;
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+    format!(
+        "# HELP process_cpu_seconds Total user and system CPU time spent in seconds.\n\
+         # TYPE process_cpu_seconds counter\n\
+         process_cpu_seconds_total {cpu_seconds}\n\
+         # HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+         # TYPE process_resident_memory_bytes gauge\n\
+         process_resident_memory_bytes {resident_bytes}\n\
+         # HELP process_open_fds Number of open file descriptors.\n\
+         # TYPE process_open_fds gauge\n\
+         process_open_fds {open_fds}\n"
+    )
+}
+
+/// `metrics` (an OpenMetrics text ending in `# EOF`) with the process
+/// metrics added before its end.
+pub fn with_process_metrics(mut metrics: String) -> String {
+    let process = process_metrics();
+    match metrics.rfind("# EOF") {
+        Some(end) => metrics.insert_str(end, &process),
+        None => metrics.push_str(&process),
+    }
+    metrics
+}
+
+#[cfg(test)]
+mod process_tests {
+    use super::*;
+
+    #[test]
+    fn process_metrics_come_before_the_end_marker() {
+        let text = with_process_metrics("# TYPE a counter\na_total 1\n# EOF\n".into());
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let rss: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        assert!(
+            rss > 1_000_000.0,
+            "a test process has over 1 MB resident: {rss}"
+        );
+        assert!(text.contains("process_open_fds "));
+        assert!(text.contains("process_cpu_seconds_total "));
+    }
+}

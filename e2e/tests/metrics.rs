@@ -197,3 +197,51 @@ fn traffic_is_counted_by_workload_once_per_side_with_bounded_labels() {
     let updated = value(&text, "kanava_discovery_last_update_timestamp_seconds", &[]);
     assert!(now - updated < 300.0, "last update {} s ago", now - updated);
 }
+
+/// With `--log-format json`, an access-log line is one JSON object with the
+/// same fields as the text line, under stable names.
+#[test]
+fn json_access_logs_carry_the_documented_fields() {
+    let lab = kanava_e2e::up_with_ztunnel_args(MESH_LAB, &["--log-format", "json"]);
+    let web = SocketAddr::from((pod_ip(&lab, "shop/web"), 80));
+    runtime()
+        .block_on(http_get(&lab, "shop/client", web))
+        .unwrap();
+    let line = kanava_e2e::log_line(&lab, "ztunnel/node-2", |l| {
+        l.contains("\"target\":\"access\"") && l.contains("shop/web")
+    });
+    let record: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    for field in [
+        "timestamp",
+        "level",
+        "target",
+        "message",
+        "direction",
+        "pod",
+        "src.addr",
+        "src.identity",
+        "dst.addr",
+        "dst.service",
+        "dst.workload",
+        "dst.identity",
+        "transport",
+        "bytes_sent",
+        "bytes_received",
+        "duration_ms",
+        "outcome",
+        "reason",
+    ] {
+        assert!(record.get(field).is_some(), "{field} missing: {record}");
+    }
+    assert_eq!(record["message"], "connection complete");
+    assert_eq!(record["direction"], "inbound");
+    assert_eq!(
+        record["src.identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+    assert_eq!(record["outcome"], "success");
+    assert!(
+        record["bytes_sent"].is_u64(),
+        "numbers stay numbers: {record}"
+    );
+}

@@ -88,13 +88,23 @@ impl Server {
             ),
             self.auth.clone(),
         );
-        // Server reflection, so generic clients (grpcurl, Postman) can list
-        // and describe the API; behind the same authentication as the rest.
-        let reflection = Authenticated::new(
+        // Server reflection, so generic clients (grpcurl, Postman,
+        // grpcio-reflection) can list and describe the API; both versions
+        // of the protocol (older clients speak v1alpha); behind the same
+        // authentication as the rest.
+        let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(kanava_proto::FILE_DESCRIPTOR_SET)
-                .build_v1()
-                .map_err(|e| Error::Config(format!("gRPC server reflection: {e}")))?,
+        };
+        let reflection_error = |e: tonic_reflection::server::Error| {
+            Error::Config(format!("gRPC server reflection: {e}"))
+        };
+        let reflection_v1 = Authenticated::new(
+            reflection().build_v1().map_err(reflection_error)?,
+            self.auth.clone(),
+        );
+        let reflection_v1alpha = Authenticated::new(
+            reflection().build_v1alpha().map_err(reflection_error)?,
             self.auth.clone(),
         );
         let result = tonic::transport::Server::builder()
@@ -102,7 +112,8 @@ impl Server {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(discovery)
             .add_service(certificates)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
             .await;
         rotation.abort();

@@ -60,7 +60,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn traffic_is_counted_by_workload_once_per_side_with_bounded_labels() {
-    let lab = up(MESH_LAB);
+    let mut lab = up(MESH_LAB);
     let rt = runtime();
     let web = SocketAddr::from((pod_ip(&lab, "shop/web"), 80));
     const REQUESTS: usize = 20;
@@ -196,6 +196,26 @@ fn traffic_is_counted_by_workload_once_per_side_with_bounded_labels() {
     assert!(value(&text, "kanava_discovery_version", &[]) >= 1.0);
     let updated = value(&text, "kanava_discovery_last_update_timestamp_seconds", &[]);
     assert!(now - updated < 300.0, "last update {} s ago", now - updated);
+
+    // A refusal by policy names the policy.
+    kanava_e2e::apply(
+        &mut lab,
+        "apiVersion: security.kanava.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-web, namespace: shop}\nspec:\n  action: DENY\n  selector: {}\n  rules:\n  - to: [{ports: [80]}]\n",
+    );
+    assert!(rt.block_on(http_get(&lab, "shop/client", web)).is_err());
+    wait_for("the policy refusal to be counted", || {
+        value(
+            &scrape(&lab, "node-2"),
+            "kanava_tcp_connections_closed_total",
+            &[
+                ("reporter", "destination"),
+                ("source_workload", "client"),
+                ("outcome", "denied"),
+                ("reason", "policy"),
+                ("policy", "shop/no-web"),
+            ],
+        ) == 1.0
+    });
 }
 
 /// With `--log-format json`, an access-log line is one JSON object with the

@@ -96,6 +96,8 @@ pub struct ClosedLabels {
     /// Why it was refused or failed: one of a few fixed words (`-` on
     /// success).
     pub reason: &'static str,
+    /// The authorization policy (`namespace/name`) that refused it, or `-`.
+    pub policy: String,
 }
 
 /// Buckets of connection durations: 1 ms to about 9 hours.

@@ -67,6 +67,8 @@ pub struct Ending {
     reason: Option<String>,
     /// The reason as a metric label: one of a few fixed words.
     code: &'static str,
+    /// The authorization policy that refused it (`namespace/name`).
+    policy: Option<String>,
 }
 
 impl Ending {
@@ -78,12 +80,14 @@ impl Ending {
                 bytes,
                 reason: None,
                 code: "-",
+                policy: None,
             },
             Err(error) => Ending {
                 outcome: Outcome::Failed,
                 bytes,
                 reason: Some(error.to_string()),
                 code: "connection_error",
+                policy: None,
             },
         }
     }
@@ -120,7 +124,14 @@ impl Ending {
                 Outcome::Denied => "denied",
                 _ => "failed",
             },
+            policy: None,
         }
+    }
+
+    /// Names the authorization policy that refused it.
+    pub fn policy(mut self, policy: &str) -> Self {
+        self.policy = Some(policy.to_string());
+        self
     }
 
     /// Names the reason for the metrics (`connection_limit`, `policy`...).
@@ -280,6 +291,7 @@ impl AccessLog {
             bytes,
             reason,
             code,
+            policy,
         } = ending;
         let opened = self.opened.take();
         let traffic = opened.clone().unwrap_or_else(|| self.traffic_labels());
@@ -303,6 +315,7 @@ impl AccessLog {
                 traffic,
                 outcome,
                 reason: code,
+                policy: policy.unwrap_or_else(|| "-".into()),
             })
             .inc();
         let labels = BytesLabels {

@@ -158,7 +158,7 @@ pub fn decide(
         target.port(),
     ) {
         Decision::Allow => Ok(target),
-        Decision::Deny { reason, .. } => Err(Refusal::Unauthorized(reason)),
+        Decision::Deny { policy, reason } => Err(Refusal::Policy { policy, reason }),
     }
 }
 
@@ -271,7 +271,11 @@ async fn connect_and_bridge(
 
 /// The access-log ending of a refused stream.
 fn refused(refusal: Refusal) -> Ending {
-    Ending::not_carried(refusal.is_denial(), refusal.reason()).code(refusal.code())
+    let ending = Ending::not_carried(refusal.is_denial(), refusal.reason()).code(refusal.code());
+    match refusal.policy() {
+        Some(policy) => ending.policy(policy),
+        None => ending,
+    }
 }
 
 #[cfg(test)]
@@ -355,7 +359,7 @@ mod tests {
         let store = store(&[], &[], &[std::sync::Arc::new(only_frontend)]);
         let verdict = verdict(&store, "frontend", "10.244.2.3:8080", SystemTime::now());
         assert!(
-            matches!(&verdict, Err(Refusal::Unauthorized(reason)) if reason.contains("not yet described")),
+            matches!(&verdict, Err(Refusal::Policy { reason, .. }) if reason.contains("not yet described")),
             "{verdict:?}"
         );
     }
@@ -423,7 +427,7 @@ mod tests {
         );
         let verdict = decide(&store, &pod, &client("batch", minute), &method, &uri, now);
         assert!(
-            matches!(&verdict, Err(Refusal::Unauthorized(reason)) if reason.contains("only-frontend")),
+            matches!(&verdict, Err(Refusal::Policy { policy, reason }) if reason.contains("only-frontend") && policy.contains("only-frontend")),
             "{verdict:?}"
         );
         assert_eq!(

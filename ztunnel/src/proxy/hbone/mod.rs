@@ -60,9 +60,12 @@ pub enum Refusal {
     /// 400: not a `CONNECT`, an authority that is not `IP:port`, or a target
     /// that is not an address of the listener's pod.
     BadRequest(String),
-    /// 401: the destination's authorization policy refused the peer, or the
-    /// peer's certificate has expired.
+    /// 401: the peer's certificate has expired (or, read by a client, the
+    /// destination refused for its own reasons).
     Unauthorized(String),
+    /// 401: the destination's authorization policy `policy`
+    /// (`namespace/name`) refused the peer.
+    Policy { policy: String, reason: String },
     /// 503: the destination app did not accept the connection.
     NoUpstream(String),
     /// Any other status (another implementation may send one).
@@ -74,7 +77,7 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Refusal::Unauthorized(_) | Refusal::Policy { .. } => StatusCode::UNAUTHORIZED,
             Refusal::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Other(status) => *status,
         }
@@ -109,6 +112,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest(reason)
             | Refusal::Unauthorized(reason)
+            | Refusal::Policy { reason, .. }
             | Refusal::NoUpstream(reason) => reason.clone(),
             Refusal::Other(status) => status.to_string(),
         }
@@ -119,14 +123,26 @@ impl Refusal {
         match self {
             Refusal::BadRequest(_) => "bad_request",
             Refusal::Unauthorized(_) => "unauthorized",
+            Refusal::Policy { .. } => "policy",
             Refusal::NoUpstream(_) => "no_upstream",
             Refusal::Other(_) => "other",
         }
     }
 
+    /// The policy that refused, if one did.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Refusal::Policy { policy, .. } => Some(policy),
+            _ => None,
+        }
+    }
+
     /// Refused on purpose (as opposed to: could not be carried).
     pub fn is_denial(&self) -> bool {
-        matches!(self, Refusal::BadRequest(_) | Refusal::Unauthorized(_))
+        matches!(
+            self,
+            Refusal::BadRequest(_) | Refusal::Unauthorized(_) | Refusal::Policy { .. }
+        )
     }
 
     /// Another endpoint of the same Service may well accept.
@@ -140,6 +156,7 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::BadRequest(reason)
             | Refusal::Unauthorized(reason)
+            | Refusal::Policy { reason, .. }
             | Refusal::NoUpstream(reason) => write!(f, "{} ({reason})", self.status()),
             Refusal::Other(status) => write!(f, "{status}"),
         }

@@ -11,10 +11,12 @@
 //! kanava lab down [--name NAME | --all]
 //! kanava lab clean
 //! kanava verify [--name NAME] [--output table|json]
-//! kanava status [--name NAME] [--output table|json]
+//! kanava status [--name NAME | --kubeconfig FILE [--namespace NS]] [--output table|json]
 //! kanava config-dump [--name NAME] NODE [--output table|json]
 //! ```
 
+mod cluster;
+mod health;
 mod lab;
 mod observe;
 mod verify;
@@ -38,10 +40,10 @@ enum Command {
     /// other nodes' identities, self-loops, spoofing, the fabric, policy
     /// changes (needs root). Exits 1 if any check fails.
     Verify(verify::VerifyArgs),
-    /// Health of the mesh in a lab: per node, whether its ztunnel runs and
-    /// is ready, its discovery version against the control plane's, the
-    /// pods it captures and its certificates' expiry. Exits 1, naming the
-    /// fix, when something is off.
+    /// Health of the mesh in a lab (or, with --kubeconfig, on a cluster):
+    /// per node, whether its ztunnel runs and is ready, its discovery
+    /// version against the control plane's, the pods it captures and its
+    /// certificates' expiry. Exits 1, naming the fix, when something is off.
     Status(observe::StatusArgs),
     /// What one node's ztunnel holds: captured pods, workloads, services,
     /// policies, certificates with expiry (never keys).

@@ -1,6 +1,7 @@
 //! `kanava status` and `kanava config-dump`: what the mesh's processes
 //! believe right now, read from their admin, readiness and metrics ports
-//! (inside the lab's namespaces).
+//! (inside the lab's namespaces; on a cluster, `kanava status --kubeconfig`
+//! reads them through the API server, see [`crate::cluster`]).
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
@@ -11,6 +12,7 @@ use kanava_lab::Lab;
 use kanava_lab::clients::http_get;
 use serde_json::Value;
 
+use crate::health::{Health, ZtunnelStatus, metric};
 use crate::lab::{LabName, Output, table};
 
 /// The ztunnel's ports, on the node's loopback and addresses.
@@ -37,6 +39,12 @@ pub struct ConfigDumpArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     lab: LabName,
+    /// A cluster instead of a lab: the kubeconfig to reach its API server.
+    #[arg(long, conflicts_with = "name")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// On a cluster: the namespace Kanava is installed in.
+    #[arg(long, default_value = "kanava-system")]
+    namespace: String,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -229,31 +237,25 @@ fn dump_tables(dump: &Value, now: SystemTime) -> String {
     out
 }
 
-/// One node, as `kanava status` sees it.
-#[derive(Debug, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct NodeStatus {
-    node: String,
-    pid: Option<u32>,
-    restarts: u32,
-    ready: bool,
-    version: Option<String>,
-    captured: usize,
-    expected: usize,
-    certificates: usize,
-    next_expiry: Option<String>,
-    problems: Vec<String>,
+pub fn status_command(args: &StatusArgs) -> anyhow::Result<i32> {
+    let health = match &args.kubeconfig {
+        Some(kubeconfig) => crate::cluster::status(kubeconfig, &args.namespace)?,
+        None => lab_health(&Lab::attach(args.lab.name.as_deref())?),
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&health.json())?),
+        Output::Table => print!("{}", health.table()),
+    }
+    Ok(if health.healthy() { 0 } else { 1 })
 }
 
-pub fn status_command(args: &StatusArgs) -> anyhow::Result<i32> {
-    let lab = Lab::attach(args.lab.name.as_deref())?;
+fn lab_health(lab: &Lab) -> Health {
     let state = lab.state();
     let now = SystemTime::now();
     let mut problems = Vec::new();
     let monitoring = SocketAddr::from((kanava_lab::layout::FABRIC_IP, CONTROL_PLANE_MONITORING));
-    let control_plane_ready =
-        matches!(http_get(&lab, "fabric", monitoring, "/ready"), Ok((200, _)));
-    let control_plane_version = http_get(&lab, "fabric", monitoring, "/metrics")
+    let control_plane_ready = matches!(http_get(lab, "fabric", monitoring, "/ready"), Ok((200, _)));
+    let control_plane_version = http_get(lab, "fabric", monitoring, "/metrics")
         .ok()
         .and_then(|(_, body)| metric(&body, "kanava_control_plane_configuration_version"));
     if !control_plane_ready {
@@ -262,40 +264,39 @@ pub fn status_command(args: &StatusArgs) -> anyhow::Result<i32> {
             state.name
         ));
     }
-    let mut nodes = Vec::new();
+    let mut ztunnels = Vec::new();
     for node in &state.nodes {
-        let mut status = NodeStatus {
+        let pid = node
+            .ztunnel
+            .pid
+            .filter(|&pid| kanava_lab::process::alive(pid));
+        let mut status = ZtunnelStatus {
             node: node.name.clone(),
-            pid: node
-                .ztunnel
-                .pid
-                .filter(|&pid| kanava_lab::process::alive(pid)),
+            process: pid.map_or_else(|| "down".into(), |pid| format!("pid {pid}")),
             restarts: node.ztunnel.restarts,
             ready: matches!(
                 http_get(
-                    &lab,
+                    lab,
                     &format!("node/{}", node.name),
                     loopback(READINESS),
                     "/healthz/ready"
                 ),
                 Ok((200, _))
             ),
-            version: None,
-            captured: 0,
-            expected: state
-                .pods
-                .iter()
-                .filter(|p| p.node == node.name && p.captured)
-                .count(),
-            certificates: 0,
-            next_expiry: None,
-            problems: Vec::new(),
+            expected: Some(
+                state
+                    .pods
+                    .iter()
+                    .filter(|p| p.node == node.name && p.captured)
+                    .count(),
+            ),
+            ..ZtunnelStatus::default()
         };
         let logs = format!(
             "kanava lab logs --name {} ztunnel/{}",
             state.name, node.name
         );
-        match config_dump(&lab, &node.name) {
+        match config_dump(lab, &node.name) {
             Err(error) => status.problems.push(format!("{error:#}; see `{logs}`")),
             Ok(dump) => {
                 status.version = dump["version"].as_str().map(str::to_string);
@@ -327,7 +328,7 @@ pub fn status_command(args: &StatusArgs) -> anyhow::Result<i32> {
                 }
             }
         }
-        if status.pid.is_none() {
+        if pid.is_none() {
             status
                 .problems
                 .push(format!("the ztunnel is not running; see `{logs}`"));
@@ -343,98 +344,28 @@ pub fn status_command(args: &StatusArgs) -> anyhow::Result<i32> {
                 "the ztunnel holds discovery version {held}, the control plane serves {served}: a change may be in flight (run again), else see `{logs}`"
             ));
         }
-        if status.captured != status.expected {
+        if Some(status.captured) != status.expected {
             status.problems.push(format!(
                 "the ztunnel captures {} pod(s), the lab expects {}; see `{logs}`",
-                status.captured, status.expected
+                status.captured,
+                status.expected.unwrap_or_default()
             ));
         }
-        nodes.push(status);
+        ztunnels.push(status);
     }
-    let healthy = problems.is_empty() && nodes.iter().all(|n| n.problems.is_empty());
-    match args.output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "lab": state.name,
-                "healthy": healthy,
-                "controlPlane": {
-                    "ready": control_plane_ready,
-                    "version": control_plane_version,
-                },
-                "nodes": nodes,
-                "problems": problems,
-            }))?
-        ),
-        Output::Table => {
-            let mut out = format!(
-                "control plane: {}, version {}\n\n",
-                if control_plane_ready {
-                    "ready"
-                } else {
-                    "NOT READY"
-                },
-                control_plane_version.map_or_else(|| "?".into(), |v| v.to_string())
-            );
-            let mut rows = vec![vec![
-                "NODE".to_string(),
-                "ZTUNNEL".into(),
-                "READY".into(),
-                "VERSION".into(),
-                "PODS".into(),
-                "CERTS".into(),
-                "NEXT EXPIRY".into(),
-                "RESTARTS".into(),
-            ]];
-            for node in &nodes {
-                rows.push(vec![
-                    node.node.clone(),
-                    node.pid
-                        .map_or_else(|| "down".into(), |pid| format!("pid {pid}")),
-                    if node.ready { "yes" } else { "NO" }.into(),
-                    node.version.clone().unwrap_or_else(|| "?".into()),
-                    format!("{}/{}", node.captured, node.expected),
-                    node.certificates.to_string(),
-                    node.next_expiry.clone().unwrap_or_else(|| "-".into()),
-                    node.restarts.to_string(),
-                ]);
-            }
-            out.push_str(&table(&rows));
-            let all: Vec<String> = problems
-                .iter()
-                .cloned()
-                .chain(
-                    nodes
-                        .iter()
-                        .flat_map(|n| n.problems.iter().map(move |p| format!("{}: {p}", n.node))),
-                )
-                .collect();
-            if all.is_empty() {
-                out.push_str("\nall healthy\n");
-            } else {
-                out.push('\n');
-                for problem in all {
-                    out.push_str(&format!("PROBLEM {problem}\n"));
-                }
-            }
-            print!("{out}");
-        }
+    Health {
+        name: state.name.clone(),
+        control_plane_ready,
+        control_plane_version,
+        ztunnels,
+        problems,
     }
-    Ok(if healthy { 0 } else { 1 })
-}
-
-/// A metric's value (the first series) in a Prometheus text exposition.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find(|line| line.split(['{', ' ']).next() == Some(name))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::metric;
 
     #[test]
     fn dumps_read_as_tables() {

@@ -36,6 +36,7 @@ pub const SERVICES: &str = "/api/v1/services";
 pub const POLICIES: &str = "/apis/security.kanava.io/v1alpha1/authorizationpolicies";
 /// Only for single GETs (the CNI installer asks for its DaemonSet).
 pub const DAEMONSETS: &str = "/apis/apps/v1/daemonsets";
+pub const NODES: &str = "/api/v1/nodes";
 
 #[derive(Default)]
 struct State {
@@ -62,6 +63,8 @@ struct State {
     events: Vec<Value>,
     /// Every request, `METHOD path?query`.
     requests: Vec<String>,
+    /// What the proxy to pods and services answers, by path.
+    proxied: HashMap<String, String>,
 }
 
 /// The server; it stops when dropped.
@@ -88,7 +91,7 @@ impl ApiServer {
             revision: 100,
             ..State::default()
         };
-        for path in [NAMESPACES, PODS, SERVICES, POLICIES, DAEMONSETS] {
+        for path in [NAMESPACES, PODS, SERVICES, POLICIES, DAEMONSETS, NODES] {
             state.objects.insert(path, BTreeMap::new());
         }
         let state = Arc::new(Mutex::new(state));
@@ -259,6 +262,13 @@ impl ApiServer {
         self.lock().events.clone()
     }
 
+    /// Makes the API server's proxy answer `path` with `body`.
+    pub fn proxy(&self, path: &str, body: &str) {
+        self.lock()
+            .proxied
+            .insert(path.to_string(), body.to_string());
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
     }
@@ -296,7 +306,13 @@ fn query(request: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
         .unwrap_or("")
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("%3D", "=").replace("%2C", ",")))
+        .map(|(k, v)| {
+            let v = v
+                .replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/");
+            (k.to_string(), v)
+        })
         .collect()
 }
 
@@ -324,7 +340,15 @@ async fn handle(
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
 
-    for collection in [NAMESPACES, PODS, SERVICES, POLICIES] {
+    // The API server's proxy to pods and services (`.../pods/NAME:PORT/proxy/...`):
+    // what a test put there.
+    if path.contains("/proxy/") && method == Method::GET {
+        return match state.lock().unwrap().proxied.get(&path) {
+            Some(body) => Response::new(Full::new(Bytes::from(body.clone())).boxed()),
+            None => status(503, "ServiceUnavailable", "no endpoints available"),
+        };
+    }
+    for collection in [NAMESPACES, PODS, SERVICES, POLICIES, NODES] {
         if path == collection && method == Method::GET {
             if state.lock().unwrap().unavailable.contains(collection) {
                 return status(503, "ServiceUnavailable", "the server is shutting down");
@@ -371,6 +395,33 @@ async fn handle(
                 Some(service) => json_response(StatusCode::OK, service.clone()),
                 None => status(404, "NotFound", &format!("services \"{name}\" not found")),
             }
+        }
+        (Method::GET, ["api", "v1", "namespaces", ns, "pods"]) => {
+            // A label selector of `key=value` pairs.
+            let wanted: Vec<(String, String)> = query
+                .get("labelSelector")
+                .map(|s| {
+                    s.split(',')
+                        .filter_map(|p| p.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let items: Vec<Value> = state.objects[PODS]
+                .iter()
+                .filter(|(key, _)| key.starts_with(&format!("{ns}/")))
+                .map(|(_, pod)| pod.clone())
+                .filter(|pod| {
+                    wanted
+                        .iter()
+                        .all(|(k, v)| pod["metadata"]["labels"][k.as_str()] == v.as_str())
+                })
+                .collect();
+            json_response(
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "PodList",
+                       "metadata": {"resourceVersion": state.revision.to_string()}, "items": items}),
+            )
         }
         (Method::GET, ["api", "v1", "namespaces", ns, "pods", name]) => {
             match state.objects[PODS].get(&format!("{ns}/{name}")) {
@@ -450,6 +501,7 @@ fn list_kind(collection: &str) -> (&'static str, &'static str) {
         NAMESPACES => ("v1", "Namespace"),
         PODS => ("v1", "Pod"),
         SERVICES => ("v1", "Service"),
+        NODES => ("v1", "Node"),
         _ => ("security.kanava.io/v1alpha1", "AuthorizationPolicy"),
     }
 }

@@ -162,6 +162,18 @@ pub async fn connect(lab: &Lab, from: &str, to: SocketAddr) -> tokio::net::TcpSt
     stream
 }
 
+/// Polls `done` until it holds; fails the test after 20 s, naming `what`.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The TCP ports listening in a pod's namespace.
 pub fn listening_ports(lab: &Lab, pod: &str) -> Vec<u16> {
     exec_ok(lab, pod, &["ss", "-Hltn"])

@@ -6,9 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
-use kanava_e2e::{MESH_LAB, exec_ok, http_get, pod_ip, runtime, up};
+use kanava_e2e::{MESH_LAB, exec_ok, http_get, pod_ip, runtime, up, wait_for};
 
 /// What `http_get` sends.
 const REQUEST_BYTES: f64 = b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n".len() as f64;
@@ -48,14 +47,6 @@ fn traffic_series(text: &str) -> usize {
     text.lines()
         .filter(|line| line.starts_with("kanava_tcp_"))
         .count()
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

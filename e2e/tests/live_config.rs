@@ -128,6 +128,14 @@ fn enrolling_a_namespace_at_runtime_captures_and_releases_its_running_pods() {
         rt.block_on(http_get(&lab, "shop/client", app)).is_ok(),
         "plaintext again"
     );
+
+    // And in again: the pod itself never changed, only its namespace.
+    apply(
+        &mut lab,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: late, labels: {kanava.io/dataplane-mode: ambient}}\n",
+    );
+    assert!(lab.pod("late/app").unwrap().captured);
+    assert!(exec_ok(&lab, "late/app", &["iptables-save"]).contains("KANAVA_OUTPUT"));
 }
 
 /// A pod that started before Kanava was installed on its node has no record

@@ -195,28 +195,7 @@ impl Lab {
     /// Runs the node's CNI chain with CHECK for a pod, as the runtime would:
     /// `kanava-cni` asks the ztunnel whether an enrolled pod is captured.
     pub fn cni_check(&self, key: &str) -> Result<(), Error> {
-        let pod = self.pod(key)?;
-        let index = self
-            .state
-            .nodes
-            .iter()
-            .position(|n| n.name == pod.node)
-            .ok_or_else(|| Error::Spec(format!("no node {}", pod.node)))?;
-        let env = Context::discover(None)?;
-        let layout = self.state.layout();
-        let plugin_path = cni::plugin_path(&env.plugins, &env.bins);
-        let call = cni::Call {
-            plugin_path: &plugin_path,
-            node_netns: &layout.node_netns(&pod.node),
-            pod_netns: &pod.netns,
-            container_id: &pods::container_id(&self.state, &pod.uid),
-            pod: (&pod.namespace, &pod.name, &pod.uid),
-        };
-        let result = pod
-            .cni_result
-            .as_ref()
-            .ok_or_else(|| Error::Spec(format!("pod {key} has no CNI result")))?;
-        cni::check(&call, &cni::conflist(&layout, &pod.node, index), result)
+        pods::check(&self.state, &Context::discover(None)?, self.pod(key)?)
     }
 
     /// Where `kanava-cni` keeps the pod records of a node.

@@ -262,25 +262,51 @@ pub fn destroy(state: &LabState, env: &Context, uid: &str) -> Result<(), Error> 
         .collect();
     pids.retain(|&pid| pid != std::process::id());
     process::terminate(&pids, Duration::from_secs(3));
-    if let Some(node_index) = state.nodes.iter().position(|n| n.name == pod.node) {
-        let layout = state.layout();
-        let plugin_path = cni::plugin_path(&env.plugins, &env.bins);
-        let call = cni::Call {
-            plugin_path: &plugin_path,
-            node_netns: &layout.node_netns(&pod.node),
-            pod_netns: &pod.netns,
-            container_id: &container_id(state, uid),
-            pod: (&pod.namespace, &pod.name, uid),
-        };
+    if state.node(&pod.node).is_some() {
         // Releases the pod from its ztunnel, then returns its address.
-        cni::delete(
-            &call,
-            &cni::conflist(&layout, &pod.node, node_index),
-            pod.cni_result.as_ref(),
-        )?;
+        on_chain(state, env, pod, |call, conflist| {
+            cni::delete(call, conflist, pod.cni_result.as_ref())
+        })?;
     }
     let _ = std::fs::remove_file(state.layout().node_netns_dir(&pod.node).join(&pod.netns));
     network::delete_netns(&pod.netns)
+}
+
+/// Runs CHECK through the pod's node's CNI chain with its cached result,
+/// as the runtime would: `kanava-cni` asks the ztunnel whether an enrolled
+/// pod is captured.
+pub fn check(state: &LabState, env: &Context, pod: &PodState) -> Result<(), Error> {
+    let result = pod
+        .cni_result
+        .as_ref()
+        .ok_or_else(|| Error::Spec(format!("pod {} has no CNI result", pod.key())))?;
+    on_chain(state, env, pod, |call, conflist| {
+        cni::check(call, conflist, result)
+    })
+}
+
+/// Runs `run` with the CNI call and the conflist of an existing pod.
+fn on_chain<T>(
+    state: &LabState,
+    env: &Context,
+    pod: &PodState,
+    run: impl FnOnce(&cni::Call<'_>, &serde_json::Value) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let index = state
+        .nodes
+        .iter()
+        .position(|n| n.name == pod.node)
+        .ok_or_else(|| Error::Spec(format!("no node {}", pod.node)))?;
+    let layout = state.layout();
+    let plugin_path = cni::plugin_path(&env.plugins, &env.bins);
+    let call = cni::Call {
+        plugin_path: &plugin_path,
+        node_netns: &layout.node_netns(&pod.node),
+        pod_netns: &pod.netns,
+        container_id: &container_id(state, &pod.uid),
+        pod: (&pod.namespace, &pod.name, &pod.uid),
+    };
+    run(&call, &cni::conflist(&layout, &pod.node, index))
 }
 
 /// The port of a container's `readinessProbe` (TCP or HTTP), by number or

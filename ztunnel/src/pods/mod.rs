@@ -50,8 +50,12 @@ pub struct PodRegistry {
     records: RecordDir,
     /// Where the node keeps pods' network namespaces.
     netns_dir: PathBuf,
-    /// Workloads (`uid@resourceVersion`) already looked for there in vain.
-    searched: Mutex<HashSet<String>>,
+    /// Workloads (`uid@resourceVersion`) that joined the mesh and that this
+    /// ztunnel already tried to capture from discovery: tried again only
+    /// when the workload changes, not on every update of the mesh (a pod
+    /// whose capture fails would otherwise cost a namespace search or an
+    /// iptables run per update). Pruned to the workloads that still exist.
+    attempted: Mutex<HashSet<String>>,
     /// Held across every add and remove: a pod handed over by the CNI
     /// plugin may at the same moment be found by [`Self::follow_discovery`],
     /// and setting one pod up twice would open its listeners twice.
@@ -65,7 +69,7 @@ impl PodRegistry {
             pods: Mutex::new(HashMap::new()),
             records,
             netns_dir,
-            searched: Mutex::new(HashSet::new()),
+            attempted: Mutex::new(HashSet::new()),
             changing: tokio::sync::Mutex::new(()),
         }
     }
@@ -274,14 +278,27 @@ impl PodRegistry {
     }
 
     async fn reconcile(&self, workloads: &WorkloadStore, node: &str) {
-        for workload in workloads.workloads() {
-            if workload.node != node {
-                continue;
-            }
+        let mine: Vec<_> = workloads
+            .workloads()
+            .into_iter()
+            .filter(|w| w.node == node)
+            .collect();
+        let attempt_key = |w: &Workload| format!("{}@{}", w.uid, w.resource_version);
+        let current: HashSet<String> = mine.iter().map(|w| attempt_key(w)).collect();
+        self.attempted_lock().retain(|key| current.contains(key));
+        for workload in mine {
             let wanted = workload.protocol == TunnelProtocol::Hbone;
+            if !wanted {
+                // Out of the mesh: joining again is a new attempt, even at
+                // the same version (a namespace label is not the pod's).
+                self.attempted_lock().remove(&attempt_key(&workload));
+            }
             let held = self.lock().contains_key(&workload.uid);
             let pod = workload.display_name();
             if wanted && !held {
+                if !self.attempted_lock().insert(attempt_key(&workload)) {
+                    continue;
+                }
                 let record = match self.records.read(&workload.uid) {
                     Ok(Some(record)) => record,
                     Ok(None) => match self.discover(&workload).await {
@@ -314,23 +331,18 @@ impl PodRegistry {
         }
     }
 
-    /// Looks for the namespace of a pod without a record (once per version
-    /// of its workload) and records it.
+    /// Looks for the namespace of a pod without a record and records it.
     async fn discover(&self, workload: &Workload) -> Option<PodRecord> {
-        let key = format!("{}@{}", workload.uid, workload.resource_version);
-        if !self
-            .searched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key)
-        {
-            return None;
-        }
         let pod = workload.display_name();
         let (dir, ips) = (self.netns_dir.clone(), workload.ips.clone());
-        let found = tokio::task::spawn_blocking(move || discover::find_netns(&dir, &ips))
-            .await
-            .ok()?;
+        let found =
+            match tokio::task::spawn_blocking(move || discover::find_netns(&dir, &ips)).await {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::error!(%pod, %error, "searching the node's network namespaces failed");
+                    return None;
+                }
+            };
         let (path, netns) = match found {
             discover::Found::One(found) => found,
             discover::Found::None => {
@@ -349,8 +361,14 @@ impl PodRegistry {
             namespace: workload.namespace.clone(),
             service_account: workload.service_account.clone(),
             ips: workload.ips.iter().map(ToString::to_string).collect(),
+            netns_inode: match netns.inode() {
+                Ok(inode) => inode,
+                Err(error) => {
+                    tracing::warn!(%pod, netns = %path.display(), %error, "cannot identify the pod's network namespace");
+                    return None;
+                }
+            },
             netns: path,
-            netns_inode: netns.inode().ok()?,
         };
         tracing::info!(%pod, netns = %record.netns.display(), "found the network namespace of a pod without a record (it started before Kanava was installed)");
         // Recorded, so that a restart finds it like any other pod.
@@ -377,6 +395,10 @@ impl PodRegistry {
         let mut pods: Vec<_> = self.lock().values().map(|e| e.pod.clone()).collect();
         pods.sort_by_key(|p| p.info.display_name());
         pods
+    }
+
+    fn attempted_lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.attempted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {

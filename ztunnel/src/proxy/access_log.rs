@@ -293,9 +293,12 @@ impl AccessLog {
             code,
             policy,
         } = ending;
-        let opened = self.opened.take();
-        let traffic = opened.clone().unwrap_or_else(|| self.traffic_labels());
-        if opened.is_some() {
+        let established = self.opened.is_some();
+        let traffic = match self.opened.take() {
+            Some(labels) => labels,
+            None => self.traffic_labels(),
+        };
+        if established {
             metrics
                 .tcp_sent_bytes
                 .get_or_create(&traffic)

@@ -176,8 +176,13 @@ fn copy_loop(c: &mut Criterion) {
                             app_peer.shutdown().await.unwrap();
                             total
                         });
-                        let (_, result) =
-                            hbone::bridge(read, write, send, request.into_body()).await;
+                        let (_, result) = hbone::bridge(
+                            read,
+                            write,
+                            send,
+                            std::future::ready(Ok(request.into_body())),
+                        )
+                        .await;
                         result.unwrap();
                         reader.await.unwrap()
                     }
@@ -206,7 +211,13 @@ fn copy_loop(c: &mut Criterion) {
                         client_peer.read_to_end(&mut rest).await.unwrap();
                     }
                 });
-                let (_, result) = hbone::bridge(read, write, send, response.into_body()).await;
+                let (_, result) = hbone::bridge(
+                    read,
+                    write,
+                    send,
+                    std::future::ready(Ok(response.into_body())),
+                )
+                .await;
                 result.unwrap();
                 writer.await.unwrap();
                 assert_eq!(server.await.unwrap(), SIZE);

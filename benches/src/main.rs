@@ -5,11 +5,13 @@
 //! kanava-bench                      # full run (several minutes), writes benches/
 //! kanava-bench --quick --output-dir /tmp/bench   # seconds; for CI
 //! kanava-bench --report-only        # RESULTS.md again from results.json + analysis.md
+//! kanava-bench --baseline /work/old/target/release   # A/B against another build
 //! ```
 //!
 //! Needs root (it builds a lab of network namespaces). Build the workspace
 //! in release mode first: the binaries it starts are taken from beside it.
 
+mod ab;
 mod control_plane;
 mod goals;
 mod mesh;
@@ -54,6 +56,12 @@ struct Args {
     /// analysis).
     #[arg(long)]
     report_only: bool,
+    /// A/B run: the directory of another build's binaries (its `ztunnel`).
+    /// Its mesh runs in a second lab, taking turns with this build's in
+    /// every repetition, and RESULTS.md gains a table of this build over
+    /// that one.
+    #[arg(long, value_name = "DIR")]
+    baseline: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,7 +96,20 @@ fn main() -> anyhow::Result<()> {
             mesh::Settings::full(repetitions)
         };
         eprintln!("data path: {settings:?}");
-        let mut bench = mesh::MeshBench::up(settings)?;
+        let baseline = match &args.baseline {
+            Some(dir) => {
+                let ztunnel = dir.join("ztunnel");
+                if !ztunnel.is_file() {
+                    anyhow::bail!(
+                        "--baseline {}: no ztunnel there (build the baseline with `cargo build --release` and point at its target/release)",
+                        dir.display()
+                    );
+                }
+                Some(ztunnel)
+            }
+            None => None,
+        };
+        let mut bench = mesh::MeshBench::up(settings, baseline)?;
         bench.run(&mut collector)?;
         let soak = match (args.quick, args.soak_minutes) {
             (true, _) => Some(soak::SoakSettings::quick()),
@@ -122,6 +143,7 @@ fn main() -> anyhow::Result<()> {
         repetitions,
         comparisons: collector.comparisons(),
         measurements: collector.measurements(),
+        baseline: args.baseline.as_deref().map(report::describe_build),
     };
     report::write(&results, &args.output_dir)?;
     print!("{}", report::markdown(&results, ""));

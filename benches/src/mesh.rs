@@ -2,8 +2,13 @@
 //! twice — a client on node-1 and a server on node-2 — once in a namespace
 //! outside the mesh (`direct`) and once enrolled (`mesh`), so every number
 //! is taken both ways in the same run, alternating.
+//!
+//! In an A/B run (`--baseline`) a second lab of the same shape runs another
+//! build's ztunnels; its `mesh` namespace is the third side of every
+//! comparison, taking its turn within each repetition.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -82,17 +87,69 @@ spec:
 
 pub struct MeshBench {
     pub(crate) lab: Lab,
+    /// The lab whose ztunnels are the baseline build's, in an A/B run.
+    baseline: Option<Lab>,
     settings: Settings,
 }
 
 impl MeshBench {
-    pub fn up(settings: Settings) -> anyhow::Result<Self> {
+    /// Brings the lab up, and with `baseline_ztunnel` a second one whose
+    /// ztunnels run that executable.
+    pub fn up(settings: Settings, baseline_ztunnel: Option<PathBuf>) -> anyhow::Result<Self> {
         let spec = LabSpec::parse(&lab_file(), 2)?;
         let name = format!("bench{}", std::process::id());
         let lab = Lab::up(&spec, &UpOptions::named(name)).context("bring up the benchmark lab")?;
-        let bench = MeshBench { lab, settings };
+        let baseline = match baseline_ztunnel {
+            Some(ztunnel) => {
+                let mut options = UpOptions::named(format!("benchb{}", std::process::id()));
+                options.ztunnel_binary = Some(ztunnel);
+                Some(Lab::up(&spec, &options).context("bring up the baseline's lab")?)
+            }
+            None => None,
+        };
+        let bench = MeshBench {
+            lab,
+            baseline,
+            settings,
+        };
         bench.widen_port_range()?;
         Ok(bench)
+    }
+
+    /// The sides every comparison is taken of, in this repetition's order
+    /// (turns rotate so that none always runs first).
+    fn order(&self, repetition: usize) -> Vec<Mode> {
+        let mut modes = vec![Mode::Direct, Mode::Mesh];
+        if self.baseline.is_some() {
+            modes.push(Mode::Baseline);
+        }
+        let turn = repetition % modes.len();
+        modes.rotate_left(turn);
+        modes
+    }
+
+    /// The lab that `mode`'s pods live in.
+    pub(crate) fn lab_of(&self, mode: Mode) -> &Lab {
+        match (mode, &self.baseline) {
+            (Mode::Baseline, Some(baseline)) => baseline,
+            _ => &self.lab,
+        }
+    }
+
+    fn lab_of_mut(&mut self, mode: Mode) -> &mut Lab {
+        match (mode, &mut self.baseline) {
+            (Mode::Baseline, Some(baseline)) => baseline,
+            _ => &mut self.lab,
+        }
+    }
+
+    /// The sides whose proxies are measured on their own (memory at rest).
+    fn meshes(&self) -> Vec<Mode> {
+        let mut modes = vec![Mode::Mesh];
+        if self.baseline.is_some() {
+            modes.push(Mode::Baseline);
+        }
+        modes
     }
 
     /// Connection churn opens tens of thousands of connections in seconds,
@@ -103,10 +160,10 @@ impl MeshBench {
     /// the client's address) use all ports above 1023 and let a new
     /// connection take over a port in TIME_WAIT, as busy clients do.
     fn widen_port_range(&self) -> anyhow::Result<()> {
-        for mode in [Mode::Direct, Mode::Mesh] {
+        for mode in self.order(0) {
             for pod in ["client", "server"] {
                 let pod = format!("{}/{pod}", mode.namespace());
-                let output = self.lab.exec(
+                let output = self.lab_of(mode).exec(
                     &pod,
                     &[
                         "sysctl",
@@ -129,7 +186,7 @@ impl MeshBench {
 
     pub(crate) fn server(&self, mode: Mode, port: u16) -> anyhow::Result<SocketAddr> {
         let ip: Ipv4Addr = self
-            .lab
+            .lab_of(mode)
             .pod(&format!("{}/server", mode.namespace()))?
             .ip
             .context("server without IP")?;
@@ -140,8 +197,9 @@ impl MeshBench {
         format!("{}/client", mode.namespace())
     }
 
-    pub(crate) fn ztunnel_pids(&self) -> Vec<u32> {
-        self.lab
+    /// The ztunnels of `mode`'s lab.
+    pub(crate) fn ztunnel_pids(&self, mode: Mode) -> Vec<u32> {
+        self.lab_of(mode)
             .state()
             .nodes
             .iter()
@@ -149,9 +207,10 @@ impl MeshBench {
             .collect()
     }
 
-    /// Runs a command in a pod and parses the JSON it prints last.
-    pub(crate) fn run_json(&self, pod: &str, argv: &[&str]) -> anyhow::Result<Value> {
-        let output = self.lab.exec(pod, argv)?;
+    /// Runs a command in a pod of `mode`'s lab and parses the JSON it
+    /// prints last.
+    pub(crate) fn run_json(&self, mode: Mode, pod: &str, argv: &[&str]) -> anyhow::Result<Value> {
+        let output = self.lab_of(mode).exec(pod, argv)?;
         if !output.status.success() {
             bail!(
                 "{} in {pod} failed: {}{}",
@@ -171,27 +230,28 @@ impl MeshBench {
     pub fn run(&mut self, collector: &mut Collector) -> anyhow::Result<()> {
         // Idle: the ztunnels hold their captured pods, nothing flows yet.
         std::thread::sleep(Duration::from_secs(1));
-        for pid in self.ztunnel_pids() {
-            if let Some(rss) = procfs::rss_mib(pid) {
-                collector.measure(
-                    "proxy cost",
-                    "ztunnel RSS idle",
-                    "MiB",
-                    Better::Lower,
-                    Some(goals::ZTUNNEL_IDLE_RSS),
-                    rss,
-                );
+        for mode in self.meshes() {
+            for pid in self.ztunnel_pids(mode) {
+                if let Some(rss) = procfs::rss_mib(pid) {
+                    collector.measure_for(
+                        mode,
+                        "proxy cost",
+                        "ztunnel RSS idle",
+                        "MiB",
+                        Better::Lower,
+                        Some(goals::ZTUNNEL_IDLE_RSS),
+                        rss,
+                    );
+                }
             }
         }
         // Before any churn: thousands of connections in TIME_WAIT would use
         // up the ephemeral ports these need.
-        self.idle_connections(collector)?;
+        for mode in self.meshes() {
+            self.idle_connections(mode, collector)?;
+        }
         for repetition in 0..self.settings.repetitions {
-            let order = if repetition % 2 == 0 {
-                [Mode::Direct, Mode::Mesh]
-            } else {
-                [Mode::Mesh, Mode::Direct]
-            };
+            let order = self.order(repetition);
             eprintln!(
                 "repetition {} of {}",
                 repetition + 1,
@@ -216,7 +276,7 @@ impl MeshBench {
             ("8 streams", "8", goals::EIGHT_STREAM_THROUGHPUT),
         ] {
             let cpu_before: f64 = self
-                .ztunnel_pids()
+                .ztunnel_pids(mode)
                 .iter()
                 .filter_map(|&p| procfs::cpu_seconds(p))
                 .sum();
@@ -227,9 +287,9 @@ impl MeshBench {
                 // Leave TCP's slow start out of the numbers.
                 argv.extend(["-O", "1"]);
             }
-            let result = self.run_json(&Self::client(mode), &argv)?;
+            let result = self.run_json(mode, &Self::client(mode), &argv)?;
             let cpu_after: f64 = self
-                .ztunnel_pids()
+                .ztunnel_pids(mode)
                 .iter()
                 .filter_map(|&p| procfs::cpu_seconds(p))
                 .sum();
@@ -246,10 +306,11 @@ impl MeshBench {
                 mode,
                 bits / 1e9,
             );
-            if mode == Mode::Mesh {
+            if mode != Mode::Direct {
                 let gib = received["bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
                 if gib > 0.0 {
-                    collector.measure(
+                    collector.measure_for(
+                        mode,
                         "proxy cost",
                         &format!("ztunnel CPU per GiB ({metric})"),
                         "CPU s/GiB",
@@ -279,7 +340,7 @@ impl MeshBench {
                 ],
             ),
         ] {
-            let result = self.run_json(&Self::client(mode), &argv)?;
+            let result = self.run_json(mode, &Self::client(mode), &argv)?;
             for (metric, field) in [
                 ("p50", "p50_us"),
                 ("p90", "p90_us"),
@@ -311,6 +372,7 @@ impl MeshBench {
         let server = self.server(Mode::Direct, SERVER_PORT)?.to_string();
         let count = self.settings.pingpong_count.to_string();
         let result = self.run_json(
+            Mode::Mesh,
             &Self::client(Mode::Mesh),
             &["labapp", "pingpong", "--to", &server, "--count", &count],
         )?;
@@ -335,6 +397,7 @@ impl MeshBench {
         let seconds = self.settings.churn_seconds.to_string();
         for (metric, clients) in [("1 client", "1"), ("16 clients", "16")] {
             let result = self.run_json(
+                mode,
                 &Self::client(mode),
                 &[
                     "labapp",
@@ -379,13 +442,14 @@ impl MeshBench {
         let pod = format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: first-{repetition}, namespace: {namespace}}}\nspec: {{nodeName: node-1, serviceAccountName: client, containers: [{{name: c, command: [sleep, infinity]}}]}}\n"
         );
-        self.lab.apply(&pod)?;
+        self.lab_of_mut(mode).apply(&pod)?;
         let server = self.server(mode, SERVER_PORT)?.to_string();
         let result = self.run_json(
+            mode,
             &format!("{namespace}/first-{repetition}"),
             &["labapp", "churn", "--to", &server, "--once"],
         );
-        self.lab.delete(&pod)?;
+        self.lab_of_mut(mode).delete(&pod)?;
         let micros = result?["first_connection_us"]
             .as_f64()
             .context("no first_connection_us")?;
@@ -401,20 +465,21 @@ impl MeshBench {
         Ok(())
     }
 
-    /// Memory of the ztunnels with many idle proxied connections open.
-    fn idle_connections(&self, collector: &mut Collector) -> anyhow::Result<()> {
+    /// Memory of `mode`'s ztunnels with many idle proxied connections open.
+    fn idle_connections(&self, mode: Mode, collector: &mut Collector) -> anyhow::Result<()> {
         let count = self.settings.idle_connections;
-        let server = self.server(Mode::Mesh, SERVER_PORT)?;
-        let pids = self.ztunnel_pids();
+        let server = self.server(mode, SERVER_PORT)?;
+        let pids = self.ztunnel_pids(mode);
         let before: Vec<f64> = pids.iter().filter_map(|&p| procfs::rss_mib(p)).collect();
-        let netns = kanava_netns::NetNs::named(&self.lab.netns(&Self::client(Mode::Mesh))?)?;
+        let lab = self.lab_of(mode);
+        let netns = kanava_netns::NetNs::named(&lab.netns(&Self::client(mode))?)?;
         let connections = netns.run(|| -> std::io::Result<Vec<std::net::TcpStream>> {
             (0..count)
                 .map(|_| std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10)))
                 .collect()
         })??;
         // Every connection is proxied once the server's ztunnel holds it.
-        let server_node = &self.lab.state().nodes[1];
+        let server_node = &lab.state().nodes[1];
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let open = kanava_lab::propagation::config_dump(&server_node.netns)
@@ -431,7 +496,8 @@ impl MeshBench {
         std::thread::sleep(Duration::from_millis(500));
         let after: Vec<f64> = pids.iter().filter_map(|&p| procfs::rss_mib(p)).collect();
         for ((b, a), side) in before.iter().zip(&after).zip(["client", "server"]) {
-            collector.measure(
+            collector.measure_for(
+                mode,
                 "proxy cost",
                 &format!("{side} ztunnel RSS with {count} idle connections"),
                 "MiB",
@@ -439,7 +505,8 @@ impl MeshBench {
                 None,
                 *a,
             );
-            collector.measure(
+            collector.measure_for(
+                mode,
                 "proxy cost",
                 &format!("memory per idle connection, {side} ztunnel"),
                 "KiB",

@@ -54,6 +54,10 @@ pub struct Results {
     pub repetitions: usize,
     pub comparisons: Vec<Comparison>,
     pub measurements: Vec<Measurement>,
+    /// The build `--baseline` pointed at (its commit, when known), in an A/B
+    /// run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
 }
 
 /// The commit being measured (with `-dirty` when the tree has changes).
@@ -113,6 +117,33 @@ pub fn markdown(results: &Results, analysis: &str) -> String {
         "Machine: {} — {} cores, {} GiB, Linux {}. Every data-path number is the median of {} repetition(s), direct and mesh alternating in the same run; min–max in brackets.\n",
         m.cpu, m.cores, m.memory_gib, m.kernel, results.repetitions
     );
+    let ab = crate::ab::rows(&results.comparisons, &results.measurements);
+    if !ab.is_empty() {
+        let _ = writeln!(
+            out,
+            "## This build against the baseline\n\nBaseline: {}. Its mesh runs in a second lab of the same shape; direct, baseline and this build take turns within every repetition.\n",
+            results.baseline.as_deref().unwrap_or("another build")
+        );
+        let _ = writeln!(
+            out,
+            "| scenario | metric | baseline | this build | this/baseline | target |"
+        );
+        let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
+        for row in &ab {
+            let _ = writeln!(
+                out,
+                "| {} | {} ({}) | {} | {} | {} | {} |",
+                row.scenario,
+                row.metric,
+                row.unit,
+                number(row.baseline),
+                number(row.current),
+                number(row.ratio),
+                target(&row.target)
+            );
+        }
+        let _ = writeln!(out);
+    }
     let _ = writeln!(out, "## Mesh against direct\n");
     let _ = writeln!(
         out,
@@ -167,4 +198,21 @@ pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {
         serde_json::to_string_pretty(results)?,
     )?;
     Ok(())
+}
+
+/// A build directory as the report names it: the commit of the checkout it
+/// sits in (`<checkout>/target/release`), else the path.
+pub fn describe_build(dir: &Path) -> String {
+    let commit = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match commit {
+        Some(commit) => format!("commit `{commit}` (`{}`)", dir.display()),
+        None => format!("`{}`", dir.display()),
+    }
 }

@@ -76,7 +76,7 @@ impl MeshBench {
 
 impl MeshBench {
     pub fn soak(&self, settings: &SoakSettings, collector: &mut Collector) -> anyhow::Result<()> {
-        let pids = self.ztunnel_pids();
+        let pids = self.ztunnel_pids(Mode::Mesh);
         let files_before = self.files_not_pooled(&pids);
         let mut peak_rss = vec![0.0f64; pids.len()];
         let sample = |peak: &mut Vec<f64>| {
@@ -141,6 +141,7 @@ impl MeshBench {
         let churn = std::thread::scope(|scope| {
             let run = scope.spawn(|| {
                 self.run_json(
+                    Mode::Mesh,
                     &lab_client,
                     &[
                         "labapp",

@@ -12,13 +12,15 @@ pub enum Mode {
     Direct,
     /// Through the mesh.
     Mesh,
+    /// Through the mesh of another build (`--baseline`), in a lab of its own.
+    Baseline,
 }
 
 impl Mode {
     pub fn namespace(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
-            Mode::Mesh => "mesh",
+            Mode::Mesh | Mode::Baseline => "mesh",
         }
     }
 }
@@ -75,6 +77,9 @@ pub struct Comparison {
     /// Median of mesh minus median of direct (what the mesh adds).
     pub added: f64,
     pub target: Option<Target>,
+    /// The baseline build's mesh, in an A/B run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Stats>,
 }
 
 /// A number with no direct counterpart (memory of the proxy, control plane
@@ -87,6 +92,9 @@ pub struct Measurement {
     pub better: Better,
     pub stats: Stats,
     pub target: Option<Target>,
+    /// The same number for the baseline build, in an A/B run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Stats>,
 }
 
 type Key = (String, String);
@@ -97,6 +105,7 @@ struct Series<G> {
     goal: Option<G>,
     direct: Vec<f64>,
     mesh: Vec<f64>,
+    baseline: Vec<f64>,
 }
 
 /// Collects samples as the scenarios run, in the order they were first seen
@@ -128,6 +137,7 @@ fn series<'a, G>(
                 goal,
                 direct: Vec::new(),
                 mesh: Vec::new(),
+                baseline: Vec::new(),
             };
             list.push(((scenario.to_string(), metric.to_string()), series));
             list.len() - 1
@@ -153,6 +163,7 @@ impl Collector {
         match mode {
             Mode::Direct => series.direct.push(value),
             Mode::Mesh => series.mesh.push(value),
+            Mode::Baseline => series.baseline.push(value),
         }
     }
 
@@ -166,9 +177,27 @@ impl Collector {
         goal: Option<MeasurementGoal>,
         value: f64,
     ) {
-        series(&mut self.measured, scenario, metric, unit, better, goal)
-            .mesh
-            .push(value);
+        self.measure_for(Mode::Mesh, scenario, metric, unit, better, goal, value);
+    }
+
+    /// A sample of a mesh-only metric taken of `mode`'s mesh (this build's
+    /// or the baseline's); the goal is checked on this build's only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn measure_for(
+        &mut self,
+        mode: Mode,
+        scenario: &str,
+        metric: &str,
+        unit: &str,
+        better: Better,
+        goal: Option<MeasurementGoal>,
+        value: f64,
+    ) {
+        let series = series(&mut self.measured, scenario, metric, unit, better, goal);
+        match mode {
+            Mode::Baseline => series.baseline.push(value),
+            Mode::Direct | Mode::Mesh => series.mesh.push(value),
+        }
     }
 
     pub fn comparisons(&self) -> Vec<Comparison> {
@@ -196,6 +225,7 @@ impl Collector {
                     ratio,
                     added,
                     target,
+                    baseline: Stats::of(&series.baseline),
                 })
             })
             .collect()
@@ -216,6 +246,7 @@ impl Collector {
                     better: series.better,
                     stats,
                     target,
+                    baseline: Stats::of(&series.baseline),
                 })
             })
             .collect()

@@ -27,6 +27,10 @@ pub enum LabCommand {
         /// e.g. `info,kanava_ztunnel::proxy=debug`.
         #[arg(long, default_value = "info")]
         log_filter: String,
+        /// Run this ztunnel executable on every node instead of the one
+        /// beside `kanava` (e.g. another build's, to compare the two).
+        #[arg(long, value_name = "PATH")]
+        ztunnel_binary: Option<PathBuf>,
     },
     /// Create or change objects (namespaces, pods, services, policies) in a
     /// running lab, as `kubectl apply` would. Returns once every ztunnel has
@@ -109,7 +113,8 @@ pub fn run(command: LabCommand) -> anyhow::Result<i32> {
             name,
             nodes,
             log_filter,
-        } => up(&file, &name, nodes, &log_filter),
+            ztunnel_binary,
+        } => up(&file, &name, nodes, &log_filter, ztunnel_binary),
         LabCommand::Apply { lab, file } => change(lab, &file, kanava_lab::apply_manifests),
         LabCommand::Delete { lab, file } => change(lab, &file, kanava_lab::delete_manifests),
         LabCommand::Status { lab, output } => {
@@ -178,13 +183,25 @@ pub fn run(command: LabCommand) -> anyhow::Result<i32> {
     }
 }
 
-fn up(file: &PathBuf, name: &str, nodes: usize, log_filter: &str) -> anyhow::Result<i32> {
+fn up(
+    file: &PathBuf,
+    name: &str,
+    nodes: usize,
+    log_filter: &str,
+    ztunnel_binary: Option<PathBuf>,
+) -> anyhow::Result<i32> {
+    if let Some(binary) = &ztunnel_binary
+        && !binary.is_file()
+    {
+        anyhow::bail!("--ztunnel-binary {}: no such file", binary.display());
+    }
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
     let spec = LabSpec::parse(&text, nodes).with_context(|| format!("{}", file.display()))?;
     let cancel = Arc::new(AtomicBool::new(false));
     let mut options = UpOptions::named(name);
     options.cancel = Some(cancel.clone());
     options.log_filter = log_filter.to_string();
+    options.ztunnel_binary = ztunnel_binary;
     options.progress = Some(Arc::new(|step: &str| eprintln!("  {step}")));
 
     eprintln!(

@@ -1,5 +1,6 @@
 //! The benchmark cannot rot: its quick mode runs in CI and must produce a
-//! number for every scenario (the numbers themselves are not judged here).
+//! number for every scenario (the numbers themselves are not judged here),
+//! in A/B mode: the baseline is this very build, in a second lab.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +10,8 @@ use kanava_e2e::require_root;
 fn quick_benchmark_produces_every_number() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let binary = kanava_lab::bin_dir(None).unwrap().join("kanava-bench");
+    let bins = kanava_lab::bin_dir(None).unwrap();
+    let binary = bins.join("kanava-bench");
     assert!(
         binary.is_file(),
         "{} missing: cargo build --workspace first",
@@ -18,6 +20,8 @@ fn quick_benchmark_produces_every_number() {
     let output = std::process::Command::new(&binary)
         .args(["--quick", "--output-dir"])
         .arg(dir.path())
+        .arg("--baseline")
+        .arg(&bins)
         .output()
         .unwrap();
     assert!(
@@ -60,8 +64,22 @@ fn quick_benchmark_produces_every_number() {
                 );
             }
             assert!(c["ratio"].as_f64().unwrap().is_finite());
+            // The baseline's mesh took its turn too.
+            let baseline = c["baseline"]["median"].as_f64().unwrap_or(f64::NAN);
+            assert!(
+                baseline.is_finite() && baseline > 0.0,
+                "{scenario} / {metric} / baseline: {c:#}"
+            );
         }
     }
+    assert!(results["baseline"].as_str().is_some_and(|s| !s.is_empty()));
+    let report = std::fs::read_to_string(dir.path().join("RESULTS.md")).unwrap();
+    assert!(
+        report.contains("## This build against the baseline"),
+        "{report}"
+    );
+    // Every metric held to the baseline was measured.
+    assert!(!report.contains("not measured"), "{report}");
     let measurements = results["measurements"].as_array().unwrap();
     for metric in [
         "ztunnel RSS idle",

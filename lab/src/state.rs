@@ -33,6 +33,10 @@ pub struct LabState {
     /// Extra command-line flags of every ztunnel.
     #[serde(default)]
     pub ztunnel_args: Vec<String>,
+    /// The ztunnel executable, when not the one beside the other binaries
+    /// (an A/B benchmark runs another build's ztunnel in one of its labs).
+    #[serde(default)]
+    pub ztunnel_binary: Option<PathBuf>,
 }
 
 /// One of the mesh's own processes.
@@ -150,6 +154,7 @@ impl LabState {
             cert_ttl: None,
             log_filter: "info".into(),
             ztunnel_args: Vec::new(),
+            ztunnel_binary: None,
         }
     }
 

@@ -42,6 +42,10 @@ pub struct UpOptions {
     /// Extra command-line flags for every ztunnel (e.g. lower limits in a
     /// test).
     pub ztunnel_args: Vec<String>,
+    /// Run this ztunnel executable instead of the one in `bin_dir`: another
+    /// build's, for an A/B benchmark. Settings that older builds do not know
+    /// reach it only through the environment, which they ignore.
+    pub ztunnel_binary: Option<PathBuf>,
     /// Files (name, PEM) put in the CA directory before the control plane
     /// first starts: a plug-in CA (`ca-cert.pem`, `ca-key.pem`,
     /// `root-cert.pem`, ...) instead of a generated root.
@@ -58,6 +62,7 @@ impl UpOptions {
             step_timeout: Duration::from_secs(30),
             log_filter: "info".into(),
             ztunnel_args: Vec::new(),
+            ztunnel_binary: None,
             ca_files: Vec::new(),
         }
     }
@@ -115,6 +120,7 @@ pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Re
         .map(|t| humantime::format_duration(t).to_string());
     state.log_filter = options.log_filter.clone();
     state.ztunnel_args = options.ztunnel_args.clone();
+    state.ztunnel_binary = options.ztunnel_binary.clone();
     state.save()?;
 
     env.say(&format!(
@@ -289,11 +295,21 @@ pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Er
     })
 }
 
+/// The glibc tunables the ztunnel image sets (deploy/docker/Dockerfile):
+/// large copies by vector loop instead of `rep movsb`, which is slow for the
+/// copies into TLS records on AMD EPYC. Set for every ztunnel a lab runs,
+/// another build's included, so that an A/B benchmark compares code alone.
+pub const ZTUNNEL_GLIBC_TUNABLES: &str = "glibc.cpu.x86_rep_movsb_threshold=4294967295";
+
 fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
     let layout = state.layout();
+    let binary = state
+        .ztunnel_binary
+        .clone()
+        .unwrap_or_else(|| env.bins.join("ztunnel"));
     for node in &mut state.nodes {
         let argv: Vec<String> = vec![
-            env.bins.join("ztunnel").display().to_string(),
+            binary.display().to_string(),
             "--node-name".into(),
             node.name.clone(),
             "--control-plane-address".into(),
@@ -304,15 +320,28 @@ fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
             node.token_file.display().to_string(),
             "--handoff-socket".into(),
             node.handoff_socket.display().to_string(),
-            "--pod-records-dir".into(),
-            layout.pod_records_dir(&node.name).display().to_string(),
-            "--netns-dir".into(),
-            layout.node_netns_dir(&node.name).display().to_string(),
         ]
         .into_iter()
         .chain(state.ztunnel_args.iter().cloned())
         .collect();
-        let vars = [("RUST_LOG".to_string(), state.log_filter.clone())];
+        // Through the environment: a ztunnel built before these settings
+        // existed (an A/B benchmark's baseline) ignores them instead of
+        // refusing to start.
+        let vars = [
+            ("RUST_LOG".to_string(), state.log_filter.clone()),
+            (
+                "GLIBC_TUNABLES".to_string(),
+                ZTUNNEL_GLIBC_TUNABLES.to_string(),
+            ),
+            (
+                "KANAVA_POD_RECORDS_DIR".to_string(),
+                layout.pod_records_dir(&node.name).display().to_string(),
+            ),
+            (
+                "KANAVA_NETNS_DIR".to_string(),
+                layout.node_netns_dir(&node.name).display().to_string(),
+            ),
+        ];
         let status = layout
             .log_dir()
             .join(format!("ztunnel-{}.status.json", node.name));
@@ -382,4 +411,23 @@ fn ztunnel_ready(netns: &str) -> bool {
         ])
         .status()
         .is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The lab runs ztunnels as the image does: a change to the image's
+    /// glibc tunables that the lab did not follow would make every
+    /// benchmark measure something that ships differently.
+    #[test]
+    fn ztunnels_get_the_glibc_tunables_of_the_image() {
+        let dockerfile =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker/Dockerfile");
+        let text = std::fs::read_to_string(&dockerfile).expect("the Dockerfile");
+        let line = format!("ENV GLIBC_TUNABLES={}", super::ZTUNNEL_GLIBC_TUNABLES);
+        assert!(
+            text.lines().any(|l| l.trim() == line),
+            "{} does not set `{line}`",
+            dockerfile.display()
+        );
+    }
 }

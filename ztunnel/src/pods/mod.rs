@@ -149,6 +149,7 @@ impl PodRegistry {
         );
         self.proxy.metrics.pods_captured.inc();
         tracing::info!(pod = %pod.info.display_name(), %identity, ips = ?pod.info.ips, "pod captured");
+        tokio::spawn(crate::proxy::outbound::warm_up(self.proxy.clone(), pod));
         Ok(())
     }
 

@@ -5,7 +5,14 @@
 //! keeps a read buffer per direction (tokio's `copy_bidirectional` keeps two
 //! zeroed 8 KiB+ buffers for the connection's whole life) pays for it on
 //! every one of them; here a buffer is taken only once data is waiting and
-//! is gone again when the bytes have been passed on.
+//! is given back as soon as the connection goes quiet.
+//!
+//! A busy connection, on the other hand, keeps its buffer between reads:
+//! each chunk is split off the front of it and, once the chunk has been
+//! passed on and dropped, the next read reclaims the same memory. Taking a
+//! fresh buffer of up to 256 KiB per read instead made the allocator hand
+//! pages back to the kernel and fault them in again, which cost the proxy a
+//! sixth of its CPU in a bulk transfer.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -45,35 +52,45 @@ impl TcpRead for ReadHalf<'_> {
 /// Reads one connection chunk by chunk.
 pub struct ChunkReader {
     size: usize,
+    /// The buffer of a busy connection; empty (no memory) while it is quiet.
+    buffer: BytesMut,
 }
 
 impl ChunkReader {
     pub fn new() -> Self {
-        ChunkReader { size: FIRST_READ }
+        ChunkReader {
+            size: FIRST_READ,
+            buffer: BytesMut::new(),
+        }
     }
 
     /// The next bytes the peer sent; empty once it has finished sending.
     pub async fn next(&mut self, from: &mut impl TcpRead) -> io::Result<Bytes> {
         loop {
-            from.readable().await?;
-            let mut buffer = BytesMut::with_capacity(self.size);
+            if poll_once(from.readable()).await.is_none() {
+                // Nothing waiting: the connection may stay quiet for hours,
+                // so it holds no buffer while it does.
+                self.buffer = BytesMut::new();
+                from.readable().await?;
+            }
+            // Reclaims the memory of earlier chunks once they are gone.
+            self.buffer.reserve(self.size);
             // One attempt, through the runtime's read path: after a short
             // read it knows the socket is drained, and the next wait costs
             // no system call. It may not get anything: readiness can come
             // without data (a freshly accepted socket often reports it), and
             // a task that has used up its share of the runtime is told to
-            // wait. The buffer is dropped either way, and the task yields
-            // before trying again — without that, a spent share would spin
-            // here forever and starve every task on this thread.
-            let Some(read) = poll_once(from.read_buf(&mut buffer)).await else {
-                drop(buffer);
+            // wait. Either way the task yields before trying again — without
+            // that, a spent share would spin here forever and starve every
+            // task on this thread.
+            let Some(read) = poll_once(from.read_buf(&mut self.buffer)).await else {
                 tokio::task::yield_now().await;
                 continue;
             };
             if read? >= self.size {
                 self.size = (self.size * 2).min(LARGEST_READ);
             }
-            return Ok(buffer.freeze());
+            return Ok(self.buffer.split().freeze());
         }
     }
 }

@@ -256,10 +256,10 @@ async fn connect_and_bridge(
     );
     let (read, write) = upstream.into_split();
     tokio::select! {
-        (copied, result) = hbone::bridge(read, write, send, body) => {
+        (copied, result) = hbone::bridge(read, write, send, std::future::ready(Ok(body))) => {
             // The TCP side is the app, the destination.
             let bytes = Transferred { to_destination: copied.to_tcp, to_source: copied.from_tcp };
-            Ending::carried(bytes, result)
+            Ending::carried(bytes, result.map_err(hbone::BridgeError::into_io))
         }
         _ = registration.closed.cancelled() => {
             // Dropping the bridge resets the HTTP/2 stream and closes the

@@ -4,6 +4,12 @@
 //! endpoints, HBONE to a workload, passthrough, or a refusal); then this
 //! module carries the decision out: connect (trying the next endpoint of a
 //! Service when one refuses), copy the bytes, and write one access-log line.
+//!
+//! To a pod's own address the client's first bytes follow the `CONNECT`
+//! at once, without waiting a round trip for its answer: there is no other
+//! endpoint to try if it is refused. Through a Service the answer is
+//! awaited first, so that a refusal can still be retried at another
+//! endpoint with nothing of the client's lost.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +18,7 @@ use kanava_mesh::ports;
 use tokio::net::TcpStream;
 
 use super::access_log::{AccessLog, Ending, Transferred};
-use super::hbone::{self, client::Stream};
+use super::hbone::{self, BridgeError, client::Reply, client::Stream};
 use super::pool::{PoolKey, StreamSlot};
 use super::route::{Hop, Route, route};
 use super::{CapturedPod, Proxy, chunks, limits, socket};
@@ -21,6 +27,63 @@ use crate::metrics::Direction;
 
 /// Most endpoints tried for one connection to a Service.
 const MAX_ENDPOINT_ATTEMPTS: usize = 5;
+
+/// Most HBONE connections opened ahead for a newly captured pod.
+const WARM_DESTINATIONS: usize = 8;
+
+/// Opens HBONE connections for a newly captured pod ahead of its first
+/// connection, to where other pods of the same identity on this node are
+/// connected: a new replica of a workload most likely talks to the same
+/// peers, and its first request then finds the TLS handshake done. Each
+/// connection is closed after the pool's idle timeout if nothing uses it.
+pub async fn warm_up(proxy: Arc<Proxy>, pod: Arc<CapturedPod>) {
+    let destinations =
+        proxy
+            .pool
+            .destinations_of(&pod.info.identity, &pod.info.uid, WARM_DESTINATIONS);
+    if destinations.is_empty() {
+        return;
+    }
+    let timeout = proxy.config.connect_timeout;
+    let cert = match proxy.certs.get(&pod.info.identity, timeout).await {
+        Ok(cert) => cert,
+        Err(error) => {
+            tracing::debug!(pod = %pod.info.display_name(), %error, "no warm-up: no certificate yet");
+            return;
+        }
+    };
+    let warmed = destinations.into_iter().map(|(destination, address)| {
+        let key = PoolKey {
+            source_pod: pod.info.uid.clone(),
+            source: pod.info.identity.clone(),
+            destination,
+            address,
+        };
+        let (proxy, pod, cert) = (&proxy, &pod, cert.clone());
+        async move {
+            let opened = tokio::time::timeout(
+                timeout,
+                proxy.pool.warm(&key, || {
+                    Box::pin(hbone::client::connect(proxy, pod, &key, cert))
+                }),
+            )
+            .await;
+            match opened {
+                Ok(Ok(true)) => {
+                    tracing::debug!(pod = %pod.info.display_name(), address = %key.address, "HBONE connection opened ahead");
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(pod = %pod.info.display_name(), address = %key.address, %error, "HBONE warm-up failed");
+                }
+                Err(_) => {
+                    tracing::debug!(pod = %pod.info.display_name(), address = %key.address, "HBONE warm-up timed out");
+                }
+            }
+        }
+    });
+    futures::future::join_all(warmed).await;
+}
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream, peer: SocketAddr) {
     let destination = match socket::original_destination(&client) {
@@ -51,10 +114,7 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream,
     // Boxed: the set-up futures are large and over once connected; the task
     // that lives as long as the connection should not carry them.
     let ending = match Box::pin(establish(&proxy, &pod, destination, &mut log)).await {
-        Ok(upstream) => {
-            log.opened(&proxy.metrics);
-            relay(client, upstream).await
-        }
+        Ok(upstream) => relay(&proxy, client, upstream, &mut log).await,
         Err(ending) => {
             socket::reset(client);
             ending
@@ -87,7 +147,9 @@ async fn establish(
             let code = refusal.code();
             Err(Ending::refused(refusal.outcome(), refusal).code(code))
         }
-        Route::Direct(hop) => connect(proxy, pod, &hop).await.map_err(failure),
+        Route::Direct(hop) => connect(proxy, pod, &hop, Answer::Later)
+            .await
+            .map_err(failure),
         Route::Service { service, endpoints } => {
             via_service(proxy, pod, &service, &endpoints, log).await
         }
@@ -108,7 +170,7 @@ async fn via_service(
     for attempt in 0..attempts {
         let hop = &endpoints[(start + attempt) % endpoints.len()];
         log.hop(hop);
-        match connect(proxy, pod, hop).await {
+        match connect(proxy, pod, hop, Answer::First).await {
             Ok(upstream) => return Ok(upstream),
             Err(error) if error.is_refused_by_destination() => {
                 tracing::info!(
@@ -131,16 +193,42 @@ async fn via_service(
     })
 }
 
+/// Whether an HBONE stream's answer is awaited before the client's bytes
+/// are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// Wait for it: a refusal can still be retried elsewhere.
+    First,
+    /// Send at once and read the answer beside the bytes.
+    Later,
+}
+
 /// A connection to the destination, before any byte of the client's has
-/// been sent (so a refusal can still be retried elsewhere).
+/// been sent.
 enum Upstream {
-    Hbone { _slot: StreamSlot, stream: Stream },
+    /// A stream the destination accepted.
+    Hbone {
+        _slot: StreamSlot,
+        stream: Stream,
+    },
+    /// A stream whose `CONNECT` is on its way; its answer comes while the
+    /// client's bytes already flow.
+    HboneAnswerLater {
+        _slot: StreamSlot,
+        send: h2::SendStream<bytes::Bytes>,
+        reply: Reply,
+    },
     Tcp(TcpStream),
 }
 
 /// Connects along one hop: over HBONE, or in plain TCP from inside the
 /// source pod's namespace.
-async fn connect(proxy: &Proxy, pod: &CapturedPod, hop: &Hop) -> Result<Upstream, Error> {
+async fn connect(
+    proxy: &Proxy,
+    pod: &CapturedPod,
+    hop: &Hop,
+    answer: Answer,
+) -> Result<Upstream, Error> {
     match hop {
         Hop::Hbone { address, workload } => {
             let timeout = proxy.config.connect_timeout;
@@ -162,6 +250,15 @@ async fn connect(proxy: &Proxy, pod: &CapturedPod, hop: &Hop) -> Result<Upstream
                 destination: key.address,
                 after: timeout,
             })??;
+            if answer == Answer::Later {
+                let (send, reply) =
+                    hbone::client::send_connect(&slot, key.address, *address).await?;
+                return Ok(Upstream::HboneAnswerLater {
+                    _slot: slot,
+                    send,
+                    reply,
+                });
+            }
             let stream = hbone::client::open_stream(&slot, key.address, *address, timeout).await?;
             Ok(Upstream::Hbone {
                 _slot: slot,
@@ -190,23 +287,52 @@ fn failure(error: Error) -> Ending {
     Ending::not_carried(error.is_denial(), error).code(code)
 }
 
-/// Copies between the client and the upstream until both directions end.
-async fn relay(client: TcpStream, upstream: Upstream) -> Ending {
+/// Copies between the client and the upstream until both directions end;
+/// the connection counts as opened once the destination has accepted it.
+async fn relay(
+    proxy: &Proxy,
+    client: TcpStream,
+    upstream: Upstream,
+    log: &mut AccessLog,
+) -> Ending {
     match upstream {
         Upstream::Hbone { _slot, stream } => {
+            log.opened(&proxy.metrics);
             let (read, write) = client.into_split();
-            let (copied, result) = hbone::bridge(read, write, stream.send, stream.recv).await;
+            let accepted = std::future::ready(Ok(stream.recv));
+            let (copied, result) = hbone::bridge(read, write, stream.send, accepted).await;
+            hbone_ending(copied, result)
+        }
+        Upstream::HboneAnswerLater { _slot, send, reply } => {
+            let (read, write) = client.into_split();
+            let timeout = proxy.config.connect_timeout;
+            let accepted = async {
+                let recv = reply.accepted(timeout).await?;
+                log.opened(&proxy.metrics);
+                Ok(recv)
+            };
+            let (copied, result) = hbone::bridge(read, write, send, accepted).await;
+            hbone_ending(copied, result)
+        }
+        Upstream::Tcp(mut tcp) => {
+            log.opened(&proxy.metrics);
+            let mut client = client;
+            let (bytes, result) = chunks::copy_tcp(&mut client, &mut tcp).await;
+            Ending::carried(bytes, result)
+        }
+    }
+}
+
+fn hbone_ending(copied: hbone::Copied, result: Result<(), BridgeError>) -> Ending {
+    match result {
+        Err(BridgeError::NotAccepted(error)) => failure(error),
+        result => {
             // The TCP side is the client, the originator.
             let bytes = Transferred {
                 to_destination: copied.from_tcp,
                 to_source: copied.to_tcp,
             };
-            Ending::carried(bytes, result)
-        }
-        Upstream::Tcp(mut tcp) => {
-            let mut client = client;
-            let (bytes, result) = chunks::copy_tcp(&mut client, &mut tcp).await;
-            Ending::carried(bytes, result)
+            Ending::carried(bytes, result.map_err(BridgeError::into_io))
         }
     }
 }

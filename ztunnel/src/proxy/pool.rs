@@ -154,6 +154,66 @@ impl Pool {
         Ok(slot)
     }
 
+    /// Opens a connection for `key` ahead of its first stream, unless one is
+    /// pooled or being opened already. It waits in the pool without streams
+    /// and is closed after the idle timeout if no stream comes. Returns
+    /// whether it opened one.
+    pub async fn warm<F, Fut>(&self, key: &PoolKey, open: F) -> Result<bool, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Connection, Error>>,
+    {
+        let opening = self.lock_opening().entry(key.clone()).or_default().clone();
+        // Someone opening one right now makes a second pointless.
+        let Ok(_turn) = opening.try_lock() else {
+            return Ok(false);
+        };
+        if self.has_open(key) {
+            return Ok(false);
+        }
+        let connection = Arc::new(open().await?);
+        self.lock_connections()
+            .entry(key.clone())
+            .or_default()
+            .push(connection);
+        Ok(true)
+    }
+
+    fn has_open(&self, key: &PoolKey) -> bool {
+        self.lock_connections()
+            .get(key)
+            .is_some_and(|list| list.iter().any(|c| !c.is_closed()))
+    }
+
+    /// Where the pooled connections of other pods with identity `source`
+    /// lead (destination identity and address), at most `limit` of them:
+    /// what a new replica of the same workload will most likely dial too.
+    pub fn destinations_of(
+        &self,
+        source: &Identity,
+        except_pod: &str,
+        limit: usize,
+    ) -> Vec<(Identity, SocketAddr)> {
+        let connections = self.lock_connections();
+        let mut found: Vec<(Identity, SocketAddr)> = Vec::new();
+        for (key, list) in connections.iter() {
+            if found.len() >= limit {
+                break;
+            }
+            if key.source != *source
+                || key.source_pod == except_pod
+                || list.iter().all(|c| c.is_closed())
+            {
+                continue;
+            }
+            let destination = (key.destination.clone(), key.address);
+            if !found.contains(&destination) {
+                found.push(destination);
+            }
+        }
+        found
+    }
+
     fn reuse(&self, key: &PoolKey) -> Option<StreamSlot> {
         let mut connections = self.lock_connections();
         let list = connections.get_mut(key)?;
@@ -226,6 +286,55 @@ mod tests {
             destination: identity("web"),
             address: address.parse().expect("address"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_warmed_connection_serves_the_first_stream_without_a_handshake() {
+        let pool = Pool::new(2, Duration::from_secs(60));
+        let key = key("10.0.0.1:15008");
+        let far = SystemTime::now() + Duration::from_secs(3600);
+        assert!(pool.warm(&key, || connection(far)).await.expect("warm"));
+        // Once warm, neither a second warm-up nor the first stream opens one.
+        assert!(!pool.warm(&key, || connection(far)).await.expect("warm"));
+        let opened = AtomicUsize::new(0);
+        let _slot = pool
+            .checkout(&key, || {
+                opened.fetch_add(1, Ordering::SeqCst);
+                connection(far)
+            })
+            .await
+            .expect("checkout");
+        assert_eq!(opened.load(Ordering::SeqCst), 0);
+        assert_eq!(pool.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_pod_is_pointed_at_where_its_siblings_connect() {
+        let pool = Pool::new(2, Duration::from_secs(60));
+        let far = SystemTime::now() + Duration::from_secs(3600);
+        let sibling = key("10.0.0.1:15008");
+        let _slot = pool
+            .checkout(&sibling, || connection(far))
+            .await
+            .expect("checkout");
+        let mut other_identity = key("10.0.0.2:15008");
+        other_identity.source = Identity::new("cluster.local", "shop", "admin").expect("identity");
+        let _other = pool
+            .checkout(&other_identity, || connection(far))
+            .await
+            .expect("checkout");
+
+        let found = pool.destinations_of(&sibling.source, "new-pod-uid", 8);
+        assert_eq!(found, vec![(sibling.destination.clone(), sibling.address)]);
+        // Not the pod's own connections, and never more than asked for.
+        assert!(
+            pool.destinations_of(&sibling.source, &sibling.source_pod, 8)
+                .is_empty()
+        );
+        assert!(
+            pool.destinations_of(&sibling.source, "new-pod-uid", 0)
+                .is_empty()
+        );
     }
 
     /// A real HTTP/2 connection over an in-memory pipe, usable until

@@ -137,9 +137,44 @@ fn new_socket(destination: SocketAddr, source: Option<IpAddr>) -> io::Result<Soc
             IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
             IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
         }
+        // A kernel without the option (before 4.2) binds the slow way.
+        let _ = bind_address_no_port(&socket);
         socket.bind(&SocketAddr::new(source, 0).into())?;
     }
     Ok(socket)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a socket bound to an address with port 0
+/// gets its port only at `connect`, chosen for the whole 4-tuple.
+///
+/// Without it, `bind` alone must find a port free for every destination
+/// under the client's address: with the connections of a busy client in
+/// TIME_WAIT that search took two thirds of the server's ztunnel CPU in the
+/// connection-churn benchmark, and a client with tens of thousands of them
+/// would run out of ports altogether. With it, the port is chosen the way
+/// the client's own kernel chose its port: one lookup of the 4-tuple.
+///
+/// By hand: neither socket2 nor rustix exposes this option.
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is a live socket borrowed for the call, and the
+    // option value is a c_int whose size is passed with it.
+    #[allow(unsafe_code)]
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Where a redirected connection was going before the capture rules sent it

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use h2::client::ResponseFuture;
 use h2::{RecvStream, SendStream};
 use http::uri::{Authority, Uri};
 use http::{Method, Request};
@@ -100,6 +101,22 @@ pub async fn open_stream(
     target: SocketAddr,
     timeout: Duration,
 ) -> Result<Stream, Error> {
+    let (send, reply) = send_connect(slot, peer, target).await?;
+    let recv = reply.accepted(timeout).await?;
+    Ok(Stream { send, recv })
+}
+
+/// Sends `CONNECT target` on a reserved stream of a pooled connection to
+/// `peer` without waiting for the reply: the client's first bytes may follow
+/// on `send` at once (HTTP/2 frames them per stream, and the destination
+/// holds them in the stream's window until it has decided; a refused
+/// stream's bytes are discarded with it). [`Reply::accepted`] then says
+/// whether the destination took the stream.
+pub async fn send_connect(
+    slot: &StreamSlot,
+    peer: SocketAddr,
+    target: SocketAddr,
+) -> Result<(SendStream<Bytes>, Reply), Error> {
     let http2 = |stage| {
         move |source| Error::Http2 {
             stage,
@@ -115,24 +132,52 @@ pub async fn open_stream(
     let (response, send) = sender
         .send_request(connect_request(target), false)
         .map_err(http2("CONNECT request"))?;
-    let response = tokio::time::timeout(timeout, response)
-        .await
-        .map_err(|_| Error::ConnectReplyTimeout {
+    Ok((
+        send,
+        Reply {
+            response,
             peer,
             target,
-            after: timeout,
-        })?
-        .map_err(http2("CONNECT reply"))?;
-    match Refusal::from_status(response.status()) {
-        None => Ok(Stream {
-            send,
-            recv: response.into_body(),
-        }),
-        Some(refusal) => Err(Error::ConnectRefused {
+        },
+    ))
+}
+
+/// The destination's answer to a `CONNECT`, still on its way.
+pub struct Reply {
+    response: ResponseFuture,
+    peer: SocketAddr,
+    target: SocketAddr,
+}
+
+impl Reply {
+    /// Waits up to `timeout` for the answer: the stream's bytes from the
+    /// destination if it accepted, else why not.
+    pub async fn accepted(self, timeout: Duration) -> Result<RecvStream, Error> {
+        let Reply {
+            response,
             peer,
             target,
-            refusal,
-        }),
+        } = self;
+        let response = tokio::time::timeout(timeout, response)
+            .await
+            .map_err(|_| Error::ConnectReplyTimeout {
+                peer,
+                target,
+                after: timeout,
+            })?
+            .map_err(|source| Error::Http2 {
+                stage: "CONNECT reply",
+                peer,
+                source,
+            })?;
+        match Refusal::from_status(response.status()) {
+            None => Ok(response.into_body()),
+            Some(refusal) => Err(Error::ConnectRefused {
+                peer,
+                target,
+                refusal,
+            }),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ pub mod server;
 
 use std::fmt;
 
-pub use bridge::{Copied, bridge};
+pub use bridge::{BridgeError, Copied, bridge};
 use http::StatusCode;
 
 use crate::Config;

@@ -306,11 +306,14 @@ async fn relay(
         Upstream::HboneAnswerLater { _slot, send, reply } => {
             let (read, write) = client.into_split();
             let timeout = proxy.config.connect_timeout;
-            let accepted = async {
-                let recv = reply.accepted(timeout).await?;
+            // Boxed: the wait for the answer (its timer included) is over
+            // after the first round trip; the task that lives as long as
+            // the connection should not carry it.
+            let accepted = Box::pin(async {
+                let recv = reply.accepted(timeout).await.map_err(Box::new)?;
                 log.opened(&proxy.metrics);
                 Ok(recv)
-            };
+            });
             let (copied, result) = hbone::bridge(read, write, send, accepted).await;
             hbone_ending(copied, result)
         }
@@ -325,7 +328,7 @@ async fn relay(
 
 fn hbone_ending(copied: hbone::Copied, result: Result<(), BridgeError>) -> Ending {
     match result {
-        Err(BridgeError::NotAccepted(error)) => failure(error),
+        Err(BridgeError::NotAccepted(error)) => failure(*error),
         result => {
             // The TCP side is the client, the originator.
             let bytes = Transferred {

@@ -27,7 +27,7 @@ pub struct Copied {
 pub enum BridgeError {
     /// The destination did not accept the stream (refused the `CONNECT`, or
     /// never answered): nothing was carried, and the TCP side was reset.
-    NotAccepted(Error),
+    NotAccepted(Box<Error>),
     /// A connection broke while bytes were being carried.
     Io(std::io::Error),
 }
@@ -35,7 +35,7 @@ pub enum BridgeError {
 impl BridgeError {
     pub fn into_io(self) -> std::io::Error {
         match self {
-            BridgeError::NotAccepted(error) => std::io::Error::other(error),
+            BridgeError::NotAccepted(error) => std::io::Error::other(*error),
             BridgeError::Io(error) => error,
         }
     }
@@ -62,7 +62,7 @@ pub async fn bridge<A>(
     accepted: A,
 ) -> (Copied, Result<(), BridgeError>)
 where
-    A: Future<Output = Result<RecvStream, Error>>,
+    A: Future<Output = Result<RecvStream, Box<Error>>>,
 {
     let mut sent = 0u64;
     let mut received = 0u64;
@@ -219,11 +219,11 @@ mod tests {
             let response = response.await.expect("an answer");
             match Refusal::from_status(response.status()) {
                 None => Ok(response.into_body()),
-                Some(refusal) => Err(Error::ConnectRefused {
+                Some(refusal) => Err(Box::new(Error::ConnectRefused {
                     peer: "10.0.0.1:15008".parse().unwrap(),
                     target: "10.0.0.1:80".parse().unwrap(),
                     refusal,
-                }),
+                })),
             }
         };
         let (client, proxy_side) = tcp_pair().await;
@@ -259,9 +259,12 @@ mod tests {
             .expect("the bridge ended")
             .unwrap();
         match result {
-            Err(BridgeError::NotAccepted(Error::ConnectRefused { refusal, .. })) => {
-                assert!(refusal.is_denial(), "{refusal:?}");
-            }
+            Err(BridgeError::NotAccepted(error)) => match *error {
+                Error::ConnectRefused { refusal, .. } => {
+                    assert!(refusal.is_denial(), "{refusal:?}");
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            },
             other => panic!("expected a refusal, got {other:?}"),
         }
         assert_eq!((copied.from_tcp, copied.to_tcp), (0, 0));

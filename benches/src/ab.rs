@@ -104,31 +104,32 @@ impl AbGoal {
 /// baseline.
 pub fn rows(comparisons: &[Comparison], measurements: &[Measurement]) -> Vec<AbRow> {
     let mut rows = Vec::new();
-    let mut pairs: Vec<(&str, &str, &str, f64, f64, f64)> = Vec::new();
-    for c in comparisons {
-        if let Some(baseline) = &c.baseline {
-            pairs.push((
-                &c.scenario,
-                &c.metric,
-                &c.unit,
+    // (scenario, metric, unit, direct median, baseline median, this build's median)
+    let pairs: Vec<(&str, &str, &str, f64, f64, f64)> = comparisons
+        .iter()
+        .filter_map(|c| {
+            let baseline = c.baseline.as_ref()?.median;
+            Some((
+                &*c.scenario,
+                &*c.metric,
+                &*c.unit,
                 c.direct.median,
-                baseline.median,
+                baseline,
                 c.mesh.median,
-            ));
-        }
-    }
-    for m in measurements {
-        if let Some(baseline) = &m.baseline {
-            pairs.push((
-                &m.scenario,
-                &m.metric,
-                &m.unit,
+            ))
+        })
+        .chain(measurements.iter().filter_map(|m| {
+            let baseline = m.baseline.as_ref()?.median;
+            Some((
+                &*m.scenario,
+                &*m.metric,
+                &*m.unit,
                 f64::NAN,
-                baseline.median,
+                baseline,
                 m.stats.median,
-            ));
-        }
-    }
+            ))
+        }))
+        .collect();
     if pairs.is_empty() {
         return rows;
     }
@@ -249,24 +250,17 @@ mod tests {
     #[test]
     fn a_run_without_baseline_has_no_ab_rows() {
         let mut collector = Collector::default();
-        collector.compare(
-            "throughput",
-            "1 stream",
-            "Gbit/s",
-            Better::Higher,
-            None,
-            Mode::Mesh,
-            1.0,
-        );
-        collector.compare(
-            "throughput",
-            "1 stream",
-            "Gbit/s",
-            Better::Higher,
-            None,
-            Mode::Direct,
-            2.0,
-        );
+        for (mode, value) in [(Mode::Mesh, 1.0), (Mode::Direct, 2.0)] {
+            collector.compare(
+                "throughput",
+                "1 stream",
+                "Gbit/s",
+                Better::Higher,
+                None,
+                mode,
+                value,
+            );
+        }
         assert!(rows(&collector.comparisons(), &collector.measurements()).is_empty());
     }
 }

@@ -215,6 +215,26 @@ pub fn reset(stream: TcpStream) {
 mod tests {
     use super::*;
 
+    /// The port of a socket towards the app is chosen at `connect`, for
+    /// the whole 4-tuple, not searched for at `bind` (which, with a busy
+    /// client's connections in TIME_WAIT, took most of the CPU). Needs root
+    /// (a transparent socket), as CI has.
+    #[test]
+    fn a_transparent_socket_gets_its_port_only_at_connect() {
+        let socket = new_socket(
+            "127.0.0.1:9".parse().expect("address"),
+            Some("127.0.0.1".parse().expect("address")),
+        )
+        .expect("a transparent socket (this test needs root)");
+        let bound = socket
+            .local_addr()
+            .expect("bound")
+            .as_socket()
+            .expect("an IP socket");
+        assert_eq!(bound.ip(), "127.0.0.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(bound.port(), 0, "bind chose a port: {bound}");
+    }
+
     #[test]
     fn keepalive_probes_start_at_a_random_point_of_a_minute() {
         let firsts: Vec<Duration> = (0..200)

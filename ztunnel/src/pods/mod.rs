@@ -144,12 +144,16 @@ impl PodRegistry {
             uid,
             Entry {
                 pod: pod.clone(),
-                stop,
+                stop: stop.clone(),
             },
         );
         self.proxy.metrics.pods_captured.inc();
         tracing::info!(pod = %pod.info.display_name(), %identity, ips = ?pod.info.ips, "pod captured");
-        tokio::spawn(crate::proxy::outbound::warm_up(self.proxy.clone(), pod));
+        tokio::spawn(crate::proxy::outbound::warm_up(
+            self.proxy.clone(),
+            pod,
+            stop,
+        ));
         Ok(())
     }
 
@@ -160,6 +164,7 @@ impl PodRegistry {
             return Ok(());
         };
         entry.stop.cancel();
+        self.proxy.pool.remove_pod(uid);
         self.proxy.certs.untrack(&entry.pod.info.identity);
         self.proxy.metrics.pods_captured.dec();
         let netns = entry.pod.netns.clone();

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use kanava_mesh::ports;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::access_log::{AccessLog, Ending, Transferred};
 use super::hbone::{self, BridgeError, client::Reply, client::Stream};
@@ -35,8 +36,21 @@ const WARM_DESTINATIONS: usize = 8;
 /// connection, to where other pods of the same identity on this node are
 /// connected: a new replica of a workload most likely talks to the same
 /// peers, and its first request then finds the TLS handshake done. Each
-/// connection is closed after the pool's idle timeout if nothing uses it.
-pub async fn warm_up(proxy: Arc<Proxy>, pod: Arc<CapturedPod>) {
+/// connection is closed after the pool's idle timeout if nothing uses it,
+/// and at once when the pod is released (`released`): a pod that comes and
+/// goes quickly (a Job, a crash loop) must not leave connections behind.
+pub async fn warm_up(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, released: CancellationToken) {
+    tokio::select! {
+        () = warm_up_until_done(&proxy, &pod) => {}
+        () = released.cancelled() => {}
+    }
+    if released.is_cancelled() {
+        // Whatever was opened before the release noticed it.
+        proxy.pool.remove_pod(&pod.info.uid);
+    }
+}
+
+async fn warm_up_until_done(proxy: &Arc<Proxy>, pod: &Arc<CapturedPod>) {
     let destinations =
         proxy
             .pool
@@ -59,7 +73,7 @@ pub async fn warm_up(proxy: Arc<Proxy>, pod: Arc<CapturedPod>) {
             destination,
             address,
         };
-        let (proxy, pod, cert) = (&proxy, &pod, cert.clone());
+        let cert = cert.clone();
         async move {
             let opened = tokio::time::timeout(
                 timeout,

@@ -179,6 +179,23 @@ impl Pool {
         Ok(true)
     }
 
+    /// Closes every connection made from pod `uid`'s namespace: the pod is
+    /// gone, and nothing will use them again. Streams still running keep
+    /// their connection until they end. Returns how many left the pool.
+    pub fn remove_pod(&self, uid: &str) -> usize {
+        let mut removed = 0;
+        self.lock_connections().retain(|key, list| {
+            if key.source_pod == uid {
+                removed += list.len();
+                false
+            } else {
+                true
+            }
+        });
+        self.lock_opening().retain(|key, _| key.source_pod != uid);
+        removed
+    }
+
     fn has_open(&self, key: &PoolKey) -> bool {
         self.lock_connections()
             .get(key)
@@ -306,6 +323,33 @@ mod tests {
             .expect("checkout");
         assert_eq!(opened.load(Ordering::SeqCst), 0);
         assert_eq!(pool.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_released_pods_connections_leave_the_pool() {
+        let pool = Pool::new(2, Duration::from_secs(60));
+        let far = SystemTime::now() + Duration::from_secs(3600);
+        let released = key("10.0.0.1:15008");
+        let mut other_pod = key("10.0.0.1:15008");
+        other_pod.source_pod = "other-uid".into();
+        assert!(
+            pool.warm(&released, || connection(far))
+                .await
+                .expect("warm")
+        );
+        assert!(
+            pool.warm(&other_pod, || connection(far))
+                .await
+                .expect("warm")
+        );
+        assert_eq!(pool.remove_pod(&released.source_pod), 1);
+        assert_eq!(pool.len(), 1);
+        assert!(
+            pool.destinations_of(&released.source, "new-pod-uid", 8)
+                .iter()
+                .all(|(_, address)| *address == other_pod.address)
+        );
+        assert_eq!(pool.remove_pod("unknown-uid"), 0);
     }
 
     #[tokio::test]

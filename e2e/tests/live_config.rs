@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kanava_e2e::{apply, exec_ok, http_get, log_line, pod_ip, runtime, up};
+use kanava_e2e::{apply, exec_ok, http_get, log_line, pod_ip, runtime, up, wait_for};
 
 const LAB: &str = r#"
 kind: Lab
@@ -221,7 +221,22 @@ fn traffic_survives_the_control_plane_going_away_and_changes_flow_after_it_retur
         failures.len()
     );
 
+    let subscriptions = |lab: &kanava_lab::Lab, node: &str| {
+        let log = lab.logs("control-plane").unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("ztunnel subscribed") && l.contains(&format!("node={node}")))
+            .count()
+    };
+    let before = ["node-1", "node-2"].map(|node| subscriptions(&lab, node));
     lab.restart_control_plane().unwrap();
+    // Each ztunnel comes back on its own backoff (capped at 15 s, with
+    // jitter): wait for both before changing anything, so the change is
+    // carried by the new streams rather than racing the reconnect.
+    for (node, before) in ["node-1", "node-2"].into_iter().zip(before) {
+        wait_for(&format!("{node} to subscribe again"), || {
+            subscriptions(&lab, node) > before
+        });
+    }
     // A change made now reaches every node (apply waits for each ztunnel).
     let report = apply(
         &mut lab,

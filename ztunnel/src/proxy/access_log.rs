@@ -12,10 +12,12 @@
 
 use std::fmt::Display;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use kanava_mesh::{Identity, Workload};
 
+use super::CapturedPod;
 use super::route::{Hop, Route};
 use crate::metrics::{
     BytesLabels, ClosedLabels, ConnectionLabels, Direction, Metrics, Outcome, TrafficLabels,
@@ -26,27 +28,14 @@ use crate::metrics::{
 /// destination outside the mesh).
 const UNKNOWN: &str = "unknown";
 
-/// One end of a connection, as the traffic metrics name it.
-#[derive(Clone, Debug)]
-struct Party {
-    workload: String,
-    namespace: String,
-}
-
-impl Party {
-    /// The workload's name: its `app.kubernetes.io/name` or `app` label
-    /// (what its pods share across restarts and scaling), else the pod's.
-    fn of(workload: &Workload) -> Self {
-        let name = ["app.kubernetes.io/name", "app"]
-            .iter()
-            .find_map(|key| workload.labels.get(*key))
-            .cloned()
-            .unwrap_or_else(|| workload.name.clone());
-        Party {
-            workload: name,
-            namespace: workload.namespace.clone(),
-        }
-    }
+/// A workload's name as the traffic metrics use it: its
+/// `app.kubernetes.io/name` or `app` label (what its pods share across
+/// restarts and scaling), else the pod's.
+fn workload_label(workload: &Workload) -> &str {
+    ["app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|key| workload.labels.get(*key))
+        .unwrap_or(&workload.name)
 }
 
 /// Bytes a proxied connection carried, named by direction.
@@ -141,29 +130,34 @@ impl Ending {
     }
 }
 
+/// The record of one connection while it is open. An idle connection's
+/// task carries it for the connection's whole life, so it holds only shared
+/// references (the pod, the workloads, the identities) and builds the label
+/// strings when it counts: it takes no allocation of its own.
 pub struct AccessLog {
     direction: Direction,
-    pod: String,
+    transport: Transport,
+    /// Counted in the traffic metrics as opened; from then on nothing that
+    /// names the labels changes, so the close is counted under the same.
+    opened: bool,
+    pod: Arc<CapturedPod>,
     src_addr: SocketAddr,
     src_identity: Option<Identity>,
+    src_workload: Option<Arc<Workload>>,
     dst_addr: SocketAddr,
     dst_identity: Option<Identity>,
-    dst_workload: Option<String>,
+    dst_workload: Option<Arc<Workload>>,
     dst_service: Option<String>,
-    transport: Transport,
     started: Instant,
-    src_party: Option<Party>,
-    dst_party: Option<Party>,
-    /// Set once established: the labels it was counted as opened with.
-    opened: Option<TrafficLabels>,
 }
 
 impl AccessLog {
-    /// Starts the record of a connection, counted as open until it finishes.
+    /// Starts the record of a connection of `pod`, counted as open until it
+    /// finishes.
     pub fn start(
         metrics: &Metrics,
         direction: Direction,
-        pod: String,
+        pod: &Arc<CapturedPod>,
         src_addr: SocketAddr,
         dst_addr: SocketAddr,
     ) -> Self {
@@ -173,57 +167,58 @@ impl AccessLog {
             .inc();
         AccessLog {
             direction,
-            pod,
+            transport: Transport::Passthrough,
+            opened: false,
+            pod: pod.clone(),
             src_addr,
             src_identity: None,
+            src_workload: None,
             dst_addr,
             dst_identity: None,
             dst_workload: None,
             dst_service: None,
-            transport: Transport::Passthrough,
             started: Instant::now(),
-            src_party: None,
-            dst_party: None,
-            opened: None,
         }
     }
 
     /// The workloads at either end, for the traffic metrics.
     pub fn workloads(
         &mut self,
-        source: Option<&Workload>,
-        destination: Option<&Workload>,
+        source: Option<Arc<Workload>>,
+        destination: Option<Arc<Workload>>,
     ) -> &mut Self {
-        if let Some(source) = source {
-            self.src_party = Some(Party::of(source));
+        if source.is_some() {
+            self.src_workload = source;
         }
-        if let Some(destination) = destination {
-            self.dst_party = Some(Party::of(destination));
+        if destination.is_some() {
+            self.dst_workload = destination;
         }
         self
     }
 
     /// The connection reached its destination: counted as opened.
     pub fn opened(&mut self, metrics: &Metrics) {
-        let labels = self.traffic_labels();
-        metrics.tcp_opened.get_or_create(&labels).inc();
-        self.opened = Some(labels);
+        metrics
+            .tcp_opened
+            .get_or_create(&self.traffic_labels())
+            .inc();
+        self.opened = true;
     }
 
     fn traffic_labels(&self) -> TrafficLabels {
-        let party = |party: &Option<Party>| {
-            party
-                .as_ref()
-                .map(|p| (p.workload.clone(), p.namespace.clone()))
-                .unwrap_or_else(|| (UNKNOWN.into(), UNKNOWN.into()))
+        let party = |workload: &Option<Arc<Workload>>| {
+            workload.as_deref().map_or_else(
+                || (UNKNOWN.to_string(), UNKNOWN.to_string()),
+                |w| (workload_label(w).to_string(), w.namespace.clone()),
+            )
         };
         let principal = |identity: &Option<Identity>| {
             identity
                 .as_ref()
                 .map_or_else(|| UNKNOWN.to_string(), ToString::to_string)
         };
-        let (source_workload, source_workload_namespace) = party(&self.src_party);
-        let (destination_workload, destination_workload_namespace) = party(&self.dst_party);
+        let (source_workload, source_workload_namespace) = party(&self.src_workload);
+        let (destination_workload, destination_workload_namespace) = party(&self.dst_workload);
         TrafficLabels {
             reporter: match self.direction {
                 Direction::Outbound => "source",
@@ -245,12 +240,7 @@ impl AccessLog {
         self
     }
 
-    pub fn destination(
-        &mut self,
-        workload: Option<String>,
-        identity: Option<Identity>,
-    ) -> &mut Self {
-        self.dst_workload = workload;
+    pub fn destination_identity(&mut self, identity: Option<Identity>) -> &mut Self {
         self.dst_identity = identity;
         self
     }
@@ -271,21 +261,32 @@ impl AccessLog {
     /// Where the connection is being sent (for a Service, the endpoint being
     /// tried) and how.
     pub fn hop(&mut self, hop: &Hop) -> &mut Self {
+        debug_assert!(!self.opened, "the labels of an opened connection change");
         self.dst_addr = hop.address();
         self.transport = hop.transport();
-        self.dst_workload = hop.workload().map(|w| w.display_name());
-        self.dst_party = hop.workload().map(|w| Party::of(w));
+        self.dst_workload = hop.workload().cloned();
         self.dst_identity = hop.expected_identity().cloned();
         self
     }
 
     pub fn transport(&mut self, transport: Transport) -> &mut Self {
+        debug_assert!(!self.opened, "the labels of an opened connection change");
         self.transport = transport;
         self
     }
 
+    /// The `dst.workload` of the line: the destination workload, or on the
+    /// inbound side the pod itself when the mesh does not know it yet.
+    fn destination_name(&self) -> Option<String> {
+        match (&self.dst_workload, self.direction) {
+            (Some(workload), _) => Some(workload.display_name()),
+            (None, Direction::Inbound) => Some(self.pod.info.display_name()),
+            (None, Direction::Outbound) => None,
+        }
+    }
+
     /// Writes the line and counts the connection.
-    pub fn finish(mut self, metrics: &Metrics, ending: Ending) {
+    pub fn finish(self, metrics: &Metrics, ending: Ending) {
         let Ending {
             outcome,
             bytes,
@@ -293,12 +294,8 @@ impl AccessLog {
             code,
             policy,
         } = ending;
-        let established = self.opened.is_some();
-        let traffic = match self.opened.take() {
-            Some(labels) => labels,
-            None => self.traffic_labels(),
-        };
-        if established {
+        let traffic = self.traffic_labels();
+        if self.opened {
             metrics
                 .tcp_sent_bytes
                 .get_or_create(&traffic)
@@ -343,15 +340,16 @@ impl AccessLog {
             .inc();
         let src_identity = self.src_identity.as_ref().map(ToString::to_string);
         let dst_identity = self.dst_identity.as_ref().map(ToString::to_string);
+        let dst_workload = self.destination_name();
         tracing::info!(
             target: "access",
             direction = %self.direction,
-            pod = %self.pod,
+            pod = %self.pod.info.display_name(),
             src.addr = %self.src_addr,
             src.identity = src_identity.as_deref().unwrap_or("-"),
             dst.addr = %self.dst_addr,
             dst.service = self.dst_service.as_deref().unwrap_or("-"),
-            dst.workload = self.dst_workload.as_deref().unwrap_or("-"),
+            dst.workload = dst_workload.as_deref().unwrap_or("-"),
             dst.identity = dst_identity.as_deref().unwrap_or("-"),
             transport = %self.transport,
             bytes_sent = bytes.to_destination,

@@ -14,14 +14,14 @@
 //! pages back to the kernel and fault them in again, which cost the proxy a
 //! sixth of its CPU in a bulk transfer.
 
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
-use std::task::Poll;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, ReadHalf};
 
 use super::access_log::Transferred;
 
@@ -31,25 +31,13 @@ use super::access_log::Transferred;
 const FIRST_READ: usize = 4 * 1024;
 const LARGEST_READ: usize = 256 * 1024;
 
-/// The reading side of a TCP connection, owned or borrowed.
-pub trait TcpRead: AsyncRead + Unpin {
-    /// Waits until the socket may have data or has been closed.
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
-}
-
-impl TcpRead for OwnedReadHalf {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        OwnedReadHalf::readable(self)
-    }
-}
-
-impl TcpRead for ReadHalf<'_> {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        ReadHalf::readable(self)
-    }
-}
-
 /// Reads one connection chunk by chunk.
+///
+/// Written against the socket's poll functions rather than its `readable()`
+/// and `read_buf()` futures: those are stored in the task of every
+/// connection for as long as it waits, and the readiness future alone is
+/// 360 bytes. Polling leaves nothing behind but the waker the socket keeps
+/// anyway.
 pub struct ChunkReader {
     size: usize,
     /// The buffer of a busy connection; empty (no memory) while it is quiet.
@@ -65,32 +53,46 @@ impl ChunkReader {
     }
 
     /// The next bytes the peer sent; empty once it has finished sending.
-    pub async fn next(&mut self, from: &mut impl TcpRead) -> io::Result<Bytes> {
+    pub async fn next<R>(&mut self, from: &mut R) -> io::Result<Bytes>
+    where
+        R: AsyncRead + AsRef<TcpStream> + Unpin,
+    {
+        poll_fn(|cx| self.poll_next(cx, from)).await
+    }
+
+    fn poll_next<R>(&mut self, cx: &mut Context<'_>, from: &mut R) -> Poll<io::Result<Bytes>>
+    where
+        R: AsyncRead + AsRef<TcpStream> + Unpin,
+    {
         loop {
-            if poll_once(from.readable()).await.is_none() {
-                // Nothing waiting: the connection may stay quiet for hours,
-                // so it holds no buffer while it does.
-                self.buffer = BytesMut::new();
-                from.readable().await?;
+            match from.as_ref().poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {
+                    // Nothing waiting: the connection may stay quiet for
+                    // hours, so it holds no buffer while it does. (Also
+                    // when the task has used up its share of the runtime:
+                    // the socket then says Pending and has the task woken
+                    // again, so it yields instead of spinning.)
+                    self.buffer = BytesMut::new();
+                    return Poll::Pending;
+                }
             }
             // Reclaims the memory of earlier chunks once they are gone.
             self.buffer.reserve(self.size);
-            // One attempt, through the runtime's read path: after a short
-            // read it knows the socket is drained, and the next wait costs
-            // no system call. It may not get anything: readiness can come
-            // without data (a freshly accepted socket often reports it), and
-            // a task that has used up its share of the runtime is told to
-            // wait. Either way the task yields before trying again — without
-            // that, a spent share would spin here forever and starve every
-            // task on this thread.
-            let Some(read) = poll_once(from.read_buf(&mut self.buffer)).await else {
-                tokio::task::yield_now().await;
-                continue;
-            };
-            if read? >= self.size {
-                self.size = (self.size * 2).min(LARGEST_READ);
+            // Readiness can come without data (a freshly accepted socket
+            // often reports it): the read then clears it and registers for
+            // the next, and the loop finds the socket not ready.
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *from), cx, &mut self.buffer) {
+                Poll::Ready(Ok(read)) => {
+                    if read >= self.size {
+                        self.size = (self.size * 2).min(LARGEST_READ);
+                    }
+                    return Poll::Ready(Ok(self.buffer.split().freeze()));
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => continue,
             }
-            return Ok(self.buffer.split().freeze());
         }
     }
 }
@@ -122,7 +124,7 @@ pub async fn copy_tcp(
 }
 
 async fn copy_one_way(
-    from: &mut impl TcpRead,
+    from: &mut (impl AsyncRead + AsRef<TcpStream> + Unpin),
     to: &mut (impl AsyncWrite + Unpin),
     moved: &mut u64,
 ) -> io::Result<()> {
@@ -135,16 +137,6 @@ async fn copy_one_way(
         to.write_all(&chunk).await?;
         *moved += chunk.len() as u64;
     }
-}
-
-/// Polls `future` once: its output if it is ready, `None` if it would wait.
-async fn poll_once<F: Future>(future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    poll_fn(|cx| match future.as_mut().poll(cx) {
-        Poll::Ready(output) => Poll::Ready(Some(output)),
-        Poll::Pending => Poll::Ready(None),
-    })
-    .await
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! pod's namespace with the client pod's IP as source address, so the app
 //! sees its real peer.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -64,7 +65,16 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
         socket::reset(tcp);
         return;
     }
-    let accepted = server::accept(&proxy.config, pod.hbone_tls.clone(), tcp, peer, timeout).await;
+    // Boxed: the handshake's state is large and over once it is done; the
+    // task that serves the connection's streams should not carry it.
+    let accepted = Box::pin(server::accept(
+        &proxy.config,
+        pod.hbone_tls.clone(),
+        tcp,
+        peer,
+        timeout,
+    ))
+    .await;
     drop(permit);
     let server::Accepted {
         mut connection,
@@ -162,32 +172,33 @@ pub fn decide(
     }
 }
 
-async fn serve_stream(
+/// Judges one stream and, if it is admitted, carries it in its own task.
+///
+/// The request is judged here, before the task is spawned, and only what
+/// the stream needs from then on goes into the task: the task lives as
+/// long as the connection, and the request's method, target and headers
+/// (240 bytes inline) would stay in its state all that time.
+fn serve_stream(
     proxy: Arc<Proxy>,
     pod: Arc<CapturedPod>,
     client: Arc<Client>,
     request: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-) {
-    // Only the method, target and body are needed; the headers need not live
-    // as long as the connection.
+) -> impl Future<Output = ()> + Send {
     let (parts, body) = request.into_parts();
     let mut log = AccessLog::start(
         &proxy.metrics,
         Direction::Inbound,
-        pod.info.display_name(),
+        &pod,
         client.address,
         server::target_of(&parts.uri).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
     );
     log.transport(Transport::Hbone)
         .source_identity(Some(client.certificate.identity.clone()))
-        .destination(
-            Some(pod.info.display_name()),
-            Some(pod.info.identity.clone()),
-        )
+        .destination_identity(Some(pod.info.identity.clone()))
         .workloads(
-            proxy.workloads.find_by_ip(client.address.ip()).as_deref(),
-            proxy.workloads.find_by_uid(&pod.info.uid).as_deref(),
+            proxy.workloads.find_by_ip(client.address.ip()),
+            proxy.workloads.find_by_uid(&pod.info.uid),
         );
     let verdict = decide(
         &proxy.workloads,
@@ -197,74 +208,80 @@ async fn serve_stream(
         &parts.uri,
         SystemTime::now(),
     );
-    drop(parts);
-    let ending = match verdict {
-        Ok(target) => {
-            Box::pin(connect_and_bridge(
-                &proxy, &pod, &client, target, body, respond, &mut log,
-            ))
-            .await
-        }
-        Err(refusal) => {
-            server::refuse(respond, &refusal);
-            refused(refusal)
-        }
-    };
-    log.finish(&proxy.metrics, ending);
+    async move {
+        let ending = match verdict {
+            Ok(target) => {
+                connect_and_bridge(&proxy, &pod, &client, target, body, respond, &mut log).await
+            }
+            Err(refusal) => {
+                server::refuse(respond, &refusal);
+                refused(refusal)
+            }
+        };
+        log.finish(&proxy.metrics, ending);
+    }
 }
 
 /// Connects to the app and carries the stream's bytes to it, until both
-/// sides are done or a policy change refuses the connection.
-async fn connect_and_bridge(
-    proxy: &Proxy,
-    pod: &Arc<CapturedPod>,
-    client: &Client,
+/// sides are done or a policy change refuses the connection. (An `async
+/// move` block rather than an `async fn`, which would keep its arguments
+/// twice in the stream's task: rust-lang/rust#62958.)
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in the task (rust-lang/rust#62958)"
+)]
+fn connect_and_bridge<'a>(
+    proxy: &'a Proxy,
+    pod: &'a Arc<CapturedPod>,
+    client: &'a Client,
     target: SocketAddr,
     body: RecvStream,
     respond: SendResponse<Bytes>,
-    log: &mut AccessLog,
-) -> Ending {
-    let upstream = socket::connect_in(
-        &proxy.netns,
-        &pod.netns,
-        target,
-        Some(client.address.ip()),
-        proxy.config.connect_timeout,
-    )
-    .await;
-    let upstream = match upstream {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            let refusal = Refusal::NoUpstream(error.to_string());
-            server::refuse(respond, &refusal);
-            return refused(refusal);
-        }
-    };
-    let send = match server::accept_stream(respond) {
-        Ok(send) => send,
-        Err(error) => {
-            return Ending::failed(format!("the client reset the stream: {error}"))
-                .code("client_reset");
-        }
-    };
-    log.opened(&proxy.metrics);
-    let registration = proxy.open.register(
-        pod.clone(),
-        Some(client.certificate.identity.clone()),
-        client.address.ip(),
-        target.port(),
-    );
-    let (read, write) = upstream.into_split();
-    tokio::select! {
-        (copied, result) = hbone::bridge(read, write, send, std::future::ready(Ok(body))) => {
-            // The TCP side is the app, the destination.
-            let bytes = Transferred { to_destination: copied.to_tcp, to_source: copied.from_tcp };
-            Ending::carried(bytes, result.map_err(hbone::BridgeError::into_io))
-        }
-        _ = registration.closed.cancelled() => {
-            // Dropping the bridge resets the HTTP/2 stream and closes the
-            // connection to the app.
-            Ending::denied("closed: refused by a policy change").code("policy_change")
+    log: &'a mut AccessLog,
+) -> impl Future<Output = Ending> + Send + 'a {
+    async move {
+        let upstream = socket::connect_in(
+            &proxy.netns,
+            &pod.netns,
+            target,
+            Some(client.address.ip()),
+            proxy.config.connect_timeout,
+        )
+        .await;
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                let refusal = Refusal::NoUpstream(error.to_string());
+                server::refuse(respond, &refusal);
+                return refused(refusal);
+            }
+        };
+        let send = match server::accept_stream(respond) {
+            Ok(send) => send,
+            Err(error) => {
+                return Ending::failed(format!("the client reset the stream: {error}"))
+                    .code("client_reset");
+            }
+        };
+        log.opened(&proxy.metrics);
+        let registration = proxy.open.register(
+            pod.clone(),
+            Some(client.certificate.identity.clone()),
+            client.address.ip(),
+            target.port(),
+        );
+        let (read, write) = upstream.into_split();
+        tokio::select! {
+            (copied, result) = hbone::bridge(read, write, send, std::future::ready(Ok(body))) => {
+                // The TCP side is the app, the destination.
+                let bytes = Transferred { to_destination: copied.to_tcp, to_source: copied.from_tcp };
+                Ending::carried(bytes, result.map_err(hbone::BridgeError::into_io))
+            }
+            _ = registration.closed.cancelled() => {
+                // Dropping the bridge resets the HTTP/2 stream and closes the
+                // connection to the app.
+                Ending::denied("closed: refused by a policy change").code("policy_change")
+            }
         }
     }
 }

@@ -11,6 +11,7 @@
 //! awaited first, so that a refusal can still be retried at another
 //! endpoint with nothing of the client's lost.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -99,42 +100,56 @@ async fn warm_up_until_done(proxy: &Arc<Proxy>, pod: &Arc<CapturedPod>) {
     futures::future::join_all(warmed).await;
 }
 
-pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream, peer: SocketAddr) {
-    let destination = match socket::original_destination(&client) {
-        Ok(destination) => destination,
-        Err(error) => {
-            tracing::warn!(pod = %pod.info.display_name(), %peer, %error, "no original destination; closing");
-            return;
-        }
-    };
-    let mut log = AccessLog::start(
-        &proxy.metrics,
-        Direction::Outbound,
-        pod.info.display_name(),
-        peer,
-        destination,
-    );
-    log.source_identity(Some(pod.info.identity.clone()))
-        .workloads(proxy.workloads.find_by_uid(&pod.info.uid).as_deref(), None);
-    let max = proxy.config.max_connections_per_pod;
-    let Some(_opened) = pod.connections.outbound.try_open(max) else {
-        socket::reset(client);
-        log.finish(
-            &proxy.metrics,
-            Ending::denied(limits::over_limit(&pod, "outbound", max)).code("connection_limit"),
-        );
-        return;
-    };
-    // Boxed: the set-up futures are large and over once connected; the task
-    // that lives as long as the connection should not carry them.
-    let ending = match Box::pin(establish(&proxy, &pod, destination, &mut log)).await {
-        Ok(upstream) => relay(&proxy, client, upstream, &mut log).await,
-        Err(ending) => {
+/// Carries one connection from start to end, in its own task.
+///
+/// A function returning an `async move` block rather than an `async fn`:
+/// an `async fn` keeps its arguments twice in the task's state
+/// (rust-lang/rust#62958), and this task lives, at its largest size, as
+/// long as the connection does.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in the task (rust-lang/rust#62958)"
+)]
+pub fn handle(
+    proxy: Arc<Proxy>,
+    pod: Arc<CapturedPod>,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let destination = match socket::original_destination(&client) {
+            Ok(destination) => destination,
+            Err(error) => {
+                tracing::warn!(pod = %pod.info.display_name(), %peer, %error, "no original destination; closing");
+                return;
+            }
+        };
+        let mut log =
+            AccessLog::start(&proxy.metrics, Direction::Outbound, &pod, peer, destination);
+        log.source_identity(Some(pod.info.identity.clone()))
+            .workloads(proxy.workloads.find_by_uid(&pod.info.uid), None);
+        let max = proxy.config.max_connections_per_pod;
+        let Some(_opened) = pod.connections.outbound.try_open(max) else {
             socket::reset(client);
-            ending
-        }
-    };
-    log.finish(&proxy.metrics, ending);
+            log.finish(
+                &proxy.metrics,
+                Ending::denied(limits::over_limit(&pod, "outbound", max)).code("connection_limit"),
+            );
+            return;
+        };
+        // Boxed: the set-up futures are large and over once connected; the
+        // task that lives as long as the connection should not carry them.
+        let upstream = match Box::pin(establish(&proxy, &pod, destination, &mut log)).await {
+            Ok(upstream) => upstream,
+            Err(ending) => {
+                socket::reset(client);
+                log.finish(&proxy.metrics, ending);
+                return;
+            }
+        };
+        let ending = relay(&proxy, client, upstream, &mut log).await;
+        log.finish(&proxy.metrics, ending);
+    }
 }
 
 /// Decides the route and connects along it.
@@ -303,39 +318,46 @@ fn failure(error: Error) -> Ending {
 
 /// Copies between the client and the upstream until both directions end;
 /// the connection counts as opened once the destination has accepted it.
-async fn relay(
-    proxy: &Proxy,
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in the task (rust-lang/rust#62958)"
+)]
+fn relay<'a>(
+    proxy: &'a Proxy,
     client: TcpStream,
     upstream: Upstream,
-    log: &mut AccessLog,
-) -> Ending {
-    match upstream {
-        Upstream::Hbone { _slot, stream } => {
-            log.opened(&proxy.metrics);
-            let (read, write) = client.into_split();
-            let accepted = std::future::ready(Ok(stream.recv));
-            let (copied, result) = hbone::bridge(read, write, stream.send, accepted).await;
-            hbone_ending(copied, result)
-        }
-        Upstream::HboneAnswerLater { _slot, send, reply } => {
-            let (read, write) = client.into_split();
-            let timeout = proxy.config.connect_timeout;
-            // Boxed: the wait for the answer (its timer included) is over
-            // after the first round trip; the task that lives as long as
-            // the connection should not carry it.
-            let accepted = Box::pin(async {
-                let recv = reply.accepted(timeout).await.map_err(Box::new)?;
+    log: &'a mut AccessLog,
+) -> impl Future<Output = Ending> + Send + 'a {
+    // An `async move` block, not an `async fn`, for the reason `handle` gives.
+    async move {
+        match upstream {
+            Upstream::Hbone { _slot, stream } => {
                 log.opened(&proxy.metrics);
-                Ok(recv)
-            });
-            let (copied, result) = hbone::bridge(read, write, send, accepted).await;
-            hbone_ending(copied, result)
-        }
-        Upstream::Tcp(mut tcp) => {
-            log.opened(&proxy.metrics);
-            let mut client = client;
-            let (bytes, result) = chunks::copy_tcp(&mut client, &mut tcp).await;
-            Ending::carried(bytes, result)
+                let (read, write) = client.into_split();
+                let accepted = std::future::ready(Ok(stream.recv));
+                let (copied, result) = hbone::bridge(read, write, stream.send, accepted).await;
+                hbone_ending(copied, result)
+            }
+            Upstream::HboneAnswerLater { _slot, send, reply } => {
+                let (read, write) = client.into_split();
+                let timeout = proxy.config.connect_timeout;
+                // Boxed: the wait for the answer (its timer included) is
+                // over after the first round trip; the task that lives as
+                // long as the connection should not carry it.
+                let accepted = Box::pin(async {
+                    let recv = reply.accepted(timeout).await.map_err(Box::new)?;
+                    log.opened(&proxy.metrics);
+                    Ok(recv)
+                });
+                let (copied, result) = hbone::bridge(read, write, send, accepted).await;
+                hbone_ending(copied, result)
+            }
+            Upstream::Tcp(mut tcp) => {
+                log.opened(&proxy.metrics);
+                let mut client = client;
+                let (bytes, result) = chunks::copy_tcp(&mut client, &mut tcp).await;
+                Ending::carried(bytes, result)
+            }
         }
     }
 }

@@ -21,16 +21,10 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, client: TcpStream,
     let destination = socket::original_destination(&client)
         .or_else(|_| client.local_addr().map(socket::canonical))
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let mut log = AccessLog::start(
-        &proxy.metrics,
-        Direction::Inbound,
-        pod.info.display_name(),
-        peer,
-        destination,
-    );
+    let mut log = AccessLog::start(&proxy.metrics, Direction::Inbound, &pod, peer, destination);
     log.workloads(
-        proxy.workloads.find_by_ip(peer.ip()).as_deref(),
-        proxy.workloads.find_by_uid(&pod.info.uid).as_deref(),
+        proxy.workloads.find_by_ip(peer.ip()),
+        proxy.workloads.find_by_uid(&pod.info.uid),
     );
     let max = proxy.config.max_connections_per_pod;
     let Some(_opened) = pod.connections.inbound.try_open(max) else {

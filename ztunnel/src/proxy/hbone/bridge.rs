@@ -55,80 +55,90 @@ impl BridgeError {
 /// gives backpressure both ways: nothing is read from TCP beyond what the
 /// peer's window admits, and window is returned to the peer only once its
 /// bytes are written to TCP.
-pub async fn bridge<A>(
+///
+/// A function returning an `async move` block rather than an `async fn`,
+/// which would keep its arguments twice in the connection's task
+/// (rust-lang/rust#62958).
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in the task (rust-lang/rust#62958)"
+)]
+pub fn bridge<A>(
     mut tcp_read: OwnedReadHalf,
     mut tcp_write: OwnedWriteHalf,
     mut send: SendStream<Bytes>,
     accepted: A,
-) -> (Copied, Result<(), BridgeError>)
+) -> impl Future<Output = (Copied, Result<(), BridgeError>)>
 where
     A: Future<Output = Result<RecvStream, Box<Error>>>,
 {
-    let mut sent = 0u64;
-    let mut received = 0u64;
-    let to_h2 = async {
-        let mut reader = ChunkReader::new();
-        loop {
-            let mut chunk = reader.next(&mut tcp_read).await.map_err(BridgeError::Io)?;
-            if chunk.is_empty() {
-                send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                return Ok::<_, BridgeError>(());
-            }
-            sent += chunk.len() as u64;
-            while !chunk.is_empty() {
-                send.reserve_capacity(chunk.len());
-                let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                    Some(Ok(granted)) => granted,
-                    Some(Err(e)) => return Err(h2_io(e)),
-                    None => {
-                        return Err(BridgeError::Io(std::io::Error::other(
-                            "the peer closed the HBONE stream while data was waiting to be sent",
-                        )));
-                    }
-                };
-                if granted == 0 {
-                    continue;
+    async move {
+        let mut sent = 0u64;
+        let mut received = 0u64;
+        let to_h2 = async {
+            let mut reader = ChunkReader::new();
+            loop {
+                let mut chunk = reader.next(&mut tcp_read).await.map_err(BridgeError::Io)?;
+                if chunk.is_empty() {
+                    send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                    return Ok::<_, BridgeError>(());
                 }
-                let part = chunk.split_to(granted.min(chunk.len()));
-                send.send_data(part, false).map_err(h2_io)?;
+                sent += chunk.len() as u64;
+                while !chunk.is_empty() {
+                    send.reserve_capacity(chunk.len());
+                    let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                        Some(Ok(granted)) => granted,
+                        Some(Err(e)) => return Err(h2_io(e)),
+                        None => {
+                            return Err(BridgeError::Io(std::io::Error::other(
+                                "the peer closed the HBONE stream while data was waiting to be sent",
+                            )));
+                        }
+                    };
+                    if granted == 0 {
+                        continue;
+                    }
+                    let part = chunk.split_to(granted.min(chunk.len()));
+                    send.send_data(part, false).map_err(h2_io)?;
+                }
             }
+        };
+        let from_h2 = async {
+            let mut recv = accepted.await.map_err(BridgeError::NotAccepted)?;
+            while let Some(data) = recv.data().await {
+                let data = data.map_err(h2_io)?;
+                let len = data.len();
+                tcp_write.write_all(&data).await.map_err(BridgeError::Io)?;
+                received += len as u64;
+                // Err only when the stream is already gone; the next data() says so.
+                let _ = recv.flow_control().release_capacity(len);
+            }
+            tcp_write.shutdown().await.map_err(BridgeError::Io)?;
+            Ok::<_, BridgeError>(())
+        };
+        let result = tokio::try_join!(to_h2, from_h2).map(|_| ());
+        match &result {
+            Ok(()) => {}
+            Err(BridgeError::NotAccepted(_)) => {
+                send.send_reset(h2::Reason::CANCEL);
+                // A reset, not a clean close the client could take for an
+                // empty answer; its bytes went nowhere. (A write half that is
+                // dropped sends a FIN first; forgotten, it leaves the close to
+                // the read half, which resets.)
+                let _ = socket2::SockRef::from(tcp_read.as_ref()).set_linger(Some(Duration::ZERO));
+                tcp_write.forget();
+                sent = 0;
+            }
+            Err(BridgeError::Io(_)) => send.send_reset(h2::Reason::CANCEL),
         }
-    };
-    let from_h2 = async {
-        let mut recv = accepted.await.map_err(BridgeError::NotAccepted)?;
-        while let Some(data) = recv.data().await {
-            let data = data.map_err(h2_io)?;
-            let len = data.len();
-            tcp_write.write_all(&data).await.map_err(BridgeError::Io)?;
-            received += len as u64;
-            // Err only when the stream is already gone; the next data() says so.
-            let _ = recv.flow_control().release_capacity(len);
-        }
-        tcp_write.shutdown().await.map_err(BridgeError::Io)?;
-        Ok::<_, BridgeError>(())
-    };
-    let result = tokio::try_join!(to_h2, from_h2).map(|_| ());
-    match &result {
-        Ok(()) => {}
-        Err(BridgeError::NotAccepted(_)) => {
-            send.send_reset(h2::Reason::CANCEL);
-            // A reset, not a clean close the client could take for an
-            // empty answer; its bytes went nowhere. (A write half that is
-            // dropped sends a FIN first; forgotten, it leaves the close to
-            // the read half, which resets.)
-            let _ = socket2::SockRef::from(tcp_read.as_ref()).set_linger(Some(Duration::ZERO));
-            tcp_write.forget();
-            sent = 0;
-        }
-        Err(BridgeError::Io(_)) => send.send_reset(h2::Reason::CANCEL),
+        (
+            Copied {
+                from_tcp: sent,
+                to_tcp: received,
+            },
+            result,
+        )
     }
-    (
-        Copied {
-            from_tcp: sent,
-            to_tcp: received,
-        },
-        result,
-    )
 }
 
 /// An HTTP/2 error as an I/O error, keeping the socket's own error where

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use kanava_e2e::{MESH_LAB, kanava, up};
+use kanava_e2e::{MESH_LAB, kanava, up, wait_for};
 use rustix::process::{Pid, Signal, kill_process};
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -19,6 +19,12 @@ fn status_and_config_dump_show_what_each_ztunnel_holds_and_what_is_wrong() {
     let mut lab = up(MESH_LAB);
     let name = lab.state().name.clone();
 
+    // `up` returns once every pod is captured; a ztunnel may still be
+    // fetching the certificate of the last one, which status rightly
+    // reports as a problem until it arrives.
+    wait_for("the lab to be healthy", || {
+        run(&["status", "--name", &name]).0 == 0
+    });
     let (code, out, err) = run(&["status", "--name", &name]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("all healthy"), "{out}");

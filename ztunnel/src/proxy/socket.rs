@@ -137,8 +137,14 @@ fn new_socket(destination: SocketAddr, source: Option<IpAddr>) -> io::Result<Soc
             IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
             IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
         }
-        // A kernel without the option (before 4.2) binds the slow way.
-        let _ = bind_address_no_port(&socket);
+        // A kernel without the option (before 4.2) binds the slow way;
+        // said once, as it holds for every socket of this process.
+        if let Err(error) = bind_address_no_port(&socket) {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(%error, "IP_BIND_ADDRESS_NO_PORT unavailable: each connection to an app searches for a free port at bind, which is slow under churn");
+            });
+        }
         socket.bind(&SocketAddr::new(source, 0).into())?;
     }
     Ok(socket)

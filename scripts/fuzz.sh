@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ "${#targets[@]}" -eq 0 ]; then
-  targets=(handoff discovery identity csr policy_proto manifests lab_file)
+  targets=(handoff discovery identity csr policy_proto manifests lab_file upgrade)
 fi
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

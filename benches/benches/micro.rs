@@ -180,7 +180,11 @@ fn copy_loop(c: &mut Criterion) {
                             read,
                             write,
                             send,
-                            std::future::ready(Ok(request.into_body())),
+                            std::future::ready(Ok(hbone::Accepted {
+                                recv: request.into_body(),
+                                token: None,
+                            })),
+                            None,
                         )
                         .await;
                         result.unwrap();
@@ -215,7 +219,11 @@ fn copy_loop(c: &mut Criterion) {
                     read,
                     write,
                     send,
-                    std::future::ready(Ok(response.into_body())),
+                    std::future::ready(Ok(hbone::Accepted {
+                        recv: response.into_body(),
+                        token: None,
+                    })),
+                    None,
                 )
                 .await;
                 result.unwrap();

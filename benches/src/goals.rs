@@ -37,6 +37,8 @@ pub const MEMORY_PER_IDLE_CONNECTION: MeasurementGoal = MeasurementGoal::AtMost(
 pub const SNAPSHOT_TO_EVERY_STREAM: MeasurementGoal = MeasurementGoal::Below(1000.0);
 pub const POD_CHANGE_TO_EVERY_STREAM_P99: MeasurementGoal = MeasurementGoal::Below(100.0);
 pub const CONTROL_PLANE_RSS: MeasurementGoal = MeasurementGoal::Below(200.0);
+/// One node's hand-over during an upgrade, in ms (10,000 connections).
+pub const HAND_OVER_TIME: MeasurementGoal = MeasurementGoal::Below(2000.0);
 /// None at all: failed connections, descriptors left behind.
 pub const NONE_FAILED: MeasurementGoal = MeasurementGoal::AtMost(0.0);
 

@@ -19,6 +19,7 @@ mod procfs;
 mod report;
 mod soak;
 mod stats;
+mod upgrade;
 
 use std::path::PathBuf;
 
@@ -51,6 +52,14 @@ struct Args {
     /// connections a second). 0 skips the soak.
     #[arg(long, default_value_t = 10)]
     soak_minutes: u64,
+    /// Skip the upgrade scenario (held connections and new ones through a
+    /// rolling upgrade of both nodes' ztunnels).
+    #[arg(long, conflicts_with = "upgrade_only")]
+    no_upgrade: bool,
+    /// Only the upgrade scenario (with the lab's set-up): no data-path
+    /// scenarios, no soak.
+    #[arg(long)]
+    upgrade_only: bool,
     /// Measure nothing: rewrite RESULTS.md from the results.json and
     /// analysis.md already in the output directory (after editing the
     /// analysis).
@@ -110,8 +119,11 @@ fn main() -> anyhow::Result<()> {
             None => None,
         };
         let mut bench = mesh::MeshBench::up(settings, baseline)?;
-        bench.run(&mut collector)?;
+        if !args.upgrade_only {
+            bench.run(&mut collector)?;
+        }
         let soak = match (args.quick, args.soak_minutes) {
+            _ if args.upgrade_only => None,
             (true, _) => Some(soak::SoakSettings::quick()),
             (false, 0) => None,
             (false, minutes) => Some(soak::SoakSettings::full(minutes)),
@@ -119,6 +131,15 @@ fn main() -> anyhow::Result<()> {
         if let Some(soak) = soak {
             eprintln!("soak: {soak:?}");
             bench.soak(&soak, &mut collector)?;
+        }
+        if !args.no_upgrade {
+            let upgrade = if args.quick {
+                upgrade::UpgradeSettings::quick()
+            } else {
+                upgrade::UpgradeSettings::full()
+            };
+            eprintln!("upgrade: {upgrade:?}");
+            bench.upgrade(&upgrade, &mut collector)?;
         }
     }
     if !args.no_control_plane {

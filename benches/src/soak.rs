@@ -75,6 +75,62 @@ impl MeshBench {
 }
 
 impl MeshBench {
+    /// `count` connections from the mesh client to the mesh server's echo.
+    pub(crate) fn hold(&self, count: usize) -> anyhow::Result<Vec<TcpStream>> {
+        let server = self.server(Mode::Mesh, SERVER_PORT)?;
+        let netns = kanava_netns::NetNs::named(&self.lab.netns(&Self::client(Mode::Mesh))?)?;
+        Ok(netns.run(move || -> std::io::Result<Vec<TcpStream>> {
+            (0..count)
+                .map(|_| TcpStream::connect_timeout(&server, Duration::from_secs(10)))
+                .collect()
+        })??)
+    }
+
+    /// `labapp churn` from the mesh client to the mesh server's echo:
+    /// `rate` new connections a second for `seconds`; its JSON report.
+    pub(crate) fn paced_churn(
+        &self,
+        rate: u32,
+        seconds: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let server = self.server(Mode::Mesh, SERVER_PORT)?.to_string();
+        self.run_json(
+            Mode::Mesh,
+            &Self::client(Mode::Mesh),
+            &[
+                "labapp",
+                "churn",
+                "--to",
+                &server,
+                "--concurrency",
+                "16",
+                "--seconds",
+                &seconds.as_secs_f64().to_string(),
+                "--rate",
+                &rate.to_string(),
+            ],
+        )
+    }
+}
+
+/// How many of the held connections no longer echo a byte.
+pub(crate) fn broken(held: &mut [TcpStream]) -> usize {
+    held.iter_mut()
+        .filter_map(|stream| {
+            let alive = stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .and_then(|()| stream.write_all(b"?"))
+                .and_then(|()| {
+                    let mut byte = [0u8];
+                    stream.read_exact(&mut byte)
+                })
+                .is_ok();
+            (!alive).then_some(())
+        })
+        .count()
+}
+
+impl MeshBench {
     pub fn soak(&self, settings: &SoakSettings, collector: &mut Collector) -> anyhow::Result<()> {
         let pids = self.ztunnel_pids(Mode::Mesh);
         let files_before = self.files_not_pooled(&pids);
@@ -88,14 +144,8 @@ impl MeshBench {
         };
 
         // Hold.
-        let server = self.server(Mode::Mesh, SERVER_PORT)?;
-        let netns = kanava_netns::NetNs::named(&self.lab.netns(&Self::client(Mode::Mesh))?)?;
         let count = settings.hold;
-        let mut held = netns.run(move || -> std::io::Result<Vec<TcpStream>> {
-            (0..count)
-                .map(|_| TcpStream::connect_timeout(&server, Duration::from_secs(10)))
-                .collect()
-        })??;
+        let mut held = self.hold(count)?;
         eprintln!(
             "soak: holding {count} connections for {:?}",
             settings.hold_for
@@ -105,20 +155,7 @@ impl MeshBench {
             sample(&mut peak_rss);
             std::thread::sleep(settings.sample_every.min(until - Instant::now()));
         }
-        let mut broken = 0usize;
-        for stream in &mut held {
-            let alive = stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .and_then(|()| stream.write_all(b"?"))
-                .and_then(|()| {
-                    let mut byte = [0u8];
-                    stream.read_exact(&mut byte)
-                })
-                .is_ok();
-            if !alive {
-                broken += 1;
-            }
-        }
+        let broken = broken(&mut held);
         drop(held);
         collector.measure(
             "soak",
@@ -134,29 +171,8 @@ impl MeshBench {
             "soak: {} new connections a second for {:?}",
             settings.rate, settings.churn_for
         );
-        let lab_client = Self::client(Mode::Mesh);
-        let server_text = server.to_string();
-        let seconds = settings.churn_for.as_secs_f64().to_string();
-        let rate = settings.rate.to_string();
         let churn = std::thread::scope(|scope| {
-            let run = scope.spawn(|| {
-                self.run_json(
-                    Mode::Mesh,
-                    &lab_client,
-                    &[
-                        "labapp",
-                        "churn",
-                        "--to",
-                        &server_text,
-                        "--concurrency",
-                        "16",
-                        "--seconds",
-                        &seconds,
-                        "--rate",
-                        &rate,
-                    ],
-                )
-            });
+            let run = scope.spawn(|| self.paced_churn(settings.rate, settings.churn_for));
             while !run.is_finished() {
                 sample(&mut peak_rss);
                 std::thread::sleep(settings.sample_every);

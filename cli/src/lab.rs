@@ -49,6 +49,27 @@ pub enum LabCommand {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+    /// Replace the ztunnels as a DaemonSet's rolling update does: per node,
+    /// start the new one beside the old, wait until it is ready, then stop
+    /// the old one, which hands its listeners and open connections over.
+    /// Prints per node what changed hands and how long it took.
+    Upgrade {
+        #[command(flatten)]
+        lab: LabName,
+        /// The new ztunnel executable (default: the one beside `kanava`).
+        #[arg(long, value_name = "PATH")]
+        ztunnel_binary: Option<PathBuf>,
+        /// Upgrade only this node (repeatable); every node by default, one
+        /// after another.
+        #[arg(long = "node", value_name = "NODE")]
+        nodes: Vec<String>,
+        /// Start every new ztunnel first, then stop every old one at once.
+        #[arg(long)]
+        all_at_once: bool,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Show the nodes, pods, services and mesh components of a lab.
     Status {
         #[command(flatten)]
@@ -117,6 +138,55 @@ pub fn run(command: LabCommand) -> anyhow::Result<i32> {
         } => up(&file, &name, nodes, &log_filter, ztunnel_binary),
         LabCommand::Apply { lab, file } => change(lab, &file, kanava_lab::apply_manifests),
         LabCommand::Delete { lab, file } => change(lab, &file, kanava_lab::delete_manifests),
+        LabCommand::Upgrade {
+            lab,
+            ztunnel_binary,
+            nodes,
+            all_at_once,
+            output,
+        } => {
+            let mut lab = Lab::attach(lab.name.as_deref())?;
+            let options = kanava_lab::UpgradeOptions {
+                ztunnel_binary: ztunnel_binary
+                    .map(|path| std::path::absolute(&path).unwrap_or(path)),
+                nodes,
+                all_at_once,
+            };
+            let upgraded = lab.upgrade(&options)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&upgraded)?),
+                Output::Table => {
+                    let mut rows = vec![
+                        [
+                            "NODE",
+                            "OLD PID",
+                            "NEW PID",
+                            "LISTENERS",
+                            "MOVED",
+                            "DRAINED",
+                            "HAND-OVER",
+                            "TOTAL",
+                        ]
+                        .map(String::from)
+                        .to_vec(),
+                    ];
+                    for node in &upgraded {
+                        rows.push(vec![
+                            node.node.clone(),
+                            describe_pid(node.old_pid),
+                            describe_pid(node.new_pid),
+                            node.listeners.to_string(),
+                            node.moved.to_string(),
+                            node.drained.to_string(),
+                            format!("{} ms", node.hand_over_ms),
+                            format!("{} ms", node.total_ms),
+                        ]);
+                    }
+                    print!("{}", table(&rows));
+                }
+            }
+            Ok(0)
+        }
         LabCommand::Status { lab, output } => {
             let lab = Lab::attach(lab.name.as_deref())?;
             let services = lab.services()?;

@@ -301,6 +301,31 @@ fn security_contexts_give_each_container_only_what_it_needs() {
         let rolling = &daemonset["spec"]["updateStrategy"]["rollingUpdate"];
         assert_eq!(rolling["maxUnavailable"], 0);
         assert_eq!(rolling["maxSurge"], 1);
+        // The old one hands over on the node's shared socket directory and
+        // has time to drain what cannot move.
+        let ztunnel = container(daemonset, "ztunnel");
+        let env = |name: &str| {
+            ztunnel["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .map(|e| e["value"].clone())
+        };
+        assert_eq!(
+            env("KANAVA_UPGRADE_SOCKET"),
+            Some(json!("/var/run/kanava/ztunnel-upgrade.sock"))
+        );
+        // 10 s by default, 45 s in the non-default values.
+        let drain: u64 = env("KANAVA_TERMINATION_GRACE")
+            .and_then(|v| v.as_str().and_then(|v| v.strip_suffix('s')?.parse().ok()))
+            .expect("a drain time in seconds");
+        assert!(drain == 10 || drain == 45, "{drain}");
+        assert_eq!(
+            daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+            drain + 20,
+            "longer than the drain"
+        );
     }
 }
 

@@ -10,6 +10,7 @@
 //! | [`policy_proto`] | a policy on the wire | validation, evaluation |
 //! | [`manifests`] | Kubernetes YAML | parsing, translation (policies, pods, services), evaluation |
 //! | [`lab_file`] | a lab file | parsing, planning |
+//! | [`upgrade`] | an upgrade-socket message, and the hand-over headers and trailers of HBONE | JSON decoding, tokens, identities; `kanava-handover`, `kanava-resume`, `kanava-moving` |
 //!
 //! `fuzz/` (cargo-fuzz, nightly) runs them under libFuzzer; the tests in
 //! `tests/` replay the committed corpus and a bounded stream of generated
@@ -38,7 +39,55 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("policy_proto", policy_proto),
     ("manifests", manifests),
     ("lab_file", lab_file),
+    ("upgrade", upgrade),
 ];
+
+/// What the hand-over extension parses: a message on the upgrade socket
+/// (from a predecessor), and HBONE headers and trailers from a peer.
+/// A message that decodes must encode back to one that decodes the same.
+pub fn upgrade(data: &[u8]) {
+    use kanava_ztunnel::proxy::hbone::resume;
+    use kanava_ztunnel::upgrade::protocol::{self, Message as UpgradeMessage};
+    if let Ok(message) = UpgradeMessage::decode(data) {
+        assert_eq!(
+            UpgradeMessage::decode(&message.encode()).ok().as_ref(),
+            Some(&message),
+            "an upgrade message reads back as itself"
+        );
+        match &message {
+            UpgradeMessage::Client(moved) => {
+                let _ = protocol::token(&moved.token);
+                let _ = moved.destination_identity.parse::<Identity>();
+            }
+            UpgradeMessage::Server(moved) => {
+                let _ = protocol::token(&moved.token);
+                let _ = moved.client_identity.parse::<Identity>();
+            }
+            _ => {}
+        }
+    }
+    // The same bytes as the value of each header the extension reads.
+    let Ok(value) = http::HeaderValue::from_bytes(data) else {
+        return;
+    };
+    for name in [
+        resume::HANDOVER_HEADER,
+        resume::RESUME_HEADER,
+        resume::MOVING_TRAILER,
+    ] {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(name, value.clone());
+        let _ = resume::read_request(&headers);
+        let _ = resume::read_grant(&headers);
+        let _ = resume::read_moving(Some(&headers));
+    }
+    if let Some(token) = resume::Token::parse(data) {
+        assert_eq!(
+            resume::Token::parse(token.to_string().as_bytes()),
+            Some(token)
+        );
+    }
+}
 
 /// A handoff message as the ztunnel's socket receives it.
 pub fn handoff(data: &[u8]) {

@@ -41,6 +41,7 @@ pub mod target;
 mod teardown;
 pub mod testdata;
 mod up;
+pub mod upgrade;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -59,6 +60,7 @@ pub use target::Target;
 pub use teardown::{clean, down};
 pub use testdata::pattern;
 pub use up::UpOptions;
+pub use upgrade::{NodeUpgrade, UpgradeOptions};
 
 /// A running lab.
 pub struct Lab {
@@ -128,6 +130,15 @@ impl Lab {
         stop(&state.control_plane);
         self.state = state;
         Ok(())
+    }
+
+    /// Replaces ztunnels as a DaemonSet's rolling update does: each new one
+    /// starts beside the old, and the old one hands over once the new one
+    /// is ready.
+    pub fn upgrade(&mut self, options: &UpgradeOptions) -> Result<Vec<NodeUpgrade>, Error> {
+        let upgraded = upgrade::upgrade(&self.state.name, options, &Context::discover(None)?)?;
+        self.refresh()?;
+        Ok(upgraded)
     }
 
     /// The ztunnel on `node` as it runs now: its pid and how often its
@@ -270,7 +281,7 @@ impl Drop for Lab {
 }
 
 /// Stops a component and its supervisor.
-fn stop(component: &state::Component) {
+pub(crate) fn stop(component: &state::Component) {
     let pids: Vec<u32> = component
         .supervisor
         .into_iter()

@@ -101,6 +101,14 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// Sends SIGTERM to one process alone (a supervisor passes it on to its
+/// child).
+pub fn signal_term(pid: u32) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = kill_process(pid, Signal::TERM);
+    }
+}
+
 /// Sends SIGTERM to each process (and its process group), waits up to
 /// `grace` for all to exit, then sends SIGKILL to whatever remains.
 pub fn terminate(pids: &[u32], grace: Duration) {

@@ -302,49 +302,15 @@ pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Er
 pub const ZTUNNEL_GLIBC_TUNABLES: &str = "glibc.cpu.x86_rep_movsb_threshold=4294967295";
 
 fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
-    let layout = state.layout();
     let binary = state
         .ztunnel_binary
         .clone()
         .unwrap_or_else(|| env.bins.join("ztunnel"));
-    for node in &mut state.nodes {
-        let argv: Vec<String> = vec![
-            binary.display().to_string(),
-            "--node-name".into(),
-            node.name.clone(),
-            "--control-plane-address".into(),
-            layout::control_plane_address().to_string(),
-            "--ca-root-file".into(),
-            layout.root_cert().display().to_string(),
-            "--node-token-file".into(),
-            node.token_file.display().to_string(),
-            "--handoff-socket".into(),
-            node.handoff_socket.display().to_string(),
-        ]
-        .into_iter()
-        .chain(state.ztunnel_args.iter().cloned())
-        .collect();
-        // Through the environment: a ztunnel built before these settings
-        // existed (an A/B benchmark's baseline) ignores them instead of
-        // refusing to start.
-        let vars = [
-            ("RUST_LOG".to_string(), state.log_filter.clone()),
-            (
-                "GLIBC_TUNABLES".to_string(),
-                ZTUNNEL_GLIBC_TUNABLES.to_string(),
-            ),
-            (
-                "KANAVA_POD_RECORDS_DIR".to_string(),
-                layout.pod_records_dir(&node.name).display().to_string(),
-            ),
-            (
-                "KANAVA_NETNS_DIR".to_string(),
-                layout.node_netns_dir(&node.name).display().to_string(),
-            ),
-        ];
-        let status = layout
-            .log_dir()
-            .join(format!("ztunnel-{}.status.json", node.name));
+    for index in 0..state.nodes.len() {
+        let (argv, vars) = ztunnel_command(state, index, &binary);
+        let log_dir = state.layout().log_dir();
+        let node = &mut state.nodes[index];
+        let status = log_dir.join(format!("ztunnel-{}.status.json", node.name));
         let netns = node.netns.clone();
         spawn_supervised(env, &mut node.ztunnel, &netns, &argv, &vars, status)?;
     }
@@ -362,9 +328,71 @@ fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
     Ok(())
 }
 
+/// How the ztunnel of `state.nodes[index]` is started: its command line
+/// and environment.
+pub(crate) fn ztunnel_command(
+    state: &LabState,
+    index: usize,
+    binary: &std::path::Path,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let layout = state.layout();
+    let node = &state.nodes[index];
+    let argv: Vec<String> = vec![
+        binary.display().to_string(),
+        "--node-name".into(),
+        node.name.clone(),
+        "--control-plane-address".into(),
+        layout::control_plane_address().to_string(),
+        "--ca-root-file".into(),
+        layout.root_cert().display().to_string(),
+        "--node-token-file".into(),
+        node.token_file.display().to_string(),
+        "--handoff-socket".into(),
+        node.handoff_socket.display().to_string(),
+    ]
+    .into_iter()
+    .chain(state.ztunnel_args.iter().cloned())
+    .collect();
+    // Through the environment: a ztunnel built before these settings
+    // existed (an A/B benchmark's baseline) ignores them instead of
+    // refusing to start.
+    let vars = vec![
+        ("RUST_LOG".to_string(), state.log_filter.clone()),
+        (
+            "GLIBC_TUNABLES".to_string(),
+            ZTUNNEL_GLIBC_TUNABLES.to_string(),
+        ),
+        (
+            "KANAVA_POD_RECORDS_DIR".to_string(),
+            layout.pod_records_dir(&node.name).display().to_string(),
+        ),
+        (
+            "KANAVA_NETNS_DIR".to_string(),
+            layout.node_netns_dir(&node.name).display().to_string(),
+        ),
+        (
+            "KANAVA_UPGRADE_SOCKET".to_string(),
+            upgrade_socket(node).display().to_string(),
+        ),
+    ];
+    (argv, vars)
+}
+
+/// Where a node's ztunnel takes over from the one before it: beside its
+/// handoff socket.
+pub fn upgrade_socket(node: &NodeState) -> PathBuf {
+    let stem = node
+        .handoff_socket
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_else(|| node.name.clone());
+    node.handoff_socket
+        .with_file_name(format!("{stem}-upgrade.sock"))
+}
+
 /// Starts `argv` under `lab-supervisor` in `netns`, which starts it again
 /// whenever it dies, and records both pids in `component`.
-fn spawn_supervised(
+pub(crate) fn spawn_supervised(
     env: &Context,
     component: &mut Component,
     netns: &str,
@@ -394,7 +422,7 @@ fn spawn_supervised(
     Ok(())
 }
 
-fn ztunnel_ready(netns: &str) -> bool {
+pub(crate) fn ztunnel_ready(netns: &str) -> bool {
     let url = format!("http://127.0.0.1:{}/healthz/ready", ports::READINESS);
     Command::new("ip")
         .args([

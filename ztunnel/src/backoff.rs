@@ -50,4 +50,15 @@ mod tests {
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));
     }
+
+    #[test]
+    fn a_ztunnel_resubscribes_within_two_seconds_of_the_control_plane_returning() {
+        // However long the control plane was away, the next attempt comes
+        // within the cap (the attempt itself then takes a round trip).
+        let mut backoff = Backoff::new(Duration::from_millis(100), crate::discovery::RECONNECT_CAP);
+        for _ in 0..1000 {
+            assert!(backoff.next_delay() <= crate::discovery::RECONNECT_CAP);
+        }
+        assert!(crate::discovery::RECONNECT_CAP < Duration::from_secs(2));
+    }
 }

@@ -194,7 +194,8 @@ async fn keep_fresh(
     identity: Identity,
     cert: watch::Sender<Option<WorkloadCert>>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    // A pod waits for its certificate: capped low, like discovery.
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match fetch(&control_plane, ttl, &identity).await {
             Ok(fresh) => {

@@ -37,6 +37,15 @@ pub struct Config {
     )]
     pub handoff_socket: PathBuf,
 
+    /// Unix socket on which a ready ztunnel takes over from the one before it
+    /// during an upgrade (listeners, open connections).
+    #[arg(
+        long,
+        env = "KANAVA_UPGRADE_SOCKET",
+        default_value = "/var/run/kanava/ztunnel-upgrade.sock"
+    )]
+    pub upgrade_socket: PathBuf,
+
     /// Directory of the pod records the CNI plugin keeps on this node: how
     /// the ztunnel finds the enrolled pods that already run when it starts,
     /// and running pods whose namespace is enrolled later.
@@ -57,9 +66,12 @@ pub struct Config {
     #[arg(long, env = "KANAVA_HANDOFF_ALLOWED_UID")]
     pub handoff_allowed_uid: Option<u32>,
 
-    /// After SIGTERM, how long the ztunnel goes on serving (connections in
-    /// flight, and the handoff socket, through which an uninstall releases
-    /// the node's pods) before it exits.
+    /// After SIGTERM, how long the ztunnel goes on serving before it exits.
+    /// With a successor ready beside it (an upgrade), it hands its
+    /// connections over and then drains, for at most this long, those that
+    /// cannot move; without one, it serves this long (connections in flight,
+    /// and the handoff socket, through which an uninstall releases the
+    /// node's pods).
     #[arg(long, env = "KANAVA_TERMINATION_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
     pub termination_grace: std::time::Duration,
 

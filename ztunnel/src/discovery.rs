@@ -20,6 +20,9 @@ use crate::control_plane::ControlPlane;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::workloads::WorkloadStore;
 
+/// Longest wait between two attempts to subscribe.
+pub const RECONNECT_CAP: Duration = Duration::from_millis(1500);
+
 pub async fn run(
     control_plane: ControlPlane,
     store: Arc<WorkloadStore>,
@@ -27,7 +30,11 @@ pub async fn run(
     node: String,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
+    // Capped low: a control plane that comes back (a restart, a replica of
+    // a rolling update becoming ready) has every ztunnel subscribed again
+    // within about a second and a half; a refused connection costs the
+    // control plane next to nothing meanwhile.
+    let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_CAP);
     loop {
         let result = tokio::select! {
             result = session(&control_plane, &store, &metrics, &node, &mut backoff) => result,

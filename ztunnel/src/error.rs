@@ -113,6 +113,13 @@ pub enum Error {
 }
 
 impl Error {
+    /// The HTTP/2 connection's peer is going away (GOAWAY, or it refused
+    /// the stream unprocessed): another connection may carry the request.
+    pub fn is_going_away(&self) -> bool {
+        matches!(self, Error::Http2 { source, .. }
+            if source.is_go_away() || source.reason() == Some(h2::Reason::REFUSED_STREAM))
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
         move |source| Error::Io { context, source }

@@ -13,6 +13,7 @@
 //! - [`certs`]: workload certificates from the mesh CA, renewed at half-life.
 //! - [`admin`] and [`metrics`]: configuration dump, Prometheus metrics,
 //!   readiness.
+//! - [`upgrade`]: handing listeners and open connections to a successor.
 
 pub mod admin;
 mod backoff;
@@ -24,6 +25,7 @@ mod error;
 pub mod metrics;
 pub mod pods;
 pub mod proxy;
+pub mod upgrade;
 pub mod workloads;
 
 use std::sync::Arc;
@@ -33,17 +35,20 @@ pub use error::Error;
 use kanava_tls::MeshRoots;
 use tokio_util::sync::CancellationToken;
 
-/// Runs the ztunnel until `shutdown` is cancelled.
+/// Runs the ztunnel until `terminate` is cancelled (SIGTERM), then hands
+/// over to a successor if one is ready, or serves on for the termination
+/// grace, and returns.
 ///
 /// On shutdown the capture rules stay in the pods: their traffic fails
 /// closed until a new ztunnel takes over, instead of bypassing the mesh.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Error> {
     let config = Arc::new(config);
     let roots_pem = std::fs::read(&config.ca_root_file).map_err(Error::io(format!(
         "read mesh root {}",
         config.ca_root_file.display()
     )))?;
     let roots = MeshRoots::from_pem(&roots_pem)?;
+    let shutdown = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new());
     let control_plane = control_plane::ControlPlane::new(&config, &roots)?;
     let workloads = Arc::new(workloads::WorkloadStore::new());
@@ -64,6 +69,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         kanava_handoff::records::RecordDir::new(&config.pod_records_dir),
         config.netns_dir.clone(),
     ));
+    // A ztunnel that answers on the upgrade socket is our predecessor: we
+    // start beside it and take over when it leaves.
+    let predecessor = upgrade::successor::ask_status(&config.upgrade_socket)
+        .map(|(pid, _, _)| pid)
+        .filter(|pid| *pid != std::process::id());
+    if let Some(pid) = predecessor {
+        tracing::info!(
+            predecessor = pid,
+            "starting beside a running ztunnel; taking over when it leaves"
+        );
+        // Clients may come back for streams it has not handed over yet.
+        proxy.resumptions.expect_incoming(Some(
+            std::time::Instant::now() + std::time::Duration::from_secs(600),
+        ));
+    }
     // Before anything else: the pods an earlier ztunnel served have had
     // their traffic blocked since it went away.
     pods.restore().await;
@@ -75,7 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ));
     tokio::spawn(discovery::run(
         control_plane,
-        workloads,
+        workloads.clone(),
         metrics,
         config.node_name.clone(),
         shutdown.clone(),
@@ -88,20 +108,91 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         proxy: proxy.clone(),
         pods: pods.clone(),
     });
+    let stop_admin = shutdown.child_token();
     for (address, endpoint) in [
         (config.admin_address, admin::Endpoint::Admin),
         (config.metrics_address, admin::Endpoint::Metrics),
         (config.readiness_address, admin::Endpoint::Readiness),
     ] {
-        admin::serve(address, endpoint, state.clone(), shutdown.clone()).await?;
+        if predecessor.is_none() {
+            admin::serve(address, endpoint, state.clone(), stop_admin.clone()).await?;
+            continue;
+        }
+        // The predecessor holds these ports (the lab runs both in one
+        // network namespace) until it leaves.
+        let (state, stop) = (state.clone(), stop_admin.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                match admin::serve(address, endpoint, state.clone(), stop.clone()).await {
+                    Ok(()) => return,
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                }
+            }
+        });
     }
     pods::handoff::serve(
         &config.handoff_socket,
         config.handoff_allowed_uid,
-        pods,
+        pods.clone(),
         tokio::runtime::Handle::current(),
     )?;
+    // Ready to take over once configured (pods restored above).
+    let successor = Arc::new(upgrade::successor::Successor {
+        proxy: proxy.clone(),
+        pods: pods.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        allowed_uid: config.handoff_allowed_uid,
+        last: Default::default(),
+    });
+    tokio::spawn({
+        let path = config.upgrade_socket.clone();
+        let stop = shutdown.clone();
+        async move {
+            tokio::select! {
+                () = workloads.wait_ready() => {}
+                () = stop.cancelled() => return,
+            }
+            if let Err(error) = upgrade::successor::serve(path, successor) {
+                tracing::error!(%error, "cannot serve the upgrade socket; an upgrade will drain this ztunnel's connections");
+            }
+        }
+    });
 
-    shutdown.cancelled().await;
+    terminate.cancelled().await;
+    let grace = config.termination_grace;
+    let handed_over = upgrade::predecessor::leave(
+        proxy.clone(),
+        pods,
+        config.upgrade_socket.clone(),
+        grace,
+        stop_admin,
+    )
+    .await;
+    match handed_over {
+        Some(summary) if summary.drained > 0 => {
+            tracing::info!(
+                drained = summary.drained,
+                ?grace,
+                "draining the connections that could not move"
+            );
+            let left = proxy
+                .departure
+                .drained(std::time::Instant::now() + grace)
+                .await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "connections still open at the end of the grace are closed"
+                );
+            }
+        }
+        Some(_) => {}
+        None if !grace.is_zero() => {
+            tracing::info!(?grace, "terminating: serving on for the grace period");
+            tokio::time::sleep(grace).await;
+        }
+        None => {}
+    }
+    shutdown.cancel();
     Ok(())
 }

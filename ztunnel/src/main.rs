@@ -16,20 +16,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         // Capture rules stay in the pods on shutdown, so they fail closed.
         let signalled = kanava_runtime::shutdown_on_signal();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let grace = config.termination_grace;
-        tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                signalled.cancelled().await;
-                if !grace.is_zero() {
-                    tracing::info!(?grace, "terminating: serving on for the grace period");
-                    tokio::time::sleep(grace).await;
-                }
-                shutdown.cancel();
-            }
-        });
-        kanava_ztunnel::run(config, shutdown).await
+        kanava_ztunnel::run(config, signalled).await
     })?;
     Ok(())
 }

@@ -151,6 +151,11 @@ pub struct Metrics {
     /// Inbound HBONE connections refused before or during the TLS
     /// handshake, by reason (`handshake_budget`, `no_certificate`, `tls`).
     pub hbone_handshake_failures: Family<ReasonLabels, Counter>,
+    /// Moved streams continued on a new `CONNECT` (client side).
+    pub resumed_streams: Counter,
+    /// Resume requests answered (server side), by result (`resumed`, or why
+    /// refused: `unknown`, `replayed`, `foreign`, `not_parked`).
+    pub resumes: Family<ResultLabels, Counter>,
     /// Certificate signing requests, by result.
     pub certificate_requests: Family<ResultLabels, Counter>,
     /// Discovery responses, by result (`ack`, `nack`).
@@ -191,6 +196,8 @@ impl Metrics {
             hbone_connections_open: Gauge::default(),
             hbone_connections_accepted: Counter::default(),
             hbone_handshake_failures: Family::default(),
+            resumed_streams: Counter::default(),
+            resumes: Family::default(),
             certificate_requests: Family::default(),
             discovery_responses: Family::default(),
             pods_captured: Gauge::default(),
@@ -283,6 +290,16 @@ impl Metrics {
             "hbone_handshake_failures",
             "Inbound HBONE connections refused before or during the TLS handshake, by reason",
             metrics.hbone_handshake_failures.clone(),
+        );
+        registry.register(
+            "hbone_resumed_streams",
+            "Moved HBONE streams continued on a new CONNECT (client side)",
+            metrics.resumed_streams.clone(),
+        );
+        registry.register(
+            "hbone_resumes",
+            "Resume requests of moved HBONE streams, by result (server side)",
+            metrics.resumes.clone(),
         );
         registry.register(
             "certificate_requests",

@@ -9,7 +9,7 @@
 //! back-off that doubles from 250 ms up to 8 s and starts over once the
 //! program has run for a minute. After every start it writes FILE (JSON:
 //! `pid`, `restarts`, `lastExit`), which `lab status` shows. SIGTERM or
-//! SIGINT stops the program (SIGTERM, then SIGKILL after 5 s) and the
+//! SIGINT stops the program (SIGTERM, then SIGKILL after 30 s) and the
 //! supervisor with it; a signal that arrives while the program is being
 //! restarted stops the restart.
 
@@ -25,7 +25,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(8);
 /// A program that ran this long is healthy again: its next back-off is
 /// the first one.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Long enough for a ztunnel to hand its connections to a successor (and
+/// to drain those that cannot move, within its own termination grace).
+const STOP_GRACE: Duration = Duration::from_secs(30);
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

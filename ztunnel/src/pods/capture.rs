@@ -183,15 +183,31 @@ fn route_replies(netns: &NetNs, family: &str, install: bool) -> Result<(), Error
         ];
         run(netns, "ip", &args, None)
     };
-    // Deleting first keeps exactly one copy of the rule.
-    let _ = rule("del");
     if install {
-        rule("add")?;
+        // Exactly one copy of the rule, and never a moment without one:
+        // while it is missing, the app's replies to connections made with
+        // a client's address (a SYN-ACK) are routed out of the pod instead
+        // of back to the ztunnel, and those connections are reset. A
+        // ztunnel that starts beside another (an upgrade) or after one
+        // (a restart) finds the rule in place and leaves it.
+        let shown = run(netns, "ip", &[family, "rule", "show"], None)?;
+        let wanted = format!("{priority}:\tfrom all fwmark {mark} lookup {table}");
+        let copies = shown
+            .lines()
+            .filter(|line| line.trim_end() == wanted)
+            .count();
+        for _ in 1..copies {
+            rule("del")?;
+        }
+        if copies == 0 {
+            rule("add")?;
+        }
         let args = [
             family, "route", "replace", "local", any, "dev", "lo", "table", &table,
         ];
         run(netns, "ip", &args, None)?;
     } else {
+        let _ = rule("del");
         run(
             netns,
             "ip",

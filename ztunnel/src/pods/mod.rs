@@ -98,6 +98,7 @@ impl PodRegistry {
         let listeners = tokio::task::spawn_blocking(move || -> Result<PodListeners, Error> {
             capture::install(&for_setup)?;
             let listeners = for_setup.run(|| -> std::io::Result<PodListeners> {
+                socket::migrate_pending_connections();
                 Ok(PodListeners {
                     outbound: socket::bind_pod_listener(ports::OUTBOUND)?,
                     inbound_plaintext: socket::bind_pod_listener(ports::INBOUND_PLAINTEXT)?,
@@ -405,6 +406,27 @@ impl PodRegistry {
 
     fn attempted_lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.attempted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The uids of the pods captured now.
+    pub fn uids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// A captured pod.
+    pub fn get(&self, uid: &str) -> Option<Arc<CapturedPod>> {
+        self.lock().get(uid).map(|entry| entry.pod.clone())
+    }
+
+    /// Closes every pod's listeners (leaving for a successor, whose
+    /// listeners of the same ports take over; the rules stay). Returns how
+    /// many listeners were closed.
+    pub fn stop_listening(&self) -> u64 {
+        let pods = self.lock();
+        for entry in pods.values() {
+            entry.stop.cancel();
+        }
+        pods.len() as u64 * 3
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {

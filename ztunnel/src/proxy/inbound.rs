@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -23,9 +23,12 @@ use kanava_tls::PeerCertificate;
 use tokio::net::TcpStream;
 
 use super::access_log::{AccessLog, Ending, Transferred};
+use super::hbone::resume::{self, Token};
 use super::hbone::{self, Refusal, server};
+use super::resumptions::{Binding, Parked};
 use super::{CapturedPod, PodInfo, Proxy, authz, limits, socket};
-use crate::metrics::{Direction, ReasonLabels, Transport};
+use crate::metrics::{Direction, ReasonLabels, ResultLabels, Transport};
+use crate::upgrade::protocol::{Message, MovedServer};
 use crate::workloads::WorkloadStore;
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, peer: SocketAddr) {
@@ -96,7 +99,20 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
         address: peer,
         certificate: client,
     });
-    while let Some(stream) = connection.accept().await {
+    let mut going_away = false;
+    loop {
+        let stream = tokio::select! {
+            stream = connection.accept() => stream,
+            () = proxy.departure.leaving().cancelled(), if !going_away => {
+                // Leaving for a successor: the client opens new streams
+                // elsewhere; those already on their way are still served
+                // (and moved).
+                connection.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
+        };
+        let Some(stream) = stream else { break };
         match stream {
             Ok((request, respond)) => {
                 tokio::spawn(serve_stream(
@@ -207,12 +223,40 @@ fn serve_stream(
         &parts.method,
         &parts.uri,
         SystemTime::now(),
-    );
+    )
+    .and_then(|target| match resume::read_request(&parts.headers) {
+        Ok(extension) => Ok((target, extension)),
+        Err(error) => Err(Refusal::BadRequest(error.to_string())),
+    });
     async move {
+        let _open = proxy.departure.open_connection();
         let ending = match verdict {
-            Ok(target) => {
-                connect_and_bridge(&proxy, &pod, &client, target, body, respond, &mut log).await
-            }
+            Ok((target, extension)) => match extension.resume {
+                Some(token) => {
+                    Box::pin(resume_and_bridge(
+                        &proxy,
+                        &pod,
+                        &client,
+                        target,
+                        (token, extension.offered),
+                        (body, respond),
+                        &mut log,
+                    ))
+                    .await
+                }
+                None => {
+                    connect_and_bridge(
+                        &proxy,
+                        &pod,
+                        &client,
+                        (target, extension.offered),
+                        body,
+                        respond,
+                        &mut log,
+                    )
+                    .await
+                }
+            },
             Err(refusal) => {
                 server::refuse(respond, &refusal);
                 refused(refusal)
@@ -234,7 +278,7 @@ fn connect_and_bridge<'a>(
     proxy: &'a Proxy,
     pod: &'a Arc<CapturedPod>,
     client: &'a Client,
-    target: SocketAddr,
+    (target, offered): (SocketAddr, bool),
     body: RecvStream,
     respond: SendResponse<Bytes>,
     log: &'a mut AccessLog,
@@ -256,34 +300,247 @@ fn connect_and_bridge<'a>(
                 return refused(refusal);
             }
         };
-        let send = match server::accept_stream(respond) {
+        let token = offered.then(|| proxy.resumptions.issue(binding(pod, client, target)));
+        let send = match server::accept_stream(respond, token) {
             Ok(send) => send,
             Err(error) => {
+                if let Some(token) = token {
+                    proxy.resumptions.forget(token);
+                }
                 return Ending::failed(format!("the client reset the stream: {error}"))
                     .code("client_reset");
             }
         };
         log.opened(&proxy.metrics);
-        let registration = proxy.open.register(
-            pod.clone(),
-            Some(client.certificate.identity.clone()),
-            client.address.ip(),
-            target.port(),
-        );
-        let (read, write) = upstream.into_split();
-        tokio::select! {
-            (copied, result) = hbone::bridge(read, write, send, std::future::ready(Ok(body))) => {
-                // The TCP side is the app, the destination.
-                let bytes = Transferred { to_destination: copied.to_tcp, to_source: copied.from_tcp };
-                Ending::carried(bytes, result.map_err(hbone::BridgeError::into_io))
+        let stream = Bridged {
+            tcp: upstream,
+            send,
+            recv: body,
+            token,
+            from_app_ended: false,
+        };
+        carry(proxy, pod, client, target, stream).await
+    }
+}
+
+/// An accepted stream and its app connection, ready to be bridged.
+struct Bridged {
+    tcp: TcpStream,
+    send: h2::SendStream<Bytes>,
+    recv: RecvStream,
+    /// The hand-over token granted, if the client offered the extension.
+    token: Option<Token>,
+    /// The app had finished sending before (a resumed stream).
+    from_app_ended: bool,
+}
+
+/// Who may resume a stream of `client` to `target` in `pod`.
+fn binding(pod: &CapturedPod, client: &Client, target: SocketAddr) -> Binding {
+    Binding {
+        pod_uid: pod.info.uid.clone(),
+        client: client.certificate.identity.clone(),
+        target,
+    }
+}
+
+/// Bridges a stream to its app until both sides are done, a policy change
+/// refuses the connection, or the stream moves (then the app socket is
+/// parked for the client's return, or handed to the successor).
+async fn carry(
+    proxy: &Proxy,
+    pod: &Arc<CapturedPod>,
+    client: &Client,
+    target: SocketAddr,
+    stream: Bridged,
+) -> Ending {
+    let registration = proxy.open.register(
+        pod.clone(),
+        Some(client.certificate.identity.clone()),
+        client.address.ip(),
+        target.port(),
+    );
+    let Bridged {
+        tcp,
+        send,
+        recv,
+        token,
+        from_app_ended,
+    } = stream;
+    let (read, write) = tcp.into_split();
+    let movable = token.map(|_| hbone::Movable {
+        departure: proxy.departure.clone(),
+        answer_within: MOVE_ANSWER_WITHIN,
+        from_tcp_ended: from_app_ended,
+    });
+    let accepted = std::future::ready(Ok(hbone::Accepted { recv, token }));
+    let (copied, result) = tokio::select! {
+        finished = hbone::bridge(read, write, send, accepted, movable) => finished,
+        _ = registration.closed.cancelled() => {
+            if let Some(token) = token {
+                proxy.resumptions.forget(token);
             }
-            _ = registration.closed.cancelled() => {
-                // Dropping the bridge resets the HTTP/2 stream and closes the
-                // connection to the app.
-                Ending::denied("closed: refused by a policy change").code("policy_change")
+            // Dropping the bridge resets the HTTP/2 stream and closes the
+            // connection to the app.
+            return Ending::denied("closed: refused by a policy change").code("policy_change");
+        }
+    };
+    // The TCP side is the app, the destination.
+    let bytes = Transferred {
+        to_destination: copied.to_tcp,
+        to_source: copied.from_tcp,
+    };
+    match result {
+        Ok(hbone::Finish::Moved(moved)) => {
+            let ended = (moved.from_tcp_ended, moved.to_tcp_ended);
+            let outcome = set_aside(proxy, pod, client, target, moved);
+            match outcome {
+                Ok(()) => {
+                    tracing::debug!(pod = %pod.info.display_name(), %target, ?ended, "stream moved");
+                    Ending::carried(bytes, Ok(())).code("moved")
+                }
+                Err(reason) => Ending::carried(bytes, Err(std::io::Error::other(reason))),
             }
         }
+        Ok(hbone::Finish::Closed) => {
+            if let Some(token) = token {
+                proxy.resumptions.forget(token);
+            }
+            Ending::carried(bytes, Ok(()))
+        }
+        Err(error) => {
+            if let Some(token) = token {
+                proxy.resumptions.forget(token);
+            }
+            Ending::carried(bytes, Err(error.into_io()))
+        }
     }
+}
+
+/// How long a client may take to answer a move before the connection is
+/// drained instead.
+const MOVE_ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long a resume waits for a stream that is still moving or still
+/// being handed over by a predecessor.
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+
+/// Parks a moved stream's app socket for its client, or hands it to the
+/// successor when this ztunnel is leaving.
+fn set_aside(
+    proxy: &Proxy,
+    pod: &CapturedPod,
+    client: &Client,
+    target: SocketAddr,
+    moved: hbone::MovedTcp,
+) -> Result<(), String> {
+    if proxy.departure.is_leaving() {
+        let message = Message::Server(MovedServer {
+            pod_uid: pod.info.uid.clone(),
+            token: moved.token.to_string(),
+            client_identity: client.certificate.identity.to_string(),
+            client_address: client.address,
+            target,
+            from_app_ended: moved.from_tcp_ended,
+            to_app_ended: moved.to_tcp_ended,
+        });
+        proxy.resumptions.forget(moved.token);
+        return proxy.departure.hand_over(message, moved.tcp);
+    }
+    let tcp = moved
+        .tcp
+        .into_std()
+        .map_err(|error| format!("cannot park the app connection: {error}"))?;
+    proxy.resumptions.park(
+        moved.token,
+        Parked {
+            binding: binding(pod, client, target),
+            tcp,
+            client_address: client.address,
+            from_app_ended: moved.from_tcp_ended,
+            to_app_ended: moved.to_tcp_ended,
+            since: Instant::now(),
+        },
+    );
+    Ok(())
+}
+
+/// Continues a parked stream on this new `CONNECT`, if its token is the
+/// client's to use.
+async fn resume_and_bridge(
+    proxy: &Proxy,
+    pod: &Arc<CapturedPod>,
+    client: &Client,
+    target: SocketAddr,
+    (token, offered): (Token, bool),
+    (body, respond): (RecvStream, SendResponse<Bytes>),
+    log: &mut AccessLog,
+) -> Ending {
+    let claimant = binding(pod, client, target);
+    let parked = match proxy.resumptions.claim(token, &claimant, CLAIM_WAIT).await {
+        Ok(parked) => parked,
+        Err(refusal) if proxy.departure.is_leaving() => {
+            // A client that reached us just before our listeners closed:
+            // the stream it asks for went (or goes) to our successor. 503
+            // has it ask again, on a new connection, which reaches it.
+            tracing::debug!(pod = %pod.info.display_name(), ?token, reason = %refusal, "resume sent on to the successor");
+            let refusal = Refusal::NoUpstream("this ztunnel is leaving; ask again".into());
+            server::refuse(respond, &refusal);
+            return refused(refusal);
+        }
+        Err(refusal) => {
+            proxy
+                .metrics
+                .resumes
+                .get_or_create(&ResultLabels {
+                    result: refusal.code(),
+                })
+                .inc();
+            tracing::warn!(
+                pod = %pod.info.display_name(),
+                client = %client.certificate.identity,
+                peer = %client.address,
+                %target,
+                ?token,
+                reason = %refusal,
+                "resume refused"
+            );
+            let refusal = Refusal::Unauthorized(format!("resume refused: {refusal}"));
+            server::refuse(respond, &refusal);
+            return Ending::denied(refusal.reason()).code("resume_refused");
+        }
+    };
+    proxy
+        .metrics
+        .resumes
+        .get_or_create(&ResultLabels { result: "resumed" })
+        .inc();
+    let tcp = match TcpStream::from_std(parked.tcp) {
+        Ok(tcp) => tcp,
+        Err(error) => {
+            let refusal =
+                Refusal::NoUpstream(format!("the parked connection is unusable: {error}"));
+            server::refuse(respond, &refusal);
+            return refused(refusal);
+        }
+    };
+    let new_token = offered.then(|| proxy.resumptions.issue(claimant));
+    let send = match server::accept_stream(respond, new_token) {
+        Ok(send) => send,
+        Err(error) => {
+            socket::reset(tcp);
+            return Ending::failed(format!("the client reset the resumed stream: {error}"))
+                .code("client_reset");
+        }
+    };
+    log.opened(&proxy.metrics);
+    let stream = Bridged {
+        tcp,
+        send,
+        recv: body,
+        token: new_token,
+        from_app_ended: parked.from_app_ended,
+    };
+    carry(proxy, pod, client, target, stream).await
 }
 
 /// The access-log ending of a refused stream.

@@ -32,6 +32,7 @@ pub mod limits;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;
+pub mod resumptions;
 pub mod route;
 pub mod socket;
 #[cfg(test)]
@@ -50,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::certs::CertManager;
 use crate::metrics::Metrics;
+use crate::upgrade::departure::Departure;
 use crate::workloads::WorkloadStore;
 use crate::{Config, Error};
 
@@ -104,6 +106,10 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Inbound connections in progress, re-judged on every policy change.
     pub open: authz::OpenConnections,
+    /// Resume tokens of inbound streams, and the streams parked under them.
+    pub resumptions: resumptions::Resumptions,
+    /// Whether this ztunnel is handing its connections to a successor.
+    pub departure: Arc<Departure>,
     handshakes: handshakes::Handshakes,
 }
 
@@ -126,6 +132,8 @@ impl Proxy {
                 per_pod: config.max_pending_handshakes_per_pod,
             }),
             open: authz::OpenConnections::default(),
+            resumptions: resumptions::Resumptions::default(),
+            departure: Arc::new(Departure::default()),
             netns: NetNsSwitch::new()?,
             config,
             workloads,
@@ -207,6 +215,10 @@ impl Proxy {
                     let evicted = self.pool.evict_idle();
                     if evicted > 0 {
                         tracing::debug!(evicted, "closed idle HBONE connections");
+                    }
+                    let expired = self.resumptions.expire();
+                    if expired > 0 {
+                        tracing::warn!(expired, "moved connections whose clients never came back were reset");
                     }
                 }
                 _ = stop.cancelled() => return,

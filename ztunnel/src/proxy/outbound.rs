@@ -20,12 +20,13 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::access_log::{AccessLog, Ending, Transferred};
-use super::hbone::{self, BridgeError, client::Reply, client::Stream};
+use super::hbone::{self, BridgeError, Finish, client::Reply, client::Stream};
 use super::pool::{PoolKey, StreamSlot};
 use super::route::{Hop, Route, route};
 use super::{CapturedPod, Proxy, chunks, limits, socket};
 use crate::Error;
 use crate::metrics::Direction;
+use crate::upgrade::protocol::{Message, MovedClient};
 
 /// Most endpoints tried for one connection to a Service.
 const MAX_ENDPOINT_ATTEMPTS: usize = 5;
@@ -124,6 +125,7 @@ pub fn handle(
                 return;
             }
         };
+        let _open = proxy.departure.open_connection();
         let mut log =
             AccessLog::start(&proxy.metrics, Direction::Outbound, &pod, peer, destination);
         log.source_identity(Some(pod.info.identity.clone()))
@@ -147,9 +149,20 @@ pub fn handle(
                 return;
             }
         };
-        let ending = relay(&proxy, client, upstream, &mut log).await;
+        let from = Origin {
+            peer,
+            original_destination: destination,
+        };
+        let ending = relay(&proxy, &pod, client, upstream, from, &mut log).await;
         log.finish(&proxy.metrics, ending);
     }
+}
+
+/// Where a proxied connection came from and where its app meant to go.
+#[derive(Clone, Copy, Debug)]
+struct Origin {
+    peer: SocketAddr,
+    original_destination: SocketAddr,
 }
 
 /// Decides the route and connects along it.
@@ -237,17 +250,25 @@ enum Answer {
 enum Upstream {
     /// A stream the destination accepted.
     Hbone {
-        _slot: StreamSlot,
+        lane: Lane,
         stream: Stream,
     },
     /// A stream whose `CONNECT` is on its way; its answer comes while the
     /// client's bytes already flow.
     HboneAnswerLater {
-        _slot: StreamSlot,
+        lane: Lane,
         send: h2::SendStream<bytes::Bytes>,
         reply: Reply,
     },
     Tcp(TcpStream),
+}
+
+/// Where an HBONE stream runs: the pooled connection's slot, the pool key
+/// (to ask again after a move) and the `CONNECT` target.
+struct Lane {
+    slot: StreamSlot,
+    key: PoolKey,
+    target: SocketAddr,
 }
 
 /// Connects along one hop: over HBONE, or in plain TCP from inside the
@@ -268,31 +289,45 @@ async fn connect(
                 destination: workload.identity.clone(),
                 address: SocketAddr::new(address.ip(), ports::HBONE),
             };
-            let slot = tokio::time::timeout(
-                timeout,
-                proxy.pool.checkout(&key, || {
-                    Box::pin(hbone::client::connect(proxy, pod, &key, cert))
-                }),
-            )
-            .await
-            .map_err(|_| Error::ConnectTimeout {
-                destination: key.address,
-                after: timeout,
-            })??;
-            if answer == Answer::Later {
-                let (send, reply) =
-                    hbone::client::send_connect(&slot, key.address, *address).await?;
-                return Ok(Upstream::HboneAnswerLater {
-                    _slot: slot,
-                    send,
-                    reply,
-                });
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let slot = checkout(proxy, pod, &key, &cert).await?;
+                let lane = Lane {
+                    slot,
+                    key: key.clone(),
+                    target: *address,
+                };
+                let opened = if answer == Answer::Later {
+                    hbone::client::send_connect(&lane.slot, key.address, *address, None)
+                        .await
+                        .map(|(send, reply)| Upstream::HboneAnswerLater { send, reply, lane })
+                } else {
+                    match hbone::client::open_stream(
+                        &lane.slot,
+                        key.address,
+                        *address,
+                        None,
+                        timeout,
+                    )
+                    .await
+                    {
+                        Ok(stream) => Ok(Upstream::Hbone { lane, stream }),
+                        Err(error) => {
+                            lane.slot.retire_if(&error);
+                            Err(error)
+                        }
+                    }
+                };
+                match opened {
+                    // The pooled connection's peer is leaving (GOAWAY):
+                    // nothing was sent, so another connection may carry it.
+                    Err(error) if error.is_going_away() && attempt < MAX_GOAWAY_RETRIES => {
+                        continue;
+                    }
+                    result => return result,
+                }
             }
-            let stream = hbone::client::open_stream(&slot, key.address, *address, timeout).await?;
-            Ok(Upstream::Hbone {
-                _slot: slot,
-                stream,
-            })
         }
         Hop::Passthrough { address, .. } => socket::connect_in(
             &proxy.netns,
@@ -304,6 +339,31 @@ async fn connect(
         .await
         .map(Upstream::Tcp),
     }
+}
+
+/// Tries on another connection this often when pooled ones turn out to be
+/// going away.
+const MAX_GOAWAY_RETRIES: usize = 4;
+
+/// A stream slot on a pooled connection for `key`, opening one if needed.
+async fn checkout(
+    proxy: &Proxy,
+    pod: &CapturedPod,
+    key: &PoolKey,
+    cert: &kanava_tls::WorkloadCert,
+) -> Result<StreamSlot, Error> {
+    let timeout = proxy.config.connect_timeout;
+    tokio::time::timeout(
+        timeout,
+        proxy.pool.checkout(key, || {
+            Box::pin(hbone::client::connect(proxy, pod, key, cert.clone()))
+        }),
+    )
+    .await
+    .map_err(|_| Error::ConnectTimeout {
+        destination: key.address,
+        after: timeout,
+    })?
 }
 
 /// What the access log says of a connection that could not be set up.
@@ -323,55 +383,297 @@ fn failure(error: Error) -> Ending {
     reason = "an async fn keeps its arguments twice in the task (rust-lang/rust#62958)"
 )]
 fn relay<'a>(
-    proxy: &'a Proxy,
+    proxy: &'a Arc<Proxy>,
+    pod: &'a Arc<CapturedPod>,
     client: TcpStream,
     upstream: Upstream,
+    from: Origin,
     log: &'a mut AccessLog,
 ) -> impl Future<Output = Ending> + Send + 'a {
     // An `async move` block, not an `async fn`, for the reason `handle` gives.
     async move {
-        match upstream {
-            Upstream::Hbone { _slot, stream } => {
+        let (lane, copied, result) = match upstream {
+            Upstream::Hbone { lane, stream } => {
                 log.opened(&proxy.metrics);
                 let (read, write) = client.into_split();
-                let accepted = std::future::ready(Ok(stream.recv));
-                let (copied, result) = hbone::bridge(read, write, stream.send, accepted).await;
-                hbone_ending(copied, result)
+                let accepted = std::future::ready(Ok(hbone::Accepted {
+                    recv: stream.recv,
+                    token: stream.token,
+                }));
+                let movable = movable(proxy, false);
+                let (copied, result) =
+                    hbone::bridge(read, write, stream.send, accepted, Some(movable)).await;
+                (lane, copied, result)
             }
-            Upstream::HboneAnswerLater { _slot, send, reply } => {
+            Upstream::HboneAnswerLater { lane, send, reply } => {
                 let (read, write) = client.into_split();
                 let timeout = proxy.config.connect_timeout;
                 // Boxed: the wait for the answer (its timer included) is
                 // over after the first round trip; the task that lives as
                 // long as the connection should not carry it.
                 let accepted = Box::pin(async {
-                    let recv = reply.accepted(timeout).await.map_err(Box::new)?;
+                    let accepted = reply.accepted(timeout).await.map_err(Box::new)?;
                     log.opened(&proxy.metrics);
-                    Ok(recv)
+                    Ok(accepted)
                 });
-                let (copied, result) = hbone::bridge(read, write, send, accepted).await;
-                hbone_ending(copied, result)
+                let movable = movable(proxy, false);
+                let (copied, result) =
+                    hbone::bridge(read, write, send, accepted, Some(movable)).await;
+                (lane, copied, result)
             }
             Upstream::Tcp(mut tcp) => {
                 log.opened(&proxy.metrics);
                 let mut client = client;
                 let (bytes, result) = chunks::copy_tcp(&mut client, &mut tcp).await;
-                Ending::carried(bytes, result)
+                return Ending::carried(bytes, result);
             }
+        };
+        let carried = transferred(copied);
+        match result {
+            Ok(Finish::Moved(moved)) => {
+                // Boxed: only a connection that moves needs this state.
+                Box::pin(moved_on(proxy, pod, lane, moved, from, carried)).await
+            }
+            result => hbone_ending(carried, result),
         }
     }
 }
 
-fn hbone_ending(copied: hbone::Copied, result: Result<(), BridgeError>) -> Ending {
+/// How long a peer may take to answer a move before the connection is
+/// drained instead.
+const MOVE_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn movable(proxy: &Proxy, from_tcp_ended: bool) -> hbone::Movable {
+    hbone::Movable {
+        departure: proxy.departure.clone(),
+        answer_within: MOVE_ANSWER_WITHIN,
+        from_tcp_ended,
+    }
+}
+
+/// The client's bytes, counted from the TCP side (the client's).
+fn transferred(copied: hbone::Copied) -> Transferred {
+    Transferred {
+        to_destination: copied.from_tcp,
+        to_source: copied.to_tcp,
+    }
+}
+
+/// Goes on with a connection whose stream moved: hands it to the successor
+/// when this ztunnel is leaving, else asks the destination again for the
+/// parked stream, as often as it moves.
+async fn moved_on(
+    proxy: &Arc<Proxy>,
+    pod: &Arc<CapturedPod>,
+    lane: Lane,
+    mut moved: hbone::MovedTcp,
+    from: Origin,
+    mut carried: Transferred,
+) -> Ending {
+    let Lane { slot, key, target } = lane;
+    // Whichever side is leaving, this connection's peer takes no new
+    // streams from us any more.
+    slot.retire();
+    drop(slot);
+    loop {
+        if proxy.departure.is_leaving() {
+            let message = Message::Client(MovedClient {
+                pod_uid: pod.info.uid.clone(),
+                token: moved.token.to_string(),
+                original_destination: from.original_destination,
+                target,
+                destination_identity: key.destination.to_string(),
+                peer: from.peer,
+                from_app_ended: moved.from_tcp_ended,
+                to_app_ended: moved.to_tcp_ended,
+            });
+            return match proxy.departure.hand_over(message, moved.tcp) {
+                Ok(()) => moved_ending(carried),
+                Err(reason) => Ending::carried(carried, Err(std::io::Error::other(reason))),
+            };
+        }
+        let (slot, stream) = match resume_stream(proxy, pod, &key, target, moved.token).await {
+            Ok(resumed) => resumed,
+            Err(error) => {
+                tracing::warn!(pod = %pod.info.display_name(), %target, %error, "moved connection could not be resumed; resetting it");
+                socket::reset(moved.tcp);
+                return Ending::carried(carried, Err(std::io::Error::other(error)));
+            }
+        };
+        proxy.metrics.resumed_streams.inc();
+        let (read, write) = moved.tcp.into_split();
+        let accepted = std::future::ready(Ok(hbone::Accepted {
+            recv: stream.recv,
+            token: stream.token,
+        }));
+        let movable = movable(proxy, moved.from_tcp_ended);
+        let (copied, result) =
+            hbone::bridge(read, write, stream.send, accepted, Some(movable)).await;
+        let more = transferred(copied);
+        carried.to_destination += more.to_destination;
+        carried.to_source += more.to_source;
+        match result {
+            Ok(Finish::Moved(again)) => {
+                slot.retire();
+                moved = again;
+            }
+            result => return hbone_ending(carried, result),
+        }
+    }
+}
+
+/// The access-log ending of a connection handed to the successor.
+fn moved_ending(carried: Transferred) -> Ending {
+    Ending::carried(carried, Ok(())).code("handed_over")
+}
+
+/// How long a moved connection may take to find its stream again.
+const RESUME_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Asks the destination for the parked stream of `token`, on a connection
+/// that is not going away.
+async fn resume_stream(
+    proxy: &Proxy,
+    pod: &CapturedPod,
+    key: &PoolKey,
+    target: SocketAddr,
+    token: hbone::resume::Token,
+) -> Result<(StreamSlot, Stream), Error> {
+    let timeout = proxy.config.connect_timeout;
+    let deadline = tokio::time::Instant::now() + RESUME_WITHIN;
+    let cert = proxy.certs.get(&pod.info.identity, timeout).await?;
+    loop {
+        let attempt = async {
+            let slot = checkout(proxy, pod, key, &cert).await?;
+            match hbone::client::open_stream(&slot, key.address, target, Some(token), timeout).await
+            {
+                Ok(stream) => Ok((slot, stream)),
+                Err(error) => {
+                    // The next try goes on a fresh connection: this one may
+                    // lead to a ztunnel that is leaving.
+                    slot.retire();
+                    Err(error)
+                }
+            }
+        };
+        match attempt.await {
+            Ok(resumed) => return Ok(resumed),
+            // Refused on purpose: a token is used once, so no retry.
+            Err(error) if error.is_denial() => return Err(error),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%target, %error, "resuming a moved connection; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Resumes a connection a predecessor handed over: the client's socket and
+/// the token of its parked stream at the destination.
+pub async fn resume_handed_over(
+    proxy: Arc<Proxy>,
+    pod: Arc<CapturedPod>,
+    moved: MovedClient,
+    tcp: TcpStream,
+) {
+    let _open = proxy.departure.open_connection();
+    let token = match crate::upgrade::protocol::token(&moved.token) {
+        Ok(token) => token,
+        Err(error) => {
+            tracing::warn!(pod = %pod.info.display_name(), %error, "handed-over connection refused");
+            socket::reset(tcp);
+            return;
+        }
+    };
+    let destination: kanava_mesh::Identity = match moved.destination_identity.parse() {
+        Ok(identity) => identity,
+        Err(error) => {
+            tracing::warn!(pod = %pod.info.display_name(), %error, "handed-over connection refused");
+            socket::reset(tcp);
+            return;
+        }
+    };
+    let mut log = AccessLog::start(
+        &proxy.metrics,
+        Direction::Outbound,
+        &pod,
+        moved.peer,
+        moved.original_destination,
+    );
+    log.source_identity(Some(pod.info.identity.clone()))
+        .destination_identity(Some(destination.clone()))
+        .transport(crate::metrics::Transport::Hbone)
+        .workloads(
+            proxy.workloads.find_by_uid(&pod.info.uid),
+            proxy.workloads.find_by_ip(moved.target.ip()),
+        );
+    let key = PoolKey {
+        source_pod: pod.info.uid.clone(),
+        source: pod.info.identity.clone(),
+        destination,
+        address: SocketAddr::new(moved.target.ip(), ports::HBONE),
+    };
+    let (slot, stream) = match resume_stream(&proxy, &pod, &key, moved.target, token).await {
+        Ok(resumed) => resumed,
+        Err(error) => {
+            tracing::warn!(pod = %pod.info.display_name(), target = %moved.target, %error, "handed-over connection could not be resumed; resetting it");
+            socket::reset(tcp);
+            log.finish(
+                &proxy.metrics,
+                Ending::failed(format!("not resumed after the hand-over: {error}"))
+                    .code("resume_failed"),
+            );
+            return;
+        }
+    };
+    proxy.metrics.resumed_streams.inc();
+    log.opened(&proxy.metrics);
+    let (read, write) = tcp.into_split();
+    let accepted = std::future::ready(Ok(hbone::Accepted {
+        recv: stream.recv,
+        token: stream.token,
+    }));
+    let (copied, result) = hbone::bridge(
+        read,
+        write,
+        stream.send,
+        accepted,
+        Some(movable(&proxy, moved.from_app_ended)),
+    )
+    .await;
+    let carried = transferred(copied);
+    let lane = Lane {
+        slot,
+        key,
+        target: moved.target,
+    };
+    let from = Origin {
+        peer: moved.peer,
+        original_destination: moved.original_destination,
+    };
+    let ending = match result {
+        Ok(Finish::Moved(again)) => {
+            Box::pin(moved_on(&proxy, &pod, lane, again, from, carried)).await
+        }
+        result => hbone_ending(carried, result),
+    };
+    log.finish(&proxy.metrics, ending);
+}
+
+fn hbone_ending(bytes: Transferred, result: Result<Finish, BridgeError>) -> Ending {
     match result {
         Err(BridgeError::NotAccepted(error)) => failure(*error),
-        result => {
-            // The TCP side is the client, the originator.
-            let bytes = Transferred {
-                to_destination: copied.from_tcp,
-                to_source: copied.to_tcp,
-            };
-            Ending::carried(bytes, result.map_err(BridgeError::into_io))
+        Ok(Finish::Moved(moved)) => {
+            // Callers hand moved connections on; one that reaches here had
+            // nowhere to go.
+            socket::reset(moved.tcp);
+            Ending::carried(
+                bytes,
+                Err(std::io::Error::other("moved with nowhere to go")),
+            )
         }
+        Ok(Finish::Closed) => Ending::carried(bytes, Ok(())),
+        Err(BridgeError::Io(error)) => Ending::carried(bytes, Err(error)),
     }
 }

@@ -35,6 +35,9 @@ pub struct Connection {
     sender: SendRequest<Bytes>,
     streams: AtomicUsize,
     closed: Arc<AtomicBool>,
+    /// Takes no new streams: its peer is leaving (it moved a stream away,
+    /// or sent GOAWAY). Streams on it run to their end.
+    retired: AtomicBool,
     idle_since: Mutex<Instant>,
     /// When the first of the two certificates it was opened with expires: no
     /// new stream may ride on an identity proof that has lapsed.
@@ -52,13 +55,16 @@ impl Connection {
             sender,
             streams: AtomicUsize::new(0),
             closed,
+            retired: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             usable_until,
         }
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire) || SystemTime::now() >= self.usable_until
+        self.closed.load(Ordering::Acquire)
+            || self.retired.load(Ordering::Acquire)
+            || SystemTime::now() >= self.usable_until
     }
 
     /// Takes a stream slot if one is free.
@@ -93,6 +99,18 @@ pub struct StreamSlot {
 impl StreamSlot {
     pub fn sender(&self) -> SendRequest<Bytes> {
         self.connection.sender.clone()
+    }
+
+    /// No new stream goes on this slot's connection: its peer is leaving.
+    pub fn retire(&self) {
+        self.connection.retired.store(true, Ordering::Release);
+    }
+
+    /// Retires the connection if `error` says its peer is going away.
+    pub fn retire_if(&self, error: &Error) {
+        if error.is_going_away() {
+            self.retire();
+        }
     }
 }
 

@@ -212,6 +212,22 @@ pub fn canonical(address: SocketAddr) -> SocketAddr {
 
 /// Closes with a reset instead of an orderly close, so a refused client sees
 /// "connection reset" rather than an empty response.
+/// Has the kernel move connections waiting in a closing listener's queue
+/// to another listener of the same port (`SO_REUSEPORT`) instead of
+/// resetting them: a ztunnel leaving for its successor closes its pod
+/// listeners while the successor's listen beside them. Called inside the
+/// pod's namespace (the setting is per namespace). A kernel without it
+/// (before Linux 5.14) is said once in the log: pending connections are then
+/// reset at an upgrade.
+pub fn migrate_pending_connections() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if let Err(error) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", b"1") {
+        WARNED.call_once(|| {
+            tracing::warn!(%error, "net.ipv4.tcp_migrate_req cannot be set: connections waiting to be accepted are reset when a ztunnel hands over to its successor");
+        });
+    }
+}
+
 pub fn reset(stream: TcpStream) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);

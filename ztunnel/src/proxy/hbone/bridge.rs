@@ -1,15 +1,20 @@
 //! The byte bridge between a TCP connection and an HBONE stream.
 
 use std::future::{Future, poll_fn};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
 
+use super::resume::{self, Token};
 use crate::Error;
 use crate::proxy::chunks::ChunkReader;
+use crate::upgrade::departure::{Departure, MovableGuard};
 
 /// Bytes a bridge moved, named from the TCP side. Which of them went to the
 /// destination depends on where the bridge stands: on the client's node the
@@ -41,9 +46,62 @@ impl BridgeError {
     }
 }
 
+/// A stream the destination accepted, and the hand-over token it granted
+/// (none from a peer without the extension).
+pub struct Accepted {
+    pub recv: RecvStream,
+    pub token: Option<Token>,
+}
+
+/// What lets a bridge move its stream ([`super::resume`]).
+pub struct Movable {
+    /// Says when this ztunnel leaves for a successor, and counts the
+    /// streams still to move.
+    pub departure: Arc<Departure>,
+    /// How long a peer may take to answer a move before the connection is
+    /// drained instead.
+    pub answer_within: Duration,
+    /// The TCP side had already finished sending (a resumed stream whose
+    /// app half-closed before the move): END_STREAM goes out at once.
+    pub from_tcp_ended: bool,
+}
+
+/// How a bridge finished.
+#[derive(Debug)]
+pub enum Finish {
+    /// Both directions ended.
+    Closed,
+    /// The stream moved: both sides stopped, each wrote to its TCP side all
+    /// it received, and the TCP connection goes on on another stream.
+    Moved(MovedTcp),
+}
+
+/// A TCP connection whose stream moved, with what the next stream needs.
+#[derive(Debug)]
+pub struct MovedTcp {
+    pub tcp: TcpStream,
+    pub token: Token,
+    /// The TCP side had finished sending before the move.
+    pub from_tcp_ended: bool,
+    /// The stream had finished sending to the TCP side before the move (FIN
+    /// already passed on).
+    pub to_tcp_ended: bool,
+    /// Counts the connection as still to move until it is handed on.
+    pub guard: Option<MovableGuard>,
+}
+
+/// How one direction ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DirectionEnd {
+    /// END_STREAM or FIN: the sender is done.
+    Ended,
+    /// The moving trailers: the direction goes on on another stream.
+    Moved,
+}
+
 /// Copies between a TCP connection and an HTTP/2 stream until both
-/// directions have ended, and says how many bytes went each way (counted
-/// from the TCP side: read from it, written to it).
+/// directions have ended, or until the stream moves, and says how many bytes
+/// went each way (counted from the TCP side: read from it, written to it).
 ///
 /// `accepted` yields the stream's receiving half once the destination has
 /// accepted it. Bytes from TCP flow from the start, without waiting for it:
@@ -55,6 +113,14 @@ impl BridgeError {
 /// gives backpressure both ways: nothing is read from TCP beyond what the
 /// peer's window admits, and window is returned to the peer only once its
 /// bytes are written to TCP.
+///
+/// With `movable` and a granted token, the stream moves when this ztunnel
+/// leaves or when the peer says it moves: reading from TCP stops (what was
+/// not read stays in the kernel), what was read is sent, the direction ends
+/// with the moving trailer, and once the peer's direction has ended too the
+/// TCP connection is handed back in [`Finish::Moved`]. A peer that does not
+/// answer within `answer_within` gets a drain: its bytes are still written
+/// to TCP until it ends.
 ///
 /// A function returning an `async move` block rather than an `async fn`,
 /// which would keep its arguments twice in the connection's task
@@ -68,20 +134,49 @@ pub fn bridge<A>(
     mut tcp_write: OwnedWriteHalf,
     mut send: SendStream<Bytes>,
     accepted: A,
-) -> impl Future<Output = (Copied, Result<(), BridgeError>)>
+    movable: Option<Movable>,
+) -> impl Future<Output = (Copied, Result<Finish, BridgeError>)>
 where
-    A: Future<Output = Result<RecvStream, Box<Error>>>,
+    A: Future<Output = Result<Accepted, Box<Error>>>,
 {
     async move {
         let mut sent = 0u64;
         let mut received = 0u64;
+        // Set once the peer granted a token: only then may a move start.
+        let token: OnceLock<Token> = OnceLock::new();
+        // The peer ended its direction with the moving trailer.
+        let peer_moving = Notify::new();
+        // We ended ours so: the peer's answer is awaited from then on.
+        let we_moved = Notify::new();
+        // The token arrived: a move may start from now on.
+        let granted = Notify::new();
+        let from_tcp_ended = movable.as_ref().is_some_and(|m| m.from_tcp_ended);
+        // Held while the stream can move: a leaving ztunnel waits for it.
+        let guard: Mutex<Option<MovableGuard>> = Mutex::new(None);
+        let unguard = || {
+            guard.lock().unwrap_or_else(|e| e.into_inner()).take();
+        };
         let to_h2 = async {
+            if from_tcp_ended {
+                send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                return Ok::<_, BridgeError>(DirectionEnd::Ended);
+            }
             let mut reader = ChunkReader::new();
             loop {
-                let mut chunk = reader.next(&mut tcp_read).await.map_err(BridgeError::Io)?;
+                let may_move = token.get().is_some();
+                let mut chunk = tokio::select! {
+                    biased;
+                    () = leaving(movable.as_ref()), if may_move => break,
+                    () = peer_moving.notified() => break,
+                    () = granted.notified(), if !may_move => continue,
+                    chunk = reader.next(&mut tcp_read) => chunk.map_err(BridgeError::Io)?,
+                };
                 if chunk.is_empty() {
                     send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                    return Ok::<_, BridgeError>(());
+                    // With our direction ended we can no longer start a
+                    // move: a leaving ztunnel drains this one.
+                    unguard();
+                    return Ok(DirectionEnd::Ended);
                 }
                 sent += chunk.len() as u64;
                 while !chunk.is_empty() {
@@ -102,23 +197,115 @@ where
                     send.send_data(part, false).map_err(h2_io)?;
                 }
             }
+            // Moving: everything read from TCP is sent; the rest stays in
+            // the kernel for whoever holds the socket next.
+            send.send_trailers(resume::moving_trailers(sent))
+                .map_err(h2_io)?;
+            we_moved.notify_one();
+            Ok(DirectionEnd::Moved)
         };
         let from_h2 = async {
-            let mut recv = accepted.await.map_err(BridgeError::NotAccepted)?;
-            while let Some(data) = recv.data().await {
+            let Accepted {
+                recv: mut stream,
+                token: granted_token,
+            } = accepted.await.map_err(BridgeError::NotAccepted)?;
+            let self_granted = &granted;
+            if let (Some(movable), Some(granted)) = (&movable, granted_token) {
+                let _ = token.set(granted);
+                self_granted.notify_one();
+                if !from_tcp_ended {
+                    *guard.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(movable.departure.movable());
+                }
+            }
+            let answer_within = movable.as_ref().map(|m| m.answer_within);
+            let mut unanswered = std::pin::pin!(async {
+                we_moved.notified().await;
+                match answer_within {
+                    Some(after) => tokio::time::sleep(after).await,
+                    None => std::future::pending().await,
+                }
+            });
+            let mut draining = false;
+            loop {
+                let data = tokio::select! {
+                    data = stream.data() => data,
+                    () = &mut unanswered, if !draining => {
+                        // The peer did not answer the move: its bytes still
+                        // reach TCP until it ends, but ours can go no more.
+                        tracing::warn!("HBONE peer did not answer the move; draining the connection");
+                        draining = true;
+                        unguard();
+                        continue;
+                    }
+                };
+                let Some(data) = data else { break };
                 let data = data.map_err(h2_io)?;
                 let len = data.len();
                 tcp_write.write_all(&data).await.map_err(BridgeError::Io)?;
                 received += len as u64;
                 // Err only when the stream is already gone; the next data() says so.
-                let _ = recv.flow_control().release_capacity(len);
+                let _ = stream.flow_control().release_capacity(len);
             }
-            tcp_write.shutdown().await.map_err(BridgeError::Io)?;
-            Ok::<_, BridgeError>(())
+            let trailers = stream.trailers().await.map_err(h2_io)?;
+            match resume::read_moving(trailers.as_ref()) {
+                None => {
+                    tcp_write.shutdown().await.map_err(BridgeError::Io)?;
+                    Ok(DirectionEnd::Ended)
+                }
+                Some(Ok(count)) if count == received && token.get().is_some() => {
+                    peer_moving.notify_one();
+                    Ok(DirectionEnd::Moved)
+                }
+                Some(Ok(count)) => Err(BridgeError::Io(std::io::Error::other(format!(
+                    "the HBONE peer moved the stream after sending {count} bytes, but {received} \
+                     arrived (or no token was granted): not resumable"
+                )))),
+                Some(Err(error)) => Err(BridgeError::Io(std::io::Error::other(format!(
+                    "the HBONE peer ended the stream with a malformed trailer: {error}"
+                )))),
+            }
         };
-        let result = tokio::try_join!(to_h2, from_h2).map(|_| ());
-        match &result {
-            Ok(()) => {}
+        let result = tokio::try_join!(to_h2, from_h2);
+        let finish = match result {
+            Ok((DirectionEnd::Ended, DirectionEnd::Ended)) => Ok(Finish::Closed),
+            Ok((ours, theirs)) => match token.get().copied() {
+                Some(token) => match tcp_read.reunite(tcp_write) {
+                    Ok(tcp) => {
+                        return (
+                            Copied {
+                                from_tcp: sent,
+                                to_tcp: received,
+                            },
+                            Ok(Finish::Moved(MovedTcp {
+                                tcp,
+                                token,
+                                from_tcp_ended: ours == DirectionEnd::Ended,
+                                to_tcp_ended: theirs == DirectionEnd::Ended,
+                                guard: guard.lock().unwrap_or_else(|e| e.into_inner()).take(),
+                            })),
+                        );
+                    }
+                    Err(_) => {
+                        return (
+                            Copied {
+                                from_tcp: sent,
+                                to_tcp: received,
+                            },
+                            Err(BridgeError::Io(std::io::Error::other(
+                                "the halves of the moved connection did not match",
+                            ))),
+                        );
+                    }
+                },
+                None => Err(BridgeError::Io(std::io::Error::other(
+                    "a stream without a token moved",
+                ))),
+            },
+            Err(error) => Err(error),
+        };
+        match &finish {
+            Ok(_) => {}
             Err(BridgeError::NotAccepted(_)) => {
                 send.send_reset(h2::Reason::CANCEL);
                 // A reset, not a clean close the client could take for an
@@ -136,8 +323,16 @@ where
                 from_tcp: sent,
                 to_tcp: received,
             },
-            result,
+            finish,
         )
+    }
+}
+
+/// Resolves once this ztunnel leaves; never for a stream that cannot move.
+async fn leaving(movable: Option<&Movable>) {
+    match movable {
+        Some(movable) => movable.departure.leaving().cancelled().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -171,7 +366,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::{BridgeError, bridge};
+    use super::{BridgeError, Finish, bridge};
     use crate::Error;
     use crate::proxy::hbone::Refusal;
 
@@ -212,7 +407,7 @@ mod tests {
         status: StatusCode,
     ) -> (
         TcpStream,
-        tokio::task::JoinHandle<(super::Copied, Result<(), BridgeError>)>,
+        tokio::task::JoinHandle<(super::Copied, Result<super::Finish, BridgeError>)>,
     ) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         answer_after_first_bytes(server_io, status);
@@ -228,7 +423,10 @@ mod tests {
         let accepted = async move {
             let response = response.await.expect("an answer");
             match Refusal::from_status(response.status()) {
-                None => Ok(response.into_body()),
+                None => Ok(super::Accepted {
+                    recv: response.into_body(),
+                    token: None,
+                }),
                 Some(refusal) => Err(Box::new(Error::ConnectRefused {
                     peer: "10.0.0.1:15008".parse().unwrap(),
                     target: "10.0.0.1:80".parse().unwrap(),
@@ -238,7 +436,7 @@ mod tests {
         };
         let (client, proxy_side) = tcp_pair().await;
         let (read, write) = proxy_side.into_split();
-        let task = tokio::spawn(bridge(read, write, send, accepted));
+        let task = tokio::spawn(bridge(read, write, send, accepted, None));
         (client, task)
     }
 
@@ -284,5 +482,203 @@ mod tests {
             read.expect_err("a reset, not a clean close").kind(),
             std::io::ErrorKind::ConnectionReset
         );
+    }
+
+    use std::sync::Arc;
+
+    use super::{Accepted, Movable};
+    use crate::proxy::hbone::resume::{self, Token};
+    use crate::upgrade::departure::Departure;
+
+    /// An app connected to a ztunnel-side socket.
+    struct AppLeg {
+        app: TcpStream,
+        proxy: TcpStream,
+    }
+
+    async fn leg() -> AppLeg {
+        let (app, proxy) = tcp_pair().await;
+        AppLeg { app, proxy }
+    }
+
+    type Bridged = tokio::task::JoinHandle<(super::Copied, Result<Finish, BridgeError>)>;
+
+    /// Two bridges joined by one HTTP/2 stream, as a client's and a
+    /// server's ztunnel would be: the client offers the extension, the
+    /// server grants `grant`.
+    async fn joined(
+        client_leg: TcpStream,
+        server_leg: TcpStream,
+        grant: Option<Token>,
+        client_departure: &Arc<Departure>,
+        server_departure: &Arc<Departure>,
+    ) -> (Bridged, Bridged) {
+        let (client_io, server_io) = tokio::io::duplex(1024 * 1024);
+        let server_departure = server_departure.clone();
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let offered = resume::read_request(request.headers()).unwrap().offered;
+            let mut response = Response::new(());
+            if let (true, Some(token)) = (offered, grant) {
+                resume::grant(response.headers_mut(), token);
+            }
+            let send = respond.send_response(response, false).unwrap();
+            let (read, write) = server_leg.into_split();
+            let accepted = std::future::ready(Ok(Accepted {
+                recv: request.into_body(),
+                token: grant,
+            }));
+            let movable = Movable {
+                departure: server_departure,
+                answer_within: Duration::from_secs(5),
+                from_tcp_ended: false,
+            };
+            bridge(read, write, send, accepted, Some(movable)).await
+        });
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let mut request = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        resume::offer(request.headers_mut(), None);
+        let (response, send) = sender.send_request(request, false).unwrap();
+        let accepted = async move {
+            let response = response.await.expect("an answer");
+            let token = resume::read_grant(response.headers());
+            Ok(Accepted {
+                recv: response.into_body(),
+                token,
+            })
+        };
+        let (read, write) = client_leg.into_split();
+        let movable = Movable {
+            departure: client_departure.clone(),
+            answer_within: Duration::from_secs(5),
+            from_tcp_ended: false,
+        };
+        let client = tokio::spawn(bridge(read, write, send, accepted, Some(movable)));
+        (client, server)
+    }
+
+    async fn exchange(a: &mut TcpStream, b: &mut TcpStream, message: &[u8]) {
+        a.write_all(message).await.unwrap();
+        let mut got = vec![0; message.len()];
+        tokio::time::timeout(Duration::from_secs(10), b.read_exact(&mut got))
+            .await
+            .expect("carried")
+            .unwrap();
+        assert_eq!(got, message);
+    }
+
+    fn moved(finished: (super::Copied, Result<Finish, BridgeError>)) -> super::MovedTcp {
+        match finished.1 {
+            Ok(Finish::Moved(moved)) => moved,
+            other => panic!("expected a move, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leaving_side_moves_the_stream_and_the_kernel_keeps_what_was_not_read() {
+        for client_leaves in [true, false] {
+            let (mut client_app, mut server_app) = (leg().await, leg().await);
+            let (client_departure, server_departure) = (
+                Arc::new(Departure::default()),
+                Arc::new(Departure::default()),
+            );
+            let token = Token::random();
+            let (client, server) = joined(
+                client_app.proxy,
+                server_app.proxy,
+                Some(token),
+                &client_departure,
+                &server_departure,
+            )
+            .await;
+            exchange(&mut client_app.app, &mut server_app.app, b"hello").await;
+            exchange(&mut server_app.app, &mut client_app.app, b"world!").await;
+            let leaving = if client_leaves {
+                &client_departure
+            } else {
+                &server_departure
+            };
+            let (outbox, _inbox) = std::sync::mpsc::channel();
+            leaving.start_leaving(outbox);
+            let (client, server) = (client.await.unwrap(), server.await.unwrap());
+            assert_eq!((client.0.from_tcp, client.0.to_tcp), (5, 6));
+            assert_eq!((server.0.from_tcp, server.0.to_tcp), (6, 5));
+            let (mut client_moved, mut server_moved) = (moved(client), moved(server));
+            assert_eq!(client_moved.token, token);
+            assert_eq!(server_moved.token, token);
+            assert!(!client_moved.from_tcp_ended && !client_moved.to_tcp_ended);
+            // Written after the move: nobody read it, the kernel kept it for
+            // whoever holds the socket next.
+            exchange(&mut client_app.app, &mut client_moved.tcp, b"later").await;
+            exchange(&mut server_app.app, &mut server_moved.tcp, b"meanwhile").await;
+            assert_eq!(client_departure.settled(std::time::Instant::now()).await, 1);
+            drop((client_moved.guard.take(), server_moved.guard.take()));
+            assert_eq!(client_departure.settled(std::time::Instant::now()).await, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_direction_stays_closed_across_the_move() {
+        let (mut client_app, mut server_app) = (leg().await, leg().await);
+        let (client_departure, server_departure) = (
+            Arc::new(Departure::default()),
+            Arc::new(Departure::default()),
+        );
+        let (client, server) = joined(
+            client_app.proxy,
+            server_app.proxy,
+            Some(Token::random()),
+            &client_departure,
+            &server_departure,
+        )
+        .await;
+        exchange(&mut client_app.app, &mut server_app.app, b"request").await;
+        // The server app is done sending; the client still may send.
+        server_app.app.shutdown().await.unwrap();
+        let mut end = Vec::new();
+        client_app.app.read_to_end(&mut end).await.unwrap();
+        assert!(end.is_empty());
+        // The server side can no longer start a move, but the client can.
+        let (outbox, _inbox) = std::sync::mpsc::channel();
+        client_departure.start_leaving(outbox);
+        let (client, server) = (moved(client.await.unwrap()), moved(server.await.unwrap()));
+        assert!(!client.from_tcp_ended && client.to_tcp_ended);
+        assert!(server.from_tcp_ended && !server.to_tcp_ended);
+    }
+
+    #[tokio::test]
+    async fn without_a_granted_token_nothing_moves() {
+        let (mut client_app, mut server_app) = (leg().await, leg().await);
+        let (client_departure, server_departure) = (
+            Arc::new(Departure::default()),
+            Arc::new(Departure::default()),
+        );
+        let (client, server) = joined(
+            client_app.proxy,
+            server_app.proxy,
+            None,
+            &client_departure,
+            &server_departure,
+        )
+        .await;
+        let (outbox, _inbox) = std::sync::mpsc::channel();
+        client_departure.start_leaving(outbox);
+        // A peer without the extension: the connection is drained, it goes
+        // on carrying bytes after the leave.
+        exchange(&mut client_app.app, &mut server_app.app, b"still here").await;
+        exchange(&mut server_app.app, &mut client_app.app, b"yes").await;
+        client_app.app.shutdown().await.unwrap();
+        server_app.app.shutdown().await.unwrap();
+        let (client, server) = (client.await.unwrap(), server.await.unwrap());
+        assert!(matches!(client.1, Ok(Finish::Closed)), "{:?}", client.1);
+        assert!(matches!(server.1, Ok(Finish::Closed)), "{:?}", server.1);
     }
 }

@@ -16,6 +16,8 @@ use kanava_tls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::Refusal;
+use super::bridge::Accepted;
+use super::resume::{self, Token};
 use crate::Error;
 use crate::proxy::pool::{Connection, PoolKey, StreamSlot};
 use crate::proxy::{CapturedPod, Proxy, socket};
@@ -25,6 +27,9 @@ use crate::proxy::{CapturedPod, Proxy, socket};
 pub struct Stream {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
+    /// The hand-over token the destination granted, if it speaks the
+    /// extension.
+    pub token: Option<Token>,
 }
 
 /// Opens an HBONE connection to `key.address` from inside `pod`'s network
@@ -99,11 +104,12 @@ pub async fn open_stream(
     slot: &StreamSlot,
     peer: SocketAddr,
     target: SocketAddr,
+    resume: Option<Token>,
     timeout: Duration,
 ) -> Result<Stream, Error> {
-    let (send, reply) = send_connect(slot, peer, target).await?;
-    let recv = reply.accepted(timeout).await?;
-    Ok(Stream { send, recv })
+    let (send, reply) = send_connect(slot, peer, target, resume).await?;
+    let Accepted { recv, token } = reply.accepted(timeout).await?;
+    Ok(Stream { send, recv, token })
 }
 
 /// Sends `CONNECT target` on a reserved stream of a pooled connection to
@@ -112,10 +118,14 @@ pub async fn open_stream(
 /// holds them in the stream's window until it has decided; a refused
 /// stream's bytes are discarded with it). [`Reply::accepted`] then says
 /// whether the destination took the stream.
+///
+/// Every request offers the hand-over extension; `resume` asks to continue
+/// the parked stream of that token.
 pub async fn send_connect(
     slot: &StreamSlot,
     peer: SocketAddr,
     target: SocketAddr,
+    resume: Option<Token>,
 ) -> Result<(SendStream<Bytes>, Reply), Error> {
     let http2 = |stage| {
         move |source| Error::Http2 {
@@ -130,7 +140,7 @@ pub async fn send_connect(
         .await
         .map_err(http2("stream reservation"))?;
     let (response, send) = sender
-        .send_request(connect_request(target), false)
+        .send_request(connect_request(target, resume), false)
         .map_err(http2("CONNECT request"))?;
     Ok((
         send,
@@ -151,8 +161,9 @@ pub struct Reply {
 
 impl Reply {
     /// Waits up to `timeout` for the answer: the stream's bytes from the
-    /// destination if it accepted, else why not.
-    pub async fn accepted(self, timeout: Duration) -> Result<RecvStream, Error> {
+    /// destination (and the hand-over token it granted) if it accepted,
+    /// else why not.
+    pub async fn accepted(self, timeout: Duration) -> Result<Accepted, Error> {
         let Reply {
             response,
             peer,
@@ -171,7 +182,13 @@ impl Reply {
                 source,
             })?;
         match Refusal::from_status(response.status()) {
-            None => Ok(response.into_body()),
+            None => {
+                let token = resume::read_grant(response.headers());
+                Ok(Accepted {
+                    recv: response.into_body(),
+                    token,
+                })
+            }
             Some(refusal) => Err(Error::ConnectRefused {
                 peer,
                 target,
@@ -181,9 +198,11 @@ impl Reply {
     }
 }
 
-/// `CONNECT` with `:authority` = the destination's `IP:port`, nothing else.
-fn connect_request(target: SocketAddr) -> Request<()> {
+/// `CONNECT` with `:authority` = the destination's `IP:port`, and the
+/// hand-over extension's headers.
+fn connect_request(target: SocketAddr, resume: Option<Token>) -> Request<()> {
     let mut request = Request::new(());
+    resume::offer(request.headers_mut(), resume);
     *request.method_mut() = Method::CONNECT;
     // A socket address always makes a valid authority (IPv6 in brackets).
     let authority = Authority::try_from(target.to_string()).ok();
@@ -201,7 +220,7 @@ mod tests {
     fn connect_requests_name_the_target_as_authority() {
         for target in ["10.244.2.3:8080", "[fd00::5]:443"] {
             let target: SocketAddr = target.parse().expect("address");
-            let request = connect_request(target);
+            let request = connect_request(target, None);
             assert_eq!(request.method(), Method::CONNECT);
             assert_eq!(
                 request.uri().authority().map(|a| a.as_str()),

@@ -6,18 +6,21 @@
 //! - [`server`]: accept a connection on a pod's :15008 (TLS with the pod's
 //!   certificate, HTTP/2) and read each `CONNECT` request;
 //! - [`Refusal`]: the reply-code contract, written and read in one place;
-//! - [`bridge`]: the bytes between a TCP connection and a stream.
+//! - [`bridge`]: the bytes between a TCP connection and a stream;
+//! - [`resume`]: the negotiated extension that moves a stream to another
+//!   `CONNECT` during an upgrade.
 //!
 //! Settings and status codes follow Istio's ztunnel so the two interoperate:
 //! 4 MiB stream window, 16 MiB connection window, 1 MiB frames.
 
 mod bridge;
 pub mod client;
+pub mod resume;
 pub mod server;
 
 use std::fmt;
 
-pub use bridge::{BridgeError, Copied, bridge};
+pub use bridge::{Accepted, BridgeError, Copied, Finish, Movable, MovedTcp, bridge};
 use http::StatusCode;
 
 use crate::Config;

@@ -85,9 +85,17 @@ pub fn target_of(uri: &Uri) -> Option<SocketAddr> {
         .map(crate::proxy::socket::canonical)
 }
 
-/// Answers 200: bytes may flow.
-pub fn accept_stream(mut respond: SendResponse<Bytes>) -> Result<SendStream<Bytes>, h2::Error> {
-    respond.send_response(Response::new(()), false)
+/// Answers 200: bytes may flow. With a token, the stream may move
+/// ([`super::resume`]).
+pub fn accept_stream(
+    mut respond: SendResponse<Bytes>,
+    token: Option<super::resume::Token>,
+) -> Result<SendStream<Bytes>, h2::Error> {
+    let mut response = Response::new(());
+    if let Some(token) = token {
+        super::resume::grant(response.headers_mut(), token);
+    }
+    respond.send_response(response, false)
 }
 
 /// Answers with the refusal's status code and ends the stream.

@@ -1,0 +1,238 @@
+//! `kanava lab upgrade`: replaces a node's ztunnel the way a DaemonSet's
+//! rolling update does (`maxSurge: 1`, `maxUnavailable: 0`): the new one
+//! starts beside the old, and only once it is ready is the old one told to
+//! stop, which hands its listeners and connections over to it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kanava_netns::seqpacket::Conn;
+use serde::{Deserialize, Serialize};
+
+use crate::context::Context;
+use crate::state::{Component, LabState};
+use crate::up::{spawn_supervised, upgrade_socket, ztunnel_command};
+use crate::{Error, process, state, stop};
+
+/// What to upgrade, and to what.
+#[derive(Clone, Debug, Default)]
+pub struct UpgradeOptions {
+    /// The new ztunnel executable; the lab's own build by default.
+    pub ztunnel_binary: Option<PathBuf>,
+    /// The nodes to upgrade (all when empty), one after another.
+    pub nodes: Vec<String>,
+    /// Start every new ztunnel first, then stop every old one at once.
+    pub all_at_once: bool,
+}
+
+/// How one node's upgrade went.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeUpgrade {
+    pub node: String,
+    pub old_pid: Option<u32>,
+    pub new_pid: Option<u32>,
+    /// Pod listeners the old ztunnel closed beside the new one's.
+    pub listeners: u64,
+    /// Connections that changed hands.
+    pub moved: u64,
+    /// Connections that could not move and were drained by the old one.
+    pub drained: u64,
+    /// From the old ztunnel's SIGTERM to its last connection handed over.
+    pub hand_over_ms: u64,
+    /// From the new ztunnel's start to the old one's exit.
+    pub total_ms: u64,
+}
+
+/// How the ztunnel's hand-over summary reads on its upgrade socket.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary {
+    listeners: u64,
+    moved: u64,
+    drained: u64,
+    elapsed_ms: u64,
+}
+
+/// Who answers on a node's upgrade socket: (pid, ready, last hand-over).
+fn ask(socket: &std::path::Path) -> Option<(u32, bool, Option<Summary>)> {
+    let conn = Conn::connect(socket).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let hello = serde_json::json!({"kind": "hello", "pid": std::process::id()}).to_string();
+    conn.send(hello.as_bytes(), &[]).ok()?;
+    let (answer, _) = conn.recv().ok()?;
+    let answer: serde_json::Value = serde_json::from_slice(&answer).ok()?;
+    if answer.get("kind")?.as_str()? != "status" {
+        return None;
+    }
+    let pid = u32::try_from(answer.get("pid")?.as_u64()?).ok()?;
+    let ready = answer.get("ready")?.as_bool()?;
+    let last = answer
+        .get("lastHandOver")
+        .and_then(|summary| serde_json::from_value(summary.clone()).ok());
+    Some((pid, ready, last))
+}
+
+/// Upgrades the ztunnels of the lab `name`.
+pub fn upgrade(
+    name: &str,
+    options: &UpgradeOptions,
+    env: &Context,
+) -> Result<Vec<NodeUpgrade>, Error> {
+    let _lock = state::lock(&state::LabState::load(name)?.layout())?;
+    let mut state = LabState::load(name)?;
+    for node in &options.nodes {
+        if state.node(node).is_none() {
+            return Err(Error::Spec(format!("no node {node} in lab {name}")));
+        }
+    }
+    let binary = options
+        .ztunnel_binary
+        .clone()
+        .or_else(|| state.ztunnel_binary.clone())
+        .unwrap_or_else(|| env.bins.join("ztunnel"));
+    if !binary.exists() {
+        return Err(Error::Spec(format!(
+            "no ztunnel executable at {}",
+            binary.display()
+        )));
+    }
+    let chosen: Vec<usize> = (0..state.nodes.len())
+        .filter(|&i| options.nodes.is_empty() || options.nodes.contains(&state.nodes[i].name))
+        .collect();
+    let mut done = Vec::new();
+    let batches: Vec<Vec<usize>> = if options.all_at_once {
+        vec![chosen]
+    } else {
+        chosen.into_iter().map(|i| vec![i]).collect()
+    };
+    for batch in batches {
+        let mut started = Vec::new();
+        for &index in &batch {
+            env.say(&format!(
+                "starting the new ztunnel on {} beside the old one",
+                state.nodes[index].name
+            ));
+            started.push((index, start_beside(&mut state, index, &binary, env)?));
+        }
+        let mut handed = Vec::new();
+        for (index, (old, began)) in started {
+            env.say(&format!(
+                "stopping the old ztunnel on {}: it hands over",
+                state.nodes[index].name
+            ));
+            signal_old(&old);
+            handed.push((index, old, began));
+        }
+        for (index, old, began) in handed {
+            let result = finish(&state, index, &old, began, env)?;
+            env.say(&format!(
+                "{}: {} connections moved, {} drained, {} listeners, hand-over {} ms",
+                result.node, result.moved, result.drained, result.listeners, result.hand_over_ms
+            ));
+            done.push(result);
+        }
+        if options.ztunnel_binary.is_some() {
+            state.ztunnel_binary = options.ztunnel_binary.clone();
+        }
+        state.save()?;
+    }
+    Ok(done)
+}
+
+/// Starts the new ztunnel of `state.nodes[index]` under a supervisor of its
+/// own and waits until it is ready to take over. The node's component is
+/// the new one from then on; the old one is returned.
+fn start_beside(
+    state: &mut LabState,
+    index: usize,
+    binary: &std::path::Path,
+    env: &Context,
+) -> Result<(Component, Instant), Error> {
+    let began = Instant::now();
+    let (argv, vars) = ztunnel_command(state, index, binary);
+    let layout = state.layout();
+    let node = &mut state.nodes[index];
+    let old = node.ztunnel.clone();
+    let mut new = old.clone();
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let status = layout
+        .log_dir()
+        .join(format!("ztunnel-{}.{generation}.status.json", node.name));
+    let netns = node.netns.clone();
+    spawn_supervised(env, &mut new, &netns, &argv, &vars, status)?;
+    let socket = upgrade_socket(node);
+    let new_pid = new.pid;
+    let waited = env.wait_until(
+        &format!("the new ztunnel on {} to be ready", node.name),
+        || {
+            let pid = new_pid.unwrap_or_default();
+            if !process::alive(pid) {
+                return Err(Error::Spec(format!(
+                    "the new ztunnel on {} exited; see {}",
+                    node.name,
+                    new.log.display()
+                )));
+            }
+            Ok(matches!(ask(&socket), Some((answered, true, _)) if Some(answered) == new_pid))
+        },
+    );
+    if let Err(error) = waited {
+        // Leave the node as it was: the old one serves on.
+        stop(&new);
+        return Err(error);
+    }
+    node.ztunnel = new;
+    Ok((old, began))
+}
+
+/// SIGTERM to the old ztunnel's supervisor, which passes it on.
+fn signal_old(old: &Component) {
+    if let Some(supervisor) = old.supervisor {
+        process::signal_term(supervisor);
+    }
+}
+
+/// Waits for the old ztunnel to be gone and reads the hand-over's summary
+/// from the new one.
+fn finish(
+    state: &LabState,
+    index: usize,
+    old: &Component,
+    began: Instant,
+    env: &Context,
+) -> Result<NodeUpgrade, Error> {
+    let node = &state.nodes[index];
+    let pids: Vec<u32> = old.supervisor.into_iter().chain(old.pid).collect();
+    let gone = Instant::now() + Duration::from_secs(60);
+    while pids.iter().any(|&pid| process::alive(pid)) {
+        if Instant::now() >= gone {
+            process::terminate(&pids, Duration::from_secs(1));
+            return Err(Error::Timeout {
+                what: format!("the old ztunnel on {} to exit", node.name),
+                after: Duration::from_secs(60),
+            });
+        }
+        env.check_cancel()?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let total_ms = began.elapsed().as_millis() as u64;
+    let answered = ask(&upgrade_socket(node));
+    let summary = answered
+        .as_ref()
+        .and_then(|(_, _, last)| last.clone())
+        .unwrap_or_default();
+    Ok(NodeUpgrade {
+        node: node.name.clone(),
+        old_pid: old.pid,
+        new_pid: answered.map(|(pid, _, _)| pid),
+        listeners: summary.listeners,
+        moved: summary.moved,
+        drained: summary.drained,
+        hand_over_ms: summary.elapsed_ms,
+        total_ms,
+    })
+}

@@ -1,0 +1,217 @@
+//! What the data path knows of an upgrade: whether this ztunnel is leaving,
+//! where moved connections go, and how many are still on their way.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::Message;
+
+/// A message for the successor, with the socket it is about.
+pub struct Outgoing {
+    pub message: Message,
+    pub fd: Option<OwnedFd>,
+}
+
+#[derive(Default)]
+pub struct Departure {
+    leaving: CancellationToken,
+    outbox: Mutex<Option<std::sync::mpsc::Sender<Outgoing>>>,
+    /// Connections whose stream can move and has not moved yet.
+    movable: AtomicUsize,
+    /// Proxied connections whose task runs.
+    open: AtomicUsize,
+    moved: AtomicU64,
+    changed: Notify,
+}
+
+/// One connection whose stream can move; dropped once it moved, can no
+/// longer move, or ended.
+pub struct MovableGuard(Arc<Departure>);
+
+impl std::fmt::Debug for MovableGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MovableGuard")
+    }
+}
+
+/// One proxied connection's task.
+pub struct OpenGuard(Arc<Departure>);
+
+impl Departure {
+    /// Cancelled when this ztunnel starts handing its connections over.
+    pub fn leaving(&self) -> &CancellationToken {
+        &self.leaving
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.is_cancelled()
+    }
+
+    /// Moved connections go to `outbox` from now on; every movable stream
+    /// starts moving.
+    pub fn start_leaving(&self, outbox: std::sync::mpsc::Sender<Outgoing>) {
+        *self.outbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(outbox);
+        self.leaving.cancel();
+    }
+
+    /// Stops sending to the successor (after the last message).
+    pub fn close_outbox(&self) {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    pub fn movable(self: &Arc<Self>) -> MovableGuard {
+        self.movable.fetch_add(1, Ordering::AcqRel);
+        MovableGuard(self.clone())
+    }
+
+    pub fn open_connection(self: &Arc<Self>) -> OpenGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        OpenGuard(self.clone())
+    }
+
+    /// Connections whose task still runs here.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Acquire)
+    }
+
+    /// Sends a moved connection's socket and what the successor needs to
+    /// take it on. Fails when there is no successor to send to.
+    pub fn hand_over(&self, message: Message, tcp: TcpStream) -> Result<(), String> {
+        let tcp = tcp
+            .into_std()
+            .map_err(|error| format!("cannot take the socket out of the runtime: {error}"))?;
+        self.hand_over_std(message, tcp)
+    }
+
+    /// [`Self::hand_over`] for a socket outside the runtime.
+    pub fn hand_over_std(&self, message: Message, tcp: std::net::TcpStream) -> Result<(), String> {
+        let outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(outbox) = outbox.as_ref() else {
+            return Err("no successor to hand the connection to".into());
+        };
+        outbox
+            .send(Outgoing {
+                message,
+                fd: Some(OwnedFd::from(tcp)),
+            })
+            .map_err(|_| "the connection to the successor is gone".to_string())?;
+        self.moved.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Sends a message without a socket.
+    pub fn tell(&self, message: Message) -> Result<(), String> {
+        let outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(outbox) = outbox.as_ref() else {
+            return Err("no successor".into());
+        };
+        outbox
+            .send(Outgoing { message, fd: None })
+            .map_err(|_| "the connection to the successor is gone".to_string())
+    }
+
+    /// Waits until no stream is left to move, or until `deadline`. Returns
+    /// how many were still to move.
+    pub async fn settled(&self, deadline: Instant) -> usize {
+        self.wait_for(&self.movable, deadline).await
+    }
+
+    /// Waits until no proxied connection is left, or until `deadline`.
+    /// Returns how many were still open.
+    pub async fn drained(&self, deadline: Instant) -> usize {
+        self.wait_for(&self.open, deadline).await
+    }
+
+    async fn wait_for(&self, count: &AtomicUsize, deadline: Instant) -> usize {
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            let left = count.load(Ordering::Acquire);
+            let now = Instant::now();
+            if left == 0 || now >= deadline {
+                return left;
+            }
+            // Woken by every change; the timeout is only a safety net.
+            let wait = (deadline - now).min(Duration::from_millis(500));
+            let _ = tokio::time::timeout(wait, changed).await;
+        }
+    }
+}
+
+impl Drop for MovableGuard {
+    fn drop(&mut self) {
+        self.0.movable.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_until_every_movable_connection_moved() {
+        let departure = Arc::new(Departure::default());
+        let first = departure.movable();
+        let second = departure.movable();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        drop(first);
+        let waiter = tokio::spawn({
+            let departure = departure.clone();
+            async move { departure.settled(deadline).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "one is still to move");
+        drop(second);
+        assert_eq!(waiter.await.expect("joined"), 0);
+        let _stuck = departure.movable();
+        assert_eq!(
+            departure
+                .settled(Instant::now() + Duration::from_millis(50))
+                .await,
+            1,
+            "the deadline ends the wait"
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_handed_over_without_a_successor() {
+        let departure = Departure::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let tcp = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        assert!(departure.hand_over(Message::Hello { pid: 1 }, tcp).is_err());
+        let (outbox, inbox) = std::sync::mpsc::channel();
+        departure.start_leaving(outbox);
+        assert!(departure.is_leaving());
+        let tcp = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        departure
+            .hand_over(Message::Hello { pid: 1 }, tcp)
+            .expect("handed over");
+        assert_eq!(departure.moved(), 1);
+        assert!(inbox.try_recv().expect("sent").fd.is_some());
+    }
+}

@@ -485,7 +485,8 @@ async fn resume_and_bridge(
             tracing::debug!(pod = %pod.info.display_name(), ?token, reason = %refusal, "resume sent on to the successor");
             let refusal = Refusal::NoUpstream("this ztunnel is leaving; ask again".into());
             server::refuse(respond, &refusal);
-            return refused(refusal);
+            // Not a failure of the connection: it goes on at the successor.
+            return Ending::not_carried(false, refusal.reason()).code("resume_elsewhere");
         }
         Err(refusal) => {
             proxy

@@ -160,7 +160,7 @@ impl Successor {
                 }
                 Message::Done(summary) => {
                     tracing::info!(?summary, received, "hand-over from the predecessor done");
-                    *self.last_mut() = Some(summary);
+                    *self.last() = Some(summary);
                 }
                 Message::Status { .. } | Message::Proceed { .. } => {
                     tracing::warn!("unexpected upgrade message; closing");
@@ -225,9 +225,5 @@ impl Successor {
 
     fn last(&self) -> std::sync::MutexGuard<'_, Option<Summary>> {
         self.last.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn last_mut(&self) -> std::sync::MutexGuard<'_, Option<Summary>> {
-        self.last()
     }
 }

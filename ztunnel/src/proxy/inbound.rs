@@ -28,6 +28,7 @@ use super::hbone::{self, Refusal, server};
 use super::resumptions::{Binding, Parked};
 use super::{CapturedPod, PodInfo, Proxy, authz, limits, socket};
 use crate::metrics::{Direction, ReasonLabels, ResultLabels, Transport};
+use crate::upgrade::departure::MovableGuard;
 use crate::upgrade::protocol::{Message, MovedServer};
 use crate::workloads::WorkloadStore;
 
@@ -230,6 +231,9 @@ fn serve_stream(
     });
     async move {
         let _open = proxy.departure.open_connection();
+        // A leaving ztunnel waits for a stream being set up (connecting to
+        // the app, or claiming a parked one): it moves once bridged.
+        let establishing = proxy.departure.movable();
         let ending = match verdict {
             Ok((target, extension)) => match extension.resume {
                 Some(token) => {
@@ -239,7 +243,7 @@ fn serve_stream(
                         &client,
                         target,
                         (token, extension.offered),
-                        (body, respond),
+                        (body, respond, establishing),
                         &mut log,
                     ))
                     .await
@@ -249,7 +253,7 @@ fn serve_stream(
                         &proxy,
                         &pod,
                         &client,
-                        (target, extension.offered),
+                        (target, extension.offered, establishing),
                         body,
                         respond,
                         &mut log,
@@ -278,7 +282,7 @@ fn connect_and_bridge<'a>(
     proxy: &'a Proxy,
     pod: &'a Arc<CapturedPod>,
     client: &'a Client,
-    (target, offered): (SocketAddr, bool),
+    (target, offered, establishing): (SocketAddr, bool, MovableGuard),
     body: RecvStream,
     respond: SendResponse<Bytes>,
     log: &'a mut AccessLog,
@@ -318,6 +322,7 @@ fn connect_and_bridge<'a>(
             recv: body,
             token,
             from_app_ended: false,
+            establishing,
         };
         carry(proxy, pod, client, target, stream).await
     }
@@ -332,6 +337,8 @@ struct Bridged {
     token: Option<Token>,
     /// The app had finished sending before (a resumed stream).
     from_app_ended: bool,
+    /// Counts the stream as still to move until its bridge counts it.
+    establishing: MovableGuard,
 }
 
 /// Who may resume a stream of `client` to `target` in `pod`.
@@ -365,6 +372,7 @@ async fn carry(
         recv,
         token,
         from_app_ended,
+        establishing,
     } = stream;
     let (read, write) = tcp.into_split();
     let movable = token.map(|_| hbone::Movable {
@@ -373,6 +381,8 @@ async fn carry(
         from_tcp_ended: from_app_ended,
     });
     let accepted = std::future::ready(Ok(hbone::Accepted { recv, token }));
+    // The bridge counts itself from its first poll, within this poll.
+    drop(establishing);
     let (copied, result) = tokio::select! {
         finished = hbone::bridge(read, write, send, accepted, movable) => finished,
         _ = registration.closed.cancelled() => {
@@ -472,7 +482,7 @@ async fn resume_and_bridge(
     client: &Client,
     target: SocketAddr,
     (token, offered): (Token, bool),
-    (body, respond): (RecvStream, SendResponse<Bytes>),
+    (body, respond, establishing): (RecvStream, SendResponse<Bytes>, MovableGuard),
     log: &mut AccessLog,
 ) -> Ending {
     let claimant = binding(pod, client, target);
@@ -540,6 +550,7 @@ async fn resume_and_bridge(
         recv: body,
         token: new_token,
         from_app_ended: parked.from_app_ended,
+        establishing,
     };
     carry(proxy, pod, client, target, stream).await
 }

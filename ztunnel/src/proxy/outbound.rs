@@ -139,6 +139,9 @@ pub fn handle(
             );
             return;
         };
+        // A leaving ztunnel waits for a connection being set up: it moves
+        // once its stream is accepted.
+        let establishing = proxy.departure.movable();
         // Boxed: the set-up futures are large and over once connected; the
         // task that lives as long as the connection should not carry them.
         let upstream = match Box::pin(establish(&proxy, &pod, destination, &mut log)).await {
@@ -153,6 +156,8 @@ pub fn handle(
             peer,
             original_destination: destination,
         };
+        // The bridge counts itself from its first poll, within this poll.
+        drop(establishing);
         let ending = relay(&proxy, &pod, client, upstream, from, &mut log).await;
         log.finish(&proxy.metrics, ending);
     }

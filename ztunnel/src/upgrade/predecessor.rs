@@ -86,8 +86,8 @@ pub async fn leave(
         let moved = proxy.departure.moved();
         tokio::time::sleep(QUIET).await;
         hand_over_parked(&proxy);
-        proxy.departure.settled(deadline).await;
-        if proxy.departure.moved() == moved || Instant::now() >= deadline {
+        let left = proxy.departure.settled(deadline).await;
+        if (left == 0 && proxy.departure.moved() == moved) || Instant::now() >= deadline {
             break;
         }
     }

@@ -152,7 +152,14 @@ where
         let granted = Notify::new();
         let from_tcp_ended = movable.as_ref().is_some_and(|m| m.from_tcp_ended);
         // Held while the stream can move: a leaving ztunnel waits for it.
-        let guard: Mutex<Option<MovableGuard>> = Mutex::new(None);
+        // Taken at once (the answer, and with it the token, may still be on
+        // its way), given up when no token comes.
+        let guard: Mutex<Option<MovableGuard>> = Mutex::new(
+            movable
+                .as_ref()
+                .filter(|m| !m.from_tcp_ended)
+                .map(|m| m.departure.movable()),
+        );
         let unguard = || {
             guard.lock().unwrap_or_else(|e| e.into_inner()).take();
         };
@@ -210,13 +217,13 @@ where
                 token: granted_token,
             } = accepted.await.map_err(BridgeError::NotAccepted)?;
             let self_granted = &granted;
-            if let (Some(movable), Some(granted)) = (&movable, granted_token) {
-                let _ = token.set(granted);
-                self_granted.notify_one();
-                if !from_tcp_ended {
-                    *guard.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(movable.departure.movable());
+            match (&movable, granted_token) {
+                (Some(_), Some(granted)) => {
+                    let _ = token.set(granted);
+                    self_granted.notify_one();
                 }
+                // A peer without the extension: drained, never moved.
+                _ => unguard(),
             }
             let answer_within = movable.as_ref().map(|m| m.answer_within);
             let mut unanswered = std::pin::pin!(async {

@@ -55,6 +55,9 @@ struct Summary {
 }
 
 /// Who answers on a node's upgrade socket: (pid, ready, last hand-over).
+/// The two messages are written here by hand, not taken from the ztunnel's
+/// `upgrade::protocol`: the lab runs the ztunnel as a process and links
+/// none of its code (ARCHITECTURE, "The crates").
 fn ask(socket: &std::path::Path) -> Option<(u32, bool, Option<Summary>)> {
     let conn = Conn::connect(socket).ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;

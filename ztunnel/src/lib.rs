@@ -79,9 +79,10 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
             predecessor = pid,
             "starting beside a running ztunnel; taking over when it leaves"
         );
-        // Clients may come back for streams it has not handed over yet.
+        // Clients may come back for streams it has not handed over yet
+        // (it is told to leave as soon as we are ready, in seconds).
         proxy.resumptions.expect_incoming(Some(
-            std::time::Instant::now() + std::time::Duration::from_secs(600),
+            std::time::Instant::now() + upgrade::successor::INCOMING_FOR,
         ));
     }
     // Before anything else: the pods an earlier ztunnel served have had
@@ -122,10 +123,17 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
         // network namespace) until it leaves.
         let (state, stop) = (state.clone(), stop_admin.clone());
         tokio::spawn(async move {
+            let mut said = false;
             while !stop.is_cancelled() {
                 match admin::serve(address, endpoint, state.clone(), stop.clone()).await {
                     Ok(()) => return,
-                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                    Err(error) => {
+                        if !said {
+                            tracing::info!(%error, "waiting for the predecessor to free the port");
+                            said = true;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
                 }
             }
         });

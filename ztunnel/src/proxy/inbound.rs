@@ -29,7 +29,6 @@ use super::resumptions::{Binding, Parked};
 use super::{CapturedPod, PodInfo, Proxy, authz, limits, socket};
 use crate::metrics::{Direction, ReasonLabels, ResultLabels, Transport};
 use crate::upgrade::departure::MovableGuard;
-use crate::upgrade::protocol::{Message, MovedServer};
 use crate::workloads::WorkloadStore;
 
 pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, peer: SocketAddr) {
@@ -443,34 +442,23 @@ fn set_aside(
     target: SocketAddr,
     moved: hbone::MovedTcp,
 ) -> Result<(), String> {
-    if proxy.departure.is_leaving() {
-        let message = Message::Server(MovedServer {
-            pod_uid: pod.info.uid.clone(),
-            token: moved.token.to_string(),
-            client_identity: client.certificate.identity.to_string(),
-            client_address: client.address,
-            target,
-            from_app_ended: moved.from_tcp_ended,
-            to_app_ended: moved.to_tcp_ended,
-        });
-        proxy.resumptions.forget(moved.token);
-        return proxy.departure.hand_over(message, moved.tcp);
-    }
     let tcp = moved
         .tcp
         .into_std()
-        .map_err(|error| format!("cannot park the app connection: {error}"))?;
-    proxy.resumptions.park(
-        moved.token,
-        Parked {
-            binding: binding(pod, client, target),
-            tcp,
-            client_address: client.address,
-            from_app_ended: moved.from_tcp_ended,
-            to_app_ended: moved.to_tcp_ended,
-            since: Instant::now(),
-        },
-    );
+        .map_err(|error| format!("cannot set the app connection aside: {error}"))?;
+    let parked = Parked {
+        binding: binding(pod, client, target),
+        tcp,
+        client_address: client.address,
+        from_app_ended: moved.from_tcp_ended,
+        to_app_ended: moved.to_tcp_ended,
+        since: Instant::now(),
+    };
+    if proxy.departure.is_leaving() {
+        proxy.resumptions.forget(moved.token);
+        return proxy.departure.hand_over_parked(moved.token, parked);
+    }
+    proxy.resumptions.park(moved.token, parked);
     Ok(())
 }
 

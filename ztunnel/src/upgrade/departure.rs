@@ -10,7 +10,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::Message;
+use super::protocol::{Message, MovedServer};
+use crate::proxy::hbone::resume::Token;
+use crate::proxy::resumptions::Parked;
 
 /// A message for the successor, with the socket it is about.
 pub struct Outgoing {
@@ -109,6 +111,12 @@ impl Departure {
         Ok(())
     }
 
+    /// Hands a parked inbound stream (its app socket) to the successor.
+    pub fn hand_over_parked(&self, token: Token, parked: Parked) -> Result<(), String> {
+        let message = Message::Server(MovedServer::of(token, &parked));
+        self.hand_over_std(message, parked.tcp)
+    }
+
     /// Sends a message without a socket.
     pub fn tell(&self, message: Message) -> Result<(), String> {
         let outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
@@ -121,7 +129,7 @@ impl Departure {
     }
 
     /// Waits until no stream is left to move, or until `deadline`. Returns
-    /// how many were still to move.
+    /// how many were still to move. (Woken promptly only once leaving.)
     pub async fn settled(&self, deadline: Instant) -> usize {
         self.wait_for(&self.movable, deadline).await
     }
@@ -149,17 +157,27 @@ impl Departure {
     }
 }
 
+impl Departure {
+    /// Wakes whoever waits for the counts; only a leaving ztunnel waits, so
+    /// the connections of one that stays pay no lock for it.
+    fn counted(&self) {
+        if self.is_leaving() {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
 impl Drop for MovableGuard {
     fn drop(&mut self) {
         self.0.movable.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
+        self.0.counted();
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
+        self.0.counted();
     }
 }
 
@@ -170,6 +188,8 @@ mod tests {
     #[tokio::test]
     async fn waits_until_every_movable_connection_moved() {
         let departure = Arc::new(Departure::default());
+        let (outbox, _inbox) = std::sync::mpsc::channel();
+        departure.start_leaving(outbox);
         let first = departure.movable();
         let second = departure.movable();
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -10,7 +10,7 @@ use kanava_netns::seqpacket::Conn;
 use tokio_util::sync::CancellationToken;
 
 use super::departure::Outgoing;
-use super::protocol::{Message, MovedServer, Summary};
+use super::protocol::{Message, Summary};
 use crate::pods::PodRegistry;
 use crate::proxy::Proxy;
 
@@ -37,9 +37,14 @@ pub async fn leave(
     let started = Instant::now();
     let own_pid = std::process::id();
     let uids = pods.uids();
-    let conn = tokio::task::spawn_blocking(move || find_successor(&socket, own_pid, uids))
-        .await
-        .ok()?;
+    let conn =
+        match tokio::task::spawn_blocking(move || find_successor(&socket, own_pid, uids)).await {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::error!(%error, "looking for a successor failed; draining instead");
+                return None;
+            }
+        };
     let (conn, listeners) = match conn {
         Ok(Some(found)) => found,
         Ok(None) => return None,
@@ -156,16 +161,7 @@ fn find_successor(
 /// the successor, where the clients will come back for them.
 fn hand_over_parked(proxy: &Proxy) {
     for (token, parked) in proxy.resumptions.take_parked() {
-        let message = Message::Server(MovedServer {
-            pod_uid: parked.binding.pod_uid.clone(),
-            token: token.to_string(),
-            client_identity: parked.binding.client.to_string(),
-            client_address: parked.client_address,
-            target: parked.binding.target,
-            from_app_ended: parked.from_app_ended,
-            to_app_ended: parked.to_app_ended,
-        });
-        if let Err(error) = proxy.departure.hand_over_std(message, parked.tcp) {
+        if let Err(error) = proxy.departure.hand_over_parked(token, parked) {
             tracing::warn!(%error, "a parked connection could not be handed over");
         }
     }

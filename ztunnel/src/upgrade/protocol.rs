@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::proxy::hbone::resume::Token;
+use crate::proxy::resumptions::Parked;
 
 /// One message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +75,21 @@ pub struct MovedServer {
     pub target: SocketAddr,
     pub from_app_ended: bool,
     pub to_app_ended: bool,
+}
+
+impl MovedServer {
+    /// The message that hands a parked stream to the successor.
+    pub fn of(token: Token, parked: &Parked) -> MovedServer {
+        MovedServer {
+            pod_uid: parked.binding.pod_uid.clone(),
+            token: token.to_string(),
+            client_identity: parked.binding.client.to_string(),
+            client_address: parked.client_address,
+            target: parked.binding.target,
+            from_app_ended: parked.from_app_ended,
+            to_app_ended: parked.to_app_ended,
+        }
+    }
 }
 
 /// How a hand-over went, as the predecessor saw it.

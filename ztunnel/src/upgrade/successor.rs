@@ -17,9 +17,10 @@ use crate::pods::PodRegistry;
 use crate::proxy::Proxy;
 use crate::proxy::resumptions::{Binding, Parked};
 
-/// How long after a hand-over starts resumes of unknown tokens wait for
-/// the predecessor to hand their streams over.
-const INCOMING_FOR: Duration = Duration::from_secs(60);
+/// How long after a predecessor is found, or its hand-over starts,
+/// resumes of unknown tokens wait for it to hand their streams over (each
+/// such resume waits at most the claim's own bound, a few seconds).
+pub const INCOMING_FOR: Duration = Duration::from_secs(60);
 
 /// What the upgrade socket serves from.
 pub struct Successor {

@@ -1,6 +1,7 @@
 //! The byte bridge between a TCP connection and an HBONE stream.
 
 use std::future::{Future, poll_fn};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -9,7 +10,6 @@ use h2::{RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::Notify;
 
 use super::resume::{self, Token};
 use crate::Error;
@@ -144,12 +144,12 @@ where
         let mut received = 0u64;
         // Set once the peer granted a token: only then may a move start.
         let token: OnceLock<Token> = OnceLock::new();
-        // The peer ended its direction with the moving trailer.
-        let peer_moving = Notify::new();
-        // We ended ours so: the peer's answer is awaited from then on.
-        let we_moved = Notify::new();
-        // The token arrived: a move may start from now on.
-        let granted = Notify::new();
+        // What each direction tells the other. Both run in this one task
+        // (try_join polls both on every wake), so a flag and a wake of the
+        // task do what a Notify would, without one per connection: the
+        // side that sets a flag yields once, and the other sees it on its
+        // next poll.
+        let flags = AtomicU8::new(0);
         let from_tcp_ended = movable.as_ref().is_some_and(|m| m.from_tcp_ended);
         // Held while the stream can move: a leaving ztunnel waits for it.
         // Taken at once (the answer, and with it the token, may still be on
@@ -170,12 +170,15 @@ where
             }
             let mut reader = ChunkReader::new();
             loop {
-                let may_move = token.get().is_some();
+                let seen = flags.load(Ordering::Acquire);
+                if seen & PEER_MOVED != 0 {
+                    break;
+                }
+                let may_move = seen & GRANTED != 0;
                 let mut chunk = tokio::select! {
                     biased;
                     () = leaving(movable.as_ref()), if may_move => break,
-                    () = peer_moving.notified() => break,
-                    () = granted.notified(), if !may_move => continue,
+                    () = changed(&flags, seen) => continue,
                     chunk = reader.next(&mut tcp_read) => chunk.map_err(BridgeError::Io)?,
                 };
                 if chunk.is_empty() {
@@ -208,7 +211,7 @@ where
             // the kernel for whoever holds the socket next.
             send.send_trailers(resume::moving_trailers(sent))
                 .map_err(h2_io)?;
-            we_moved.notify_one();
+            signal(&flags, WE_MOVED).await;
             Ok(DirectionEnd::Moved)
         };
         let from_h2 = async {
@@ -216,28 +219,37 @@ where
                 recv: mut stream,
                 token: granted_token,
             } = accepted.await.map_err(BridgeError::NotAccepted)?;
-            let self_granted = &granted;
             match (&movable, granted_token) {
                 (Some(_), Some(granted)) => {
                     let _ = token.set(granted);
-                    self_granted.notify_one();
+                    signal(&flags, GRANTED).await;
                 }
                 // A peer without the extension: drained, never moved.
                 _ => unguard(),
             }
-            let answer_within = movable.as_ref().map(|m| m.answer_within);
-            let mut unanswered = std::pin::pin!(async {
-                we_moved.notified().await;
-                match answer_within {
-                    Some(after) => tokio::time::sleep(after).await,
-                    None => std::future::pending().await,
-                }
-            });
+            let answer_within = movable.as_ref().map_or(Duration::ZERO, |m| m.answer_within);
+            // Boxed, and only once we moved: most connections never do, and
+            // a timer in every connection's task would cost each its size.
+            let mut unanswered: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
             let mut draining = false;
             loop {
                 let data = tokio::select! {
                     data = stream.data() => data,
-                    () = &mut unanswered, if !draining => {
+                    () = changed(&flags, flags.load(Ordering::Acquire)),
+                        if unanswered.is_none() && flags.load(Ordering::Acquire) & WE_MOVED == 0 => {
+                        continue;
+                    }
+                    () = std::future::ready(()),
+                        if unanswered.is_none() && flags.load(Ordering::Acquire) & WE_MOVED != 0 => {
+                        // Only a movable stream moves: `answer_within` is set.
+                        unanswered = Some(Box::pin(tokio::time::sleep(answer_within)));
+                        continue;
+                    }
+                    () = async {
+                        if let Some(deadline) = unanswered.as_mut() {
+                            deadline.await;
+                        }
+                    }, if unanswered.is_some() && !draining => {
                         // The peer did not answer the move: its bytes still
                         // reach TCP until it ends, but ours can go no more.
                         tracing::warn!("HBONE peer did not answer the move; draining the connection");
@@ -261,7 +273,7 @@ where
                     Ok(DirectionEnd::Ended)
                 }
                 Some(Ok(count)) if count == received && token.get().is_some() => {
-                    peer_moving.notify_one();
+                    signal(&flags, PEER_MOVED).await;
                     Ok(DirectionEnd::Moved)
                 }
                 Some(Ok(count)) => Err(BridgeError::Io(std::io::Error::other(format!(
@@ -333,6 +345,31 @@ where
             finish,
         )
     }
+}
+
+/// [`bridge`]'s flags: the token was granted, the peer moved its
+/// direction, we moved ours.
+const GRANTED: u8 = 1;
+const PEER_MOVED: u8 = 2;
+const WE_MOVED: u8 = 4;
+
+/// Sets `flag` and yields once, so that the other direction, polled in the
+/// same task, sees it.
+async fn signal(flags: &AtomicU8, flag: u8) {
+    flags.fetch_or(flag, Ordering::AcqRel);
+    tokio::task::yield_now().await;
+}
+
+/// Resolves once the flags differ from `seen`. Registers no waker of its
+/// own: [`signal`] wakes the task that polls it.
+fn changed(flags: &AtomicU8, seen: u8) -> impl Future<Output = ()> + '_ {
+    poll_fn(move |_| {
+        if flags.load(Ordering::Acquire) != seen {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
 }
 
 /// Resolves once this ztunnel leaves; never for a stream that cannot move.

@@ -116,8 +116,21 @@ pub fn upgrade(
                 "starting the new ztunnel on {} beside the old one",
                 state.nodes[index].name
             ));
-            started.push((index, start_beside(&mut state, index, &binary, env)?));
+            match start_beside(&mut state, index, &binary, env) {
+                Ok(beside) => started.push((index, beside)),
+                Err(error) => {
+                    // Leave the batch as it was: the old ones serve on.
+                    for (index, (old, _)) in started {
+                        stop(&state.nodes[index].ztunnel);
+                        state.nodes[index].ztunnel = old;
+                    }
+                    return Err(error);
+                }
+            }
         }
+        // From here on the new ones are the lab's: `lab down` stops them
+        // even if an old one does not go away.
+        state.save()?;
         let mut handed = Vec::new();
         for (index, (old, began)) in started {
             env.say(&format!(

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use kanava_mesh::ports;
+use kanava_mesh::{Identity, ports};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -268,12 +268,25 @@ enum Upstream {
     Tcp(TcpStream),
 }
 
-/// Where an HBONE stream runs: the pooled connection's slot, the pool key
-/// (to ask again after a move) and the `CONNECT` target.
+/// Where an HBONE stream runs: the pooled connection's slot, and what a
+/// move needs to ask again (the destination's identity and the `CONNECT`
+/// target; the pool key is rebuilt from them only then).
 struct Lane {
     slot: StreamSlot,
-    key: PoolKey,
+    destination: Identity,
     target: SocketAddr,
+}
+
+impl Lane {
+    /// The pool key of this lane's connections from `pod`.
+    fn key(&self, pod: &CapturedPod) -> PoolKey {
+        PoolKey {
+            source_pod: pod.info.uid.clone(),
+            source: pod.info.identity.clone(),
+            destination: self.destination.clone(),
+            address: SocketAddr::new(self.target.ip(), ports::HBONE),
+        }
+    }
 }
 
 /// Connects along one hop: over HBONE, or in plain TCP from inside the
@@ -300,13 +313,19 @@ async fn connect(
                 let slot = checkout(proxy, pod, &key, &cert).await?;
                 let lane = Lane {
                     slot,
-                    key: key.clone(),
+                    destination: key.destination.clone(),
                     target: *address,
                 };
                 let opened = if answer == Answer::Later {
-                    hbone::client::send_connect(&lane.slot, key.address, *address, None)
-                        .await
-                        .map(|(send, reply)| Upstream::HboneAnswerLater { send, reply, lane })
+                    match hbone::client::send_connect(&lane.slot, key.address, *address, None).await
+                    {
+                        Ok((send, reply)) => Ok(Upstream::HboneAnswerLater { send, reply, lane }),
+                        Err(error) => {
+                            // Else the next attempt finds the same one.
+                            lane.slot.retire_if(&error);
+                            Err(error)
+                        }
+                    }
                 } else {
                     match hbone::client::open_stream(
                         &lane.slot,
@@ -475,7 +494,8 @@ async fn moved_on(
     from: Origin,
     mut carried: Transferred,
 ) -> Ending {
-    let Lane { slot, key, target } = lane;
+    let key = lane.key(pod);
+    let Lane { slot, target, .. } = lane;
     // Whichever side is leaving, this connection's peer takes no new
     // streams from us any more.
     slot.retire();
@@ -650,7 +670,7 @@ pub async fn resume_handed_over(
     let carried = transferred(copied);
     let lane = Lane {
         slot,
-        key,
+        destination: key.destination,
         target: moved.target,
     };
     let from = Origin {

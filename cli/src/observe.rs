@@ -45,6 +45,10 @@ pub struct StatusArgs {
     /// On a cluster: the namespace Kanava is installed in.
     #[arg(long, default_value = "kanava-system")]
     namespace: String,
+    /// On a cluster: how long every request together may take; what has not
+    /// answered by then is reported as such.
+    #[arg(long, env = "KANAVA_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -239,7 +243,7 @@ fn dump_tables(dump: &Value, now: SystemTime) -> String {
 
 pub fn status_command(args: &StatusArgs) -> anyhow::Result<i32> {
     let health = match &args.kubeconfig {
-        Some(kubeconfig) => crate::cluster::status(kubeconfig, &args.namespace)?,
+        Some(kubeconfig) => crate::cluster::status(kubeconfig, &args.namespace, args.timeout)?,
         None => lab_health(&Lab::attach(args.lab.name.as_deref())?),
     };
     match args.output {

@@ -65,6 +65,13 @@ struct State {
     requests: Vec<String>,
     /// What the proxy to pods and services answers, by path.
     proxied: HashMap<String, String>,
+    /// Requests whose path starts with one of these are never answered.
+    hanging: Vec<String>,
+    /// While set, every request answers 503: the API server is away.
+    away: bool,
+    /// Any other GET answered with a fixed JSON body, by path (OIDC
+    /// discovery, for instance).
+    documents: HashMap<String, Value>,
 }
 
 /// The server; it stops when dropped.
@@ -204,6 +211,30 @@ impl ApiServer {
         *cut = broadcast::channel(1).0;
     }
 
+    /// Requests whose path starts with `prefix` are never answered (a
+    /// server that accepted the connection and went silent).
+    pub fn hang(&self, prefix: &str) {
+        self.state.lock().unwrap().hanging.push(prefix.to_string());
+    }
+
+    /// While set, every request answers 503, as an API server that is away
+    /// behind its load balancer; open watches end.
+    pub fn set_away(&self, away: bool) {
+        self.state.lock().unwrap().away = away;
+        if away {
+            self.cut_watches();
+        }
+    }
+
+    /// Answers GETs of `path` with `document`.
+    pub fn document(&self, path: &str, document: Value) {
+        self.state
+            .lock()
+            .unwrap()
+            .documents
+            .insert(path.to_string(), document);
+    }
+
     /// While set, lists and new watches of `path` answer 503.
     pub fn set_unavailable(&self, path: &'static str, unavailable: bool) {
         let mut state = self.lock();
@@ -339,6 +370,24 @@ async fn handle(
         serde_json::from_slice(&bytes).unwrap_or(Value::Null)
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (hangs, away) = {
+        let state = state.lock().unwrap();
+        (
+            state.hanging.iter().any(|prefix| path.starts_with(prefix)),
+            state.away,
+        )
+    };
+    if hangs {
+        std::future::pending::<()>().await;
+    }
+    if away {
+        return status(503, "ServiceUnavailable", "the API server is away");
+    }
+    if method == Method::GET
+        && let Some(document) = state.lock().unwrap().documents.get(&path)
+    {
+        return json_response(StatusCode::OK, document.clone());
+    }
 
     // The API server's proxy to pods and services (`.../pods/NAME:PORT/proxy/...`):
     // what a test put there.

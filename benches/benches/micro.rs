@@ -270,7 +270,7 @@ fn tls_handshake(c: &mut Criterion) {
     let (client_cert, server_cert) = (workload_cert("client"), workload_cert("server"));
     let server_config = kanava_tls::hbone_server_config(
         Arc::new(kanava_tls::SingleCert(server_cert.certified_key())),
-        &roots,
+        &kanava_tls::TrustBundle::new(roots.clone()).unwrap(),
     )
     .unwrap();
     let handshake = |client_config: Arc<kanava_tls::rustls::ClientConfig>| {

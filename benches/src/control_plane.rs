@@ -156,7 +156,9 @@ pub async fn run(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let roots = kanava_tls::MeshRoots::from_pem(&std::fs::read(ca.join("root-cert.pem"))?)?;
+    let roots = kanava_tls::TrustBundle::new(kanava_tls::MeshRoots::from_pem(&std::fs::read(
+        ca.join("root-cert.pem"),
+    )?)?)?;
     let cpu_start = procfs::cpu_seconds(pid).unwrap_or(0.0);
 
     // Open every stream at once, as ztunnels reconnecting after a restart.

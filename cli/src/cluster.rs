@@ -244,6 +244,8 @@ fn read_ztunnel_metrics(ztunnel: &mut ZtunnelStatus, text: &str, now: f64, logs:
     ztunnel.captured = metric(text, "kanava_pods_captured").unwrap_or(0.0) as usize;
     let expiries = all_values(text, "kanava_certificate_expiry_timestamp_seconds");
     ztunnel.certificates = expiries.len();
+    ztunnel.roots = metric(text, "kanava_trust_roots").map(|roots| roots as usize);
+    ztunnel.superseded = metric(text, "kanava_certificates_superseded").unwrap_or(0.0) as usize;
     if let Some(soonest) = expiries.into_iter().reduce(f64::min) {
         let when = UNIX_EPOCH + Duration::from_secs_f64(soonest.max(0.0));
         ztunnel.next_expiry = Some(humantime::format_rfc3339_seconds(when).to_string());

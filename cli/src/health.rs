@@ -19,6 +19,11 @@ pub struct ZtunnelStatus {
     /// How many pods should be captured, when that is known (a lab).
     pub expected: Option<usize>,
     pub certificates: usize,
+    /// Certificates issued under a signer the mesh no longer signs with
+    /// (being replaced during a root rotation).
+    pub superseded: usize,
+    /// Roots the ztunnel trusts (two during a root rotation).
+    pub roots: Option<usize>,
     pub next_expiry: Option<String>,
     pub problems: Vec<String>,
 }
@@ -70,6 +75,7 @@ impl Health {
             "VERSION".into(),
             "PODS".into(),
             "CERTS".into(),
+            "ROOTS".into(),
             "NEXT EXPIRY".into(),
             "RESTARTS".into(),
         ]];
@@ -83,7 +89,13 @@ impl Health {
                     Some(expected) => format!("{}/{expected}", ztunnel.captured),
                     None => ztunnel.captured.to_string(),
                 },
-                ztunnel.certificates.to_string(),
+                match ztunnel.superseded {
+                    0 => ztunnel.certificates.to_string(),
+                    old => format!("{} ({old} old)", ztunnel.certificates),
+                },
+                ztunnel
+                    .roots
+                    .map_or_else(|| "?".into(), |roots| roots.to_string()),
                 ztunnel.next_expiry.clone().unwrap_or_else(|| "-".into()),
                 ztunnel.restarts.to_string(),
             ]);

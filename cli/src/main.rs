@@ -11,10 +11,12 @@
 //! kanava lab down [--name NAME | --all]
 //! kanava lab clean
 //! kanava verify [--name NAME] [--output table|json]
+//! kanava ca rotate [--name NAME] [--step-timeout 60s] [--output table|json]
 //! kanava status [--name NAME | --kubeconfig FILE [--namespace NS]] [--output table|json]
 //! kanava config-dump [--name NAME] NODE [--output table|json]
 //! ```
 
+mod ca;
 mod cluster;
 mod health;
 mod lab;
@@ -45,6 +47,9 @@ enum Command {
     /// version against the control plane's, the pods it captures and its
     /// certificates' expiry. Exits 1, naming the fix, when something is off.
     Status(observe::StatusArgs),
+    /// The mesh's certificate authority (rotate a lab's root).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// What one node's ztunnel holds: captured pods, workloads, services,
     /// policies, certificates with expiry (never keys).
     ConfigDump(observe::ConfigDumpArgs),
@@ -57,6 +62,7 @@ fn main() {
         Command::Verify(args) => verify::run(&args),
         Command::Status(args) => observe::status_command(&args),
         Command::ConfigDump(args) => observe::config_dump_command(&args),
+        Command::Ca(command) => ca::run(command),
     };
     match result {
         Ok(code) => std::process::exit(code),

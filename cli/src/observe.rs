@@ -307,6 +307,16 @@ fn lab_health(lab: &Lab) -> Health {
                 status.captured = dump["capturedPods"].as_array().map_or(0, Vec::len);
                 let certificates = dump["certificates"].as_array().cloned().unwrap_or_default();
                 status.certificates = certificates.len();
+                status.roots = dump["trust"]["roots"].as_array().map(Vec::len);
+                let signer = &dump["trust"]["signer"];
+                status.superseded = certificates
+                    .iter()
+                    .filter(|cert| {
+                        signer.is_string()
+                            && cert["signer"].is_string()
+                            && cert["signer"] != *signer
+                    })
+                    .count();
                 let mut soonest: Option<SystemTime> = None;
                 for cert in &certificates {
                     match cert["notAfter"]

@@ -10,12 +10,12 @@ use tonic::{Request, Response, Status};
 
 use crate::Error;
 use crate::auth::{self, Authenticated, Authenticator};
-use crate::ca::CertificateAuthority;
+use crate::ca::Authority;
 use crate::metrics::CertificateLabels;
 use crate::store::Store;
 
 pub struct CertificateService {
-    ca: Arc<CertificateAuthority>,
+    ca: Arc<Authority>,
     store: Arc<Store>,
     default_ttl: Duration,
     max_ttl: Duration,
@@ -23,7 +23,7 @@ pub struct CertificateService {
 
 impl CertificateService {
     pub fn new(
-        ca: Arc<CertificateAuthority>,
+        ca: Arc<Authority>,
         store: Arc<Store>,
         default_ttl: Duration,
         max_ttl: Duration,
@@ -38,10 +38,13 @@ impl CertificateService {
 
     fn sign(&self, node: &str, request: &pb::SignRequest) -> Result<pb::SignResponse, Error> {
         let identity: Identity = request.identity.parse()?;
-        if identity.trust_domain() != self.ca.trust_domain() {
+        // One CA for the whole request: the signer reported is the one
+        // that signed, even while a rotation replaces it.
+        let ca = self.ca.current();
+        if identity.trust_domain() != ca.trust_domain() {
             return Err(Error::ForeignTrustDomain {
                 identity: identity.to_string(),
-                trust_domain: self.ca.trust_domain().to_string(),
+                trust_domain: ca.trust_domain().to_string(),
             });
         }
         if !self.store.snapshot().node_runs(node, &identity) {
@@ -54,7 +57,7 @@ impl CertificateService {
             0 => self.default_ttl,
             secs => Duration::from_secs(secs).min(self.max_ttl),
         };
-        let issued = self.ca.sign_workload(&request.csr, &identity, ttl)?;
+        let issued = ca.sign_workload(&request.csr, &identity, ttl)?;
         let not_after = issued
             .not_after
             .duration_since(UNIX_EPOCH)
@@ -63,8 +66,9 @@ impl CertificateService {
         tracing::info!(%node, %identity, ttl = ?ttl, "signed workload certificate");
         Ok(pb::SignResponse {
             cert_chain: issued.chain_pem,
-            trust_roots: self.ca.roots_pem().to_vec(),
+            trust_roots: ca.roots_pem().to_vec(),
             not_after_unix: not_after,
+            signer: ca.signer().to_string(),
         })
     }
 }

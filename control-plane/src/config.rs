@@ -89,6 +89,11 @@ pub struct Config {
     #[arg(long, env = "KANAVA_MAX_CERT_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
     pub max_cert_ttl: Duration,
 
+    /// How often the CA's material (its directory, or its Secrets) is read
+    /// again, so a root rotation needs no restart.
+    #[arg(long, env = "KANAVA_CA_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub ca_reload_interval: Duration,
+
     /// DNS names in the control plane's own serving certificate.
     #[arg(long, env = "KANAVA_SERVER_NAMES", value_delimiter = ',', default_value = names::CONTROL_PLANE_SERVER_NAME)]
     pub server_names: Vec<String>,

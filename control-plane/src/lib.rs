@@ -50,7 +50,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         None => None,
     };
     // `watch` keeps the source's watch running until it is dropped.
-    let (ca, auth, watch) = match &source {
+    let (ca, material, auth, watch) = match &source {
         Source::Manifests {
             dir,
             ca_dir,
@@ -62,7 +62,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             )?);
             let translate = translate_into(&config, store.clone(), None);
             let watch = source::manifests::watch(dir.clone(), translate)?;
-            (ca, auth, Box::new(watch) as Box<dyn Send>)
+            let material = ca::MaterialSource::Files(ca_dir.clone());
+            (ca, material, auth, Box::new(watch) as Box<dyn Send>)
         }
         Source::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
@@ -81,11 +82,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             ));
             let statuses = policy_status::StatusWriter::start(client.clone(), &config.pod_name);
             let translate = translate_into(&config, store.clone(), Some(statuses));
+            let material = ca::MaterialSource::Secrets {
+                client: client.clone(),
+                namespace: config.namespace.clone(),
+                plugin_ca_secret: config.plugin_ca_secret.clone(),
+            };
             let watch = source::kubernetes::watch(client, translate);
-            (ca, auth, Box::new(watch) as Box<dyn Send>)
+            (ca, material, auth, Box::new(watch) as Box<dyn Send>)
         }
     };
-    let server = server::Server::new(&config, Arc::new(ca), Arc::new(auth), store)?;
+    store.set_trust_bundle(ca.trust_bundle());
+    let ca = Arc::new(ca::Authority::new(ca));
+    tokio::spawn(ca::follow(
+        material,
+        ca.clone(),
+        store.clone(),
+        config.trust_domain.clone(),
+        config.ca_reload_interval,
+        shutdown.clone(),
+    ));
+    let server = server::Server::new(&config, ca, Arc::new(auth), store)?;
     let result = server.serve(shutdown).await;
     drop(watch);
     drop(readiness);

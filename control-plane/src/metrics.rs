@@ -13,6 +13,8 @@
 //! | `kanava_control_plane_configuration_version` | gauge | | version of the state served |
 //! | `kanava_control_plane_source_synced` | gauge | | 1 once every kind has been read in full |
 //! | `kanava_control_plane_source_last_change_timestamp_seconds` | gauge | | when the source last delivered a view (age: `time() - this`) |
+//! | `kanava_control_plane_ca_reloads_total` | counter | `result` (`changed`, `refused`) | CA material read again and found changed, or unusable (the CA in force stays) |
+//! | `kanava_control_plane_trust_roots` | gauge | | roots in the trust bundle served (2 during a rotation) |
 
 use std::sync::atomic::AtomicU64;
 
@@ -34,8 +36,15 @@ pub struct CertificateLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub ca_reloads: Family<ResultLabels, Counter>,
+    pub trust_roots: Gauge,
     pub ztunnels_connected: Gauge,
     pub pushes: Family<PushLabels, Counter>,
     pub push_delay: Histogram,
@@ -58,6 +67,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("kanava_control_plane");
         let metrics = Metrics {
             registry: Registry::default(),
+            ca_reloads: Family::default(),
+            trust_roots: Gauge::default(),
             ztunnels_connected: Gauge::default(),
             pushes: Family::default(),
             // 0.5 ms to about 4 s.
@@ -113,6 +124,16 @@ impl Metrics {
             "source_last_change_timestamp_seconds",
             "When the source last delivered a view of the cluster (Unix time)",
             metrics.source_last_change.clone(),
+        );
+        registry.register(
+            "ca_reloads",
+            "CA material read again and found changed, or unusable (the CA in force stays)",
+            metrics.ca_reloads.clone(),
+        );
+        registry.register(
+            "trust_roots",
+            "Roots in the trust bundle served to ztunnels",
+            metrics.trust_roots.clone(),
         );
         Metrics {
             registry,

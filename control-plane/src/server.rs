@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Authenticated, Authenticator};
-use crate::ca::CertificateAuthority;
+use crate::ca::{Authority, CertificateAuthority};
 use crate::certificates::{self, CertificateService};
 use crate::discovery::{DiscoveryServer, DiscoveryService};
 use crate::store::Store;
@@ -33,7 +33,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Server {
     config: Config,
-    ca: Arc<CertificateAuthority>,
+    ca: Arc<Authority>,
     auth: Arc<Authenticator>,
     store: Arc<Store>,
 }
@@ -41,7 +41,7 @@ pub struct Server {
 impl Server {
     pub fn new(
         config: &Config,
-        ca: Arc<CertificateAuthority>,
+        ca: Arc<Authority>,
         auth: Arc<Authenticator>,
         store: Arc<Store>,
     ) -> Result<Self, Error> {
@@ -55,7 +55,7 @@ impl Server {
 
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), Error> {
         let serving = Arc::new(ServingCert::issue(
-            &self.ca,
+            &self.ca.current(),
             &self.config.server_names,
             &self.config.server_ips,
         )?);
@@ -230,19 +230,23 @@ impl ServingCert {
         })
     }
 
-    async fn rotate(
-        self: Arc<Self>,
-        ca: Arc<CertificateAuthority>,
-        names: Vec<String>,
-        ips: Vec<IpAddr>,
-    ) {
+    /// Renews the certificate at half-life, and at once when another
+    /// certificate starts signing (a root rotation: the old root will be
+    /// dropped, and with it every certificate under it).
+    async fn rotate(self: Arc<Self>, ca: Arc<Authority>, names: Vec<String>, ips: Vec<IpAddr>) {
+        let mut signer = ca.signer_changes();
         loop {
             let renew_at = self.current.load().renew_at;
             let wait = renew_at
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
-            tokio::time::sleep(wait).await;
-            match issue_serving(&ca, &names, &ips) {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                changed = signer.changed() => if changed.is_err() {
+                    return;
+                },
+            }
+            match issue_serving(&ca.current(), &names, &ips) {
                 Ok(fresh) => {
                     self.current.store(Arc::new(fresh));
                     tracing::info!("rotated the control plane's serving certificate");

@@ -28,6 +28,8 @@ const SNAPSHOT_PART: usize = 1000;
 pub struct Snapshot {
     pub version: u64,
     pub resources: BTreeMap<String, Arc<pb::Resource>>,
+    /// What ztunnels trust; on the first part of every full snapshot.
+    pub trust_bundle: Option<pb::TrustBundle>,
     /// Identities of the enrolled pods scheduled on each node (for the CA).
     identities_by_node: HashMap<String, HashSet<Identity>>,
     /// The full-snapshot responses (parts), encoded on first use.
@@ -66,6 +68,11 @@ impl Snapshot {
                             resources: chunk.iter().map(|r| (***r).clone()).collect(),
                             removed: Vec::new(),
                             more: part < last,
+                            trust_bundle: if part == 0 {
+                                self.trust_bundle.clone()
+                            } else {
+                                None
+                            },
                         })
                     })
                     .collect()
@@ -252,9 +259,63 @@ impl Store {
         *current = Arc::new(Snapshot {
             version,
             resources,
+            trust_bundle: current.trust_bundle.clone(),
             identities_by_node,
             encoded: OnceLock::new(),
         });
+        let delta = self.publish(&mut current, upserts, removed, None);
+        tracing::info!(
+            version,
+            resources = current.resources.len(),
+            changed = delta.upserts.len(),
+            removed = delta.removed.len(),
+            "mesh state updated"
+        );
+        Some(delta)
+    }
+
+    /// Serves `bundle` from now on: a new version whose change carries only
+    /// the bundle. Before the first version, the bundle simply joins it.
+    pub fn set_trust_bundle(&self, bundle: pb::TrustBundle) {
+        self.metrics
+            .trust_roots
+            .set(i64::try_from(bundle.roots.len()).unwrap_or(i64::MAX));
+        let mut current = self.lock();
+        if current.trust_bundle.as_ref() == Some(&bundle) {
+            return;
+        }
+        if current.version == 0 {
+            *current = Arc::new(Snapshot {
+                version: 0,
+                resources: current.resources.clone(),
+                trust_bundle: Some(bundle),
+                identities_by_node: current.identities_by_node.clone(),
+                encoded: OnceLock::new(),
+            });
+            return;
+        }
+        let version = current.version + 1;
+        *current = Arc::new(Snapshot {
+            version,
+            resources: current.resources.clone(),
+            trust_bundle: Some(bundle.clone()),
+            identities_by_node: current.identities_by_node.clone(),
+            encoded: OnceLock::new(),
+        });
+        self.publish(&mut current, Vec::new(), Vec::new(), Some(bundle));
+        tracing::info!(version, "trust bundle updated");
+    }
+
+    /// Makes the change to the snapshot now in `current` known to every
+    /// stream.
+    fn publish(
+        &self,
+        current: &mut Arc<Snapshot>,
+        upserts: Vec<Arc<pb::Resource>>,
+        removed: Vec<String>,
+        trust_bundle: Option<pb::TrustBundle>,
+    ) -> Arc<Delta> {
+        let version = current.version;
         let encoded = encode(&pb::DiscoveryResponse {
             version_info: version.to_string(),
             nonce: format!("{version}{DELTA_NONCE_SUFFIX}"),
@@ -262,6 +323,7 @@ impl Store {
             resources: upserts.iter().map(|r| (**r).clone()).collect(),
             removed: removed.clone(),
             more: false,
+            trust_bundle,
         });
         let delta = Arc::new(Delta {
             version,
@@ -270,19 +332,12 @@ impl Store {
             removed,
             encoded,
         });
-        tracing::info!(
-            version,
-            resources = current.resources.len(),
-            changed = delta.upserts.len(),
-            removed = delta.removed.len(),
-            "mesh state updated"
-        );
         self.metrics
             .configuration_version
             .set(i64::try_from(version).unwrap_or(i64::MAX));
         // Err only when no stream is listening.
         let _ = self.changes.send(delta.clone());
-        Some(delta)
+        delta
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Arc<Snapshot>> {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use kanava_control_plane::ca::{self, CertificateAuthority, SigningMaterial};
 use kanava_mesh::Identity;
 use kanava_tls::{CertificateRequest, MeshRoots, WorkloadCert};
+use prost::Message as _;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use serde_json::json;
 use support::api_server::ApiServer;
@@ -153,7 +154,7 @@ async fn handshake(
     let address = listener.local_addr().unwrap();
     let server_config = kanava_tls::hbone_server_config(
         Arc::new(kanava_tls::SingleCert(server.certified_key())),
-        server_roots,
+        &kanava_tls::TrustBundle::new(server_roots.clone()).unwrap(),
     )
     .unwrap();
     let accept = tokio::spawn(async move {
@@ -301,4 +302,150 @@ async fn while_both_roots_are_trusted_old_and_new_certificates_connect() {
         !handshake(&b_new, &trust_both, &a_old, &trust_old).await,
         "a side trusting only the old root refuses the new certificate"
     );
+}
+
+/// Waits up to 10 s for `done`.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+fn signer_of(material: &SigningMaterial) -> String {
+    let der = kanava_tls::parse_pem_certs(material.ca_cert_pem.as_bytes()).unwrap();
+    kanava_tls::fingerprint(der[0].as_ref())
+}
+
+/// A rotation in a CA directory, as `kanava ca rotate` does it, followed
+/// by a running CA: each step becomes the CA in force and a trust bundle in
+/// the store (a change every discovery stream sends on); a half-written
+/// step is refused and the CA in force stays.
+#[tokio::test]
+async fn a_ca_directory_is_followed_through_a_rotation() {
+    use kanava_control_plane::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let first = ca::files::load_or_create(dir.path(), "cluster.local").unwrap();
+    let old_signer = first.signer().to_string();
+    let store = Arc::new(Store::new());
+    store.set_trust_bundle(first.trust_bundle());
+    store.replace(&kanava_cluster::MeshState::default());
+    let (_, mut changes) = store.subscribe().await;
+    let authority = Arc::new(ca::Authority::new(first));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(ca::follow(
+        ca::MaterialSource::Files(dir.path().to_path_buf()),
+        authority.clone(),
+        store.clone(),
+        "cluster.local".into(),
+        Duration::from_millis(50),
+        stop.clone(),
+    ));
+    let old_root = std::fs::read_to_string(dir.path().join("root-cert.pem")).unwrap();
+    let old_key = std::fs::read_to_string(dir.path().join("root-key.pem")).unwrap();
+    let new = ca::generate_root("cluster.local").unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+
+    // 1. Trust the new root beside the old one; still sign with the old.
+    write("ca-key.pem", &old_key);
+    write("ca-cert.pem", &old_root);
+    write("root-cert.pem", &format!("{old_root}{}", new.roots_pem));
+    eventually("both roots trusted", || {
+        authority.current().roots_pem().len() == 2
+    })
+    .await;
+    assert_eq!(authority.current().signer(), old_signer);
+    let delta = changes.recv().await.unwrap();
+    let sent = kanava_proto::v1::DiscoveryResponse::decode(delta.encoded.clone()).unwrap();
+    let bundle = sent.trust_bundle.expect("the change carries the bundle");
+    assert_eq!((bundle.roots.len(), bundle.signer), (2, old_signer.clone()));
+    assert!(sent.resources.is_empty() && sent.removed.is_empty());
+    let snapshot = store.snapshot();
+    let full = kanava_proto::v1::DiscoveryResponse::decode(snapshot.encoded()[0].clone()).unwrap();
+    assert_eq!(full.trust_bundle.unwrap().roots.len(), 2);
+
+    // Half of step 2 (a new key under the old certificate): refused.
+    write("ca-key.pem", &new.ca_key_pem);
+    eventually("the half-written step refused", || {
+        store
+            .metrics()
+            .encode()
+            .contains("kanava_control_plane_ca_reloads_total{result=\"refused\"}")
+    })
+    .await;
+    assert_eq!(authority.current().signer(), old_signer);
+
+    // 2. Sign with the new root.
+    write("ca-cert.pem", &new.ca_cert_pem);
+    eventually("signing with the new root", || {
+        authority.current().signer() == signer_of(&new)
+    })
+    .await;
+    // 3. Drop the old root.
+    write("root-cert.pem", &new.roots_pem);
+    eventually("only the new root trusted", || {
+        authority.current().roots_pem() == [new.roots_pem.clone()]
+    })
+    .await;
+    let text = store.metrics().encode();
+    assert!(
+        text.contains("kanava_control_plane_trust_roots 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kanava_control_plane_ca_reloads_total{result=\"changed\"} 3"),
+        "{text}"
+    );
+    stop.cancel();
+}
+
+/// The same in the cluster: a change of the CA's Secret is followed, and
+/// the roots ConfigMap follows it.
+#[tokio::test]
+async fn a_ca_secret_is_followed_and_its_roots_published() {
+    use kanava_control_plane::store::Store;
+    let server = ApiServer::start().await;
+    let client = server.client();
+    let first = ca::secret::load_or_create(&client, NS, "cacerts", "cluster.local")
+        .await
+        .unwrap();
+    let store = Arc::new(Store::new());
+    let authority = Arc::new(ca::Authority::new(first));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(ca::follow(
+        ca::MaterialSource::Secrets {
+            client,
+            namespace: NS.into(),
+            plugin_ca_secret: "cacerts".into(),
+        },
+        authority.clone(),
+        store.clone(),
+        "cluster.local".into(),
+        Duration::from_millis(50),
+        stop.clone(),
+    ));
+    let old_root = roots_in_configmap(&server);
+    let new = ca::generate_root("cluster.local").unwrap();
+    // The operator plugs in a CA that signs under the new root and trusts
+    // both: it wins over kanava-ca.
+    let mut plugged = new.clone();
+    plugged.roots_pem = format!("{old_root}{}", new.roots_pem);
+    server.put_secret(NS, secret_of("cacerts", &plugged));
+    eventually("the plug-in CA followed", || {
+        authority.current().signer() == signer_of(&new)
+    })
+    .await;
+    assert_eq!(authority.current().roots_pem().len(), 2);
+    eventually("the roots ConfigMap follows", || {
+        roots_in_configmap(&server) == plugged.roots_pem
+    })
+    .await;
+    assert_eq!(
+        store.snapshot().trust_bundle.as_ref().unwrap().roots.len(),
+        2
+    );
+    stop.cancel();
 }

@@ -95,7 +95,9 @@ async fn ready(address: SocketAddr) -> Option<u16> {
 
 async fn channel(address: SocketAddr, roots_pem: &str) -> tonic::transport::Channel {
     let roots = kanava_tls::MeshRoots::from_pem(roots_pem.as_bytes()).unwrap();
-    let tls = kanava_tls::control_plane_client_config(&roots).unwrap();
+    let tls =
+        kanava_tls::control_plane_client_config(&kanava_tls::TrustBundle::new(roots).unwrap())
+            .unwrap();
     tonic::transport::Endpoint::from_static("http://control-plane")
         .connect_with_connector(tower::service_fn(move |_| {
             let tls = tls.clone();

@@ -362,3 +362,45 @@ pub fn log_line(lab: &Lab, target: &str, matches: impl Fn(&str) -> bool) -> Stri
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Sends pseudo-random chunks to an echo server until `stop`, reading each
+/// back; returns the SHA-256 of what was sent and of what came back, and
+/// the bytes sent. A connection held through an upgrade or a rotation.
+pub async fn hold(
+    mut tcp: tokio::net::TcpStream,
+    seed: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> ([u8; 32], [u8; 32], u64) {
+    use sha2::{Digest, Sha256};
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut sent, mut received) = (Sha256::new(), Sha256::new());
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    let mut total = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let len = 1 + (state >> 33) as usize % 2048;
+        let chunk: Vec<u8> = (0..len)
+            .map(|i| (state >> (i % 56)) as u8 ^ i as u8)
+            .collect();
+        tcp.write_all(&chunk)
+            .await
+            .expect("write on a held connection");
+        sent.update(&chunk);
+        let mut back = vec![0; len];
+        tokio::time::timeout(Duration::from_secs(20), tcp.read_exact(&mut back))
+            .await
+            .expect("echo within 20 s")
+            .expect("read on a held connection");
+        received.update(&back);
+        total += len as u64;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tcp.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    tcp.read_to_end(&mut rest).await.expect("clean end");
+    assert!(rest.is_empty(), "no byte after the last echo");
+    (sent.finalize().into(), received.finalize().into(), total)
+}

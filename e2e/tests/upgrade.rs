@@ -8,54 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use kanava_e2e::{MESH_LAB, connect, pod_ip, runtime, up};
+use kanava_e2e::{MESH_LAB, connect, hold, pod_ip, runtime, up};
 use kanava_lab::UpgradeOptions;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Held connections through every upgrade.
 const HELD: usize = 200;
 /// New connections a second meanwhile.
 const NEW_PER_SECOND: &str = "200";
-
-/// Sends pseudo-random chunks to the echo server until `stop`, reading each
-/// back; returns the SHA-256 of what was sent and of what came back, and
-/// the bytes sent.
-async fn hold(
-    mut tcp: tokio::net::TcpStream,
-    seed: u64,
-    stop: Arc<AtomicBool>,
-) -> ([u8; 32], [u8; 32], u64) {
-    let (mut sent, mut received) = (Sha256::new(), Sha256::new());
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    let mut total = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let len = 1 + (state >> 33) as usize % 2048;
-        let chunk: Vec<u8> = (0..len)
-            .map(|i| (state >> (i % 56)) as u8 ^ i as u8)
-            .collect();
-        tcp.write_all(&chunk)
-            .await
-            .expect("write on a held connection");
-        sent.update(&chunk);
-        let mut back = vec![0; len];
-        tokio::time::timeout(Duration::from_secs(20), tcp.read_exact(&mut back))
-            .await
-            .expect("echo within 20 s")
-            .expect("read on a held connection");
-        received.update(&back);
-        total += len as u64;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tcp.shutdown().await.expect("half-close");
-    let mut rest = Vec::new();
-    tcp.read_to_end(&mut rest).await.expect("clean end");
-    assert!(rest.is_empty(), "no byte after the last echo");
-    (sent.finalize().into(), received.finalize().into(), total)
-}
 
 #[test]
 fn held_connections_survive_upgrades_of_either_node_and_both_and_new_ones_never_fail() {

@@ -121,6 +121,7 @@ fn write_seed_corpus() {
         ],
         removed: vec![],
         more: false,
+        trust_bundle: None,
     };
     write("discovery", "snapshot", &snapshot.encode_to_vec());
     let delta = pb::DiscoveryResponse {
@@ -130,6 +131,7 @@ fn write_seed_corpus() {
         resources: vec![],
         removed: vec![service.resource_name()],
         more: false,
+        trust_bundle: None,
     };
     write("discovery", "delta", &delta.encode_to_vec());
 

@@ -39,8 +39,10 @@ pub async fn control_plane_channel(
         ports::CONTROL_PLANE,
     ));
     let tcp = tokio_stream_from(lab.connect(from, address, CONNECT_TIMEOUT))?;
-    let tls =
-        kanava_tls::control_plane_client_config(&mesh_roots(lab)?).map_err(|e| e.to_string())?;
+    let tls = kanava_tls::control_plane_client_config(
+        &kanava_tls::TrustBundle::new(mesh_roots(lab)?).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     let name = ServerName::try_from(names::CONTROL_PLANE_SERVER_NAME).map_err(|e| e.to_string())?;
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)

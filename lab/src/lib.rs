@@ -34,6 +34,7 @@ pub mod plan;
 pub mod pods;
 pub mod process;
 pub mod propagation;
+pub mod rotate;
 pub mod services;
 pub mod spec;
 pub mod state;
@@ -53,6 +54,7 @@ pub use apply::{Report, apply_manifests, delete_manifests};
 pub use context::{Context, Progress, bin_dir, path_with_bin_dir};
 pub use error::Error;
 use kanava_netns::NetNs;
+pub use rotate::Rotation;
 pub use services::{ServiceStatus, services};
 pub use spec::LabSpec;
 pub use state::{Component, LabState, NodeState, PodState};
@@ -139,6 +141,12 @@ impl Lab {
         let upgraded = upgrade::upgrade(&self.state.name, options, &Context::discover(None)?)?;
         self.refresh()?;
         Ok(upgraded)
+    }
+
+    /// Rotates the mesh root while traffic flows (see [`rotate`]); each
+    /// step waits up to `step_timeout` for every ztunnel.
+    pub fn rotate_root(&self, step_timeout: std::time::Duration) -> Result<Rotation, Error> {
+        rotate::rotate(&self.state, step_timeout)
     }
 
     /// The ztunnel on `node` as it runs now: its pid and how often its

@@ -264,6 +264,9 @@ pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Er
         address.to_string(),
         "--ca-dir".into(),
         layout.ca_dir().display().to_string(),
+        // A rotation's steps (`kanava ca rotate`) are picked up at once.
+        "--ca-reload-interval".into(),
+        "1s".into(),
         "--node-tokens-file".into(),
         layout.node_tokens_file().display().to_string(),
         "--server-ips".into(),

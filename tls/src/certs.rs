@@ -16,13 +16,17 @@ use crate::{Error, provider};
 #[derive(Clone, Debug)]
 pub struct MeshRoots {
     store: Arc<RootCertStore>,
+    /// [`fingerprint`] of each root, sorted: what an operator compares.
+    fingerprints: Arc<[String]>,
 }
 
 impl MeshRoots {
     /// Trusts every certificate in `pem`.
     pub fn from_pem(pem: &[u8]) -> Result<Self, Error> {
         let mut store = RootCertStore::empty();
+        let mut fingerprints = Vec::new();
         for cert in parse_pem_certs(pem)? {
+            fingerprints.push(fingerprint(&cert));
             store
                 .add(cert)
                 .map_err(|e| Error::BadCertificate(e.to_string()))?;
@@ -30,13 +34,76 @@ impl MeshRoots {
         if store.is_empty() {
             return Err(Error::NoRoots);
         }
+        fingerprints.sort();
+        fingerprints.dedup();
         Ok(MeshRoots {
             store: Arc::new(store),
+            fingerprints: fingerprints.into(),
         })
+    }
+
+    /// SHA-256 of each root (lowercase hex), sorted.
+    pub fn fingerprints(&self) -> &[String] {
+        &self.fingerprints
     }
 
     pub fn store(&self) -> Arc<RootCertStore> {
         self.store.clone()
+    }
+}
+
+/// SHA-256 of a DER certificate, lowercase hex: how roots and signers are
+/// named in discovery, metrics and `kanava status`.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Lifetime of a generated mesh root.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A new mesh root: a self-signed CA certificate and its key, PEM. The
+/// control plane makes one on its first start; `kanava ca rotate` makes the
+/// next.
+pub struct MeshRootKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl MeshRootKey {
+    pub fn generate(trust_domain: &str) -> Result<Self, Error> {
+        use rcgen::{BasicConstraints, DnType, IsCa, KeyUsagePurpose, SerialNumber};
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::OrganizationName, "Kanava");
+        name.push(
+            DnType::CommonName,
+            format!("Kanava mesh root ({trust_domain})"),
+        );
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = SystemTime::now();
+        // Backdated, so peers with slightly slow clocks accept it at once.
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + ROOT_LIFETIME).into();
+        let mut serial: [u8; 16] = rand::random();
+        // Positive, non-zero DER integer.
+        serial[0] = (serial[0] & 0x7f) | 0x01;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        let cert = params.self_signed(&key)?;
+        Ok(MeshRootKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 

@@ -2,13 +2,11 @@ use std::sync::Arc;
 
 use kanava_mesh::Identity;
 use rustls::client::{ResolvesClientCert, Resumption};
-use rustls::server::{
-    ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
-};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 
-use crate::{ALPN_H2, Error, MeshRoots, SpiffeServerVerifier, WorkloadCert, provider};
+use crate::{ALPN_H2, Error, MeshRoots, SpiffeServerVerifier, TrustBundle, WorkloadCert, provider};
 
 /// Client side of an HBONE connection: presents `cert` (the source
 /// workload's identity) and accepts only a server proving `expected`.
@@ -30,17 +28,14 @@ pub fn hbone_client_config(
 
 /// Server side of an HBONE connection: presents what `certs` resolves (the
 /// destination workload's identity) and demands a client certificate that
-/// chains to the mesh root.
+/// chains to a root of `trust` at the time of the handshake.
 pub fn hbone_server_config(
     certs: Arc<dyn ResolvesServerCert>,
-    roots: &MeshRoots,
+    trust: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, Error> {
-    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.store(), provider())
-        .build()
-        .map_err(|e| Error::Config(rustls::Error::General(e.to_string())))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier)
+        .with_client_cert_verifier(trust.client_verifier())
         .with_cert_resolver(certs);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     no_resumption(&mut config);
@@ -62,11 +57,13 @@ pub fn control_plane_server_config(
 }
 
 /// A ztunnel's connection to the control plane: ordinary WebPKI server
-/// verification (DNS or IP name) against the mesh root.
-pub fn control_plane_client_config(roots: &MeshRoots) -> Result<Arc<ClientConfig>, Error> {
+/// verification (DNS or IP name) against the roots of `trust` at the time
+/// of the handshake.
+pub fn control_plane_client_config(trust: &TrustBundle) -> Result<Arc<ClientConfig>, Error> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots.store())
+        .dangerous()
+        .with_custom_certificate_verifier(trust.server_verifier())
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = Resumption::disabled();

@@ -11,17 +11,19 @@
 //!   *and* it proves the identity the destination should have
 //!   ([`hbone_client_config`]); an HBONE server demands a client certificate
 //!   from the mesh root ([`hbone_server_config`]);
+//! - the roots can be replaced while connections are made ([`TrustBundle`]);
 //! - no session resumption anywhere: every connection proves its identity.
 
 mod certs;
 mod configs;
 mod error;
 mod provider;
+mod trust;
 mod verify;
 
 pub use certs::{
-    CertificateRequest, MeshRoots, PeerCertificate, WorkloadCert, identity_of, not_after_of,
-    parse_pem_certs, parse_pem_key, peer_certificate,
+    CertificateRequest, MeshRootKey, MeshRoots, PeerCertificate, WorkloadCert, fingerprint,
+    identity_of, not_after_of, parse_pem_certs, parse_pem_key, peer_certificate,
 };
 pub use configs::{
     SingleCert, control_plane_client_config, control_plane_server_config, hbone_client_config,
@@ -29,6 +31,7 @@ pub use configs::{
 };
 pub use error::Error;
 pub use provider::{install_default_provider, provider};
+pub use trust::TrustBundle;
 pub use verify::SpiffeServerVerifier;
 
 /// ALPN protocol spoken on HBONE and control plane connections.

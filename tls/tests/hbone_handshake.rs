@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use kanava_mesh::Identity;
 use kanava_tls::rustls::{self, ClientConnection, ServerConnection};
 use kanava_tls::{
-    CertificateRequest, MeshRoots, SingleCert, WorkloadCert, hbone_client_config,
+    CertificateRequest, MeshRoots, SingleCert, TrustBundle, WorkloadCert, hbone_client_config,
     hbone_server_config, peer_certificate,
 };
 use rcgen::{
@@ -97,10 +97,29 @@ fn connect(
     Result<(), rustls::Error>,
 ) {
     let roots = root.roots();
-    let client_config = hbone_client_config(client_cert, &roots, expected).expect("client");
-    let server_config =
-        hbone_server_config(Arc::new(SingleCert(server_cert.certified_key())), &roots)
-            .expect("server");
+    let trust = TrustBundle::new(roots.clone()).expect("bundle");
+    connect_with(&roots, &trust, client_cert, server_cert, expected)
+}
+
+/// A handshake whose client trusts `client_roots` and whose server trusts
+/// the bundle `server_trust`.
+fn connect_with(
+    client_roots: &MeshRoots,
+    server_trust: &TrustBundle,
+    client_cert: &WorkloadCert,
+    server_cert: &WorkloadCert,
+    expected: &Identity,
+) -> (
+    ClientConnection,
+    ServerConnection,
+    Result<(), rustls::Error>,
+) {
+    let client_config = hbone_client_config(client_cert, client_roots, expected).expect("client");
+    let server_config = hbone_server_config(
+        Arc::new(SingleCert(server_cert.certified_key())),
+        server_trust,
+    )
+    .expect("server");
     let name = rustls::pki_types::ServerName::IpAddress(
         "10.244.2.3".parse::<std::net::IpAddr>().expect("ip").into(),
     );
@@ -187,5 +206,38 @@ fn a_signed_certificate_for_another_identity_is_not_taken() {
             .to_string()
             .contains("requested spiffe://cluster.local/ns/shop/sa/web"),
         "{error}"
+    );
+}
+
+/// A root rotation as a server sees it, with one configuration built
+/// before it: the new root is trusted beside the old one, then alone.
+#[test]
+fn a_server_follows_its_trust_bundle_without_being_rebuilt() {
+    let (old, new) = (TestRoot::new(), TestRoot::new());
+    let both = MeshRoots::from_pem(format!("{}{}", old.pem, new.pem).as_bytes()).expect("both");
+    let trust = TrustBundle::new(old.roots()).expect("bundle");
+    let server_cert = old.issue(&identity("web"));
+    let (under_old, under_new) = (
+        old.issue(&identity("client")),
+        new.issue(&identity("client")),
+    );
+    let attempt = |client_cert: &WorkloadCert| {
+        connect_with(&both, &trust, client_cert, &server_cert, &identity("web")).2
+    };
+    attempt(&under_old).expect("old root trusted");
+    assert!(attempt(&under_new).is_err(), "new root trusted too early");
+
+    assert!(trust.replace(both.clone()).expect("replace"));
+    assert!(!trust.replace(both.clone()).expect("replace"), "no change");
+    assert_eq!(trust.roots().fingerprints(), both.fingerprints());
+    assert_eq!(both.fingerprints().len(), 2);
+    attempt(&under_old).expect("old root still trusted");
+    attempt(&under_new).expect("new root trusted");
+
+    trust.replace(new.roots()).expect("replace");
+    attempt(&under_new).expect("new root trusted");
+    assert!(
+        attempt(&under_old).is_err(),
+        "a certificate under the retired root was accepted"
     );
 }

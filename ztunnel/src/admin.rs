@@ -2,7 +2,7 @@
 //!
 //! | address | path | what |
 //! | --- | --- | --- |
-//! | admin (127.0.0.1:15000) | `/config_dump` | JSON: captured pods, known workloads, services, policies, certificates (identity and expiry, never keys), resource versions |
+//! | admin (127.0.0.1:15000) | `/config_dump` | JSON: captured pods, known workloads, services, policies, certificates (identity, expiry and signer, never keys), trust (root fingerprints and the mesh's signer), resource versions |
 //! | metrics (:15020) | `/metrics` | Prometheus text format |
 //! | readiness (:15021) | `/healthz/ready` | 200 once the first configuration arrived, else 503 |
 
@@ -118,11 +118,16 @@ fn respond(
     request: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     match (endpoint, request.uri().path()) {
-        (Endpoint::Metrics, "/metrics") => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.proxy.metrics.encode(),
-        ),
+        (Endpoint::Metrics, "/metrics") => {
+            // Counted when asked: it depends on both the certificates and
+            // the mesh's signer, which change apart.
+            state.proxy.certs.count_superseded();
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.proxy.metrics.encode(),
+            )
+        }
         (Endpoint::Readiness, "/healthz/ready") => {
             if state.proxy.workloads.is_ready() {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
@@ -195,13 +200,15 @@ fn config_dump(state: &State) -> serde_json::Value {
         .certs
         .list()
         .into_iter()
-        .map(|(identity, not_after)| {
+        .map(|cert| {
             serde_json::json!({
-                "identity": identity.to_string(),
-                "notAfter": not_after.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                "identity": cert.identity.to_string(),
+                "notAfter": cert.not_after.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                "signer": cert.signer,
             })
         })
         .collect();
+    let roots = state.proxy.trust.bundle.roots();
     let mut policies: Vec<_> = state
         .proxy
         .workloads
@@ -229,6 +236,10 @@ fn config_dump(state: &State) -> serde_json::Value {
         "resourceVersions": state.proxy.workloads.resource_versions(),
         "openInboundConnections": state.proxy.open.len(),
         "certificates": certificates,
+        "trust": {
+            "roots": roots.fingerprints(),
+            "signer": Some(state.proxy.trust.signer()).filter(|s| !s.is_empty()),
+        },
         "pooledConnections": state.proxy.pool.len(),
     })
 }

@@ -3,9 +3,14 @@
 //!
 //! A certificate is requested when the first pod of an identity arrives and
 //! dropped when the last one leaves. Each is renewed when half of its
-//! remaining lifetime has passed, with a new key; a failed renewal is retried with backoff and logged. An expired
-//! certificate is never handed out, even if renewal keeps failing: the
-//! connections that need it fail instead.
+//! remaining lifetime has passed, with a new key; a failed renewal is
+//! retried with backoff and logged. An expired certificate is never handed
+//! out, even if renewal keeps failing: the connections that need it fail
+//! instead.
+//!
+//! A certificate is also replaced as soon as discovery says the mesh signs
+//! under another certificate (a root rotation), spread over a few seconds
+//! so a node's identities do not all ask at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,28 +27,76 @@ use crate::Error;
 use crate::backoff::Backoff;
 use crate::control_plane::ControlPlane;
 use crate::metrics::{IdentityLabels, Metrics, ResultLabels};
+use crate::trust::Trust;
+
+/// Longest wait before replacing a certificate whose signer the mesh no
+/// longer signs with: each waits a random part of it.
+const REISSUE_SPREAD: Duration = Duration::from_secs(3);
+
+/// A certificate and the signer it was issued under.
+#[derive(Clone)]
+struct Issued {
+    cert: WorkloadCert,
+    /// Fingerprint of the certificate that signed it; empty from a control
+    /// plane that does not say.
+    signer: String,
+}
 
 struct Entry {
     users: usize,
-    cert: watch::Receiver<Option<WorkloadCert>>,
+    cert: watch::Receiver<Option<Issued>>,
     renewal: tokio::task::JoinHandle<()>,
+}
+
+/// One identity's certificate, as `config_dump` shows it.
+pub struct CertificateInfo {
+    pub identity: Identity,
+    pub not_after: Option<SystemTime>,
+    pub signer: Option<String>,
 }
 
 pub struct CertManager {
     control_plane: ControlPlane,
     ttl: Option<Duration>,
     metrics: Arc<Metrics>,
+    trust: Arc<Trust>,
     entries: Mutex<HashMap<Identity, Entry>>,
 }
 
 impl CertManager {
-    pub fn new(control_plane: ControlPlane, ttl: Option<Duration>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        control_plane: ControlPlane,
+        ttl: Option<Duration>,
+        metrics: Arc<Metrics>,
+        trust: Arc<Trust>,
+    ) -> Self {
         CertManager {
             control_plane,
             ttl,
             metrics,
+            trust,
             entries: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Counts the certificates under another signer than the mesh's now
+    /// (the metric `kanava_certificates_superseded`).
+    pub fn count_superseded(&self) {
+        let signer = self.trust.signer();
+        let superseded = self
+            .lock()
+            .values()
+            .filter(|entry| {
+                entry
+                    .cert
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|issued| superseded(&issued.signer, &signer))
+            })
+            .count();
+        self.metrics
+            .certificates_superseded
+            .set(i64::try_from(superseded).unwrap_or(i64::MAX));
     }
 
     /// A pod with `identity` arrived: make sure a certificate is (being)
@@ -59,6 +112,7 @@ impl CertManager {
             self.control_plane.clone(),
             self.ttl,
             self.metrics.clone(),
+            self.trust.signer_changes(),
             identity.clone(),
             tx,
         ));
@@ -91,7 +145,7 @@ impl CertManager {
     /// The valid certificate for `identity`, if there is one now.
     pub fn current(&self, identity: &Identity) -> Option<WorkloadCert> {
         let entries = self.lock();
-        let cert = entries.get(identity)?.cert.borrow().clone()?;
+        let cert = entries.get(identity)?.cert.borrow().as_ref()?.cert.clone();
         (!cert.expired_at(SystemTime::now())).then_some(cert)
     }
 
@@ -111,6 +165,7 @@ impl CertManager {
             let current = rx
                 .borrow_and_update()
                 .as_ref()
+                .map(|issued| &issued.cert)
                 .filter(|cert| !cert.expired_at(SystemTime::now()))
                 .cloned();
             if let Some(cert) = current {
@@ -145,19 +200,25 @@ impl CertManager {
         })
     }
 
-    /// Identities and the end of validity of their current certificate.
-    pub fn list(&self) -> Vec<(Identity, Option<SystemTime>)> {
+    /// Identities, the end of validity of their current certificate and
+    /// its signer.
+    pub fn list(&self) -> Vec<CertificateInfo> {
         let entries = self.lock();
         let mut list: Vec<_> = entries
             .iter()
             .map(|(id, entry)| {
-                (
-                    id.clone(),
-                    entry.cert.borrow().as_ref().map(|c| c.not_after()),
-                )
+                let issued = entry.cert.borrow();
+                CertificateInfo {
+                    identity: id.clone(),
+                    not_after: issued.as_ref().map(|i| i.cert.not_after()),
+                    signer: issued
+                        .as_ref()
+                        .map(|i| i.signer.clone())
+                        .filter(|s| !s.is_empty()),
+                }
             })
             .collect();
-        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list.sort_by(|a, b| a.identity.cmp(&b.identity));
         list
     }
 
@@ -186,19 +247,27 @@ impl ResolvesServerCert for IdentityResolver {
     }
 }
 
-/// Obtains a certificate for `identity`, then renews it at every half-life.
+/// Whether a certificate issued under `issued_under` must be replaced now
+/// that the mesh signs under `mesh_signer` (both known and different).
+fn superseded(issued_under: &str, mesh_signer: &str) -> bool {
+    !issued_under.is_empty() && !mesh_signer.is_empty() && issued_under != mesh_signer
+}
+
+/// Obtains a certificate for `identity`, then renews it at every half-life,
+/// or soon after the mesh starts signing under another certificate.
 async fn keep_fresh(
     control_plane: ControlPlane,
     ttl: Option<Duration>,
     metrics: Arc<Metrics>,
+    mut mesh_signer: watch::Receiver<String>,
     identity: Identity,
-    cert: watch::Sender<Option<WorkloadCert>>,
+    cert: watch::Sender<Option<Issued>>,
 ) {
     // A pod waits for its certificate: capped low, like discovery.
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match fetch(&control_plane, ttl, &identity).await {
-            Ok(fresh) => {
+            Ok((fresh, signer)) => {
                 metrics
                     .certificate_requests
                     .get_or_create(&ResultLabels { result: "issued" })
@@ -220,8 +289,28 @@ async fn keep_fresh(
                         identity: identity.to_string(),
                     })
                     .set(Metrics::unix_seconds(fresh.not_after()));
-                cert.send_replace(Some(fresh));
-                tokio::time::sleep(renew_in).await;
+                cert.send_replace(Some(Issued {
+                    cert: fresh,
+                    signer: signer.clone(),
+                }));
+                let rotated = async {
+                    // The guard it returns must not live across an await.
+                    mesh_signer
+                        .wait_for(|now| superseded(&signer, now))
+                        .await
+                        .map(|_| ())
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(renew_in) => {}
+                    rotated = rotated => {
+                        if rotated.is_err() {
+                            return;
+                        }
+                        let spread = REISSUE_SPREAD.mul_f64(rand::random::<f64>());
+                        tracing::info!(%identity, replace_in = ?spread, "certificate issued under the previous signer");
+                        tokio::time::sleep(spread).await;
+                    }
+                }
             }
             Err(error) => {
                 metrics
@@ -232,12 +321,13 @@ async fn keep_fresh(
                 let expired = cert
                     .borrow()
                     .as_ref()
-                    .is_none_or(|c| c.expired_at(SystemTime::now()));
+                    .is_none_or(|c| c.cert.expired_at(SystemTime::now()));
                 if expired {
                     cert.send_replace(None);
                 } else if let Some(current) = cert.borrow().as_ref() {
                     // Try again before the current one runs out.
-                    delay = delay.min(until(current.not_after()) / 2 + Duration::from_millis(100));
+                    delay =
+                        delay.min(until(current.cert.not_after()) / 2 + Duration::from_millis(100));
                 }
                 tracing::warn!(%identity, %error, retry_in = ?delay, "certificate request failed");
                 tokio::time::sleep(delay).await;
@@ -246,11 +336,12 @@ async fn keep_fresh(
     }
 }
 
+/// A new certificate for `identity`, and the signer it was issued under.
 async fn fetch(
     control_plane: &ControlPlane,
     ttl: Option<Duration>,
     identity: &Identity,
-) -> Result<WorkloadCert, Error> {
+) -> Result<(WorkloadCert, String), Error> {
     let request = CertificateRequest::generate(identity)?;
     let response = control_plane
         .certificates()
@@ -261,11 +352,25 @@ async fn fetch(
         }))
         .await?
         .into_inner();
-    Ok(request.into_cert(&response.cert_chain)?)
+    Ok((request.into_cert(&response.cert_chain)?, response.signer))
 }
 
 fn until(moment: SystemTime) -> Duration {
     moment
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::superseded;
+
+    #[test]
+    fn only_a_known_other_signer_supersedes_a_certificate() {
+        assert!(superseded("aa", "bb"));
+        assert!(!superseded("aa", "aa"));
+        // An older control plane says nothing of signers: nothing to do.
+        assert!(!superseded("", "bb"));
+        assert!(!superseded("aa", ""));
+    }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use kanava_proto::v1::certificates_client::CertificatesClient;
 use kanava_proto::v1::discovery_client::DiscoveryClient;
-use kanava_tls::MeshRoots;
+use kanava_tls::TrustBundle;
 use kanava_tls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -34,12 +34,12 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Prepares the channel; it connects on first use and reconnects by
     /// itself after failures.
-    pub fn new(config: &Config, roots: &MeshRoots) -> Result<Self, Error> {
+    pub fn new(config: &Config, trust: &TrustBundle) -> Result<Self, Error> {
         let credential = Credential::read(config.node_token_file.clone())?;
         let channel = channel(
             &config.control_plane_address,
             &config.control_plane_name,
-            roots,
+            trust,
             config.connect_timeout,
         )?;
         Ok(ControlPlane {
@@ -115,12 +115,13 @@ impl Credential {
 }
 
 /// A gRPC channel to the control plane at `address` (`host:port`) over TLS,
-/// verifying its certificate names `server_name` and chains to `roots`. It
-/// connects on first use and reconnects by itself after failures.
+/// verifying its certificate names `server_name` and chains to a root of
+/// `trust` (as it is at each connection). It connects on first use and
+/// reconnects by itself after failures.
 pub fn channel(
     address: &str,
     server_name: &str,
-    roots: &MeshRoots,
+    trust: &TrustBundle,
     connect_timeout: Duration,
 ) -> Result<Channel, Error> {
     let server_name =
@@ -129,7 +130,7 @@ pub fn channel(
             value: server_name.to_string(),
             reason: e.to_string(),
         })?;
-    let tls = TlsConnector::from(kanava_tls::control_plane_client_config(roots)?);
+    let tls = TlsConnector::from(kanava_tls::control_plane_client_config(trust)?);
     let address = address.to_string();
     // The URI only labels the channel: the connector below decides where
     // to connect and wraps the connection in TLS itself.

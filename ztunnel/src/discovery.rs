@@ -1,5 +1,6 @@
 //! The discovery client: subscribes as this node, applies every response to
-//! the [`WorkloadStore`], and ACKs or NACKs it.
+//! the [`WorkloadStore`] (and its trust bundle to [`Trust`]), and ACKs or
+//! NACKs it.
 //!
 //! While the control plane is unreachable the store keeps its last good
 //! state, so existing and new connections are served as before; the client
@@ -18,6 +19,7 @@ use crate::Error;
 use crate::backoff::Backoff;
 use crate::control_plane::ControlPlane;
 use crate::metrics::{Metrics, ResultLabels};
+use crate::trust::Trust;
 use crate::workloads::WorkloadStore;
 
 /// Longest wait between two attempts to subscribe.
@@ -26,6 +28,7 @@ pub const RECONNECT_CAP: Duration = Duration::from_millis(1500);
 pub async fn run(
     control_plane: ControlPlane,
     store: Arc<WorkloadStore>,
+    trust: Arc<Trust>,
     metrics: Arc<Metrics>,
     node: String,
     shutdown: CancellationToken,
@@ -37,7 +40,7 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_CAP);
     loop {
         let result = tokio::select! {
-            result = session(&control_plane, &store, &metrics, &node, &mut backoff) => result,
+            result = session(&control_plane, &store, &trust, &metrics, &node, &mut backoff) => result,
             _ = shutdown.cancelled() => return,
         };
         let delay = backoff.next_delay();
@@ -59,6 +62,7 @@ pub async fn run(
 async fn session(
     control_plane: &ControlPlane,
     store: &WorkloadStore,
+    trust: &Trust,
     metrics: &Metrics,
     node: &str,
     backoff: &mut Backoff,
@@ -86,6 +90,7 @@ async fn session(
                 Some(mut so_far) if so_far.version_info == response.version_info => {
                     so_far.resources.extend(response.resources);
                     so_far.nonce = response.nonce;
+                    so_far.trust_bundle = so_far.trust_bundle.or(response.trust_bundle);
                     so_far
                 }
                 // A new snapshot starts; an unfinished one is dropped.
@@ -108,7 +113,21 @@ async fn session(
         } else {
             response
         };
-        let reply = match store.apply(&response) {
+        // The bundle is checked before anything is applied, so a response
+        // is taken or refused whole.
+        let bundle = response
+            .trust_bundle
+            .as_ref()
+            .map(|bundle| Trust::check(bundle).map(|roots| (roots, &bundle.signer)))
+            .transpose();
+        let applied = bundle.and_then(|bundle| {
+            store.apply(&response)?;
+            if let Some((roots, signer)) = bundle {
+                trust.apply(roots, signer, metrics);
+            }
+            Ok(())
+        });
+        let reply = match applied {
             Ok(()) => {
                 metrics
                     .discovery_responses

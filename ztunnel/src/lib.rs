@@ -25,6 +25,7 @@ mod error;
 pub mod metrics;
 pub mod pods;
 pub mod proxy;
+pub mod trust;
 pub mod upgrade;
 pub mod workloads;
 
@@ -50,18 +51,20 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
     let roots = MeshRoots::from_pem(&roots_pem)?;
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(metrics::Metrics::new());
-    let control_plane = control_plane::ControlPlane::new(&config, &roots)?;
+    let trust = Arc::new(trust::Trust::new(roots, &metrics)?);
+    let control_plane = control_plane::ControlPlane::new(&config, &trust.bundle)?;
     let workloads = Arc::new(workloads::WorkloadStore::new());
     let certs = Arc::new(certs::CertManager::new(
         control_plane.clone(),
         config.cert_ttl,
         metrics.clone(),
+        trust.clone(),
     ));
     let proxy = Arc::new(proxy::Proxy::new(
         config.clone(),
         workloads.clone(),
         certs,
-        roots,
+        trust.clone(),
         metrics.clone(),
     )?);
     let pods = Arc::new(pods::PodRegistry::new(
@@ -97,6 +100,7 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
     tokio::spawn(discovery::run(
         control_plane,
         workloads.clone(),
+        trust,
         metrics,
         config.node_name.clone(),
         shutdown.clone(),

@@ -164,6 +164,11 @@ pub struct Metrics {
     pub pods_captured: Gauge,
     /// When each identity's current certificate expires (Unix time).
     pub certificate_expiry: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
+    /// Workload certificates issued under a signer other than the mesh's
+    /// current one (being replaced during a root rotation).
+    pub certificates_superseded: Gauge,
+    /// Roots in the trust bundle held.
+    pub trust_roots: Gauge,
     /// Version of the discovery state held.
     pub discovery_version: Gauge,
     /// When the last discovery update was applied (Unix time).
@@ -202,6 +207,8 @@ impl Metrics {
             discovery_responses: Family::default(),
             pods_captured: Gauge::default(),
             certificate_expiry: Family::default(),
+            certificates_superseded: Gauge::default(),
+            trust_roots: Gauge::default(),
             discovery_version: Gauge::default(),
             discovery_last_update: Gauge::default(),
             tcp_opened: Family::default(),
@@ -215,6 +222,16 @@ impl Metrics {
             "certificate_expiry_timestamp_seconds",
             "When each identity's current workload certificate expires (Unix time)",
             metrics.certificate_expiry.clone(),
+        );
+        registry.register(
+            "certificates_superseded",
+            "Workload certificates issued under a signer other than the mesh's current one",
+            metrics.certificates_superseded.clone(),
+        );
+        registry.register(
+            "trust_roots",
+            "Roots in the trust bundle this ztunnel holds",
+            metrics.trust_roots.clone(),
         );
         registry.register(
             "discovery_version",

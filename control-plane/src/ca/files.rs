@@ -45,6 +45,25 @@ pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<CertificateAutho
     CertificateAuthority::from_material(&material, trust_domain, &origin)
 }
 
+/// The material in `dir` now, and where it came from (the CA follows it).
+pub(super) fn read_material(dir: &Path) -> Result<(SigningMaterial, String), Error> {
+    let origin = dir.display().to_string();
+    match load(dir)? {
+        Some(material) => Ok((material, origin)),
+        None => Err(Error::CaUnusable {
+            origin,
+            reason: format!(
+                "no CA material ({} and {}, or {}, {} and {})",
+                ROOT_CERT_FILE,
+                ROOT_KEY_FILE,
+                names::CA_CERT_KEY,
+                names::CA_KEY_KEY,
+                names::ROOT_CERT_KEY
+            ),
+        }),
+    }
+}
+
 /// The material in `dir`, `None` when it holds none.
 fn load(dir: &Path) -> Result<Option<SigningMaterial>, Error> {
     let plug_in_cert = dir.join(names::CA_CERT_KEY);

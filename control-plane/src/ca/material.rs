@@ -27,6 +27,8 @@ pub struct SigningMaterial {
 /// Checked material, ready to sign with.
 pub(super) struct Checked {
     pub issuer: Issuer<'static, KeyPair>,
+    /// Fingerprint of the signing certificate.
+    pub signer: String,
     pub chain_pem: Vec<String>,
     pub roots_pem: Vec<String>,
 }
@@ -81,6 +83,7 @@ impl SigningMaterial {
             .collect();
         Ok(Checked {
             issuer,
+            signer: kanava_tls::fingerprint(ca_cert.as_ref()),
             chain_pem,
             roots_pem: roots.iter().map(|root| to_pem(root.as_ref())).collect(),
         })

@@ -6,7 +6,8 @@
 //! ([`files`], the lab) or Secrets in the control plane's namespace
 //! ([`secret`], Kubernetes). The roots that ztunnels trust may be more than
 //! the one the CA signs under, so a root can be rotated without a failed
-//! connection (see the README).
+//! connection (see the README). The control plane reads its material again
+//! every few seconds ([`follow`]) and signs with what it finds from then on.
 //!
 //! Workload certificates are short-lived, carry exactly one URI SAN (the
 //! SPIFFE identity) and are usable for both TLS client and server auth. The CA
@@ -14,9 +15,11 @@
 //! checking the CSR's signature and that it asks for the identity requested.
 
 pub mod files;
+mod follow;
 mod material;
 pub mod secret;
 
+pub use follow::{Authority, MaterialSource, follow};
 pub use material::SigningMaterial;
 
 use std::net::IpAddr;
@@ -27,20 +30,20 @@ use kanava_tls::pki_types::{
     CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
 };
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
 use crate::Error;
 
-/// Lifetime of a generated root.
-const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Backdating of issued certificates, so peers with slightly slow clocks
 /// accept them at once.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
+    /// Fingerprint of the signing certificate (see `TrustBundle.signer`).
+    signer: String,
     /// Certificates served after each leaf: the signing certificate and its
     /// intermediates, up to (not including) a trusted root.
     chain_pem: Vec<String>,
@@ -71,10 +74,12 @@ impl CertificateAuthority {
             %origin,
             roots = checked.roots_pem.len(),
             chain = checked.chain_pem.len(),
+            signer = %checked.signer,
             "certificate authority ready"
         );
         Ok(CertificateAuthority {
             issuer: checked.issuer,
+            signer: checked.signer,
             chain_pem: checked.chain_pem,
             roots_pem: checked.roots_pem,
             trust_domain: trust_domain.to_string(),
@@ -93,6 +98,19 @@ impl CertificateAuthority {
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// Fingerprint of the certificate that signs workload certificates.
+    pub fn signer(&self) -> &str {
+        &self.signer
+    }
+
+    /// What ztunnels are told to trust, and who signs now.
+    pub fn trust_bundle(&self) -> kanava_proto::v1::TrustBundle {
+        kanava_proto::v1::TrustBundle {
+            roots: self.roots_pem.clone(),
+            signer: self.signer.clone(),
+        }
     }
 
     /// Signs a workload certificate for `identity` over the key in `csr`
@@ -208,30 +226,11 @@ impl CertificateAuthority {
 /// A new self-signed root for `trust_domain`: signing certificate and
 /// only trusted root at once.
 pub fn generate_root(trust_domain: &str) -> Result<SigningMaterial, Error> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ca_error)?;
-    let mut params = CertificateParams::default();
-    let mut name = DistinguishedName::new();
-    name.push(DnType::OrganizationName, "Kanava");
-    name.push(
-        DnType::CommonName,
-        format!("Kanava mesh root ({trust_domain})"),
-    );
-    params.distinguished_name = name;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let now = SystemTime::now();
-    params.not_before = (now - CLOCK_SKEW).into();
-    params.not_after = (now + ROOT_LIFETIME).into();
-    params.serial_number = Some(random_serial());
-    let cert = params.self_signed(&key).map_err(ca_error)?;
+    let root = kanava_tls::MeshRootKey::generate(trust_domain)?;
     Ok(SigningMaterial {
-        ca_cert_pem: cert.pem(),
-        ca_key_pem: key.serialize_pem(),
-        roots_pem: cert.pem(),
+        ca_cert_pem: root.cert_pem.clone(),
+        ca_key_pem: root.key_pem,
+        roots_pem: root.cert_pem,
         chain_pem: None,
     })
 }

@@ -73,6 +73,51 @@ pub async fn load_or_create(
     Ok(ca)
 }
 
+/// The material in force in the cluster now: the plug-in CA's Secret if it
+/// exists, else `kanava-ca` (never created here: [`load_or_create`] did at
+/// start).
+pub(super) async fn read_material(
+    client: &Client,
+    namespace: &str,
+    plugin_ca_secret: &str,
+) -> Result<(SigningMaterial, String), Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    for name in [plugin_ca_secret, names::CA_SECRET] {
+        let secret = secrets
+            .get_opt(name)
+            .await
+            .map_err(|source| Error::Kubernetes {
+                action: format!("read Secret {name} in namespace {namespace}"),
+                source,
+            })?;
+        if let Some(secret) = secret {
+            let origin = if name == plugin_ca_secret {
+                format!("plug-in CA (Secret {namespace}/{name})")
+            } else {
+                format!("Secret {namespace}/{name}")
+            };
+            return Ok((material_of(&secret, &origin)?, origin));
+        }
+    }
+    Err(Error::CaUnusable {
+        origin: format!("namespace {namespace}"),
+        reason: format!(
+            "neither Secret {plugin_ca_secret} nor {} exists",
+            names::CA_SECRET
+        ),
+    })
+}
+
+/// Publishes `roots_pem` in the roots ConfigMap (after a change of the CA).
+pub(super) async fn publish_trusted_roots(
+    client: &Client,
+    namespace: &str,
+    roots_pem: &str,
+) -> Result<(), Error> {
+    let owner = owner(client, namespace).await;
+    publish_roots(client, namespace, roots_pem, owner).await
+}
+
 /// The Service that owns what the control plane creates, if it exists (a
 /// control plane run outside the chart owns nothing).
 async fn owner(client: &Client, namespace: &str) -> Option<OwnerReference> {

@@ -116,7 +116,7 @@ impl PodRegistry {
         self.proxy.certs.track(&identity);
         let hbone_tls = match kanava_tls::hbone_server_config(
             self.proxy.certs.resolver(&identity),
-            &self.proxy.roots,
+            &self.proxy.trust.bundle,
         ) {
             Ok(config) => config,
             Err(error) => {

@@ -42,9 +42,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::trust::Trust;
 use kanava_mesh::Identity;
 use kanava_netns::{NetNs, NetNsSwitch};
-use kanava_tls::MeshRoots;
 use kanava_tls::rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -102,7 +102,8 @@ pub struct Proxy {
     pub certs: Arc<CertManager>,
     pub pool: pool::Pool,
     pub netns: NetNsSwitch,
-    pub roots: MeshRoots,
+    /// What peers' certificates must chain to, and the mesh's signer.
+    pub trust: Arc<Trust>,
     pub metrics: Arc<Metrics>,
     /// Inbound connections in progress, re-judged on every policy change.
     pub open: authz::OpenConnections,
@@ -118,7 +119,7 @@ impl Proxy {
         config: Arc<Config>,
         workloads: Arc<WorkloadStore>,
         certs: Arc<CertManager>,
-        roots: MeshRoots,
+        trust: Arc<Trust>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
         Ok(Proxy {
@@ -138,7 +139,7 @@ impl Proxy {
             config,
             workloads,
             certs,
-            roots,
+            trust,
             metrics,
         })
     }

@@ -47,7 +47,8 @@ pub async fn connect(
     let tcp = socket::connect_in(&proxy.netns, &pod.netns, peer, None, timeout).await?;
     let connected = started.elapsed();
 
-    let tls = kanava_tls::hbone_client_config(&cert, &proxy.roots, &key.destination)?;
+    let tls =
+        kanava_tls::hbone_client_config(&cert, &proxy.trust.bundle.roots(), &key.destination)?;
     let server_name = ServerName::IpAddress(peer.ip().into());
     let stream = tokio::time::timeout(timeout, TlsConnector::from(tls).connect(server_name, tcp))
         .await

@@ -89,6 +89,12 @@ pub struct Config {
     #[arg(long, env = "KANAVA_MAX_CERT_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
     pub max_cert_ttl: Duration,
 
+    /// Kubernetes: how often the API server's service-account signing keys
+    /// (`/openid/v1/jwks`) are fetched again; the last ones fetched are kept
+    /// through an API server outage.
+    #[arg(long, env = "KANAVA_JWKS_REFRESH_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub jwks_refresh_interval: Duration,
+
     /// How often the CA's material (its directory, or its Secrets) is read
     /// again, so a root rotation needs no restart.
     #[arg(long, env = "KANAVA_CA_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]

@@ -74,14 +74,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 &config.trust_domain,
             )
             .await?;
-            let auth = auth::Authenticator::TokenReview(auth::TokenReviewer::new(
-                client.clone(),
-                &config.token_audience,
-                &config.namespace,
-                &config.ztunnel_service_account,
-            ));
+            let jwks = auth::jwks::Jwks::new(client.clone());
+            tokio::spawn(
+                jwks.clone()
+                    .keep_fresh(config.jwks_refresh_interval, shutdown.clone()),
+            );
+            let ztunnel_pods = auth::jwks::ZtunnelPods::default();
+            let auth = auth::Authenticator::TokenReview(
+                auth::TokenReviewer::new(
+                    client.clone(),
+                    &config.token_audience,
+                    &config.namespace,
+                    &config.ztunnel_service_account,
+                )
+                .with_local_keys(jwks, ztunnel_pods.clone()),
+            );
             let statuses = policy_status::StatusWriter::start(client.clone(), &config.pod_name);
-            let translate = translate_into(&config, store.clone(), Some(statuses));
+            let mut translate = translate_into(&config, store.clone(), Some(statuses));
+            let (namespace, account) = (
+                config.namespace.clone(),
+                config.ztunnel_service_account.clone(),
+            );
+            // The ztunnels' pods, for checking locally verified tokens.
+            let translate = move |objects: &ClusterObjects| {
+                ztunnel_pods.update(&namespace, &account, objects.pods.values().map(|p| &**p));
+                translate(objects)
+            };
             let material = ca::MaterialSource::Secrets {
                 client: client.clone(),
                 namespace: config.namespace.clone(),
@@ -168,5 +186,11 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, Erro
             ))
         })?,
     };
+    let mut config = config;
+    // No blanket retries of 429/503/504: the watches back off by
+    // themselves, the CA is read again on its own schedule, and a ztunnel
+    // waiting on a TokenReview is better told UNAVAILABLE now (it retries)
+    // than held for minutes while the API server is away.
+    config.default_retry = false;
     kube::Client::try_from(config).map_err(|e| Error::KubeConfig(e.to_string()))
 }

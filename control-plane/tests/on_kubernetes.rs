@@ -367,6 +367,192 @@ async fn the_control_plane_serves_a_cluster_it_watches_through_the_api() {
     }
 }
 
+/// An in-test service-account signing key, published as the API server
+/// publishes its own (`/openid/v1/jwks`, with the issuer in
+/// `/.well-known/openid-configuration`).
+struct IssuerKey {
+    kid: String,
+    key: jsonwebtoken::EncodingKey,
+}
+
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+impl IssuerKey {
+    fn publish(server: &ApiServer, kid: &str) -> IssuerKey {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let public = key.public_key_raw();
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        server.document(
+            "/.well-known/openid-configuration",
+            json!({"issuer": ISSUER, "jwks_uri": format!("{ISSUER}/openid/v1/jwks")}),
+        );
+        server.document(
+            "/openid/v1/jwks",
+            json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig",
+                             "kid": kid, "x": b64(&public[1..33]), "y": b64(&public[33..65])}]}),
+        );
+        IssuerKey {
+            kid: kid.into(),
+            key: jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der()),
+        }
+    }
+
+    /// A projected token of the ztunnel pod ztunnel-8kq2w on node-1, as the
+    /// kubelet would mount after a restart.
+    fn ztunnel_token(&self) -> String {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = json!({
+            "iss": ISSUER, "aud": ["kanava"], "exp": now + 3600, "iat": now, "nbf": now,
+            "sub": "system:serviceaccount:kanava-system:ztunnel",
+            "jti": format!("{now}-{}", rand::random::<u32>()),
+            "kubernetes.io": {
+                "namespace": "kanava-system",
+                "node": {"name": "node-1", "uid": "node-1-uid"},
+                "pod": {"name": "ztunnel-8kq2w", "uid": "44444444-5555-4666-8777-888888888888"},
+                "serviceaccount": {"name": "ztunnel", "uid": "sa-uid"}
+            }
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+/// The API server goes away. A ztunnel that restarts meanwhile presents a
+/// token nobody has seen (no cached answer can help) and still gets its
+/// snapshot and its certificates: the token is verified with the keys the
+/// control plane fetched before the outage and kept through every failed
+/// refresh since, and its pod checked against the control plane's own watch
+/// cache. A token whose key is not known still needs TokenReview, and is
+/// answered UNAVAILABLE until the API server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ztunnel_restarted_while_the_api_server_is_away_gets_its_snapshot_and_certificates() {
+    let server = ApiServer::start().await;
+    api_server::serve_golden(&server);
+    let issuer = IssuerKey::publish(&server, "key-1");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(dir.path());
+    let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let readiness = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = dir.path().join("control-plane.log");
+    let running = Running {
+        child: Command::new(env!("CARGO_BIN_EXE_kanava-control-plane"))
+            .args(["--source", "kubernetes", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--listen", &grpc.to_string()])
+            .args(["--readiness-listen", &readiness.to_string()])
+            // Refreshed every second: the outage below spans several
+            // refreshes, as a long one spans many at the default 5 minutes.
+            .args(["--jwks-refresh-interval", "1s"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        log,
+    };
+    let roots = eventually("the roots ConfigMap", async || {
+        let configmap = server.configmap("kanava-system", "kanava-root-cert")?;
+        Some(configmap["data"]["root-cert.pem"].as_str()?.to_string())
+    })
+    .await;
+    eventually("ready", async || {
+        (ready(readiness).await == Some(200)).then_some(())
+    })
+    .await;
+    eventually("the keys fetched", async || {
+        server
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("GET /openid/v1/jwks"))
+            .then_some(())
+    })
+    .await;
+
+    // The API server goes away; refreshes fail meanwhile.
+    server.set_away(true);
+    let requests_before = server.requests().len();
+    eventually("three failed refreshes", async || {
+        let failed = running
+            .log()
+            .matches("cannot fetch the service-account keys; keeping the keys fetched before")
+            .count();
+        (failed >= 3).then_some(())
+    })
+    .await;
+
+    // The restarted ztunnel: a new connection, a new token.
+    let token = issuer.ztunnel_token();
+    let channel = channel(grpc, &roots).await;
+    let mut discovery = pb::discovery_client::DiscoveryClient::new(channel.clone());
+    let (requests, requests_rx) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(pb::DiscoveryRequest {
+            node_name: "node-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut responses = discovery
+        .stream(with_token(
+            tokio_stream::wrappers::ReceiverStream::new(requests_rx),
+            &token,
+        ))
+        .await
+        .expect("subscribed while the API server is away")
+        .into_inner();
+    let snapshot = tokio::time::timeout(Duration::from_secs(20), responses.next())
+        .await
+        .expect("a snapshot")
+        .unwrap()
+        .unwrap();
+    assert!(snapshot.full_snapshot && !snapshot.resources.is_empty());
+    assert_eq!(
+        snapshot.trust_bundle.expect("the trust bundle").roots.len(),
+        1
+    );
+
+    let mut certificates = pb::certificates_client::CertificatesClient::new(channel);
+    let identity = "spiffe://cluster.local/ns/shop/sa/client";
+    let csr = kanava_tls::CertificateRequest::generate(&identity.parse().unwrap()).unwrap();
+    let signed = certificates
+        .sign(with_token(
+            pb::SignRequest {
+                csr: csr.csr_der().to_vec(),
+                identity: identity.into(),
+                ttl_seconds: 0,
+            },
+            &token,
+        ))
+        .await
+        .expect("a certificate while the API server is away");
+    assert!(!signed.get_ref().cert_chain.is_empty());
+    assert!(!signed.get_ref().signer.is_empty());
+
+    // A token whose key is unknown still needs the API server.
+    let status = certificates
+        .sign(with_token(
+            pb::SignRequest {
+                csr: vec![],
+                identity: identity.into(),
+                ttl_seconds: 0,
+            },
+            &jwt("ztunnel"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // The restarted ztunnel's token cost the API server nothing: the only
+    // requests during the outage are the key refreshes, the watches'
+    // retries and that last TokenReview.
+    let during: Vec<String> = server.requests()[requests_before..].to_vec();
+    assert!(
+        !during.iter().any(|r| r.contains("/pods/ztunnel-8kq2w")),
+        "{during:?}"
+    );
+    server.set_away(false);
+}
+
 fn rbac_file() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac/control-plane.yaml")
 }
@@ -400,6 +586,7 @@ fn the_rbac_is_least_privilege() {
                 resource: resource.into(),
                 namespace: namespace.map(str::to_string),
                 name: name.map(str::to_string),
+                non_resource_path: None,
             }
         };
     for (what, attributes) in [

@@ -168,7 +168,23 @@ pub fn execute(state: &mut LabState, plan: Plan, env: &Context) -> Result<Report
         }
         state.save()?;
     }
+    let started_pods = !expect.is_empty();
     wait(state, env, expect, &mut report)?;
+    if started_pods {
+        // A request made now finds its certificate ready, and `kanava
+        // status` reports none missing.
+        let missing = propagation::wait_for_certificates(
+            state,
+            env.propagation_timeout,
+            env.cancel.as_ref(),
+        )?;
+        for (node, identity) in missing {
+            report.warnings.push(format!(
+                "the ztunnel on {node} has no certificate for {identity} yet (see `kanava lab logs --name {} ztunnel/{node}`)",
+                state.name
+            ));
+        }
+    }
     Ok(report)
 }
 

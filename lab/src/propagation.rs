@@ -101,6 +101,44 @@ pub fn wait(
     }
 }
 
+/// Waits up to `timeout` for every ztunnel to hold a certificate for every
+/// identity it serves. Returns the `(node, identity)` pairs still without
+/// one when time ran out.
+pub fn wait_for_certificates(
+    state: &LabState,
+    timeout: Duration,
+    cancel: Option<&Cancel>,
+) -> Result<Vec<(String, String)>, Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+            return Err(Error::Cancelled);
+        }
+        let mut waiting = Vec::new();
+        for node in &state.nodes {
+            let Some(dump) = config_dump(&node.netns) else {
+                waiting.push((node.name.clone(), "(the ztunnel does not answer)".into()));
+                continue;
+            };
+            waiting.extend(
+                dump["certificates"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|cert| cert["notAfter"].is_null())
+                    .map(|cert| {
+                        let identity = cert["identity"].as_str().unwrap_or_default();
+                        (node.name.clone(), identity.to_string())
+                    }),
+            );
+        }
+        if waiting.is_empty() || Instant::now() >= deadline {
+            return Ok(waiting);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// What a node's ztunnel holds: resource name → version.
 pub fn resource_versions(node_netns: &str) -> Option<BTreeMap<String, String>> {
     let dump = config_dump(node_netns)?;

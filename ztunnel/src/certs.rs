@@ -28,10 +28,16 @@ use crate::backoff::Backoff;
 use crate::control_plane::ControlPlane;
 use crate::metrics::{IdentityLabels, Metrics, ResultLabels};
 use crate::trust::Trust;
+use crate::workloads::WorkloadStore;
 
 /// Longest wait before replacing a certificate whose signer the mesh no
 /// longer signs with: each waits a random part of it.
 const REISSUE_SPREAD: Duration = Duration::from_secs(3);
+
+/// Longest wait, before a pod's first certificate request, for discovery to
+/// know the pod: the control plane refuses to sign for a pod it does not
+/// know on this node, so asking earlier only earns a refusal.
+const DISCOVERY_WAIT: Duration = Duration::from_secs(10);
 
 /// A certificate and the signer it was issued under.
 #[derive(Clone)]
@@ -60,6 +66,7 @@ pub struct CertManager {
     ttl: Option<Duration>,
     metrics: Arc<Metrics>,
     trust: Arc<Trust>,
+    workloads: Arc<WorkloadStore>,
     entries: Mutex<HashMap<Identity, Entry>>,
 }
 
@@ -69,12 +76,14 @@ impl CertManager {
         ttl: Option<Duration>,
         metrics: Arc<Metrics>,
         trust: Arc<Trust>,
+        workloads: Arc<WorkloadStore>,
     ) -> Self {
         CertManager {
             control_plane,
             ttl,
             metrics,
             trust,
+            workloads,
             entries: Mutex::new(HashMap::new()),
         }
     }
@@ -99,16 +108,19 @@ impl CertManager {
             .set(i64::try_from(superseded).unwrap_or(i64::MAX));
     }
 
-    /// A pod with `identity` arrived: make sure a certificate is (being)
-    /// obtained for it.
-    pub fn track(&self, identity: &Identity) {
+    /// A pod with `identity` arrived (its uid `pod_uid`): make sure a
+    /// certificate is (being) obtained for it, asked for once discovery
+    /// knows the pod.
+    pub fn track(&self, identity: &Identity, pod_uid: &str) {
         let mut entries = self.lock();
         if let Some(entry) = entries.get_mut(identity) {
             entry.users += 1;
             return;
         }
         let (tx, rx) = watch::channel(None);
+        let first_request = wait_for_discovery(self.workloads.clone(), pod_uid.to_string());
         let renewal = tokio::spawn(keep_fresh(
+            first_request,
             self.control_plane.clone(),
             self.ttl,
             self.metrics.clone(),
@@ -253,9 +265,29 @@ fn superseded(issued_under: &str, mesh_signer: &str) -> bool {
     !issued_under.is_empty() && !mesh_signer.is_empty() && issued_under != mesh_signer
 }
 
-/// Obtains a certificate for `identity`, then renews it at every half-life,
-/// or soon after the mesh starts signing under another certificate.
+/// Waits until discovery knows the pod `uid`, at most [`DISCOVERY_WAIT`].
+async fn wait_for_discovery(workloads: Arc<WorkloadStore>, uid: String) {
+    let mut updates = workloads.subscribe();
+    let deadline = tokio::time::sleep(DISCOVERY_WAIT);
+    tokio::pin!(deadline);
+    while workloads.find_by_uid(&uid).is_none() {
+        tokio::select! {
+            changed = updates.changed() => if changed.is_err() {
+                return;
+            },
+            _ = &mut deadline => {
+                tracing::warn!(pod_uid = %uid, wait = ?DISCOVERY_WAIT, "discovery does not know this pod yet; asking for its certificate anyway");
+                return;
+            }
+        }
+    }
+}
+
+/// Once `first_request` is done, obtains a certificate for `identity`, then
+/// renews it at every half-life, or soon after the mesh starts signing
+/// under another certificate.
 async fn keep_fresh(
+    first_request: impl std::future::Future<Output = ()>,
     control_plane: ControlPlane,
     ttl: Option<Duration>,
     metrics: Arc<Metrics>,
@@ -263,6 +295,7 @@ async fn keep_fresh(
     identity: Identity,
     cert: watch::Sender<Option<Issued>>,
 ) {
+    first_request.await;
     // A pod waits for its certificate: capped low, like discovery.
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
@@ -363,7 +396,41 @@ fn until(moment: SystemTime) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::superseded;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use kanava_proto::v1 as pb;
+
+    use super::{superseded, wait_for_discovery};
+    use crate::proxy::test_support::workload;
+    use crate::workloads::WorkloadStore;
+
+    #[tokio::test]
+    async fn a_pods_first_certificate_is_asked_for_once_discovery_knows_the_pod() {
+        let store = Arc::new(WorkloadStore::new());
+        let waiting = tokio::spawn(wait_for_discovery(store.clone(), "web".into()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "asked before discovery knew the pod"
+        );
+        let web = workload("web", "10.244.2.3");
+        store
+            .apply(&pb::DiscoveryResponse {
+                version_info: "1".into(),
+                full_snapshot: true,
+                resources: vec![pb::Resource {
+                    name: web.resource_name(),
+                    kind: Some(pb::resource::Kind::Workload(web.to_proto())),
+                }],
+                ..Default::default()
+            })
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("asked once discovery knows the pod")
+            .unwrap();
+    }
 
     #[test]
     fn only_a_known_other_signer_supersedes_a_certificate() {

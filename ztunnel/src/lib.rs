@@ -59,6 +59,7 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
         config.cert_ttl,
         metrics.clone(),
         trust.clone(),
+        workloads.clone(),
     ));
     let proxy = Arc::new(proxy::Proxy::new(
         config.clone(),

@@ -7,12 +7,14 @@
 //! - [`node_tokens`]: a file of per-node tokens (the lab, `--source
 //!   manifests`);
 //! - [`token_review`]: the ztunnel's projected service-account token,
-//!   checked by the API server with a TokenReview and bound to the ztunnel's
-//!   pod, whose node it is (`--source kubernetes`).
+//!   verified with the API server's published keys ([`jwks`]) or, when they
+//!   are not known, by a TokenReview, and bound to the ztunnel's pod, whose
+//!   node it is (`--source kubernetes`).
 //!
 //! Every refusal is logged with its reason; the caller learns only its
 //! status code, never what the control plane found out about the token.
 
+pub mod jwks;
 pub mod node_tokens;
 pub mod token_review;
 

@@ -4,15 +4,21 @@
 //!
 //! A token is accepted when, in this order:
 //! 1. it looks like a JWT that has not expired (checked here, so junk and
-//!    stale tokens cost no API call; the signature is the API server's
-//!    business);
-//! 2. the API server's TokenReview says it is authenticated, for the
-//!    audience `kanava`;
+//!    stale tokens cost no API call);
+//! 2. it is signed by one of the API server's published keys, for the
+//!    audience `kanava` ([`super::jwks`]: checked here, so a ztunnel that
+//!    restarts while the API server is away still gets in), or, when its
+//!    key is not known, the API server's TokenReview says it is
+//!    authenticated for that audience;
 //! 3. it belongs to the ztunnel service account
 //!    (`system:serviceaccount:<namespace>:ztunnel`);
-//! 4. it is bound to a pod (the review's `pod-name`/`pod-uid` extras), and
-//!    that pod exists, has the same uid, runs as the same account, is not
-//!    finished, and is scheduled on a node: that node is the answer.
+//! 4. it is bound to a pod (the token's `kubernetes.io` claims, or the
+//!    review's `pod-name`/`pod-uid` extras), and that pod exists, has the
+//!    same uid, runs as the same account, is not finished, and is scheduled
+//!    on a node (the one the token names, if it names one): that node is
+//!    the answer. A locally verified token's pod is looked up in the
+//!    control plane's own watch cache, and in the API server only when the
+//!    cache does not know it yet.
 //!
 //! Answers are cached by the token's digest until the token expires, and
 //! never longer than [`CACHE_FOR`], so a deleted ztunnel pod loses access
@@ -31,6 +37,7 @@ use kube::{Api, Client};
 use tokio::time::Instant;
 
 use super::Refusal;
+use super::jwks::{BoundToken, Jwks, KnownPod, Verdict, ZtunnelPods};
 use super::node_tokens::digest;
 
 /// Longest an answer is reused without asking the API server again.
@@ -56,6 +63,11 @@ pub struct TokenReviewer {
     service_account: String,
     cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
     reviews_in_flight: tokio::sync::Semaphore,
+    /// The API server's keys, for local verification (absent: TokenReview
+    /// only).
+    jwks: Option<std::sync::Arc<Jwks>>,
+    /// The ztunnel pods the control plane's watch sees.
+    pods: ZtunnelPods,
 }
 
 impl TokenReviewer {
@@ -68,7 +80,17 @@ impl TokenReviewer {
             service_account: service_account.to_string(),
             cache: Mutex::new(HashMap::new()),
             reviews_in_flight: tokio::sync::Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
+            jwks: None,
+            pods: ZtunnelPods::default(),
         }
+    }
+
+    /// Verifies tokens with `jwks` where it knows their key, and checks
+    /// their pods against `pods`.
+    pub fn with_local_keys(mut self, jwks: std::sync::Arc<Jwks>, pods: ZtunnelPods) -> Self {
+        self.jwks = Some(jwks);
+        self.pods = pods;
+        self
     }
 
     /// The node `token`'s bearer may act for.
@@ -82,7 +104,14 @@ impl TokenReviewer {
         if let Some(node) = self.cached(&key) {
             return Ok(node);
         }
-        let node = self.review(token).await?;
+        let verdict = self.jwks.as_ref().map_or(Verdict::UnknownKey, |jwks| {
+            jwks.verify(token, &self.audience)
+        });
+        let node = match verdict {
+            Verdict::Verified(bound) => self.node_of_bound(&bound).await?,
+            Verdict::Refused(refusal) => return Err(refusal),
+            Verdict::UnknownKey => self.review(token).await?,
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHE_ENTRIES {
             let now = Instant::now();
@@ -172,6 +201,27 @@ impl TokenReviewer {
         }
     }
 
+    /// The node of a locally verified token's pod.
+    async fn node_of_bound(&self, bound: &BoundToken) -> Result<String, Refusal> {
+        if bound.subject != self.username {
+            return Err(Refusal::permission_denied(format!(
+                "the token belongs to {:?}, not the ztunnel service account {:?}",
+                bound.subject, self.username
+            )));
+        }
+        let node = match self.pods.get(&bound.pod_name) {
+            Some(known) => self.check_pod(&bound.pod_name, &bound.pod_uid, known)?,
+            // A pod newer than the watch's last event: ask.
+            None => self.node_of_pod(&bound.pod_name, &bound.pod_uid).await?,
+        };
+        match &bound.node {
+            Some(claimed) if *claimed != node => Err(Refusal::permission_denied(format!(
+                "the token was issued on node {claimed}, its pod runs on {node}"
+            ))),
+            _ => Ok(node),
+        }
+    }
+
     async fn node_of_pod(&self, name: &str, uid: &str) -> Result<String, Refusal> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let pod = pods
@@ -184,32 +234,41 @@ impl TokenReviewer {
                     self.namespace
                 ))
             })?;
+        let spec = pod.spec.unwrap_or_default();
+        let phase = pod.status.and_then(|s| s.phase);
+        let known = KnownPod {
+            uid: pod.metadata.uid.unwrap_or_default(),
+            service_account: spec.service_account_name.unwrap_or_default(),
+            node: spec.node_name.filter(|node| !node.is_empty()),
+            finished: matches!(phase.as_deref(), Some("Succeeded" | "Failed")),
+        };
+        self.check_pod(name, uid, known)
+    }
+
+    /// The node of pod `name` if it is the one the token is bound to (`uid`)
+    /// and may act for it.
+    fn check_pod(&self, name: &str, uid: &str, pod: KnownPod) -> Result<String, Refusal> {
         let pod_name = format!("{}/{name}", self.namespace);
-        if pod.metadata.uid.as_deref() != Some(uid) {
+        if pod.uid != uid {
             return Err(Refusal::permission_denied(format!(
                 "pod {pod_name} is not the token's pod (uid {:?}, token bound to {uid})",
-                pod.metadata.uid.as_deref().unwrap_or_default()
+                pod.uid
             )));
         }
-        let spec = pod.spec.unwrap_or_default();
-        if spec.service_account_name.as_deref() != Some(self.service_account.as_str()) {
+        if pod.service_account != self.service_account {
             return Err(Refusal::permission_denied(format!(
                 "pod {pod_name} runs as {:?}, not {:?}",
-                spec.service_account_name.unwrap_or_default(),
-                self.service_account
+                pod.service_account, self.service_account
             )));
         }
-        let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
-        if matches!(phase.as_str(), "Succeeded" | "Failed") {
+        if pod.finished {
             return Err(Refusal::permission_denied(format!(
-                "pod {pod_name} has finished ({phase})"
+                "pod {pod_name} has finished"
             )));
         }
-        spec.node_name
-            .filter(|node| !node.is_empty())
-            .ok_or_else(|| {
-                Refusal::permission_denied(format!("pod {pod_name} is not scheduled on a node"))
-            })
+        pod.node.ok_or_else(|| {
+            Refusal::permission_denied(format!("pod {pod_name} is not scheduled on a node"))
+        })
     }
 }
 

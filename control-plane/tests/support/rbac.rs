@@ -13,6 +13,9 @@ pub struct Attributes {
     pub resource: String,
     pub namespace: Option<String>,
     pub name: Option<String>,
+    /// A request outside the API (`/openid/v1/jwks`): RBAC's
+    /// `nonResourceURLs`.
+    pub non_resource_path: Option<String>,
 }
 
 /// `METHOD /path?query`, as the in-test API server logs it.
@@ -20,6 +23,16 @@ pub fn attributes_of(request: &str) -> Attributes {
     let (method, rest) = request.split_once(' ').unwrap();
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if !matches!(parts.first(), Some(&"api" | &"apis")) {
+        return Attributes {
+            verb: method.to_lowercase(),
+            group: String::new(),
+            resource: String::new(),
+            namespace: None,
+            name: None,
+            non_resource_path: Some(path.to_string()),
+        };
+    }
     let (group, rest) = match parts.as_slice() {
         ["api", _version, rest @ ..] => (String::new(), rest.to_vec()),
         ["apis", group, _version, rest @ ..] => (group.to_string(), rest.to_vec()),
@@ -59,6 +72,7 @@ pub fn attributes_of(request: &str) -> Attributes {
         },
         namespace,
         name,
+        non_resource_path: None,
     }
 }
 
@@ -85,6 +99,19 @@ fn strings(value: &Value) -> Vec<String> {
 /// Whether the ClusterRoles (anywhere) and Roles (in their namespace) of
 /// `objects` allow `request`.
 pub fn allows(objects: &[Value], request: &Attributes) -> bool {
+    if let Some(path) = &request.non_resource_path {
+        return objects.iter().any(|object| {
+            object["kind"] == "ClusterRole"
+                && object["rules"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|rule| {
+                        strings(&rule["nonResourceURLs"]).contains(path)
+                            && strings(&rule["verbs"]).contains(&request.verb)
+                    })
+        });
+    }
     objects.iter().any(|object| {
         let scope_ok = match object["kind"].as_str() {
             Some("ClusterRole") => true,

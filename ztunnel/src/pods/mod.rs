@@ -113,7 +113,7 @@ impl PodRegistry {
             source,
         })??;
 
-        self.proxy.certs.track(&identity);
+        self.proxy.certs.track(&identity, &uid);
         let hbone_tls = match kanava_tls::hbone_server_config(
             self.proxy.certs.resolver(&identity),
             &self.proxy.trust.bundle,

@@ -36,7 +36,7 @@ pub mod resumptions;
 pub mod route;
 pub mod socket;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -221,20 +221,49 @@ fn dump_tables(dump: &Value, now: SystemTime) -> String {
     }
     out.push('\n');
     out.push_str(&table(&rows));
+    // Fingerprints are shown by their first 16 hex digits, as `kanava ca
+    // rotate` prints them.
+    let short = |value: &Value| -> String {
+        value
+            .as_str()
+            .map_or_else(|| "-".into(), |v| v.chars().take(16).collect())
+    };
+    let signer = &dump["trust"]["signer"];
     let mut rows = vec![vec![
         "CERTIFICATE".to_string(),
         "NOT AFTER".into(),
         "EXPIRES IN".into(),
+        "SIGNER".into(),
     ]];
     for cert in list("certificates") {
+        let mut by = short(&cert["signer"]);
+        if signer.is_string() && cert["signer"].is_string() && cert["signer"] != *signer {
+            by.push_str(" (previous)");
+        }
         rows.push(vec![
             text(&cert["identity"]),
             text(&cert["notAfter"]),
             expires_in(&cert["notAfter"], now),
+            by,
         ]);
     }
     out.push('\n');
     out.push_str(&table(&rows));
+    let roots: Vec<String> = dump["trust"]["roots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(short)
+        .collect();
+    out.push_str(&format!(
+        "\ntrusted roots: {}; the mesh signs with {}\n",
+        if roots.is_empty() {
+            "-".into()
+        } else {
+            roots.join(", ")
+        },
+        short(signer)
+    ));
     if !out.ends_with('\n') {
         out.push('\n');
     }

@@ -4,7 +4,7 @@
 //! | target | input | goes through |
 //! | --- | --- | --- |
 //! | [`handoff`] | a handoff message | decoding, pod validation, identity |
-//! | [`discovery`] | a discovery response | decoding, the ztunnel's workload store, routing and policy on the result |
+//! | [`discovery`] | a discovery response | decoding, the ztunnel's workload store and trust bundle check, routing and policy on the result |
 //! | [`identity`] | text, and DER | SPIFFE parsing, certificate SAN extraction, peer-certificate reading |
 //! | [`csr`] | a CSR (DER or PEM) | the CA's checks and signing |
 //! | [`policy_proto`] | a policy on the wire | validation, evaluation |
@@ -101,6 +101,9 @@ pub fn discovery(data: &[u8]) {
     let Ok(response) = pb::DiscoveryResponse::decode(data) else {
         return;
     };
+    if let Some(bundle) = &response.trust_bundle {
+        let _ = kanava_ztunnel::trust::Trust::check(bundle);
+    }
     let store = kanava_ztunnel::workloads::WorkloadStore::new();
     let _ = store.apply(&response);
     let mut update = response;

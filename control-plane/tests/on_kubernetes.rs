@@ -38,6 +38,35 @@ impl Running {
     }
 }
 
+/// Starts the control plane against `server`, with `extra` arguments: it,
+/// and its gRPC and readiness addresses.
+fn start_control_plane(
+    server: &ApiServer,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Running, SocketAddr, SocketAddr) {
+    let kubeconfig = server.kubeconfig(dir);
+    let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let readiness = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = dir.join("control-plane.log");
+    let running = Running {
+        child: Command::new(env!("CARGO_BIN_EXE_kanava-control-plane"))
+            .args(["--source", "kubernetes", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--listen", &grpc.to_string()])
+            .args(["--readiness-listen", &readiness.to_string()])
+            .args(extra)
+            .env("POD_NAME", "kanava-control-plane-7f9c-abcde")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        log,
+    };
+    (running, grpc, readiness)
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -115,6 +144,37 @@ async fn channel(address: SocketAddr, roots_pem: &str) -> tonic::transport::Chan
         .unwrap()
 }
 
+/// Opens a discovery stream as `node`: where to send ACKs, and the
+/// responses.
+async fn subscribe(
+    discovery: &mut pb::discovery_client::DiscoveryClient<tonic::transport::Channel>,
+    node: &str,
+    token: &str,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<pb::DiscoveryRequest>,
+        tonic::Streaming<pb::DiscoveryResponse>,
+    ),
+    tonic::Status,
+> {
+    let (requests, requests_rx) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(pb::DiscoveryRequest {
+            node_name: node.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let responses = discovery
+        .stream(with_token(
+            tokio_stream::wrappers::ReceiverStream::new(requests_rx),
+            token,
+        ))
+        .await?
+        .into_inner();
+    Ok((requests, responses))
+}
+
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
@@ -133,24 +193,7 @@ async fn the_control_plane_serves_a_cluster_it_watches_through_the_api() {
     server.review(&token, ztunnel_review());
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.kubeconfig(dir.path());
-    let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let readiness = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let log = dir.path().join("control-plane.log");
-    let running = Running {
-        child: Command::new(env!("CARGO_BIN_EXE_kanava-control-plane"))
-            .args(["--source", "kubernetes", "--kubeconfig"])
-            .arg(&kubeconfig)
-            .args(["--listen", &grpc.to_string()])
-            .args(["--readiness-listen", &readiness.to_string()])
-            .env("POD_NAME", "kanava-control-plane-7f9c-abcde")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-        log,
-    };
+    let (running, grpc, readiness) = start_control_plane(&server, dir.path(), &[]);
 
     // The CA: a root created in its Secret, published in the ConfigMap.
     let roots = eventually("the roots ConfigMap", async || {
@@ -176,22 +219,7 @@ async fn the_control_plane_serves_a_cluster_it_watches_through_the_api() {
     })
     .await;
     let mut discovery = pb::discovery_client::DiscoveryClient::new(channel.clone());
-    let (requests, requests_rx) = tokio::sync::mpsc::channel(4);
-    requests
-        .send(pb::DiscoveryRequest {
-            node_name: "node-1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut responses = discovery
-        .stream(with_token(
-            tokio_stream::wrappers::ReceiverStream::new(requests_rx),
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (requests, mut responses) = subscribe(&mut discovery, "node-1", &token).await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(1500), responses.next())
             .await
@@ -431,26 +459,10 @@ async fn a_ztunnel_restarted_while_the_api_server_is_away_gets_its_snapshot_and_
     api_server::serve_golden(&server);
     let issuer = IssuerKey::publish(&server, "key-1");
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.kubeconfig(dir.path());
-    let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let readiness = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let log = dir.path().join("control-plane.log");
-    let running = Running {
-        child: Command::new(env!("CARGO_BIN_EXE_kanava-control-plane"))
-            .args(["--source", "kubernetes", "--kubeconfig"])
-            .arg(&kubeconfig)
-            .args(["--listen", &grpc.to_string()])
-            .args(["--readiness-listen", &readiness.to_string()])
-            // Refreshed every second: the outage below spans several
-            // refreshes, as a long one spans many at the default 5 minutes.
-            .args(["--jwks-refresh-interval", "1s"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-        log,
-    };
+    // Keys refreshed every second: the outage below spans several
+    // refreshes, as a long one spans many at the default 5 minutes.
+    let (running, grpc, readiness) =
+        start_control_plane(&server, dir.path(), &["--jwks-refresh-interval", "1s"]);
     let roots = eventually("the roots ConfigMap", async || {
         let configmap = server.configmap("kanava-system", "kanava-root-cert")?;
         Some(configmap["data"]["root-cert.pem"].as_str()?.to_string())
@@ -485,22 +497,9 @@ async fn a_ztunnel_restarted_while_the_api_server_is_away_gets_its_snapshot_and_
     let token = issuer.ztunnel_token();
     let channel = channel(grpc, &roots).await;
     let mut discovery = pb::discovery_client::DiscoveryClient::new(channel.clone());
-    let (requests, requests_rx) = tokio::sync::mpsc::channel(4);
-    requests
-        .send(pb::DiscoveryRequest {
-            node_name: "node-1".into(),
-            ..Default::default()
-        })
+    let (_requests, mut responses) = subscribe(&mut discovery, "node-1", &token)
         .await
-        .unwrap();
-    let mut responses = discovery
-        .stream(with_token(
-            tokio_stream::wrappers::ReceiverStream::new(requests_rx),
-            &token,
-        ))
-        .await
-        .expect("subscribed while the API server is away")
-        .into_inner();
+        .expect("subscribed while the API server is away");
     let snapshot = tokio::time::timeout(Duration::from_secs(20), responses.next())
         .await
         .expect("a snapshot")

@@ -404,3 +404,75 @@ pub async fn hold(
     assert!(rest.is_empty(), "no byte after the last echo");
     (sent.finalize().into(), received.finalize().into(), total)
 }
+
+/// Opens `rate` new connections a second from `from` to the echo server at
+/// `to` for `seconds` (`labapp churn`, in a thread); joins to its JSON
+/// summary (`connections`, `errors`).
+pub fn churn(
+    lab: &Lab,
+    from: &str,
+    to: SocketAddr,
+    seconds: u32,
+    rate: u32,
+    concurrency: u32,
+) -> std::thread::JoinHandle<serde_json::Value> {
+    let (name, from, to) = (lab.name().to_string(), from.to_string(), to.to_string());
+    std::thread::spawn(move || {
+        let lab = Lab::attach(Some(&name)).unwrap();
+        let (seconds, rate, concurrency) = (
+            seconds.to_string(),
+            rate.to_string(),
+            concurrency.to_string(),
+        );
+        let output = lab
+            .exec(
+                &from,
+                &[
+                    "labapp",
+                    "churn",
+                    "--to",
+                    &to,
+                    "--concurrency",
+                    &concurrency,
+                    "--seconds",
+                    &seconds,
+                    "--rate",
+                    &rate,
+                ],
+            )
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    })
+}
+
+/// A TLS connection to the echo pod's HBONE port (15008) from a pod outside
+/// the mesh (whose sockets reach it directly), proving `cert` and trusting
+/// `roots`: what a hand-made HBONE client holds before its HTTP/2
+/// handshake.
+pub async fn tls_to_echo_hbone(
+    lab: &Lab,
+    cert: &kanava_tls::WorkloadCert,
+    roots: &kanava_tls::MeshRoots,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let echo_identity: kanava_mesh::Identity = "spiffe://cluster.local/ns/shop/sa/echo"
+        .parse()
+        .map_err(std::io::Error::other)?;
+    let tls = kanava_tls::hbone_client_config(cert, roots, &echo_identity)
+        .map_err(std::io::Error::other)?;
+    let echo_ip = pod_ip(lab, "shop/echo");
+    let tcp = connect(
+        lab,
+        "legacy/plain-client",
+        SocketAddr::from((echo_ip, 15008)),
+    )
+    .await;
+    let server_name = kanava_tls::pki_types::ServerName::IpAddress(echo_ip.into());
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(server_name, tcp)
+        .await
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use kanava_e2e::{MESH_LAB, connect, hold, kanava, mesh_cert, pod_ip, runtime, up};
+use kanava_e2e::{MESH_LAB, churn, connect, hold, kanava, mesh_cert, pod_ip, runtime, up};
 use kanava_tls::{MeshRoots, WorkloadCert};
 
 /// Held connections through the rotation.
@@ -23,21 +23,9 @@ async fn hbone_connect(
     cert: &WorkloadCert,
     roots: &MeshRoots,
 ) -> Result<http::StatusCode, String> {
-    let echo_identity: kanava_mesh::Identity =
-        "spiffe://cluster.local/ns/shop/sa/echo".parse().unwrap();
-    let tls = kanava_tls::hbone_client_config(cert, roots, &echo_identity).unwrap();
     let echo_ip = pod_ip(lab, "shop/echo");
-    // From a pod outside the mesh: its sockets reach :15008 directly.
-    let tcp = connect(
-        lab,
-        "legacy/plain-client",
-        SocketAddr::from((echo_ip, 15008)),
-    )
-    .await;
-    let server_name = kanava_tls::pki_types::ServerName::IpAddress(echo_ip.into());
     let attempt = async {
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(server_name, tcp)
+        let stream = kanava_e2e::tls_to_echo_hbone(lab, cert, roots)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
         let (mut sender, connection) = h2::client::handshake(stream)
@@ -83,35 +71,7 @@ fn a_root_rotates_under_traffic_without_a_failed_connection_and_the_old_root_is_
             rt.spawn(hold(tcp, i as u64, stop.clone()))
         })
         .collect();
-    let churn = {
-        let (name, echo) = (lab.name().to_string(), echo.to_string());
-        std::thread::spawn(move || {
-            let lab = kanava_lab::Lab::attach(Some(&name)).unwrap();
-            let output = lab
-                .exec(
-                    "shop/client",
-                    &[
-                        "labapp",
-                        "churn",
-                        "--to",
-                        &echo,
-                        "--concurrency",
-                        "8",
-                        "--seconds",
-                        "16",
-                        "--rate",
-                        "100",
-                    ],
-                )
-                .unwrap();
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
-        })
-    };
+    let churn = churn(&lab, "shop/client", echo, 16, 100, 8);
     std::thread::sleep(Duration::from_secs(1));
     let rotated = kanava()
         .args(["ca", "rotate", "--name", lab.name(), "--output", "json"])

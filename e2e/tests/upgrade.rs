@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use kanava_e2e::{MESH_LAB, connect, hold, pod_ip, runtime, up};
+use kanava_e2e::{MESH_LAB, churn, connect, hold, pod_ip, runtime, up};
 use kanava_lab::UpgradeOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Held connections through every upgrade.
 const HELD: usize = 200;
 /// New connections a second meanwhile.
-const NEW_PER_SECOND: &str = "200";
+const NEW_PER_SECOND: u32 = 200;
 
 #[test]
 fn held_connections_survive_upgrades_of_either_node_and_both_and_new_ones_never_fail() {
@@ -38,35 +38,7 @@ fn held_connections_survive_upgrades_of_either_node_and_both_and_new_ones_never_
         lab.ztunnel("node-1").unwrap().pid,
         lab.ztunnel("node-2").unwrap().pid,
     );
-    let churn = {
-        let (name, echo) = (lab.name().to_string(), echo.to_string());
-        std::thread::spawn(move || {
-            let lab = kanava_lab::Lab::attach(Some(&name)).unwrap();
-            let output = lab
-                .exec(
-                    "shop/client",
-                    &[
-                        "labapp",
-                        "churn",
-                        "--to",
-                        &echo,
-                        "--concurrency",
-                        "16",
-                        "--seconds",
-                        "14",
-                        "--rate",
-                        NEW_PER_SECOND,
-                    ],
-                )
-                .unwrap();
-            assert!(
-                output.status.success(),
-                "{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
-        })
-    };
+    let churn = churn(&lab, "shop/client", echo, 14, NEW_PER_SECOND, 16);
     std::thread::sleep(Duration::from_secs(1));
     let phases: [(&str, Vec<String>, bool); 3] = [
         ("node-1", vec!["node-1".into()], false),
@@ -129,27 +101,14 @@ struct Hbone {
 impl Hbone {
     async fn open(lab: &kanava_lab::Lab, identity: &str) -> Hbone {
         let identity: kanava_mesh::Identity = identity.parse().unwrap();
-        let echo_identity: kanava_mesh::Identity =
-            "spiffe://cluster.local/ns/shop/sa/echo".parse().unwrap();
-        let tls = kanava_tls::hbone_client_config(
+        let stream = kanava_e2e::tls_to_echo_hbone(
+            lab,
             &kanava_e2e::mesh_cert(lab, &identity),
             &kanava_e2e::mesh_roots(lab),
-            &echo_identity,
         )
+        .await
         .unwrap();
         let echo_ip = pod_ip(lab, "shop/echo");
-        // From a pod outside the mesh: its sockets reach :15008 directly.
-        let tcp = connect(
-            lab,
-            "legacy/plain-client",
-            SocketAddr::from((echo_ip, 15008)),
-        )
-        .await;
-        let server_name = kanava_tls::pki_types::ServerName::IpAddress(echo_ip.into());
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(server_name, tcp)
-            .await
-            .unwrap();
         let (sender, connection) = h2::client::handshake(stream).await.unwrap();
         tokio::spawn(connection);
         Hbone {

@@ -86,11 +86,18 @@ impl LabSpec {
     }
 }
 
+/// The keys a `kind: Lab` document may have.
+const LAB_KEYS: [&str; 5] = ["apiVersion", "kind", "metadata", "nodes", "certificateTTL"];
+
 /// Reads manifests for `up`, `apply` or `delete`. `kind: Lab` documents are
-/// returned separately when `allow_lab` (only `up` takes one).
+/// returned separately when `allow_lab` (only `up` takes one). A key the
+/// lab does not know is refused by name, in every kind: a setting that
+/// would otherwise be dropped without a word (`ipFamilies`, a misspelt
+/// `serviceAcountName`) is a lab that is not what its file says.
 pub fn parse_objects(text: &str, allow_lab: bool) -> Result<(Vec<Object>, Vec<Other>), Error> {
     let (objects, others) =
         parse_manifests(text).map_err(|e| Error::Spec(format!("invalid lab file: {e}")))?;
+    refuse_unknown_keys(text, &objects, &others)?;
     for other in &others {
         if other.kind != "Lab" {
             return Err(Error::Spec(format!(
@@ -108,6 +115,100 @@ pub fn parse_objects(text: &str, allow_lab: bool) -> Result<(Vec<Object>, Vec<Ot
         }
     }
     Ok((objects, others))
+}
+
+/// Compares every document with what was understood of it: each key of the
+/// document (at any depth) must be in the parsed object, serialized back.
+/// Keys set to `null` are taken as absent.
+fn refuse_unknown_keys(text: &str, objects: &[Object], others: &[Other]) -> Result<(), Error> {
+    use serde::Deserialize;
+    let mut understood = objects.iter();
+    let mut number = 0;
+    for document in serde_yaml::Deserializer::from_str(text) {
+        number += 1;
+        // parse_manifests read the same text without error.
+        let Ok(value) = serde_yaml::Value::deserialize(document) else {
+            continue;
+        };
+        if value.is_null() {
+            continue;
+        }
+        let kind = value
+            .get("kind")
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let as_json = |value: &serde_yaml::Value| serde_json::to_value(value).unwrap_or_default();
+        let unknown = if others.iter().any(|o| o.document == number) {
+            match value.as_mapping() {
+                Some(map) if kind == "Lab" => map
+                    .keys()
+                    .filter_map(|k| k.as_str())
+                    .filter(|k| !LAB_KEYS.contains(k))
+                    .map(str::to_string)
+                    .collect(),
+                _ => Vec::new(),
+            }
+        } else {
+            let Some(object) = understood.next() else {
+                continue;
+            };
+            let back = match object {
+                Object::Namespace(o) => serde_json::to_value(&**o),
+                Object::Pod(o) => serde_json::to_value(&**o),
+                Object::Service(o) => serde_json::to_value(&**o),
+                Object::AuthorizationPolicy(o) => serde_json::to_value(&**o),
+            }
+            .unwrap_or_default();
+            let mut unknown = Vec::new();
+            missing_keys(&as_json(&value), &back, "", &mut unknown);
+            unknown
+        };
+        if let Some(first) = unknown.first() {
+            return Err(Error::Spec(format!(
+                "document {number} ({kind}): unknown key {first}{}",
+                if kind == "Lab" {
+                    format!(" (a Lab document has {})", LAB_KEYS.join(", "))
+                } else {
+                    String::new()
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The paths (`spec.containers[0].foo`) of keys in `given` that `parsed`
+/// does not have.
+fn missing_keys(
+    given: &serde_json::Value,
+    parsed: &serde_json::Value,
+    path: &str,
+    found: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (given, parsed) {
+        (Value::Object(given), Value::Object(parsed)) => {
+            for (key, value) in given {
+                let here = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match parsed.get(key) {
+                    None if !value.is_null() => found.push(here),
+                    None => {}
+                    Some(parsed) => missing_keys(value, parsed, &here, found),
+                }
+            }
+        }
+        (Value::Array(given), Value::Array(parsed)) => {
+            for (index, (given, parsed)) in given.iter().zip(parsed).enumerate() {
+                missing_keys(given, parsed, &format!("{path}[{index}]"), found);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn parse_nodes(value: &serde_yaml::Value, document: usize) -> Result<Vec<String>, Error> {
@@ -221,6 +322,19 @@ spec: {containers: [{name: c}]}
     }
 
     #[test]
+    fn every_lab_file_in_the_repository_has_only_known_keys() {
+        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+        for entry in std::fs::read_dir(examples).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            parse_objects(&text, true).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+        // Keys set to null, and keys k8s-openapi keeps, are fine.
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {a: b}, annotations: null}\nspec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}], restartPolicy: Always}\n";
+        parse_objects(text, false).unwrap();
+    }
+
+    #[test]
     fn nodes_default_to_the_caller_count() {
         let spec =
             LabSpec::parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n", 3).unwrap();
@@ -246,6 +360,22 @@ spec: {containers: [{name: c}]}
             (
                 "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n".to_string(),
                 "kind Deployment is not supported",
+            ),
+            (
+                FILE.replace("certificateTTL: 90s", "ipFamilies: [IPv6]"),
+                "document 1 (Lab): unknown key ipFamilies (a Lab document has",
+            ),
+            (
+                FILE.replace("spec: {nodeName: alpha,", "spec: {nodeNmae: alpha,"),
+                "document 4 (Pod): unknown key spec.nodeNmae",
+            ),
+            (
+                FILE.replace("command: [sleep, \"1000\"]", "command: [sleep], comand: [x]"),
+                "document 3 (Pod): unknown key spec.containers[0].comand",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ipFamilies: [IPv6], ports: [{port: 80, targetprot: 8080}]}\n".to_string(),
+                "document 1 (Service): unknown key spec.ports[0].targetprot",
             ),
         ];
         for (text, expected) in cases {

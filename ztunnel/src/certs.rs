@@ -108,17 +108,18 @@ impl CertManager {
             .set(i64::try_from(superseded).unwrap_or(i64::MAX));
     }
 
-    /// A pod with `identity` arrived (its uid `pod_uid`): make sure a
-    /// certificate is (being) obtained for it, asked for once discovery
-    /// knows the pod.
-    pub fn track(&self, identity: &Identity, pod_uid: &str) {
+    /// A pod with `identity` arrived: make sure a certificate is (being)
+    /// obtained for it; with `pod_uid`, asked for once discovery knows that
+    /// pod.
+    pub fn track(&self, identity: &Identity, pod_uid: Option<&str>) {
         let mut entries = self.lock();
         if let Some(entry) = entries.get_mut(identity) {
             entry.users += 1;
             return;
         }
         let (tx, rx) = watch::channel(None);
-        let first_request = wait_for_discovery(self.workloads.clone(), pod_uid.to_string());
+        let first_request =
+            pod_uid.map(|uid| wait_for_discovery(self.workloads.clone(), uid.to_string()));
         let renewal = tokio::spawn(keep_fresh(
             first_request,
             self.control_plane.clone(),
@@ -152,6 +153,20 @@ impl CertManager {
                 tracing::info!(%identity, "no pod of this identity remains; certificate dropped");
             }
         }
+    }
+
+    /// Waits until every identity tracked now has a certificate, at most
+    /// `timeout`; returns how many still have none.
+    pub async fn wait_all_issued(&self, timeout: Duration) -> usize {
+        let receivers: Vec<_> = self.lock().values().map(|e| e.cert.clone()).collect();
+        let all = async {
+            for mut rx in receivers.clone() {
+                // Err: the identity left meanwhile; nothing to wait for.
+                let _ = rx.wait_for(Option::is_some).await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout, all).await;
+        receivers.iter().filter(|rx| rx.borrow().is_none()).count()
     }
 
     /// The valid certificate for `identity`, if there is one now.
@@ -287,7 +302,7 @@ async fn wait_for_discovery(workloads: Arc<WorkloadStore>, uid: String) {
 /// renews it at every half-life, or soon after the mesh starts signing
 /// under another certificate.
 async fn keep_fresh(
-    first_request: impl std::future::Future<Output = ()>,
+    first_request: Option<impl std::future::Future<Output = ()>>,
     control_plane: ControlPlane,
     ttl: Option<Duration>,
     metrics: Arc<Metrics>,
@@ -295,7 +310,9 @@ async fn keep_fresh(
     identity: Identity,
     cert: watch::Sender<Option<Issued>>,
 ) {
-    first_request.await;
+    if let Some(first_request) = first_request {
+        first_request.await;
+    }
     // A pod waits for its certificate: capped low, like discovery.
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {

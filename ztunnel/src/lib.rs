@@ -36,6 +36,10 @@ pub use error::Error;
 use kanava_tls::MeshRoots;
 use tokio_util::sync::CancellationToken;
 
+/// Longest a new ztunnel waits for its pods' certificates before offering
+/// to take over from a predecessor.
+const CERTIFICATES_BEFORE_TAKEOVER: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the ztunnel until `terminate` is cancelled (SIGTERM), then hands
 /// over to a successor if one is ready, or serves on for the termination
 /// grace, and returns.
@@ -164,6 +168,17 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
             tokio::select! {
                 () = workloads.wait_ready() => {}
                 () = stop.cancelled() => return,
+            }
+            // And certified: a predecessor that leaves before this ztunnel
+            // has its pods' certificates would leave their new inbound
+            // connections to fail their handshakes here.
+            let waiting = successor
+                .proxy
+                .certs
+                .wait_all_issued(CERTIFICATES_BEFORE_TAKEOVER)
+                .await;
+            if waiting > 0 {
+                tracing::warn!(waiting, wait = ?CERTIFICATES_BEFORE_TAKEOVER, "ready to take over without every certificate");
             }
             if let Err(error) = upgrade::successor::serve(path, successor) {
                 tracing::error!(%error, "cannot serve the upgrade socket; an upgrade will drain this ztunnel's connections");

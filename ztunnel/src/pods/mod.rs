@@ -82,6 +82,16 @@ impl PodRegistry {
     /// Captures a pod. Adding a pod that is already captured succeeds
     /// without doing anything.
     pub async fn add(&self, pod: HandedPod, netns: NetNs) -> Result<(), Error> {
+        self.add_pod(pod, netns, FirstCertificate::OnceDiscovered)
+            .await
+    }
+
+    async fn add_pod(
+        &self,
+        pod: HandedPod,
+        netns: NetNs,
+        first_certificate: FirstCertificate,
+    ) -> Result<(), Error> {
         let _changing = self.changing.lock().await;
         let HandedPod {
             info,
@@ -113,7 +123,10 @@ impl PodRegistry {
             source,
         })??;
 
-        self.proxy.certs.track(&identity, &uid);
+        self.proxy.certs.track(
+            &identity,
+            (first_certificate == FirstCertificate::OnceDiscovered).then_some(uid.as_str()),
+        );
         let hbone_tls = match kanava_tls::hbone_server_config(
             self.proxy.certs.resolver(&identity),
             &self.proxy.trust.bundle,
@@ -394,7 +407,8 @@ impl PodRegistry {
             ips: record.ips.clone(),
         };
         let pod = validate(info, self.trust_domain())?;
-        self.add(pod, netns).await
+        // Captured before this start: the control plane knew it then.
+        self.add_pod(pod, netns, FirstCertificate::Now).await
     }
 
     /// Every captured pod.
@@ -444,6 +458,19 @@ fn open_netns(record: &PodRecord) -> Result<NetNs, Error> {
 
 fn record_name(record: &PodRecord) -> String {
     format!("{}/{}", record.namespace, record.name)
+}
+
+/// When a newly served pod's certificate is first asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FirstCertificate {
+    /// Once this ztunnel's discovery knows the pod: a pod the CNI plugin
+    /// just handed over may be newer than the control plane's view of the
+    /// cluster, which refuses to sign for a pod it does not know.
+    OnceDiscovered,
+    /// At once: a pod served before this start, which the control plane
+    /// knew then (a restart, or an upgrade, where every moment without a
+    /// certificate is a refused connection).
+    Now,
 }
 
 /// A pod as handed over, checked: what it says it is, and the identity and

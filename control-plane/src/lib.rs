@@ -97,7 +97,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             );
             // The ztunnels' pods, for checking locally verified tokens.
             let translate = move |objects: &ClusterObjects| {
-                ztunnel_pods.update(&namespace, &account, objects.pods.values().map(|p| &**p));
+                // Objects are keyed by (namespace, name): only the
+                // control plane's namespace is read, not the whole cluster.
+                let in_namespace = objects
+                    .pods
+                    .range((namespace.clone(), String::new())..)
+                    .take_while(|((ns, _), _)| *ns == namespace)
+                    .map(|(_, pod)| &**pod);
+                ztunnel_pods.update(&namespace, &account, in_namespace);
                 translate(objects)
             };
             let material = ca::MaterialSource::Secrets {

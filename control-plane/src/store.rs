@@ -284,17 +284,12 @@ impl Store {
         if current.trust_bundle.as_ref() == Some(&bundle) {
             return;
         }
-        if current.version == 0 {
-            *current = Arc::new(Snapshot {
-                version: 0,
-                resources: current.resources.clone(),
-                trust_bundle: Some(bundle),
-                identities_by_node: current.identities_by_node.clone(),
-                encoded: OnceLock::new(),
-            });
-            return;
-        }
-        let version = current.version + 1;
+        // Before the first version the bundle simply joins the snapshot; no
+        // stream has been served anything yet.
+        let version = match current.version {
+            0 => 0,
+            served => served + 1,
+        };
         *current = Arc::new(Snapshot {
             version,
             resources: current.resources.clone(),
@@ -302,6 +297,9 @@ impl Store {
             identities_by_node: current.identities_by_node.clone(),
             encoded: OnceLock::new(),
         });
+        if version == 0 {
+            return;
+        }
         self.publish(&mut current, Vec::new(), Vec::new(), Some(bundle));
         tracing::info!(version, "trust bundle updated");
     }

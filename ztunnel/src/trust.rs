@@ -41,15 +41,19 @@ impl Trust {
     pub fn apply(&self, roots: MeshRoots, signer: &str, metrics: &Metrics) {
         let count = roots.fingerprints().len();
         match self.bundle.replace(roots) {
-            Ok(true) => tracing::info!(roots = count, "trust bundle changed"),
-            Ok(false) => {}
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(roots = count, "trust bundle changed");
+                }
+                metrics
+                    .trust_roots
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
             Err(error) => {
+                // The roots in force stay, and so does their count.
                 tracing::error!(%error, "cannot build verifiers for the new trust bundle; keeping the current one")
             }
         }
-        metrics
-            .trust_roots
-            .set(i64::try_from(count).unwrap_or(i64::MAX));
         self.signer.send_if_modified(|current| {
             let changed = current != signer;
             if changed {

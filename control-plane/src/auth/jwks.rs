@@ -201,14 +201,23 @@ impl Jwks {
 
 /// The RSA and EC keys of `set` that have a `kid`, ready to verify with.
 fn usable_keys(set: &JwkSet) -> HashMap<String, DecodingKey> {
-    set.keys
-        .iter()
-        .filter_map(|jwk| {
-            let kid = jwk.common.key_id.clone()?;
-            let key = DecodingKey::from_jwk(jwk).ok()?;
-            matches!(key.family(), AlgorithmFamily::Rsa | AlgorithmFamily::Ec).then_some((kid, key))
-        })
-        .collect()
+    let mut usable = HashMap::new();
+    for jwk in &set.keys {
+        let kid = jwk.common.key_id.clone();
+        let skipped = |why: String| tracing::warn!(?kid, %why, "service-account key skipped");
+        let Some(id) = kid.clone() else {
+            skipped("no kid".into());
+            continue;
+        };
+        match DecodingKey::from_jwk(jwk) {
+            Ok(key) if matches!(key.family(), AlgorithmFamily::Rsa | AlgorithmFamily::Ec) => {
+                usable.insert(id, key);
+            }
+            Ok(key) => skipped(format!("a {:?} key, not RSA or EC", key.family())),
+            Err(error) => skipped(error.to_string()),
+        }
+    }
+    usable
 }
 
 fn verify_with(keys: &Keys, token: &str, audience: &str) -> Verdict {

@@ -47,6 +47,7 @@ fn workload_lookup(c: &mut Criterion) {
                 labels: [("app".to_string(), format!("app-{}", i % 500))].into(),
                 mtls_mode: Default::default(),
                 resource_version: "1".into(),
+                plaintext_inbound_ports: Vec::new(),
             };
             pb::Resource {
                 name: w.resource_name(),

@@ -7,7 +7,7 @@
 //! build's ztunnels; its `mesh` namespace is the third side of every
 //! comparison, taking its turn within each repetition.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -185,10 +185,10 @@ impl MeshBench {
     }
 
     pub(crate) fn server(&self, mode: Mode, port: u16) -> anyhow::Result<SocketAddr> {
-        let ip: Ipv4Addr = self
+        let ip = self
             .lab_of(mode)
             .pod(&format!("{}/server", mode.namespace()))?
-            .ip
+            .ip()
             .context("server without IP")?;
         Ok(SocketAddr::from((ip, port)))
     }

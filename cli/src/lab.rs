@@ -88,12 +88,16 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Print a pod's IP address.
+    /// Print a pod's IP address (its primary one, or the one of
+    /// `--family` in a dual-stack lab).
     Ip {
         #[command(flatten)]
         lab: LabName,
         /// NAMESPACE/POD
         pod: String,
+        /// IPv4 or IPv6.
+        #[arg(long)]
+        family: Option<String>,
     },
     /// Print the output of a pod's process (NAMESPACE/POD), of a ztunnel
     /// (ztunnel/NODE) or of the control plane (control-plane).
@@ -214,12 +218,22 @@ pub fn run(command: LabCommand) -> anyhow::Result<i32> {
                 .with_context(|| format!("run {}", command.join(" ")))?;
             Ok(status.code().unwrap_or(1))
         }
-        LabCommand::Ip { lab, pod } => {
+        LabCommand::Ip { lab, pod, family } => {
             let lab = Lab::attach(lab.name.as_deref())?;
             let pod = lab.pod(&pod)?;
-            let ip = pod
-                .ip
-                .with_context(|| format!("pod {} has no IP", pod.key()))?;
+            let ip = match family {
+                None => pod
+                    .ip()
+                    .with_context(|| format!("pod {} has no IP", pod.key()))?,
+                Some(family) => {
+                    let family = kanava_lab::IpFamily::parse(&family)?;
+                    pod.ips
+                        .iter()
+                        .copied()
+                        .find(|ip| kanava_lab::IpFamily::of(*ip) == family)
+                        .with_context(|| format!("pod {} has no {family} address", pod.key()))?
+                }
+            };
             println!("{ip}");
             Ok(0)
         }
@@ -344,16 +358,20 @@ fn change(lab: LabName, file: &PathBuf, operation: Change) -> anyhow::Result<i32
 fn status_json(state: &LabState, services: &[kanava_lab::ServiceStatus]) -> serde_json::Value {
     serde_json::json!({
         "name": state.name,
+        "ipFamilies": state.families,
         "nodes": state.nodes.iter().map(|n| serde_json::json!({
             "name": n.name,
-            "ip": n.ip,
-            "podCIDR": n.pod_cidr,
+            "ip": n.ip(),
+            "ips": n.ips,
+            "podCIDR": n.pod_cidrs.first(),
+            "podCIDRs": n.pod_cidrs,
         })).collect::<Vec<_>>(),
         "pods": state.pods.iter().map(|p| serde_json::json!({
             "namespace": p.namespace,
             "name": p.name,
             "node": p.node,
-            "ip": p.ip,
+            "ip": p.ip(),
+            "ips": p.ips,
             "enrolled": p.captured,
             "identity": p.identity,
             "pid": p.pid,
@@ -370,14 +388,22 @@ fn status_json(state: &LabState, services: &[kanava_lab::ServiceStatus]) -> serd
     })
 }
 
+/// Addresses as `kubectl` shows several: comma-separated.
+fn join(ips: &[std::net::IpAddr]) -> String {
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn status_table(state: &LabState, services: &[kanava_lab::ServiceStatus]) -> String {
-    let mut out = format!("lab {}\n\n", state.name);
+    let mut out = format!("lab {} ({})\n\n", state.name, state.families);
     let mut rows = vec![vec!["NODE".to_string(), "IP".into(), "POD CIDR".into()]];
     for node in &state.nodes {
         rows.push(vec![
             node.name.clone(),
-            node.ip.to_string(),
-            node.pod_cidr.clone(),
+            join(&node.ips),
+            node.pod_cidrs.join(","),
         ]);
     }
     out.push_str(&table(&rows));
@@ -393,9 +419,11 @@ fn status_table(state: &LabState, services: &[kanava_lab::ServiceStatus]) -> Str
         rows.push(vec![
             pod.key(),
             pod.node.clone(),
-            pod.ip
-                .map(|ip| ip.to_string())
-                .unwrap_or_else(|| "-".into()),
+            if pod.ips.is_empty() {
+                "-".into()
+            } else {
+                join(&pod.ips)
+            },
             if pod.captured { "captured" } else { "-" }.into(),
             if pod.captured {
                 pod.identity.clone()
@@ -417,7 +445,7 @@ fn status_table(state: &LabState, services: &[kanava_lab::ServiceStatus]) -> Str
         for service in services {
             rows.push(vec![
                 format!("{}/{}", service.namespace, service.name),
-                service.cluster_ip.clone(),
+                service.cluster_ips.join(","),
                 service.ports.join(","),
                 if service.endpoints.is_empty() {
                     "-".into()

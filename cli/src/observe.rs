@@ -286,7 +286,7 @@ fn lab_health(lab: &Lab) -> Health {
     let state = lab.state();
     let now = SystemTime::now();
     let mut problems = Vec::new();
-    let monitoring = SocketAddr::from((kanava_lab::layout::FABRIC_IP, CONTROL_PLANE_MONITORING));
+    let monitoring = SocketAddr::new(state.control_plane_address().ip(), CONTROL_PLANE_MONITORING);
     let control_plane_ready = matches!(http_get(lab, "fabric", monitoring, "/ready"), Ok((200, _)));
     let control_plane_version = http_get(lab, "fabric", monitoring, "/metrics")
         .ok()

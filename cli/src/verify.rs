@@ -35,7 +35,10 @@ fn report(checks: &[Check]) -> String {
     ]];
     for check in checks {
         rows.push(vec![
-            check.name.clone(),
+            match check.family {
+                Some(family) => format!("{} ({family})", check.name),
+                None => check.name.clone(),
+            },
             check.expected.clone(),
             check.observed.clone(),
             match check.passed {

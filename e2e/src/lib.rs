@@ -9,7 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -147,8 +147,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-pub fn pod_ip(lab: &Lab, pod: &str) -> Ipv4Addr {
-    lab.pod(pod).unwrap().ip.unwrap()
+/// The pod's primary address (`status.podIP`).
+pub fn pod_ip(lab: &Lab, pod: &str) -> IpAddr {
+    lab.pod(pod).unwrap().ip().unwrap()
+}
+
+/// `http://<ip>:<port><path>`, with IPv6 addresses in brackets.
+pub fn url(ip: IpAddr, port: u16, path: &str) -> String {
+    format!("http://{}{path}", SocketAddr::new(ip, port))
 }
 
 /// A TCP connection made from inside a pod's (or node's) namespace.
@@ -210,10 +216,10 @@ pub fn metric(lab: &Lab, node: &str, name: &str) -> f64 {
 /// The value of a control plane metric: the sum over the label sets that
 /// contain `labels` (e.g. `result="signed"`; empty for all).
 pub fn control_plane_metric(lab: &Lab, name: &str, labels: &str) -> f64 {
-    let url = format!(
-        "http://{}:{}/metrics",
-        kanava_lab::layout::FABRIC_IP,
-        kanava_mesh::ports::CONTROL_PLANE_READINESS
+    let url = url(
+        lab.state().control_plane_address().ip(),
+        kanava_mesh::ports::CONTROL_PLANE_READINESS,
+        "/metrics",
     );
     let text = exec_ok(lab, "fabric", &["curl", "-sf", &url]);
     sum_of(&text, name, labels)

@@ -81,7 +81,7 @@ spec: {nodeName: node-1, containers: [{name: c, command: [sleep, infinity]}]}
 "#;
 
 /// `(client pod, target IP, target port, allowed)`.
-type Check = (&'static str, std::net::Ipv4Addr, u16, bool);
+type Check = (&'static str, std::net::IpAddr, u16, bool);
 
 fn policy(name: &str, namespace: &str, spec: &str) -> String {
     format!(

@@ -38,15 +38,15 @@ fn start_prometheus(lab: &kanava_lab::Lab, dir: &std::path::Path) -> Prometheus 
         .state()
         .nodes
         .iter()
-        .map(|n| format!("\"{}:15020\"", n.ip))
+        .map(|n| format!("\"{}\"", std::net::SocketAddr::new(n.ip().unwrap(), 15020)))
         .collect();
     let config = format!(
         "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
          scrape_configs:\n\
          - job_name: ztunnel\n  static_configs: [{{targets: [{}]}}]\n\
-         - job_name: control-plane\n  static_configs: [{{targets: [\"{}:15014\"]}}]\n",
+         - job_name: control-plane\n  static_configs: [{{targets: [\"{}\"]}}]\n",
         ztunnels.join(", "),
-        kanava_lab::layout::FABRIC_IP
+        std::net::SocketAddr::new(lab.state().control_plane_address().ip(), 15014)
     );
     std::fs::write(dir.join("prometheus.yml"), config).unwrap();
     let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
@@ -100,7 +100,7 @@ fn query(lab: &kanava_lab::Lab, expr: &str) -> Result<Vec<Value>, String> {
 }
 
 /// Sends garbage to a pod's HBONE port: a failed TLS handshake.
-fn garbage_to_hbone(lab: &kanava_lab::Lab, from: &str, pod_ip: std::net::Ipv4Addr) {
+fn garbage_to_hbone(lab: &kanava_lab::Lab, from: &str, pod_ip: std::net::IpAddr) {
     if let Ok(mut stream) = lab.connect(
         from,
         SocketAddr::from((pod_ip, 15008)),

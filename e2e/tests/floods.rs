@@ -95,7 +95,7 @@ fn idle_handshakes_from_one_pod_do_not_starve_the_node() {
 fn a_slow_client_cannot_hold_the_metrics_port() {
     use std::io::{Read, Write};
     let lab = up(MESH_LAB);
-    let node = lab.state().node("node-1").unwrap().ip;
+    let node = lab.state().node("node-1").unwrap().ip().unwrap();
     let metrics = SocketAddr::from((node, 15020));
     // A pod reaches its node's metrics port through the node's address.
     let mut stream = lab

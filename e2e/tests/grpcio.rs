@@ -45,7 +45,7 @@ fn a_grpcio_client_generated_from_the_protos_speaks_to_the_control_plane() {
         .arg(&python)
         .arg(repo.join("e2e/tests/data/grpcio_client.py"))
         .arg(stubs.path())
-        .arg(kanava_lab::layout::control_plane_address().to_string())
+        .arg(lab.state().control_plane_address().to_string())
         .arg(lab.state().layout().root_cert())
         .arg(lab.node_token("node-1").unwrap())
         .arg("node-1")

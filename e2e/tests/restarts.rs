@@ -156,7 +156,7 @@ fn a_killed_ztunnel_is_restarted_and_serves_its_pods_again_without_plaintext_mea
         "shop/echo",
     ]
     .iter()
-    .map(|p| std::net::IpAddr::V4(pod_ip(&lab, p)))
+    .map(|p| pod_ip(&lab, p))
     .collect();
     let between_mesh_pods: Vec<_> = packets
         .iter()
@@ -174,7 +174,7 @@ fn a_killed_ztunnel_is_restarted_and_serves_its_pods_again_without_plaintext_mea
     assert!(
         !packets
             .iter()
-            .any(|p| p.source.ip() == std::net::IpAddr::V4(sink) && p.destination.port() == 80),
+            .any(|p| p.source.ip() == sink && p.destination.port() == 80),
         "a pod of the dead ztunnel sent plaintext to port 80"
     );
 }

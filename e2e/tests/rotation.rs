@@ -51,7 +51,7 @@ async fn hbone_connect(
 #[test]
 fn a_root_rotates_under_traffic_without_a_failed_connection_and_the_old_root_is_refused_after() {
     let lab = up(MESH_LAB);
-    let echo = SocketAddr::new(pod_ip(&lab, "shop/echo").into(), 7000);
+    let echo = SocketAddr::new(pod_ip(&lab, "shop/echo"), 7000);
     let client: kanava_mesh::Identity = "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
     let rt = runtime();
     let old_roots = kanava_e2e::mesh_roots(&lab);

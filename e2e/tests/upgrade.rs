@@ -20,7 +20,7 @@ const NEW_PER_SECOND: u32 = 200;
 #[test]
 fn held_connections_survive_upgrades_of_either_node_and_both_and_new_ones_never_fail() {
     let mut lab = up(MESH_LAB);
-    let echo = SocketAddr::new(pod_ip(&lab, "shop/echo").into(), 7000);
+    let echo = SocketAddr::new(pod_ip(&lab, "shop/echo"), 7000);
     // "Another build": another executable file, a new process of it.
     let other_build = tempfile::tempdir().unwrap();
     let binary = other_build.path().join("ztunnel");
@@ -250,7 +250,7 @@ fn a_peer_that_does_not_answer_the_move_gets_a_drain_and_the_connection_lives_on
     // A termination grace, so that the old ztunnel drains what could not
     // move instead of exiting at once.
     let mut lab = kanava_e2e::up_with_ztunnel_args(MESH_LAB, &["--termination-grace", "20s"]);
-    let echo = SocketAddr::new(pod_ip(&lab, "shop/echo").into(), 7000);
+    let echo = SocketAddr::new(pod_ip(&lab, "shop/echo"), 7000);
     let rt = runtime();
     let mut tcp = rt.block_on(connect(&lab, "shop/client", echo));
     let round_trip = |tcp: &mut tokio::net::TcpStream, message: &[u8]| {

@@ -35,6 +35,7 @@ fn workload() -> Workload {
         labels: [("app".to_string(), "web".to_string())].into(),
         mtls_mode: MtlsMode::Strict,
         resource_version: "7".into(),
+        plaintext_inbound_ports: Vec::new(),
     }
 }
 

@@ -31,6 +31,7 @@ pub fn apply_manifests(
     with_lab(name, yaml, progress, |state, objects, layout, env| {
         let current = Current {
             nodes: state.nodes.iter().map(|n| n.name.clone()).collect(),
+            families: state.families.clone(),
             objects: Manifests::new(layout.manifest_dir()).read()?,
         };
         let plan = plan(objects, &current)?;

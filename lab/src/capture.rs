@@ -1,7 +1,7 @@
 //! A packet capture of the lab's underlay (tcpdump on the fabric bridge):
 //! what really crossed between the nodes, for tests and `kanava verify`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::{Error, Lab};
 
-/// A TCP packet seen on the fabric.
+/// A TCP packet seen on the fabric (IPv4 or IPv6).
 #[derive(Debug, Clone)]
 pub struct Packet {
     pub source: SocketAddr,
@@ -109,15 +109,23 @@ fn read_pcap(bytes: &[u8]) -> Result<Vec<Packet>, Error> {
         let Ok(sliced) = etherparse::SlicedPacket::from_ethernet(&packet.data) else {
             continue;
         };
-        let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
-            continue;
+        let (source, destination): (IpAddr, IpAddr) = match &sliced.net {
+            Some(etherparse::NetSlice::Ipv4(ip)) => (
+                ip.header().source_addr().into(),
+                ip.header().destination_addr().into(),
+            ),
+            Some(etherparse::NetSlice::Ipv6(ip)) => (
+                ip.header().source_addr().into(),
+                ip.header().destination_addr().into(),
+            ),
+            _ => continue,
         };
         let Some(etherparse::TransportSlice::Tcp(tcp)) = &sliced.transport else {
             continue;
         };
         packets.push(Packet {
-            source: SocketAddr::from((ip.header().source_addr(), tcp.source_port())),
-            destination: SocketAddr::from((ip.header().destination_addr(), tcp.destination_port())),
+            source: SocketAddr::new(source, tcp.source_port()),
+            destination: SocketAddr::new(destination, tcp.destination_port()),
             payload: tcp.payload().to_vec(),
         });
     }

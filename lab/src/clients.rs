@@ -34,10 +34,10 @@ pub async fn control_plane_channel(
     lab: &Lab,
     from: &str,
 ) -> Result<tonic::transport::Channel, String> {
-    let address = SocketAddr::from((
-        crate::layout::control_plane_address().ip(),
+    let address = SocketAddr::new(
+        lab.state().control_plane_address().ip(),
         ports::CONTROL_PLANE,
-    ));
+    );
     let tcp = tokio_stream_from(lab.connect(from, address, CONNECT_TIMEOUT))?;
     let tls = kanava_tls::control_plane_client_config(
         &kanava_tls::TrustBundle::new(mesh_roots(lab)?).map_err(|e| e.to_string())?,

@@ -6,11 +6,12 @@
 //! sets, `CNI_ARGS` with the Kubernetes pod's namespace, name and uid.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::Error;
+use crate::family::IpFamilies;
 use crate::layout::{self, Layout};
 
 /// Where distributions install the reference plugins.
@@ -33,8 +34,27 @@ pub fn plugin_dir() -> Result<PathBuf, Error> {
 /// The network configuration list of node `index`: what a node's
 /// `/etc/cni/net.d/*.conflist` holds once Kanava's installer has added its
 /// plugin to the primary one.
-pub fn conflist(layout: &Layout, node: &str, index: usize) -> serde_json::Value {
-    let (subnet, prefix) = layout::pod_subnet(index);
+pub fn conflist(
+    layout: &Layout,
+    families: &IpFamilies,
+    node: &str,
+    index: usize,
+) -> serde_json::Value {
+    // One range set per family, the primary first: host-local gives the
+    // pod one address from each, in this order.
+    let ranges: Vec<serde_json::Value> = families
+        .iter()
+        .map(|family| {
+            serde_json::json!([{
+                "subnet": layout::cidr(layout::pod_subnet(family, index)),
+                "gateway": layout::pod_gateway(family, index).to_string(),
+            }])
+        })
+        .collect();
+    let routes: Vec<serde_json::Value> = families
+        .iter()
+        .map(|family| serde_json::json!({"dst": family.any()}))
+        .collect();
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "kanava-lab",
@@ -47,11 +67,8 @@ pub fn conflist(layout: &Layout, node: &str, index: usize) -> serde_json::Value 
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{
-                        "subnet": format!("{subnet}/{prefix}"),
-                        "gateway": layout::pod_gateway(index).to_string(),
-                    }]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": ranges,
+                    "routes": routes,
                     "dataDir": layout.ipam_dir(node),
                 }
             },
@@ -78,12 +95,14 @@ pub struct Call<'a> {
 }
 
 /// Runs ADD through the whole list and returns the final result (which the
-/// runtime caches and passes to CHECK and DEL) and the pod's IPv4 address.
-/// If a plugin fails, the ones before it are undone (DEL), as a runtime does.
+/// runtime caches and passes to CHECK and DEL) and the pod's addresses, one
+/// per family, the primary first. If a plugin fails, the ones before it are
+/// undone (DEL), as a runtime does.
 pub fn add(
     call: &Call<'_>,
     conflist: &serde_json::Value,
-) -> Result<(serde_json::Value, Ipv4Addr), Error> {
+    families: &IpFamilies,
+) -> Result<(serde_json::Value, Vec<IpAddr>), Error> {
     let plugins = plugins(conflist);
     let mut result: Option<serde_json::Value> = None;
     for (position, plugin) in plugins.iter().enumerate() {
@@ -106,15 +125,21 @@ pub fn add(
         }
     }
     let result = result.unwrap_or_default();
-    let ip = result["ips"]
+    let given: Vec<IpAddr> = result["ips"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|ip| ip["address"].as_str())
         .filter_map(|cidr| cidr.split('/').next())
-        .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
-        .ok_or_else(|| Error::Spec(format!("the CNI chain returned no IPv4 address: {result}")))?;
-    Ok((result, ip))
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .collect();
+    let ips = families.order(&given);
+    if ips.len() != families.iter().count() {
+        return Err(Error::Spec(format!(
+            "the CNI chain did not return an address of every family {families}: {result}"
+        )));
+    }
+    Ok((result, ips))
 }
 
 /// Runs CHECK through the list with the cached result of ADD.

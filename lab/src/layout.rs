@@ -5,17 +5,23 @@
 //! namespaces can never be mistaken for another's. Addresses exist only
 //! inside the lab's own namespaces, so two labs may use the same ones.
 //!
-//! | what | address |
-//! | --- | --- |
-//! | underlay (bridge `br0` in the fabric namespace) | 10.200.0.0/24 |
-//! | control plane (on the fabric bridge) | 10.200.0.1:15012 |
-//! | node *i* (1-based) | 10.200.0.(10 + *i*) |
-//! | pods of node *i* | 10.244.*i*.0/24, gateway 10.244.*i*.1 (bridge `cni0`) |
+//! | what | IPv4 | IPv6 |
+//! | --- | --- | --- |
+//! | underlay (bridge `br0` in the fabric namespace) | 10.200.0.0/24 | fd00:200::/64 |
+//! | control plane (on the fabric bridge, primary family) | 10.200.0.1:15012 | [fd00:200::1]:15012 |
+//! | node *i* (1-based) | 10.200.0.(10 + *i*) | fd00:200::(10 + *i*, hex) |
+//! | pods of node *i* (bridge `cni0`) | 10.244.*i*.0/24, gateway .1 | fd00:244:*i*::/64, gateway ::1 |
+//! | Service virtual IPs | 10.96.0.0/16 | fd00:96::/112 |
+//!
+//! A lab has the families of its file's `ipFamilies` ([`IpFamily`]); each
+//! address above exists only in a lab of its family.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use kanava_mesh::ports;
+
+use crate::family::{IpFamilies, IpFamily};
 
 /// Prefix of every network namespace a lab creates.
 pub const NETNS_PREFIX: &str = "kanava-";
@@ -113,27 +119,59 @@ impl Layout {
     }
 }
 
-/// The underlay address of the fabric bridge, where the control plane listens.
-pub const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
-pub const UNDERLAY_PREFIX: u8 = 24;
+/// The underlay address of the fabric bridge, where the control plane
+/// listens when `family` is the lab's primary family.
+pub fn fabric_ip(family: IpFamily) -> IpAddr {
+    match family {
+        IpFamily::IPv4 => Ipv4Addr::new(10, 200, 0, 1).into(),
+        IpFamily::IPv6 => Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1).into(),
+    }
+}
 
-pub fn control_plane_address() -> SocketAddr {
-    SocketAddr::from((FABRIC_IP, ports::CONTROL_PLANE))
+/// Prefix length of the underlay.
+pub fn underlay_prefix(family: IpFamily) -> u8 {
+    match family {
+        IpFamily::IPv4 => 24,
+        IpFamily::IPv6 => 64,
+    }
+}
+
+/// Where the control plane serves gRPC in a lab of `families`.
+pub fn control_plane_address(families: &IpFamilies) -> SocketAddr {
+    SocketAddr::new(fabric_ip(families.primary()), ports::CONTROL_PLANE)
 }
 
 /// Underlay address of node `index` (0-based).
-pub fn node_ip(index: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 200, 0, 11 + index as u8)
+pub fn node_ip(family: IpFamily, index: usize) -> IpAddr {
+    match family {
+        IpFamily::IPv4 => Ipv4Addr::new(10, 200, 0, 11 + index as u8).into(),
+        IpFamily::IPv6 => Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 11 + index as u16).into(),
+    }
 }
 
-/// Pod subnet of node `index` (0-based): `10.244.<index+1>.0/24`.
-pub fn pod_subnet(index: usize) -> (Ipv4Addr, u8) {
-    (Ipv4Addr::new(10, 244, index as u8 + 1, 0), 24)
+/// Pod subnet of node `index` (0-based): `10.244.<index+1>.0/24` or
+/// `fd00:244:<index+1>::/64`.
+pub fn pod_subnet(family: IpFamily, index: usize) -> (IpAddr, u8) {
+    match family {
+        IpFamily::IPv4 => (Ipv4Addr::new(10, 244, index as u8 + 1, 0).into(), 24),
+        IpFamily::IPv6 => (
+            Ipv6Addr::new(0xfd00, 0x244, index as u16 + 1, 0, 0, 0, 0, 0).into(),
+            64,
+        ),
+    }
 }
 
 /// Gateway (the node's `cni0` bridge) of node `index`'s pods.
-pub fn pod_gateway(index: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244, index as u8 + 1, 1)
+pub fn pod_gateway(family: IpFamily, index: usize) -> IpAddr {
+    match family {
+        IpFamily::IPv4 => Ipv4Addr::new(10, 244, index as u8 + 1, 1).into(),
+        IpFamily::IPv6 => Ipv6Addr::new(0xfd00, 0x244, index as u16 + 1, 0, 0, 0, 0, 1).into(),
+    }
+}
+
+/// `address/prefix`, the way `ip` and CNI write a subnet.
+pub fn cidr((address, prefix): (IpAddr, u8)) -> String {
+    format!("{address}/{prefix}")
 }
 
 /// Whether `path` lies inside the lab root (a guard before deleting).

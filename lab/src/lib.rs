@@ -25,6 +25,7 @@ pub mod clients;
 pub mod cni;
 pub mod context;
 mod error;
+pub mod family;
 pub mod files;
 pub mod layout;
 pub mod manifests;
@@ -53,6 +54,7 @@ use std::time::Duration;
 pub use apply::{Report, apply_manifests, delete_manifests};
 pub use context::{Context, Progress, bin_dir, path_with_bin_dir};
 pub use error::Error;
+pub use family::{IpFamilies, IpFamily};
 use kanava_netns::NetNs;
 pub use rotate::Rotation;
 pub use services::{ServiceStatus, services};
@@ -275,6 +277,14 @@ impl Lab {
         netns
             .run(|| std::net::TcpStream::connect_timeout(&to, timeout))?
             .map_err(Error::io(format!("connect from {target} to {to}")))
+    }
+
+    /// A UDP socket bound to `bind` inside a pod's (or node's) namespace.
+    pub fn udp_socket(&self, target: &str, bind: SocketAddr) -> Result<std::net::UdpSocket, Error> {
+        let netns = NetNs::named(&self.netns(target)?)?;
+        netns
+            .run(|| std::net::UdpSocket::bind(bind))?
+            .map_err(Error::io(format!("bind UDP {bind} in {target}")))
     }
 }
 

@@ -3,10 +3,11 @@
 //! command names one of the lab's own namespaces (`ip -n`); nothing runs in
 //! the host's namespace except creating and deleting named namespaces.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use crate::Error;
+use crate::family::{IpFamilies, IpFamily};
 use crate::layout::{self, Layout};
 
 /// Runs a command and returns its standard output, or an error carrying its
@@ -80,20 +81,49 @@ pub fn netns_pids(name: &str) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// The fabric: a namespace with a bridge standing for the underlay network.
-pub fn create_fabric(layout: &Layout) -> Result<(), Error> {
+/// The fabric: a namespace with a bridge standing for the underlay network,
+/// with an address of every family of the lab.
+pub fn create_fabric(layout: &Layout, families: &IpFamilies) -> Result<(), Error> {
     let fabric = layout.fabric_netns();
     add_netns(&fabric)?;
     ip_in(&fabric, &["link", "add", "br0", "type", "bridge"])?;
-    let address = format!("{}/{}", layout::FABRIC_IP, layout::UNDERLAY_PREFIX);
-    ip_in(&fabric, &["addr", "add", &address, "dev", "br0"])?;
+    for family in families.iter() {
+        let address = format!(
+            "{}/{}",
+            layout::fabric_ip(family),
+            layout::underlay_prefix(family)
+        );
+        add_address(&fabric, family, &address, "br0")?;
+    }
     ip_in(&fabric, &["link", "set", "br0", "up"])?;
     Ok(())
 }
 
+/// Adds an address to a device. IPv6 addresses skip duplicate address
+/// detection: the lab hands out every address itself, and a tentative
+/// address would refuse binds and connections for a second or two.
+fn add_address(netns: &str, family: IpFamily, address: &str, device: &str) -> Result<(), Error> {
+    let mut args = vec![family.ip_flag(), "addr", "add", address, "dev", device];
+    if family == IpFamily::IPv6 {
+        args.push("nodad");
+    }
+    ip_in(netns, &args).map(|_| ())
+}
+
+/// Sets a sysctl inside a lab namespace.
+fn sysctl_in(netns: &str, setting: &str) -> Result<(), Error> {
+    run(Command::new("ip").args(["netns", "exec", netns, "sysctl", "-q", "-w", setting]))
+        .map(|_| ())
+}
+
 /// A node: a namespace linked to the fabric bridge, forwarding between its
-/// pods and the underlay.
-pub fn create_node(layout: &Layout, node: &str, index: usize) -> Result<Ipv4Addr, Error> {
+/// pods and the underlay. Returns its underlay addresses, the primary first.
+pub fn create_node(
+    layout: &Layout,
+    families: &IpFamilies,
+    node: &str,
+    index: usize,
+) -> Result<Vec<IpAddr>, Error> {
     let fabric = layout.fabric_netns();
     let netns = layout.node_netns(node);
     add_netns(&netns)?;
@@ -117,33 +147,38 @@ pub fn create_node(layout: &Layout, node: &str, index: usize) -> Result<Ipv4Addr
         &fabric,
         &["link", "set", &fabric_side, "master", "br0", "up"],
     )?;
-    let ip = layout::node_ip(index);
-    let address = format!("{ip}/{}", layout::UNDERLAY_PREFIX);
-    ip_in(&netns, &["addr", "add", &address, "dev", "eth0"])?;
+    let mut ips = Vec::new();
+    for family in families.iter() {
+        let ip = layout::node_ip(family, index);
+        let address = format!("{ip}/{}", layout::underlay_prefix(family));
+        add_address(&netns, family, &address, "eth0")?;
+        ips.push(ip);
+    }
     ip_in(&netns, &["link", "set", "eth0", "up"])?;
-    run(Command::new("ip").args([
-        "netns",
-        "exec",
-        &netns,
-        "sysctl",
-        "-q",
-        "-w",
-        "net.ipv4.ip_forward=1",
-    ]))?;
-    Ok(ip)
+    sysctl_in(&netns, "net.ipv4.ip_forward=1")?;
+    if families.contains(IpFamily::IPv6) {
+        sysctl_in(&netns, "net.ipv6.conf.all.forwarding=1")?;
+    }
+    Ok(ips)
 }
 
-/// Routes from every node to every other node's pod subnet.
-pub fn route_between_nodes(layout: &Layout, nodes: &[String]) -> Result<(), Error> {
+/// Routes from every node to every other node's pod subnets, in every
+/// family of the lab.
+pub fn route_between_nodes(
+    layout: &Layout,
+    families: &IpFamilies,
+    nodes: &[String],
+) -> Result<(), Error> {
     for (from, node) in nodes.iter().enumerate() {
         for to in (0..nodes.len()).filter(|&to| to != from) {
-            let (subnet, prefix) = layout::pod_subnet(to);
-            let destination = format!("{subnet}/{prefix}");
-            let via = layout::node_ip(to).to_string();
-            ip_in(
-                &layout.node_netns(node),
-                &["route", "add", &destination, "via", &via],
-            )?;
+            for family in families.iter() {
+                let destination = layout::cidr(layout::pod_subnet(family, to));
+                let via = layout::node_ip(family, to).to_string();
+                ip_in(
+                    &layout.node_netns(node),
+                    &[family.ip_flag(), "route", "add", &destination, "via", &via],
+                )?;
+            }
         }
     }
     Ok(())

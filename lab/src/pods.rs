@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Pod, PodCondition, PodIP, PodStatus};
+use k8s_openapi::api::core::v1::{Container, HostIP, Pod, PodCondition, PodIP, PodStatus};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kanava_cluster::Object;
 use kanava_mesh::{DEFAULT_TRUST_DOMAIN, Identity, names};
@@ -15,7 +15,7 @@ use kanava_netns::NetNs;
 
 use crate::context::Context;
 use crate::manifests::Manifests;
-use crate::state::{LabState, PodState};
+use crate::state::{LabState, NodeState, PodState};
 use crate::{Error, cni, network, process};
 use kanava_handoff::client;
 
@@ -51,7 +51,11 @@ pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodS
         container_id: &container_id(state, &uid),
         pod: (&namespace, &name, &uid),
     };
-    let (cni_result, ip) = cni::add(&call, &cni::conflist(&layout, &node, index))?;
+    let (cni_result, ips) = cni::add(
+        &call,
+        &cni::conflist(&layout, &state.families, &node, index),
+        &state.families,
+    )?;
     // Whether the chain put it in the mesh, as its ztunnel says.
     let captured = is_captured(&state.nodes[index].handoff_socket, &uid, env.step_timeout)
         .map_err(|reason| Error::Handoff {
@@ -90,7 +94,7 @@ pub fn create_network(state: &LabState, env: &Context, pod: &Pod) -> Result<PodS
         name,
         uid,
         node,
-        ip: Some(ip),
+        ips,
         captured,
         cni_result: Some(cni_result),
         service_account,
@@ -118,15 +122,28 @@ pub fn manifest(state: &LabState, pod: &Pod, ready: bool) -> Result<Pod, Error> 
         .find(|p| p.uid == uid)
         .ok_or_else(|| Error::Spec(format!("no pod with uid {uid}")))?;
     let ip = pod_state
-        .ip
+        .ip()
         .ok_or_else(|| Error::Spec(format!("pod {} has no IP", pod_state.key())))?
         .to_string();
+    let node = state.node(&pod_state.node);
     let mut pod = pod.clone();
     pod.status = Some(PodStatus {
         phase: Some("Running".into()),
-        pod_ip: Some(ip.clone()),
-        pod_ips: Some(vec![PodIP { ip }]),
-        host_ip: state.node(&pod_state.node).map(|n| n.ip.to_string()),
+        pod_ip: Some(ip),
+        pod_ips: Some(
+            pod_state
+                .ips
+                .iter()
+                .map(|ip| PodIP { ip: ip.to_string() })
+                .collect(),
+        ),
+        host_ip: node.and_then(NodeState::ip).map(|ip| ip.to_string()),
+        host_ips: node.map(|n| {
+            n.ips
+                .iter()
+                .map(|ip| HostIP { ip: ip.to_string() })
+                .collect()
+        }),
         conditions: Some(vec![PodCondition {
             type_: "Ready".into(),
             status: if ready { "True" } else { "False" }.into(),
@@ -209,7 +226,15 @@ pub fn start(
         ("POD_NAMESPACE".to_string(), pod.namespace.clone()),
         (
             "POD_IP".to_string(),
-            pod.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            pod.ip().map(|ip| ip.to_string()).unwrap_or_default(),
+        ),
+        (
+            "POD_IPS".to_string(),
+            pod.ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
         ),
         ("NODE_NAME".to_string(), pod.node.clone()),
     ];
@@ -219,7 +244,7 @@ pub fn start(
     state.save()?;
 
     let what = format!("pod {}", pod.key());
-    match (pod.readiness_port, pod.ip) {
+    match (pod.readiness_port, pod.ip()) {
         (Some(port), Some(ip)) => {
             let netns = NetNs::named(&pod.netns)?;
             let address = SocketAddr::from((ip, port));
@@ -312,7 +337,10 @@ fn on_chain<T>(
         container_id: &container_id(state, &pod.uid),
         pod: (&pod.namespace, &pod.name, &pod.uid),
     };
-    run(&call, &cni::conflist(&layout, &pod.node, index))
+    run(
+        &call,
+        &cni::conflist(&layout, &state.families, &pod.node, index),
+    )
 }
 
 /// The port of a container's `readinessProbe` (TCP or HTTP), by number or

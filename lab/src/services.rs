@@ -15,6 +15,9 @@ pub struct ServiceStatus {
     pub name: String,
     #[serde(rename = "clusterIP")]
     pub cluster_ip: String,
+    /// Every virtual IP, one per family, the primary first.
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
     /// `port` or `port→targetPort`.
     pub ports: Vec<String>,
     /// `namespace/pod` of every ready endpoint.
@@ -49,6 +52,7 @@ pub fn services(state: &LabState) -> Result<Vec<ServiceStatus>, Error> {
                 .first()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
+            cluster_ips: service.addresses.iter().map(ToString::to_string).collect(),
             ports: service
                 .ports
                 .iter()

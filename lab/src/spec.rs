@@ -5,6 +5,7 @@
 //! kind: Lab
 //! nodes: 2                 # node-1, node-2; or a list: [edge, core]
 //! certificateTTL: 60s      # optional: workload certificate lifetime
+//! ipFamilies: [IPv4]       # optional: [IPv6], or dual-stack [IPv4, IPv6] / [IPv6, IPv4]
 //! ---
 //! apiVersion: v1
 //! kind: Namespace
@@ -36,6 +37,7 @@ use std::time::Duration;
 use kanava_cluster::{Object, Other, parse_manifests};
 
 use crate::Error;
+use crate::family::{IpFamilies, IpFamily};
 use crate::names::check_dns_label;
 
 /// Nodes when neither the file nor the caller says otherwise.
@@ -50,6 +52,8 @@ pub struct LabSpec {
     /// Lifetime of workload certificates (`certificateTTL`); the control
     /// plane's default when absent.
     pub cert_ttl: Option<Duration>,
+    /// The lab's IP families (`ipFamilies`), IPv4 when absent.
+    pub families: IpFamilies,
     /// Kubernetes objects in file order.
     pub objects: Vec<Object>,
 }
@@ -70,16 +74,18 @@ impl LabSpec {
             }
             lab = Some(other);
         }
-        let (nodes, cert_ttl) = match lab {
+        let (nodes, cert_ttl, families) = match lab {
             Some(lab) => (
                 parse_nodes(&lab.value, lab.document)?,
                 parse_ttl(&lab.value, lab.document)?,
+                parse_families(&lab.value, lab.document)?,
             ),
-            None => (numbered_nodes(default_nodes)?, None),
+            None => (numbered_nodes(default_nodes)?, None, IpFamilies::default()),
         };
         let spec = LabSpec {
             nodes,
             cert_ttl,
+            families,
             objects,
         };
         Ok(spec)
@@ -87,7 +93,14 @@ impl LabSpec {
 }
 
 /// The keys a `kind: Lab` document may have.
-const LAB_KEYS: [&str; 5] = ["apiVersion", "kind", "metadata", "nodes", "certificateTTL"];
+const LAB_KEYS: [&str; 6] = [
+    "apiVersion",
+    "kind",
+    "metadata",
+    "nodes",
+    "certificateTTL",
+    "ipFamilies",
+];
 
 /// Reads manifests for `up`, `apply` or `delete`. `kind: Lab` documents are
 /// returned separately when `allow_lab` (only `up` takes one). A key the
@@ -245,6 +258,24 @@ fn parse_nodes(value: &serde_yaml::Value, document: usize) -> Result<Vec<String>
     Ok(names)
 }
 
+fn parse_families(value: &serde_yaml::Value, document: usize) -> Result<IpFamilies, Error> {
+    let Some(families) = value.get("ipFamilies") else {
+        return Ok(IpFamilies::default());
+    };
+    let wrong = |why: String| Error::Spec(format!("document {document} (Lab): {why}"));
+    let list = families.as_sequence().ok_or_else(|| {
+        wrong("ipFamilies must be a list: [IPv4], [IPv6], [IPv4, IPv6] or [IPv6, IPv4]".into())
+    })?;
+    let families = list
+        .iter()
+        .map(|family| {
+            IpFamily::parse(family.as_str().unwrap_or_default())
+                .map_err(|e| wrong(format!("ipFamilies: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    IpFamilies::new(families).map_err(|e| wrong(e.to_string()))
+}
+
 fn parse_ttl(value: &serde_yaml::Value, document: usize) -> Result<Option<Duration>, Error> {
     let Some(ttl) = value.get("certificateTTL") else {
         return Ok(None);
@@ -318,7 +349,12 @@ spec: {containers: [{name: c}]}
         let spec = LabSpec::parse(FILE, 2).unwrap();
         assert_eq!(spec.nodes, ["alpha", "beta"]);
         assert_eq!(spec.cert_ttl, Some(Duration::from_secs(90)));
+        assert_eq!(spec.families, IpFamilies::default());
         assert_eq!(spec.objects.len(), 5);
+        let dual = FILE.replace("certificateTTL: 90s", "ipFamilies: [IPv6, IPv4]");
+        let spec = LabSpec::parse(&dual, 2).unwrap();
+        assert_eq!(spec.families.primary(), IpFamily::IPv6);
+        assert!(spec.families.is_dual_stack());
     }
 
     #[test]
@@ -362,8 +398,20 @@ spec: {containers: [{name: c}]}
                 "kind Deployment is not supported",
             ),
             (
-                FILE.replace("certificateTTL: 90s", "ipFamilies: [IPv6]"),
-                "document 1 (Lab): unknown key ipFamilies (a Lab document has",
+                FILE.replace("certificateTTL: 90s", "ipFamily: [IPv6]"),
+                "document 1 (Lab): unknown key ipFamily (a Lab document has",
+            ),
+            (
+                FILE.replace("certificateTTL: 90s", "ipFamilies: [IPv6, IPv6]"),
+                "names IPv6 twice",
+            ),
+            (
+                FILE.replace("certificateTTL: 90s", "ipFamilies: [ipv6]"),
+                "unknown IP family \"ipv6\"",
+            ),
+            (
+                FILE.replace("certificateTTL: 90s", "ipFamilies: IPv6"),
+                "ipFamilies must be a list",
             ),
             (
                 FILE.replace("spec: {nodeName: alpha,", "spec: {nodeNmae: alpha,"),

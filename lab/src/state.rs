@@ -3,12 +3,13 @@
 //! find it. Written after every step of `up`, so a lab that failed halfway
 //! can still be taken down completely.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::family::IpFamilies;
 use crate::files::write_atomically;
 use crate::layout::{Layout, lab_root};
 
@@ -18,6 +19,9 @@ pub struct LabState {
     pub name: String,
     pub dir: PathBuf,
     pub fabric_netns: String,
+    /// The lab's IP families, the primary first.
+    #[serde(default)]
+    pub families: IpFamilies,
     pub control_plane: Component,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
@@ -90,9 +94,11 @@ pub struct SupervisorReport {
 #[serde(rename_all = "camelCase")]
 pub struct NodeState {
     pub name: String,
-    pub ip: Ipv4Addr,
+    /// Underlay addresses, one per family of the lab, the primary first.
+    pub ips: Vec<IpAddr>,
     pub netns: String,
-    pub pod_cidr: String,
+    /// Pod subnets, one per family, the primary first.
+    pub pod_cidrs: Vec<String>,
     pub ztunnel: Component,
     pub handoff_socket: PathBuf,
     pub token_file: PathBuf,
@@ -105,7 +111,10 @@ pub struct PodState {
     pub name: String,
     pub uid: String,
     pub node: String,
-    pub ip: Option<Ipv4Addr>,
+    /// One per family of the lab, the primary first (`status.podIPs`);
+    /// empty until its network exists.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
     /// Handed to its node's ztunnel: its traffic goes through the mesh.
     pub captured: bool,
     /// The CNI chain's result for it, kept as a runtime keeps it for CHECK
@@ -130,10 +139,22 @@ impl PodState {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The primary address (`status.podIP`).
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ips.first().copied()
+    }
+}
+
+impl NodeState {
+    /// The primary underlay address (`status.hostIP`).
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.ips.first().copied()
+    }
 }
 
 impl LabState {
-    pub fn new(layout: &Layout) -> Self {
+    pub fn new(layout: &Layout, families: IpFamilies) -> Self {
         LabState {
             name: layout.name.clone(),
             dir: layout.dir.clone(),
@@ -144,10 +165,11 @@ impl LabState {
                 supervisor: None,
                 status_file: None,
                 restarts: 0,
-                address: crate::layout::control_plane_address().to_string(),
+                address: crate::layout::control_plane_address(&families).to_string(),
                 netns: layout.fabric_netns(),
                 log: layout.log_dir().join("control-plane.log"),
             },
+            families,
             nodes: Vec::new(),
             pods: Vec::new(),
             resource_version: 0,
@@ -193,6 +215,11 @@ impl LabState {
             node.ztunnel.refresh();
         }
         Ok(state)
+    }
+
+    /// Where the control plane serves gRPC.
+    pub fn control_plane_address(&self) -> SocketAddr {
+        crate::layout::control_plane_address(&self.families)
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeState> {

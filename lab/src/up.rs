@@ -114,7 +114,7 @@ pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Re
         armed: true,
     };
     let _lock = crate::state::lock(&layout)?;
-    let mut state = LabState::new(&layout);
+    let mut state = LabState::new(&layout, spec.families.clone());
     state.cert_ttl = spec
         .cert_ttl
         .map(|t| humantime::format_duration(t).to_string());
@@ -124,20 +124,24 @@ pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Re
     state.save()?;
 
     env.say(&format!(
-        "network: fabric bridge and {} node(s)",
-        spec.nodes.len()
+        "network: fabric bridge and {} node(s), {}",
+        spec.nodes.len(),
+        spec.families
     ));
-    network::create_fabric(&layout)?;
+    network::create_fabric(&layout, &spec.families)?;
     for (index, node) in spec.nodes.iter().enumerate() {
         env.check_cancel()?;
-        let ip = network::create_node(&layout, node, index)?;
-        let (subnet, prefix) = layout::pod_subnet(index);
+        let ips = network::create_node(&layout, &spec.families, node, index)?;
         let socket = layout.handoff_socket(index);
         state.nodes.push(NodeState {
             name: node.clone(),
-            ip,
+            ips,
             netns: layout.node_netns(node),
-            pod_cidr: format!("{subnet}/{prefix}"),
+            pod_cidrs: spec
+                .families
+                .iter()
+                .map(|family| layout::cidr(layout::pod_subnet(family, index)))
+                .collect(),
             ztunnel: Component {
                 name: format!("ztunnel/{node}"),
                 pid: None,
@@ -153,7 +157,7 @@ pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Re
         });
         state.save()?;
     }
-    network::route_between_nodes(&layout, &spec.nodes)?;
+    network::route_between_nodes(&layout, &spec.families, &spec.nodes)?;
     std::fs::create_dir_all(layout.manifest_dir())
         .map_err(Error::io("create the manifest directory"))?;
     write_credentials(&state)?;
@@ -255,7 +259,8 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), Error> {
 /// it to serve.
 pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Error> {
     let layout = state.layout();
-    let address = layout::control_plane_address();
+    let address = state.control_plane_address();
+    let fabric_ip = address.ip();
     let mut argv: Vec<String> = vec![
         env.bins.join("kanava-control-plane").display().to_string(),
         "--manifest-dir".into(),
@@ -270,10 +275,10 @@ pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Er
         "--node-tokens-file".into(),
         layout.node_tokens_file().display().to_string(),
         "--server-ips".into(),
-        layout::FABRIC_IP.to_string(),
+        fabric_ip.to_string(),
         // /ready and /metrics, as in a cluster.
         "--readiness-listen".into(),
-        std::net::SocketAddr::from((layout::FABRIC_IP, ports::CONTROL_PLANE_READINESS)).to_string(),
+        std::net::SocketAddr::new(fabric_ip, ports::CONTROL_PLANE_READINESS).to_string(),
     ];
     if let Some(ttl) = &state.cert_ttl {
         argv.extend(["--cert-ttl".into(), ttl.clone()]);
@@ -345,7 +350,7 @@ pub(crate) fn ztunnel_command(
         "--node-name".into(),
         node.name.clone(),
         "--control-plane-address".into(),
-        layout::control_plane_address().to_string(),
+        state.control_plane_address().to_string(),
         "--ca-root-file".into(),
         layout.root_cert().display().to_string(),
         "--node-token-file".into(),

@@ -9,7 +9,7 @@
 //! policy) undoes the change before it returns.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use kanava_mesh::{Identity, names, ports};
@@ -17,6 +17,7 @@ use kanava_proto::v1 as pb;
 use kanava_tls::pki_types::ServerName;
 
 use crate::Lab;
+use crate::family::IpFamily;
 use crate::state::PodState;
 
 /// One row of the report.
@@ -27,6 +28,10 @@ pub struct Check {
     pub observed: String,
     /// `None`: skipped (the lab lacks what the check needs).
     pub passed: Option<bool>,
+    /// The IP family it was made in, for checks made once per family of
+    /// the lab.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<IpFamily>,
 }
 
 impl Check {
@@ -36,7 +41,13 @@ impl Check {
             expected: expected.into(),
             observed: String::new(),
             passed: None,
+            family: None,
         }
+    }
+
+    fn in_family(mut self, family: IpFamily) -> Self {
+        self.family = Some(family);
+        self
     }
 
     fn pass(mut self, observed: impl Into<String>) -> Self {
@@ -69,9 +80,11 @@ impl Check {
 const PROBE_PORT: u16 = 39_999;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs every check against `lab`.
+/// Runs every check against `lab`: the checks of addresses once per IP
+/// family of the lab, the others once.
 pub fn run(lab: &mut Lab) -> Vec<Check> {
-    let Some(pods) = Pods::pick(lab) else {
+    let families: Vec<IpFamily> = lab.state().families.iter().collect();
+    let Some(primary) = Pods::pick(lab, families[0]) else {
         return vec![
             Check::new("enrolled pods", "at least one captured pod")
                 .fail("none: enroll a namespace (label kanava.io/dataplane-mode=ambient)"),
@@ -87,56 +100,85 @@ pub fn run(lab: &mut Lab) -> Vec<Check> {
         }
     };
     let mut checks = vec![
-        admin_port(lab, &pods),
-        metrics_ports(lab, &pods),
-        control_plane(lab, &pods, &runtime),
-        plaintext_to_strict(lab, &pods),
-        foreign_certificate(lab, &pods, &runtime),
-        csr_for_another_node(lab, &pods, &runtime),
-        self_loop(lab, &pods),
+        control_plane(lab, &primary, &runtime),
+        csr_for_another_node(lab, &primary, &runtime),
+        self_loop(lab, &primary),
     ];
-    match pods.remote.as_ref() {
-        Some(remote) => match Probe::start(lab, remote) {
-            Ok(probe) => {
-                checks.push(spoofed_source(lab, &pods, &probe));
-                checks.push(fabric_only_tls(lab, &pods, &probe));
-                checks.push(deny_closes(lab, &pods, &probe));
-            }
-            Err(error) => checks.push(
-                Check::new("probe listener", "a temporary listener in a remote pod").fail(error),
-            ),
-        },
-        None => {
-            for name in [
-                "spoofed source",
-                "fabric carries only TLS on 15008",
-                "DENY closes open connections",
-            ] {
-                checks
-                    .push(Check::new(name, "-").skip("needs enrolled pods on two different nodes"));
+    for &family in &families {
+        let Some(pods) = Pods::pick(lab, family) else {
+            checks.push(
+                Check::new(
+                    "enrolled pods",
+                    "a captured pod with an address of this family",
+                )
+                .in_family(family)
+                .fail("none"),
+            );
+            continue;
+        };
+        let mut these = vec![
+            admin_port(lab, &pods),
+            metrics_ports(lab, &pods),
+            plaintext_to_strict(lab, &pods),
+            udp_to_strict(lab, &pods),
+            foreign_certificate(lab, &pods, &runtime),
+        ];
+        match pods.remote.as_ref() {
+            Some(remote) => match Probe::start(lab, remote) {
+                Ok(probe) => {
+                    these.push(spoofed_source(lab, &pods, &probe));
+                    these.push(fabric_only_tls(lab, &pods, &probe));
+                    if family == families[0] {
+                        checks.push(deny_closes(lab, &pods, &probe));
+                    }
+                }
+                Err(error) => these.push(
+                    Check::new("probe listener", "a temporary listener in a remote pod")
+                        .fail(error),
+                ),
+            },
+            None => {
+                for name in [
+                    "spoofed source",
+                    "fabric carries only TLS on 15008",
+                    "DENY closes open connections",
+                ] {
+                    these.push(
+                        Check::new(name, "-").skip("needs enrolled pods on two different nodes"),
+                    );
+                }
             }
         }
+        checks.extend(these.into_iter().map(|check| check.in_family(family)));
     }
     checks
 }
 
-/// The pods the checks act from and towards.
+/// The pods the checks act from and towards, with their addresses of one
+/// family.
 struct Pods {
     /// An enrolled pod in strict mode, the attacker's seat.
     local: PodState,
-    local_ip: Ipv4Addr,
+    local_ip: IpAddr,
     /// An enrolled pod on another node.
-    remote: Option<(PodState, Ipv4Addr)>,
+    remote: Option<(PodState, IpAddr)>,
+    family: IpFamily,
 }
 
 impl Pods {
-    fn pick(lab: &Lab) -> Option<Pods> {
+    fn pick(lab: &Lab, family: IpFamily) -> Option<Pods> {
         let strict = strict_namespaces(lab);
+        let ip_of = |pod: &PodState| {
+            pod.ips
+                .iter()
+                .copied()
+                .find(|ip| IpFamily::of(*ip) == family)
+        };
         let enrolled: Vec<&PodState> = lab
             .state()
             .pods
             .iter()
-            .filter(|p| p.captured && p.ip.is_some() && p.pid.is_some())
+            .filter(|p| p.captured && ip_of(p).is_some() && p.pid.is_some())
             .collect();
         let local = enrolled
             .iter()
@@ -145,16 +187,22 @@ impl Pods {
         let remote = enrolled
             .iter()
             .find(|p| p.node != local.node)
-            .and_then(|p| Some(((*p).clone(), p.ip?)));
+            .and_then(|p| Some(((*p).clone(), ip_of(p)?)));
         Some(Pods {
             local: (*local).clone(),
-            local_ip: local.ip?,
+            local_ip: ip_of(local)?,
             remote,
+            family,
         })
     }
 
-    fn local_node_ip(&self, lab: &Lab) -> Option<Ipv4Addr> {
-        lab.state().node(&self.local.node).map(|n| n.ip)
+    fn local_node_ip(&self, lab: &Lab) -> Option<IpAddr> {
+        lab.state()
+            .node(&self.local.node)?
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| IpFamily::of(*ip) == self.family)
     }
 
     /// A node other than the local pod's, or the local one in a one-node
@@ -308,6 +356,44 @@ fn plaintext_to_strict(lab: &Lab, pods: &Pods) -> Check {
     )
 }
 
+/// UDP from outside the pod to a port it has not opted in: dropped before
+/// the app (see `kanava_mesh::names::INBOUND_UDP_PORTS_ANNOTATION`).
+fn udp_to_strict(lab: &Lab, pods: &Pods) -> Check {
+    let check = Check::new(
+        "UDP to a STRICT pod",
+        "dropped before the app (not opted in)",
+    );
+    if !strict_namespaces(lab).contains(&pods.local.namespace) {
+        return check.skip("no enrolled pod in a strict namespace");
+    }
+    let listen = SocketAddr::new(pods.local_ip, PROBE_PORT);
+    let receiver = match lab.udp_socket(&pods.local.key(), listen) {
+        Ok(socket) => socket,
+        Err(error) => return check.fail(format!("a listener in the pod: {error}")),
+    };
+    let from = format!("node/{}", pods.other_node(lab));
+    let unspecified: IpAddr = match pods.family {
+        IpFamily::IPv4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        IpFamily::IPv6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sender = match lab.udp_socket(&from, SocketAddr::new(unspecified, 0)) {
+        Ok(socket) => socket,
+        Err(error) => return check.fail(format!("a sender on {from}: {error}")),
+    };
+    let marker = b"KANAVA-VERIFY-UDP";
+    for _ in 0..3 {
+        if let Err(error) = sender.send_to(marker, listen) {
+            return check.fail(format!("send from {from}: {error}"));
+        }
+    }
+    let _ = receiver.set_read_timeout(Some(Duration::from_millis(700)));
+    let mut buffer = [0u8; 64];
+    match receiver.recv_from(&mut buffer) {
+        Ok((n, peer)) => check.fail(format!("{n} bytes from {peer} reached {listen}")),
+        Err(_) => check.pass(format!("3 datagrams from {from} to {listen}: none arrived")),
+    }
+}
+
 fn foreign_certificate(lab: &Lab, pods: &Pods, runtime: &tokio::runtime::Runtime) -> Check {
     let check = Check::new(
         "certificate from a foreign CA on :15008",
@@ -329,7 +415,7 @@ fn foreign_certificate(lab: &Lab, pods: &Pods, runtime: &tokio::runtime::Runtime
             SocketAddr::from((pods.local_ip, ports::HBONE)),
             TIMEOUT,
         ))?;
-        let server_name = ServerName::IpAddress(IpAddr::V4(pods.local_ip).into());
+        let server_name = ServerName::IpAddress(pods.local_ip.into());
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(server_name, tcp)
             .await
@@ -344,7 +430,8 @@ fn foreign_certificate(lab: &Lab, pods: &Pods, runtime: &tokio::runtime::Runtime
             let mut sender = sender.ready().await.map_err(|e| format!("HTTP/2: {e}"))?;
             let mut request = http::Request::new(());
             *request.method_mut() = http::Method::CONNECT;
-            *request.uri_mut() = format!("{}:{PROBE_PORT}", pods.local_ip)
+            *request.uri_mut() = SocketAddr::new(pods.local_ip, PROBE_PORT)
+                .to_string()
                 .parse()
                 .map_err(|_| "uri".to_string())?;
             let (response, _send) = sender
@@ -469,7 +556,7 @@ struct Probe {
 }
 
 impl Probe {
-    fn start(lab: &Lab, (pod, ip): &(PodState, Ipv4Addr)) -> Result<Probe, String> {
+    fn start(lab: &Lab, (pod, ip): &(PodState, IpAddr)) -> Result<Probe, String> {
         let argv: Vec<String> = [
             crate::bin_dir(None)
                 .map_err(|e| e.to_string())?
@@ -518,14 +605,17 @@ fn spoofed_source(lab: &Lab, pods: &Pods, probe: &Probe) -> Check {
         .state()
         .pods
         .iter()
-        .find(|p| {
-            p.ip.is_some() && p.key() != pods.local.key() && p.identity != pods.local.identity
-        })
+        .find(|p| p.key() != pods.local.key() && p.identity != pods.local.identity)
         .cloned()
     else {
         return check.skip("no other pod to impersonate");
     };
-    let Some(impostor_ip) = impostor.ip else {
+    let Some(impostor_ip) = impostor
+        .ips
+        .iter()
+        .copied()
+        .find(|ip| IpFamily::of(*ip) == pods.family)
+    else {
         return check.skip("no other pod to impersonate");
     };
     let netns = match kanava_netns::NetNs::named(&pods.local.netns) {
@@ -534,8 +624,15 @@ fn spoofed_source(lab: &Lab, pods: &Pods, probe: &Probe) -> Check {
     };
     let target = probe.address;
     let connected = netns.run(move || {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        socket.set_ip_transparent_v4(true)?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(target),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        match impostor_ip {
+            IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
         socket.bind(&SocketAddr::from((impostor_ip, 0)).into())?;
         socket.connect_timeout(&target.into(), Duration::from_secs(2))?;
         let mut stream: TcpStream = socket.into();
@@ -600,7 +697,7 @@ fn fabric_only_tls(lab: &Lab, pods: &Pods, probe: &Probe) -> Check {
         .iter()
         .filter(|p| {
             let ends = [p.source.ip(), p.destination.ip()];
-            ends.contains(&IpAddr::V4(pods.local_ip)) && ends.contains(&probe.address.ip())
+            ends.contains(&pods.local_ip) && ends.contains(&probe.address.ip())
         })
         .collect();
     let outside_15008 = between

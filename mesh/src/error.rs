@@ -12,6 +12,8 @@ pub enum Error {
     InvalidPolicy { policy: String, reason: String },
     #[error("service {service}: {reason}")]
     InvalidService { service: String, reason: String },
+    #[error("open port {input:?}: {why}")]
+    InvalidOpenPort { input: String, why: String },
     #[error("{what}: unknown tunnel protocol {value}")]
     UnknownProtocol { what: String, value: i32 },
 }

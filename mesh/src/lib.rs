@@ -3,6 +3,7 @@
 //! - [`Identity`]: a workload's SPIFFE identity, the thing mTLS proves.
 //! - [`Workload`]: a pod as the data plane sees it.
 //! - [`Service`]: a ClusterIP Service and its ready endpoints.
+//! - [`OpenPort`]: a UDP or SCTP port a STRICT pod opens outside the mesh.
 //! - [`policy`]: authorization policies and how they decide.
 //! - [`names`], [`ports`], [`marks`]: values fixed for users and for
 //!   compatibility with Istio ambient (the README's tables list them;
@@ -13,12 +14,14 @@
 
 mod error;
 mod identity;
+mod open_port;
 pub mod policy;
 mod service;
 mod workload;
 
 pub use error::Error;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity};
+pub use open_port::{OpenPort, PLAINTEXT_INBOUND_PORTS_ANNOTATION, PortProtocol};
 pub use service::{Endpoint, Service, ServicePort};
 pub use workload::{MtlsMode, TunnelProtocol, Workload};
 

@@ -3,7 +3,7 @@ use std::net::IpAddr;
 
 use kanava_proto::v1 as pb;
 
-use crate::{Error, Identity};
+use crate::{Error, Identity, OpenPort};
 
 /// How peers reach a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,6 +39,9 @@ pub struct Workload {
     pub mtls_mode: MtlsMode,
     /// `metadata.resourceVersion` of the pod.
     pub resource_version: String,
+    /// UDP/SCTP ports that take packets from outside the pod in STRICT
+    /// mode; every other non-TCP packet from outside is dropped.
+    pub plaintext_inbound_ports: Vec<OpenPort>,
 }
 
 impl Workload {
@@ -80,7 +83,19 @@ impl Workload {
                 MtlsMode::Permissive => pb::MtlsMode::Permissive,
             } as i32,
             resource_version: self.resource_version.clone(),
+            plaintext_inbound_ports: self
+                .plaintext_inbound_ports
+                .iter()
+                .map(|p| p.to_proto())
+                .collect(),
         }
+    }
+
+    /// The non-TCP ports open to traffic from outside the pod, or `None`
+    /// when all are (PERMISSIVE, or not in the mesh).
+    pub fn non_tcp_guard(&self) -> Option<&[OpenPort]> {
+        (self.in_mesh() && self.mtls_mode == MtlsMode::Strict)
+            .then_some(self.plaintext_inbound_ports.as_slice())
     }
 
     /// Validates a workload received over the wire.
@@ -135,6 +150,11 @@ impl Workload {
                 .collect(),
             mtls_mode,
             resource_version: w.resource_version.clone(),
+            plaintext_inbound_ports: w
+                .plaintext_inbound_ports
+                .iter()
+                .map(OpenPort::from_proto)
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -156,6 +176,7 @@ mod tests {
             labels: [("app".to_string(), "web".to_string())].into(),
             mtls_mode: MtlsMode::Permissive,
             resource_version: "12".into(),
+            plaintext_inbound_ports: OpenPort::parse_list("udp/53,sctp/3868").unwrap(),
         }
     }
 

@@ -39,6 +39,10 @@ use tokio_util::sync::CancellationToken;
 /// Longest a new ztunnel waits for its pods' certificates before offering
 /// to take over from a predecessor.
 const CERTIFICATES_BEFORE_TAKEOVER: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the drop counters of STRICT pods' non-TCP guards are read
+/// for `kanava_non_tcp_dropped_packets_total` (two `iptables-save` runs per
+/// guarded pod).
+const GUARD_COUNTERS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the ztunnel until `terminate` is cancelled (SIGTERM), then hands
 /// over to a successor if one is ready, or serves on for the termination
@@ -110,6 +114,10 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
         config.node_name.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(
+        pods.clone()
+            .count_guard_drops(GUARD_COUNTERS_EVERY, shutdown.clone()),
+    );
     tokio::spawn(proxy.clone().evict_idle_connections(shutdown.clone()));
     tokio::spawn(proxy.clone().recheck_on_changes(shutdown.clone()));
 

@@ -128,6 +128,14 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DroppedLabels {
+    /// `namespace/name`.
+    pub pod: String,
+    /// `udp` or `sctp`.
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
     pub identity: String,
 }
@@ -162,6 +170,9 @@ pub struct Metrics {
     pub discovery_responses: Family<ResultLabels, Counter>,
     /// Pods captured now.
     pub pods_captured: Gauge,
+    /// UDP and SCTP packets from outside a STRICT pod dropped before its
+    /// app (read from its rules' counters every few seconds).
+    pub non_tcp_dropped: Family<DroppedLabels, Counter>,
     /// When each identity's current certificate expires (Unix time).
     pub certificate_expiry: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
     /// Workload certificates issued under a signer other than the mesh's
@@ -206,6 +217,7 @@ impl Metrics {
             certificate_requests: Family::default(),
             discovery_responses: Family::default(),
             pods_captured: Gauge::default(),
+            non_tcp_dropped: Family::default(),
             certificate_expiry: Family::default(),
             certificates_superseded: Gauge::default(),
             trust_roots: Gauge::default(),
@@ -332,6 +344,11 @@ impl Metrics {
             "pods_captured",
             "Pods whose traffic this ztunnel captures",
             metrics.pods_captured.clone(),
+        );
+        registry.register(
+            "non_tcp_dropped_packets",
+            "UDP and SCTP packets from outside a STRICT pod dropped before its app, by pod and protocol",
+            metrics.non_tcp_dropped.clone(),
         );
         Metrics {
             registry,

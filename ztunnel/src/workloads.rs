@@ -246,6 +246,7 @@ mod tests {
             labels: Default::default(),
             mtls_mode: Default::default(),
             resource_version: "1".into(),
+            plaintext_inbound_ports: Vec::new(),
         };
         pb::Resource {
             name: w.resource_name(),

@@ -134,6 +134,14 @@ impl Translator {
             };
             match &translated.workload {
                 Ok(Some(workload)) => {
+                    if let Some(problem) = workloads::plaintext_inbound_ports_problem(
+                        &translated.pod,
+                        translated.namespace.as_deref(),
+                    ) {
+                        state
+                            .problems
+                            .push(format!("Pod {}/{}: {problem}", key.0, key.1));
+                    }
                     state.workloads.push(workload.clone());
                     pods.push(pod);
                 }

@@ -3,7 +3,10 @@
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kanava_mesh::{Identity, MtlsMode, TunnelProtocol, Workload, is_enrolled, names};
+use kanava_mesh::{
+    Identity, MtlsMode, OpenPort, PLAINTEXT_INBOUND_PORTS_ANNOTATION, TunnelProtocol, Workload,
+    is_enrolled, names,
+};
 
 use super::TranslateConfig;
 
@@ -87,11 +90,46 @@ pub fn workload_of(
         },
         labels: meta.labels.clone().unwrap_or_default(),
         mtls_mode,
+        plaintext_inbound_ports: plaintext_inbound_ports(pod, namespace).unwrap_or_default(),
         resource_version: newest_version(
             meta.resource_version.as_deref(),
             namespace.and_then(|ns| ns.metadata.resource_version.as_deref()),
         ),
     }))
+}
+
+/// The non-TCP ports the pod and its namespace open
+/// ([`PLAINTEXT_INBOUND_PORTS_ANNOTATION`]), together. A value that does
+/// not parse opens nothing (and is reported by
+/// [`plaintext_inbound_ports_problem`]): a typo must not open a port.
+fn plaintext_inbound_ports(
+    pod: &Pod,
+    namespace: Option<&Namespace>,
+) -> Result<Vec<OpenPort>, String> {
+    let mut ports = Vec::new();
+    for (what, annotations) in [
+        ("Pod", pod.metadata.annotations.as_ref()),
+        (
+            "Namespace",
+            namespace.and_then(|ns| ns.metadata.annotations.as_ref()),
+        ),
+    ] {
+        if let Some(value) = annotations.and_then(|a| a.get(PLAINTEXT_INBOUND_PORTS_ANNOTATION)) {
+            ports.extend(OpenPort::parse_list(value).map_err(|e| {
+                format!(
+                    "{what} annotation {PLAINTEXT_INBOUND_PORTS_ANNOTATION}: {e}; no port is opened"
+                )
+            })?);
+        }
+    }
+    ports.sort();
+    ports.dedup();
+    Ok(ports)
+}
+
+/// Why the pod's or its namespace's open-ports annotation was ignored.
+pub fn plaintext_inbound_ports_problem(pod: &Pod, namespace: Option<&Namespace>) -> Option<String> {
+    plaintext_inbound_ports(pod, namespace).err()
 }
 
 /// A workload derives from its pod and its namespace (labels decide its

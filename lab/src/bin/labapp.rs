@@ -8,6 +8,16 @@
 //! | `labapp send --to ADDR --bytes N` | sends N pseudo-random bytes to a sink, checks its answer |
 //! | `labapp pingpong --to ADDR --count N [--rate R]` | 1 KiB request/response on one connection to an echo server; prints latency percentiles (JSON) |
 //! | `labapp churn --to ADDR --concurrency C --seconds S` | connect, send 1 KiB, read it back, close, over and over; prints connections per second (JSON) |
+//! | `labapp udp-echo --port 5000` | UDP echo |
+//! | `labapp udp-send --to ADDR --count N` | datagrams to a UDP echo server, one at a time; fails when none is answered |
+//! | `labapp dns --port 53` | DNS server answering every A/AAAA question with 192.0.2.1 / 2001:db8::1 |
+//! | `labapp resolve --server ADDR NAME [--ipv6]` | one DNS lookup over UDP; prints the addresses |
+//!
+//! Servers listen on `[::]`, which takes both families; peers are printed
+//! as their own family spells them (`10.0.0.1`, never `::ffff:10.0.0.1`).
+
+#[path = "labapp/udp.rs"]
+mod udp;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -94,6 +104,35 @@ enum Mode {
         #[arg(long)]
         rate: Option<f64>,
     },
+    /// Echo every datagram back.
+    UdpEcho {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Send datagrams to a UDP echo server and count the answers.
+    UdpSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 3)]
+        count: u32,
+        /// How long to wait for each answer.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
+    /// Answer DNS questions.
+    Dns {
+        #[arg(long, default_value_t = 53)]
+        port: u16,
+    },
+    /// Look a name up at a DNS server.
+    Resolve {
+        #[arg(long)]
+        server: SocketAddr,
+        name: String,
+        /// Ask for AAAA instead of A.
+        #[arg(long)]
+        ipv6: bool,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -102,6 +141,10 @@ async fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Mode::Http { port } => http(port).await,
         Mode::Echo { port } => serve(port, echo).await,
+        Mode::UdpEcho { port } => udp::echo(port).await,
+        Mode::UdpSend { to, count, wait } => udp::send(to, count, wait).await,
+        Mode::Dns { port } => udp::dns(port).await,
+        Mode::Resolve { server, name, ipv6 } => udp::resolve(server, &name, ipv6).await,
         Mode::Sink { port } => serve(port, sink).await,
         Mode::Send {
             to,
@@ -281,18 +324,35 @@ fn whoami() -> String {
     )
 }
 
+/// A listener on every address of the pod, both families.
 async fn listen(port: u16) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
-        .await
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())
+        .and_then(|()| socket.listen(1024))
         .with_context(|| format!("listen on port {port}"))?;
+    let listener = TcpListener::from_std(socket.into())?;
     eprintln!("{} listening on port {port}", whoami());
     Ok(listener)
+}
+
+/// `::ffff:10.0.0.1:80` → `10.0.0.1:80`.
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
 }
 
 async fn http(port: u16) -> anyhow::Result<()> {
     let listener = listen(port).await?;
     loop {
         let (stream, peer) = listener.accept().await?;
+        let peer = canonical(peer);
         eprintln!("http: connection from {peer}");
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |_request| async move {
@@ -314,6 +374,7 @@ where
     let listener = listen(port).await?;
     loop {
         let (stream, peer) = listener.accept().await?;
+        let peer = canonical(peer);
         let work = handle(stream, peer);
         tokio::spawn(async move {
             if let Err(error) = work.await {

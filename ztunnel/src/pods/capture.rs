@@ -126,7 +126,7 @@ fn refresh_input(saved: &str, loopback: &str) -> Option<String> {
 
 /// Whether the namespace can carry IPv6 at all (the kernel has it, and it is
 /// not disabled there). `/proc/sys/net` shows the namespace of the reader.
-fn ipv6_enabled(netns: &NetNs) -> bool {
+pub(super) fn ipv6_enabled(netns: &NetNs) -> bool {
     netns
         .run(|| std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6"))
         .ok()
@@ -136,7 +136,11 @@ fn ipv6_enabled(netns: &NetNs) -> bool {
 
 /// A pod whose IPv6 traffic cannot be captured must not start: it would
 /// bypass the mesh over IPv6. Without IPv6 there is nothing to capture.
-fn ipv6_outcome(ipv6: bool, captured: Result<(), Error>, netns: &str) -> Result<(), Error> {
+pub(super) fn ipv6_outcome(
+    ipv6: bool,
+    captured: Result<(), Error>,
+    netns: &str,
+) -> Result<(), Error> {
     match captured {
         Ok(()) => Ok(()),
         Err(error) if ipv6 => Err(Error::Capture {
@@ -250,7 +254,12 @@ fn restore(netns: &NetNs, program: &str, rules: &str) -> Result<(), Error> {
 }
 
 /// Runs a tool inside `netns` and returns its standard output.
-fn run(netns: &NetNs, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+pub(super) fn run(
+    netns: &NetNs,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, Error> {
     let mut command = Command::new(program);
     command
         .args(args)

@@ -22,12 +22,14 @@
 
 pub mod capture;
 pub mod discover;
+pub mod guard;
 pub mod handoff;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kanava_handoff::records::{PodRecord, RecordDir};
 use kanava_mesh::{Identity, TunnelProtocol, Workload, names, ports};
@@ -36,12 +38,15 @@ use kanava_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+use crate::metrics::DroppedLabels;
 use crate::proxy::{CapturedPod, PodInfo, PodListeners, Proxy, socket};
 use crate::workloads::WorkloadStore;
 
 struct Entry {
     pod: Arc<CapturedPod>,
     stop: CancellationToken,
+    /// The non-TCP guard in place in the pod ([`guard`]).
+    guard: guard::Opened,
 }
 
 pub struct PodRegistry {
@@ -105,8 +110,13 @@ impl PodRegistry {
         }
         let netns = Arc::new(netns);
         let for_setup = netns.clone();
+        // Until discovery says otherwise, a pod is STRICT with nothing
+        // opened: fail closed.
+        let opened = self.wanted_guard(&uid).unwrap_or_else(|| Some(Vec::new()));
+        let guard = opened.clone();
         let listeners = tokio::task::spawn_blocking(move || -> Result<PodListeners, Error> {
             capture::install(&for_setup)?;
+            guard::install(&for_setup, &guard)?;
             let listeners = for_setup.run(|| -> std::io::Result<PodListeners> {
                 socket::migrate_pending_connections();
                 Ok(PodListeners {
@@ -159,6 +169,7 @@ impl PodRegistry {
             Entry {
                 pod: pod.clone(),
                 stop: stop.clone(),
+                guard: opened,
             },
         );
         self.proxy.metrics.pods_captured.inc();
@@ -182,12 +193,15 @@ impl PodRegistry {
         self.proxy.certs.untrack(&entry.pod.info.identity);
         self.proxy.metrics.pods_captured.dec();
         let netns = entry.pod.netns.clone();
-        let result = tokio::task::spawn_blocking(move || capture::remove(&netns))
-            .await
-            .map_err(|source| Error::TaskFailed {
-                task: "releasing the pod's capture",
-                source,
-            })?;
+        let result = tokio::task::spawn_blocking(move || {
+            guard::remove(&netns);
+            capture::remove(&netns)
+        })
+        .await
+        .map_err(|source| Error::TaskFailed {
+            task: "releasing the pod's capture",
+            source,
+        })?;
         if let Err(error) = result {
             // The namespace may be gone with the pod; nothing is left to undo.
             tracing::info!(pod = %entry.pod.info.display_name(), %error, "capture rules not removed");
@@ -340,6 +354,8 @@ impl PodRegistry {
                         tracing::warn!(%pod, %error, "running pod joined the mesh but cannot be captured");
                     }
                 }
+            } else if wanted && held {
+                self.follow_guard(&workload).await;
             } else if !wanted && held {
                 match self.remove(&workload.uid).await {
                     Ok(()) => tracing::info!(%pod, "pod left the mesh"),
@@ -348,6 +364,98 @@ impl PodRegistry {
                     }
                 }
             }
+        }
+    }
+
+    /// The guard discovery asks for the pod, if discovery knows it.
+    fn wanted_guard(&self, uid: &str) -> Option<guard::Opened> {
+        let workload = self.proxy.workloads.find_by_uid(uid)?;
+        Some(workload.non_tcp_guard().map(<[_]>::to_vec))
+    }
+
+    /// Puts the guard the workload asks for in place, when it changed (its
+    /// namespace's mode, its annotation).
+    async fn follow_guard(&self, workload: &Workload) {
+        let wanted = workload.non_tcp_guard().map(<[_]>::to_vec);
+        let _changing = self.changing.lock().await;
+        let netns = match self.lock().get(&workload.uid) {
+            Some(entry) if entry.guard != wanted => entry.pod.netns.clone(),
+            _ => return,
+        };
+        let rules = wanted.clone();
+        let result = tokio::task::spawn_blocking(move || guard::install(&netns, &rules)).await;
+        let pod = workload.display_name();
+        match result {
+            Ok(Ok(())) => {
+                if let Some(entry) = self.lock().get_mut(&workload.uid) {
+                    entry.guard = wanted.clone();
+                }
+                tracing::info!(%pod, opened = %describe_guard(&wanted), "non-TCP inbound guard changed");
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%pod, %error, "non-TCP inbound guard not changed; the one in place stays")
+            }
+            Err(error) => tracing::warn!(%pod, %error, "non-TCP inbound guard not changed"),
+        }
+    }
+
+    /// Packets each captured pod's guard dropped so far.
+    pub async fn guard_drops(&self) -> Vec<(Arc<CapturedPod>, guard::Dropped)> {
+        let guarded: Vec<Arc<CapturedPod>> = self
+            .lock()
+            .values()
+            .filter(|entry| entry.guard.is_some())
+            .map(|entry| entry.pod.clone())
+            .collect();
+        let mut counts = Vec::with_capacity(guarded.len());
+        for pod in guarded {
+            let netns = pod.netns.clone();
+            match tokio::task::spawn_blocking(move || guard::dropped(&netns)).await {
+                Ok(Ok(dropped)) => counts.push((pod, dropped)),
+                Ok(Err(error)) => {
+                    tracing::debug!(pod = %pod.info.display_name(), %error, "guard counters unreadable")
+                }
+                Err(_) => {}
+            }
+        }
+        counts
+    }
+
+    /// Adds what each STRICT pod's guard dropped to
+    /// `kanava_non_tcp_dropped_packets_total` every `every`, until
+    /// `shutdown`. The rules count; this reads their counters (a new rule
+    /// set starts again from zero, which is taken as a reset).
+    pub async fn count_guard_drops(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        let mut last: HashMap<(String, &'static str), u64> = HashMap::new();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let mut seen = HashSet::new();
+            for (pod, dropped) in self.guard_drops().await {
+                for (protocol, count) in [("udp", dropped.udp), ("sctp", dropped.sctp)] {
+                    let key = (pod.info.uid.clone(), protocol);
+                    let previous = last.insert(key.clone(), count).unwrap_or(0);
+                    seen.insert(key);
+                    let added = if count >= previous {
+                        count - previous
+                    } else {
+                        count
+                    };
+                    if added > 0 {
+                        self.proxy
+                            .metrics
+                            .non_tcp_dropped
+                            .get_or_create(&DroppedLabels {
+                                pod: pod.info.display_name(),
+                                protocol,
+                            })
+                            .inc_by(added);
+                    }
+                }
+            }
+            last.retain(|key, _| seen.contains(key));
         }
     }
 
@@ -445,6 +553,19 @@ impl PodRegistry {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.pods.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `udp/53,udp/5353`, `none opened`, or `all` (PERMISSIVE).
+fn describe_guard(opened: &guard::Opened) -> String {
+    match opened {
+        None => "all (not STRICT)".into(),
+        Some(ports) if ports.is_empty() => "none".into(),
+        Some(ports) => ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
     }
 }
 

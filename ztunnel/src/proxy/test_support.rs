@@ -34,6 +34,7 @@ pub fn workload(name: &str, address: &str) -> Workload {
         labels: BTreeMap::new(),
         mtls_mode: MtlsMode::Strict,
         resource_version: "1".into(),
+        plaintext_inbound_ports: Vec::new(),
     }
 }
 

@@ -26,6 +26,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 
+use kanava_lab::IpFamily;
+
 use crate::stats::Collector;
 
 #[derive(Parser, Debug)]
@@ -45,6 +47,10 @@ struct Args {
     /// Skip the data-path scenarios (lab).
     #[arg(long)]
     no_mesh: bool,
+    /// Skip the IPv6 rows (throughput and latency in an IPv6-only lab, after
+    /// the IPv4 scenarios).
+    #[arg(long)]
+    no_ipv6: bool,
     /// Skip the control plane scenario.
     #[arg(long)]
     no_control_plane: bool,
@@ -118,7 +124,7 @@ fn main() -> anyhow::Result<()> {
             }
             None => None,
         };
-        let mut bench = mesh::MeshBench::up(settings, baseline)?;
+        let mut bench = mesh::MeshBench::up(settings.clone(), baseline.clone(), IpFamily::IPv4)?;
         if !args.upgrade_only {
             bench.run(&mut collector)?;
         }
@@ -140,6 +146,13 @@ fn main() -> anyhow::Result<()> {
             };
             eprintln!("upgrade: {upgrade:?}");
             bench.upgrade(&upgrade, &mut collector)?;
+        }
+        if !args.no_ipv6 && !args.upgrade_only {
+            // One lab at a time: the IPv4 one is taken down first.
+            drop(bench);
+            eprintln!("data path in IPv6");
+            let mut bench = mesh::MeshBench::up(settings, baseline, IpFamily::IPv6)?;
+            bench.run_family_rows(&mut collector)?;
         }
     }
     if !args.no_control_plane {

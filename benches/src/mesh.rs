@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use kanava_lab::{Lab, LabSpec, UpOptions};
+use kanava_lab::{IpFamily, Lab, LabSpec, UpOptions};
 use serde_json::Value;
 
 use crate::goals;
@@ -57,9 +57,9 @@ impl Settings {
 pub(crate) const SERVER_PORT: u16 = 7000;
 const IPERF_PORT: u16 = 5201;
 
-fn lab_file() -> String {
-    let mut text = String::from(
-        "kind: Lab\nnodes: 2\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: direct}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: {kanava.io/dataplane-mode: ambient}}\n",
+fn lab_file(family: IpFamily) -> String {
+    let mut text = format!(
+        "kind: Lab\nnodes: 2\nipFamilies: [{family}]\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: direct}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh, labels: {{kanava.io/dataplane-mode: ambient}}}}\n",
     );
     for namespace in ["direct", "mesh"] {
         text.push_str(&format!(
@@ -90,13 +90,19 @@ pub struct MeshBench {
     /// The lab whose ztunnels are the baseline build's, in an A/B run.
     baseline: Option<Lab>,
     settings: Settings,
+    /// The family every address of the labs is of.
+    family: IpFamily,
 }
 
 impl MeshBench {
     /// Brings the lab up, and with `baseline_ztunnel` a second one whose
     /// ztunnels run that executable.
-    pub fn up(settings: Settings, baseline_ztunnel: Option<PathBuf>) -> anyhow::Result<Self> {
-        let spec = LabSpec::parse(&lab_file(), 2)?;
+    pub fn up(
+        settings: Settings,
+        baseline_ztunnel: Option<PathBuf>,
+        family: IpFamily,
+    ) -> anyhow::Result<Self> {
+        let spec = LabSpec::parse(&lab_file(family), 2)?;
         let name = format!("bench{}", std::process::id());
         let lab = Lab::up(&spec, &UpOptions::named(name)).context("bring up the benchmark lab")?;
         let baseline = match baseline_ztunnel {
@@ -111,6 +117,7 @@ impl MeshBench {
             lab,
             baseline,
             settings,
+            family,
         };
         bench.widen_port_range()?;
         Ok(bench)
@@ -267,6 +274,33 @@ impl MeshBench {
         Ok(())
     }
 
+    /// A scenario's name: as it is in IPv4, with the family after it in
+    /// IPv6 (the rows of an IPv6 run sit beside the IPv4 ones).
+    fn named(&self, scenario: &str) -> String {
+        match self.family {
+            IpFamily::IPv4 => scenario.to_string(),
+            IpFamily::IPv6 => format!("{scenario} (IPv6)"),
+        }
+    }
+
+    /// Throughput and back-to-back latency only: the rows of a second
+    /// family.
+    pub fn run_family_rows(&mut self, collector: &mut Collector) -> anyhow::Result<()> {
+        for repetition in 0..self.settings.repetitions {
+            eprintln!(
+                "{} repetition {} of {}",
+                self.family,
+                repetition + 1,
+                self.settings.repetitions
+            );
+            for mode in self.order(repetition) {
+                self.throughput(mode, collector)?;
+                self.latency(mode, collector)?;
+            }
+        }
+        Ok(())
+    }
+
     fn throughput(&self, mode: Mode, collector: &mut Collector) -> anyhow::Result<()> {
         let server = self.server(mode, IPERF_PORT)?;
         let host = server.ip().to_string();
@@ -298,7 +332,7 @@ impl MeshBench {
                 .as_f64()
                 .context("iperf3: no bits_per_second")?;
             collector.compare(
-                "throughput",
+                &self.named("throughput"),
                 metric,
                 "Gbit/s",
                 Better::Higher,
@@ -311,7 +345,7 @@ impl MeshBench {
                 if gib > 0.0 {
                     collector.measure_for(
                         mode,
-                        "proxy cost",
+                        &self.named("proxy cost"),
                         &format!("ztunnel CPU per GiB ({metric})"),
                         "CPU s/GiB",
                         Better::Lower,
@@ -355,10 +389,18 @@ impl MeshBench {
                     ("latency back-to-back", "p99") => Some(goals::ADDED_LATENCY_P99),
                     _ => None,
                 };
-                collector.compare(scenario, metric, "us", Better::Lower, goal, mode, value);
+                collector.compare(
+                    &self.named(scenario),
+                    metric,
+                    "us",
+                    Better::Lower,
+                    goal,
+                    mode,
+                    value,
+                );
             }
         }
-        if mode == Mode::Mesh {
+        if mode == Mode::Mesh && self.family == IpFamily::IPv4 {
             self.one_plaintext_hop(collector)?;
         }
         Ok(())

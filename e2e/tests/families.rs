@@ -98,7 +98,10 @@ fn core_scenarios(families: &str) {
         plaintext_is_refused(&lab, family);
         services_answer_on_their_virtual_ip(&lab, family);
         strict_drops_udp_except_opened_ports_and_dns_answers(&lab, family);
+        icmp_errors_reach_a_strict_pod(&lab, family);
+        config_dump_shows_the_address(&lab, family);
     }
+    permissive_leaves_udp_alone(&mut lab, &all);
     policy_by_principal_and_by_ip_blocks(&mut lab, &all);
     live_relabel(&mut lab, &all);
     restart_recovery(&mut lab, &all);
@@ -263,6 +266,80 @@ fn strict_drops_udp_except_opened_ports_and_dns_answers(lab: &Lab, family: IpFam
         IpFamily::IPv6 => "2001:db8::1",
     };
     assert!(answer.contains(expected), "{family}: {answer}");
+}
+
+/// A STRICT pod sends UDP to a closed port outside the mesh: the ICMP
+/// "port unreachable" that comes back reaches it (ICMP is not filtered).
+fn icmp_errors_reach_a_strict_pod(lab: &Lab, family: IpFamily) {
+    let unspecified: IpAddr = match family {
+        IpFamily::IPv4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        IpFamily::IPv6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = lab
+        .udp_socket("shop/client", SocketAddr::new(unspecified, 0))
+        .unwrap();
+    let closed = SocketAddr::new(ip(lab, "legacy/plain-web", family), 9);
+    socket.connect(closed).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    socket.send(b"anyone?").unwrap();
+    let mut buffer = [0u8; 16];
+    let error = socket.recv(&mut buffer).expect_err("nothing listens there");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{family}: the ICMP error did not reach the STRICT pod: {error}"
+    );
+}
+
+/// The pod's address of this family is in its node's configuration dump.
+fn config_dump_shows_the_address(lab: &Lab, family: IpFamily) {
+    let output = kanava()
+        .args(["config-dump", "--name", lab.name(), "node-2", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let dump = String::from_utf8_lossy(&output.stdout);
+    let web = ip(lab, "shop/web", family).to_string();
+    assert!(
+        dump.contains(&format!("\"{web}\"")),
+        "{family}: {web} not in {dump}"
+    );
+}
+
+/// PERMISSIVE leaves non-TCP alone, and the guard follows the namespace's
+/// mode while its pods run.
+fn permissive_leaves_udp_alone(lab: &mut Lab, all: &[IpFamily]) {
+    let namespace = |mode: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{kanava.io/dataplane-mode: ambient, kanava.io/mtls-mode: {mode}}}}}\n"
+        )
+    };
+    let answered = |lab: &Lab, family: IpFamily| {
+        let to = SocketAddr::new(ip(lab, "shop/udp", family), 5000).to_string();
+        lab.exec(
+            "legacy/plain-client",
+            &[
+                "labapp", "udp-send", "--to", &to, "--count", "1", "--wait", "300ms",
+            ],
+        )
+        .unwrap()
+        .status
+        .success()
+    };
+    apply(lab, &namespace("permissive"));
+    for &family in all {
+        wait_for(&format!("{family}: UDP delivered in PERMISSIVE"), || {
+            answered(lab, family)
+        });
+    }
+    apply(lab, &namespace("strict"));
+    for &family in all {
+        wait_for(&format!("{family}: UDP dropped again in STRICT"), || {
+            !answered(lab, family)
+        });
+    }
 }
 
 /// `kanava_non_tcp_dropped_packets_total` of one pod, on node-2.

@@ -47,6 +47,8 @@ struct Entry {
     stop: CancellationToken,
     /// The non-TCP guard in place in the pod ([`guard`]).
     guard: guard::Opened,
+    /// Its rules are being removed: it is still held until they are gone.
+    releasing: bool,
 }
 
 pub struct PodRegistry {
@@ -170,6 +172,7 @@ impl PodRegistry {
                 pod: pod.clone(),
                 stop: stop.clone(),
                 guard: opened,
+                releasing: false,
             },
         );
         self.proxy.metrics.pods_captured.inc();
@@ -182,31 +185,37 @@ impl PodRegistry {
         Ok(())
     }
 
-    /// Releases a pod. Unknown pods succeed.
+    /// Releases a pod. Unknown pods succeed. The pod counts as captured
+    /// (for [`Self::check`]) until its rules are gone, so whoever waits for
+    /// the release sees it done.
     pub async fn remove(&self, uid: &str) -> Result<(), Error> {
         let _changing = self.changing.lock().await;
-        let Some(entry) = self.lock().remove(uid) else {
+        let Some((pod, stop)) = self.lock().get_mut(uid).map(|entry| {
+            entry.releasing = true;
+            (entry.pod.clone(), entry.stop.clone())
+        }) else {
             return Ok(());
         };
-        entry.stop.cancel();
+        stop.cancel();
         self.proxy.pool.remove_pod(uid);
-        self.proxy.certs.untrack(&entry.pod.info.identity);
-        self.proxy.metrics.pods_captured.dec();
-        let netns = entry.pod.netns.clone();
+        self.proxy.certs.untrack(&pod.info.identity);
+        let netns = pod.netns.clone();
         let result = tokio::task::spawn_blocking(move || {
             guard::remove(&netns);
             capture::remove(&netns)
         })
-        .await
-        .map_err(|source| Error::TaskFailed {
+        .await;
+        self.lock().remove(uid);
+        self.proxy.metrics.pods_captured.dec();
+        let result = result.map_err(|source| Error::TaskFailed {
             task: "releasing the pod's capture",
             source,
         })?;
         if let Err(error) = result {
             // The namespace may be gone with the pod; nothing is left to undo.
-            tracing::info!(pod = %entry.pod.info.display_name(), %error, "capture rules not removed");
+            tracing::info!(pod = %pod.info.display_name(), %error, "capture rules not removed");
         }
-        tracing::info!(pod = %entry.pod.info.display_name(), "pod released");
+        tracing::info!(pod = %pod.info.display_name(), "pod released");
         Ok(())
     }
 
@@ -216,11 +225,12 @@ impl PodRegistry {
             uid: uid.to_string(),
             reason: reason.to_string(),
         };
-        let netns = self
-            .lock()
-            .get(uid)
-            .map(|entry| entry.pod.netns.clone())
-            .ok_or_else(|| not_captured("this ztunnel does not hold it"))?;
+        let netns = match self.lock().get(uid) {
+            // Held until its release is done.
+            Some(entry) if entry.releasing => return Ok(()),
+            Some(entry) => entry.pod.netns.clone(),
+            None => return Err(not_captured("this ztunnel does not hold it")),
+        };
         let present = tokio::task::spawn_blocking(move || capture::rules_in_place(&netns))
             .await
             .map_err(|source| Error::TaskFailed {

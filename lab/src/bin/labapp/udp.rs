@@ -1,14 +1,14 @@
 //! The UDP side of `labapp`: an echo server and its client, and a DNS
 //! server and resolver, for the tests of what STRICT does to datagrams.
 //!
-//! DNS messages are built and read with `hickory-proto`, not by hand.
+//! DNS messages are built and read with `simple-dns`, not by hand.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use hickory_proto::op::{Message, MessageType, OpCode, Query};
-use hickory_proto::rr::{Name, RData, Record, RecordType, rdata};
+use simple_dns::rdata::{A, AAAA, RData};
+use simple_dns::{CLASS, Name, Packet, PacketFlag, QTYPE, Question, ResourceRecord, TYPE};
 use tokio::net::UdpSocket;
 
 /// What the DNS server answers for every A and AAAA question (addresses
@@ -82,33 +82,36 @@ pub async fn dns(port: u16) -> anyhow::Result<()> {
     let mut buffer = vec![0u8; 4096];
     loop {
         let (n, peer) = socket.recv_from(&mut buffer).await?;
-        let Ok(query) = Message::from_vec(&buffer[..n]) else {
+        let Ok(query) = Packet::parse(&buffer[..n]) else {
             eprintln!("dns: unreadable query from {}", canonical(peer));
             continue;
         };
-        let mut reply = Message::new();
-        reply
-            .set_id(query.id())
-            .set_message_type(MessageType::Response)
-            .set_op_code(OpCode::Query)
-            .set_recursion_desired(query.recursion_desired())
-            .set_recursion_available(true)
-            .set_authoritative(true);
-        for question in query.queries() {
-            reply.add_query(question.clone());
-            let data = match question.query_type() {
-                RecordType::A => RData::A(rdata::A(DNS_ANSWER_V4)),
-                RecordType::AAAA => RData::AAAA(rdata::AAAA(DNS_ANSWER_V6)),
+        let mut reply = Packet::new_reply(query.id());
+        reply.set_flags(PacketFlag::AUTHORITATIVE_ANSWER | PacketFlag::RECURSION_AVAILABLE);
+        for question in &query.questions {
+            reply.questions.push(question.clone());
+            let data = match question.qtype {
+                QTYPE::TYPE(TYPE::A) => RData::A(A {
+                    address: u32::from(DNS_ANSWER_V4),
+                }),
+                QTYPE::TYPE(TYPE::AAAA) => RData::AAAA(AAAA {
+                    address: u128::from(DNS_ANSWER_V6),
+                }),
                 _ => continue,
             };
-            reply.add_answer(Record::from_rdata(question.name().clone(), 60, data));
+            reply.answers.push(ResourceRecord::new(
+                question.qname.clone(),
+                CLASS::IN,
+                60,
+                data,
+            ));
         }
         eprintln!(
             "dns: {} question(s) from {}",
-            query.queries().len(),
+            query.questions.len(),
             canonical(peer)
         );
-        socket.send_to(&reply.to_vec()?, peer).await?;
+        socket.send_to(&reply.build_bytes_vec()?, peer).await?;
     }
 }
 
@@ -120,21 +123,17 @@ pub async fn resolve(server: SocketAddr, name: &str, ipv6: bool) -> anyhow::Resu
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let socket = UdpSocket::bind(local).await?;
-    let kind = if ipv6 {
-        RecordType::AAAA
-    } else {
-        RecordType::A
-    };
-    let mut query = Message::new();
-    query
-        .set_id(rand::random())
-        .set_message_type(MessageType::Query)
-        .set_recursion_desired(true)
-        .add_query(Query::query(
-            Name::from_ascii(name).context("a DNS name")?,
-            kind,
-        ));
-    let bytes = query.to_vec()?;
+    let kind = if ipv6 { TYPE::AAAA } else { TYPE::A };
+    let id: u16 = rand::random();
+    let mut query = Packet::new_query(id);
+    query.set_flags(PacketFlag::RECURSION_DESIRED);
+    query.questions.push(Question::new(
+        Name::new(name).context("a DNS name")?,
+        kind.into(),
+        CLASS::IN.into(),
+        false,
+    ));
+    let bytes = query.build_bytes_vec()?;
     let mut buffer = vec![0u8; 4096];
     for _ in 0..3 {
         socket.send_to(&bytes, server).await?;
@@ -144,16 +143,16 @@ pub async fn resolve(server: SocketAddr, name: &str, ipv6: bool) -> anyhow::Resu
             continue;
         };
         let (n, _) = received?;
-        let reply = Message::from_vec(&buffer[..n])?;
-        if reply.id() != query.id() {
+        let reply = Packet::parse(&buffer[..n])?;
+        if reply.id() != id {
             continue;
         }
         let addresses: Vec<IpAddr> = reply
-            .answers()
+            .answers
             .iter()
-            .filter_map(|record| match record.data() {
-                RData::A(a) => Some(IpAddr::V4(a.0)),
-                RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+            .filter_map(|record| match &record.rdata {
+                RData::A(a) => Some(IpAddr::V4(Ipv4Addr::from(a.address))),
+                RData::AAAA(aaaa) => Some(IpAddr::V6(Ipv6Addr::from(aaaa.address))),
                 _ => None,
             })
             .collect();
@@ -161,7 +160,7 @@ pub async fn resolve(server: SocketAddr, name: &str, ipv6: bool) -> anyhow::Resu
             println!("{name} {address}");
         }
         if addresses.is_empty() {
-            bail!("{server} had no {kind} record for {name}");
+            bail!("{server} had no {kind:?} record for {name}");
         }
         return Ok(());
     }

@@ -67,12 +67,18 @@ fn start_control_plane(
     (running, grpc, readiness)
 }
 
+/// A port free now, below the kernel's ephemeral range (32768 and up by
+/// default): a port the kernel handed out could be taken again by any
+/// loopback connection of the tests running beside this one before the
+/// control plane binds it (seen once as a control plane that never
+/// answered).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn jwt(subject: &str) -> String {

@@ -339,6 +339,35 @@ pub fn as_node<T>(lab: &Lab, node: &str, message: T) -> tonic::Request<T> {
     request
 }
 
+/// Runs `kanava verify --output json` on the lab: every check, each of
+/// which must have passed (skipped ones have `passed: null`), and whether the
+/// command succeeded.
+pub fn verify_report(lab: &Lab) -> (Vec<serde_json::Value>, bool) {
+    let output = kanava()
+        .args(["verify", "--name", lab.name(), "--output", "json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let checks = report.as_array().expect("a list of checks").clone();
+    (checks, output.status.success())
+}
+
+/// `labapp udp-send` from `from` to a UDP echo server: whether any of
+/// `count` datagrams was answered (waiting 300 ms for each).
+pub fn udp_answered(lab: &Lab, from: &str, to: SocketAddr, count: u32) -> bool {
+    let (to, count) = (to.to_string(), count.to_string());
+    lab.exec(
+        from,
+        &[
+            "labapp", "udp-send", "--to", &to, "--count", &count, "--wait", "300ms",
+        ],
+    )
+    .unwrap()
+    .status
+    .success()
+}
+
 /// Applies manifests to a lab; panics on refusal.
 pub fn apply(lab: &mut Lab, yaml: &str) -> kanava_lab::Report {
     lab.apply(yaml)

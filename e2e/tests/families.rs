@@ -12,7 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use kanava_e2e::{
-    Capture, MESH_LAB, apply, delete, exec_ok, http_get, kanava, log_line, runtime, up, wait_for,
+    Capture, MESH_LAB, apply, delete, exec_ok, http_get, kanava, log_line, runtime, udp_answered,
+    up, verify_report, wait_for,
 };
 use kanava_lab::{IpFamily, Lab};
 use rustix::process::{Pid, Signal, kill_process};
@@ -271,12 +272,8 @@ fn strict_drops_udp_except_opened_ports_and_dns_answers(lab: &Lab, family: IpFam
 /// A STRICT pod sends UDP to a closed port outside the mesh: the ICMP
 /// "port unreachable" that comes back reaches it (ICMP is not filtered).
 fn icmp_errors_reach_a_strict_pod(lab: &Lab, family: IpFamily) {
-    let unspecified: IpAddr = match family {
-        IpFamily::IPv4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
-        IpFamily::IPv6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
-    };
     let socket = lab
-        .udp_socket("shop/client", SocketAddr::new(unspecified, 0))
+        .udp_socket("shop/client", SocketAddr::new(family.unspecified(), 0))
         .unwrap();
     let closed = SocketAddr::new(ip(lab, "legacy/plain-web", family), 9);
     socket.connect(closed).unwrap();
@@ -317,16 +314,8 @@ fn permissive_leaves_udp_alone(lab: &mut Lab, all: &[IpFamily]) {
         )
     };
     let answered = |lab: &Lab, family: IpFamily| {
-        let to = SocketAddr::new(ip(lab, "shop/udp", family), 5000).to_string();
-        lab.exec(
-            "legacy/plain-client",
-            &[
-                "labapp", "udp-send", "--to", &to, "--count", "1", "--wait", "300ms",
-            ],
-        )
-        .unwrap()
-        .status
-        .success()
+        let to = SocketAddr::new(ip(lab, "shop/udp", family), 5000);
+        udp_answered(lab, "legacy/plain-client", to, 1)
     };
     apply(lab, &namespace("permissive"));
     for &family in all {
@@ -458,31 +447,17 @@ fn restart_recovery(lab: &mut Lab, all: &[IpFamily]) {
         );
     }
     // The restarted ztunnel put the UDP guard back as it was.
-    let udp = SocketAddr::new(ip(lab, "shop/udp", all[0]), 5000).to_string();
-    let closed = lab
-        .exec(
-            "legacy/plain-client",
-            &[
-                "labapp", "udp-send", "--to", &udp, "--count", "2", "--wait", "300ms",
-            ],
-        )
-        .unwrap();
+    let udp = SocketAddr::new(ip(lab, "shop/udp", all[0]), 5000);
     assert!(
-        !closed.status.success(),
+        !udp_answered(lab, "legacy/plain-client", udp, 2),
         "UDP reached a closed port after the restart"
     );
     std::thread::sleep(Duration::from_millis(100));
 }
 
 fn verify_passes_in_every_family(lab: &Lab, all: &[IpFamily]) {
-    let output = kanava()
-        .args(["verify", "--name", lab.name(), "--output", "json"])
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
-    let checks = report.as_array().expect("a list of checks");
-    for check in checks {
+    let (checks, succeeded) = verify_report(lab);
+    for check in &checks {
         assert_eq!(check["passed"], true, "{check:#}");
     }
     for &family in all {
@@ -496,9 +471,9 @@ fn verify_passes_in_every_family(lab: &Lab, all: &[IpFamily]) {
                 checks
                     .iter()
                     .any(|c| c["name"] == name && c["family"] == family.to_string()),
-                "{name} ({family}) not checked: {report:#}"
+                "{name} ({family}) not checked: {checks:#?}"
             );
         }
     }
-    assert!(output.status.success());
+    assert!(succeeded);
 }

@@ -3,31 +3,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use kanava_e2e::{MESH_LAB, kanava, up};
+use kanava_e2e::{MESH_LAB, up, verify_report};
 
 #[test]
 fn verify_passes_every_isolation_check_on_a_healthy_lab() {
     let lab = up(MESH_LAB);
-    let output = kanava()
-        .args(["verify", "--name", lab.name(), "--output", "json"])
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
-    let checks = report.as_array().expect("a list of checks");
-    assert!(checks.len() >= 10, "{report:#}");
-    for check in checks {
+    let (checks, succeeded) = verify_report(&lab);
+    assert!(checks.len() >= 10, "{checks:#?}");
+    for check in &checks {
         assert_eq!(
             check["passed"],
             serde_json::Value::Bool(true),
             "every check runs and passes on this lab: {check:#}"
         );
     }
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(succeeded, "kanava verify failed");
     let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
     for expected in [
         "ztunnel admin port from a pod",

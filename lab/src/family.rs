@@ -37,6 +37,14 @@ impl IpFamily {
         }
     }
 
+    /// The address that stands for any local address (`0.0.0.0`, `::`).
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            IpFamily::IPv4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            IpFamily::IPv6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+
     /// The flag `ip` takes for this family.
     pub fn ip_flag(self) -> &'static str {
         match self {

@@ -372,11 +372,7 @@ fn udp_to_strict(lab: &Lab, pods: &Pods) -> Check {
         Err(error) => return check.fail(format!("a listener in the pod: {error}")),
     };
     let from = format!("node/{}", pods.other_node(lab));
-    let unspecified: IpAddr = match pods.family {
-        IpFamily::IPv4 => std::net::Ipv4Addr::UNSPECIFIED.into(),
-        IpFamily::IPv6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let sender = match lab.udp_socket(&from, SocketAddr::new(unspecified, 0)) {
+    let sender = match lab.udp_socket(&from, SocketAddr::new(pods.family.unspecified(), 0)) {
         Ok(socket) => socket,
         Err(error) => return check.fail(format!("a sender on {from}: {error}")),
     };

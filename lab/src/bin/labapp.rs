@@ -324,19 +324,24 @@ fn whoami() -> String {
     )
 }
 
-/// A listener on every address of the pod, both families.
-async fn listen(port: u16) -> anyhow::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV6,
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
+/// A socket bound to `[::]:port`, which takes both families (in an
+/// IPv4-only pod IPv6 exists on loopback only, and `[::]` still takes IPv4).
+fn dual_stack_socket(kind: socket2::Type, port: u16) -> anyhow::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, kind, None)?;
     socket.set_only_v6(false)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket
         .bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())
-        .and_then(|()| socket.listen(1024))
+        .with_context(|| format!("bind port {port}"))?;
+    Ok(socket)
+}
+
+/// A listener on every address of the pod, both families.
+async fn listen(port: u16) -> anyhow::Result<TcpListener> {
+    let socket = dual_stack_socket(socket2::Type::STREAM, port)?;
+    socket
+        .listen(1024)
         .with_context(|| format!("listen on port {port}"))?;
     let listener = TcpListener::from_std(socket.into())?;
     eprintln!("{} listening on port {port}", whoami());

@@ -18,18 +18,17 @@ pub const DNS_ANSWER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 
 
 /// A UDP socket on every address of the pod, both families.
 async fn bind(port: u16) -> anyhow::Result<UdpSocket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV6,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    // An IPv4-only pod has IPv6 on loopback only; [::] still takes IPv4.
-    socket.set_only_v6(false)?;
-    socket.set_nonblocking(true)?;
-    socket
-        .bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())
-        .with_context(|| format!("bind UDP port {port}"))?;
+    let socket = crate::dual_stack_socket(socket2::Type::DGRAM, port)?;
     Ok(UdpSocket::from_std(socket.into())?)
+}
+
+/// A client socket of `to`'s family, on any address and port.
+async fn client_for(to: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let local: SocketAddr = match to {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    Ok(UdpSocket::bind(local).await?)
 }
 
 fn canonical(address: SocketAddr) -> SocketAddr {
@@ -51,11 +50,7 @@ pub async fn echo(port: u16) -> anyhow::Result<()> {
 /// Sends `count` datagrams to an echo server, one at a time, and counts
 /// the answers. Fails when none came back.
 pub async fn send(to: SocketAddr, count: u32, wait: Duration) -> anyhow::Result<()> {
-    let local: SocketAddr = match to {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local).await?;
+    let socket = client_for(to).await?;
     let mut answered = 0;
     let mut buffer = [0u8; 64];
     for sequence in 0..count {
@@ -118,11 +113,7 @@ pub async fn dns(port: u16) -> anyhow::Result<()> {
 /// Asks `server` for the A (or AAAA) record of `name`, three tries, and
 /// prints the addresses.
 pub async fn resolve(server: SocketAddr, name: &str, ipv6: bool) -> anyhow::Result<()> {
-    let local: SocketAddr = match server {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local).await?;
+    let socket = client_for(server).await?;
     let kind = if ipv6 { TYPE::AAAA } else { TYPE::A };
     let id: u16 = rand::random();
     let mut query = Packet::new_query(id);

@@ -257,8 +257,15 @@ pub fn plan(objects: &[Object], current: &Current) -> Result<Plan, Error> {
                     }
                 };
                 spec.cluster_ip = ips.first().cloned();
-                spec.cluster_ips = Some(ips);
-                spec.ip_families = Some(families.iter().map(ToString::to_string).collect());
+                spec.cluster_ips = Some(ips.clone());
+                // What the addresses are, also for a Service applied again
+                // (its addresses do not change).
+                spec.ip_families = Some(
+                    ips.iter()
+                        .filter_map(|ip| ip.parse().ok())
+                        .map(|ip| IpFamily::of(ip).to_string())
+                        .collect(),
+                );
                 spec.ip_family_policy = Some(policy.into());
                 spec.type_.get_or_insert_with(|| "ClusterIP".into());
                 plan.services.push(service);

@@ -135,6 +135,8 @@ pub fn add(
         .collect();
     let ips = families.order(&given);
     if ips.len() != families.iter().count() {
+        // Undone as a runtime undoes a failed ADD: the pod never starts.
+        let _ = delete(call, conflist, Some(&result));
         return Err(Error::Spec(format!(
             "the CNI chain did not return an address of every family {families}: {result}"
         )));

@@ -85,6 +85,9 @@ struct Translated {
     pod: Arc<Pod>,
     namespace: Option<Arc<Namespace>>,
     workload: Result<Option<Arc<Workload>>, String>,
+    /// What was ignored in a pod that still translated (an unreadable
+    /// annotation), reported with every translation like a problem.
+    warning: Option<String>,
 }
 
 impl Translator {
@@ -127,6 +130,10 @@ impl Translator {
                         namespace: namespace.cloned(),
                         workload: workload_of(pod, namespace.map(|ns| &**ns), &self.config)
                             .map(|w| w.map(Arc::new)),
+                        warning: workloads::plaintext_inbound_ports_problem(
+                            pod,
+                            namespace.map(|ns| &**ns),
+                        ),
                     };
                     self.pods.insert(key.clone(), translated);
                     self.pods.get_mut(key).expect("just inserted")
@@ -134,10 +141,7 @@ impl Translator {
             };
             match &translated.workload {
                 Ok(Some(workload)) => {
-                    if let Some(problem) = workloads::plaintext_inbound_ports_problem(
-                        &translated.pod,
-                        translated.namespace.as_deref(),
-                    ) {
+                    if let Some(problem) = &translated.warning {
                         state
                             .problems
                             .push(format!("Pod {}/{}: {problem}", key.0, key.1));
@@ -479,6 +483,40 @@ spec:
             state.workloads[0].mtls_mode,
             MtlsMode::Strict,
             "strict by default"
+        );
+    }
+
+    #[test]
+    fn opened_non_tcp_ports_join_pod_and_namespace_and_a_bad_value_opens_nothing() {
+        let file = |pod_ports: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: dns, labels: {{kanava.io/dataplane-mode: ambient}}, annotations: {{kanava.io/plaintext-inbound-ports: \"udp/53\"}}}}\n---\n\
+                 apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: dns, uid: u1, annotations: {{kanava.io/plaintext-inbound-ports: \"{pod_ports}\"}}}}\n\
+                 spec: {{nodeName: n1, containers: [{{name: c}}]}}\nstatus: {{podIPs: [{{ip: 10.0.0.1}}, {{ip: \"fd00::1\"}}]}}\n"
+            )
+        };
+        let state = translate_text(&file("sctp/3868, udp/53"));
+        assert!(state.problems.is_empty(), "{:?}", state.problems);
+        let shown: Vec<String> = state.workloads[0]
+            .plaintext_inbound_ports
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["udp/53", "sctp/3868"]);
+        assert_eq!(state.workloads[0].ips.len(), 2, "both families");
+
+        let state = translate_text(&file("tcp/80"));
+        assert!(
+            state.workloads[0].plaintext_inbound_ports.is_empty(),
+            "a bad value opens nothing, not even the namespace's"
+        );
+        assert!(
+            state
+                .problems
+                .iter()
+                .any(|p| p.contains("dns/p") && p.contains("TCP goes through the mesh")),
+            "{:?}",
+            state.problems
         );
     }
 

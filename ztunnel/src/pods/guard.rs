@@ -28,8 +28,8 @@ use crate::Error;
 
 const CHAIN: &str = "KANAVA_INPUT";
 
-/// What a pod's guard lets in: `None` everything (PERMISSIVE, or not
-/// known to be STRICT), `Some(ports)` only the opened ports.
+/// What a pod's guard lets in: `None` everything (PERMISSIVE),
+/// `Some(ports)` only the opened ports (STRICT).
 pub type Opened = Option<Vec<OpenPort>>;
 
 /// The iptables-restore input for the filter table. `jump`: add the jump
@@ -82,6 +82,13 @@ fn install_family(netns: &NetNs, save: &str, restore: &str, opened: &Opened) -> 
     .map(|_| ())
 }
 
+/// Whether the pod already has a guard (IPv4's stands for both): one a
+/// previous ztunnel on the node installed.
+pub fn present(netns: &NetNs) -> bool {
+    run(netns, "iptables-save", &["-t", "filter"], None)
+        .is_ok_and(|saved| saved.contains(&format!(":{CHAIN} ")))
+}
+
 /// Removes the guard (the pod leaves the mesh).
 pub fn remove(netns: &NetNs) {
     let release = format!("*filter\n-D INPUT -j {CHAIN}\n-F {CHAIN}\n-X {CHAIN}\nCOMMIT\n");
@@ -91,7 +98,14 @@ pub fn remove(netns: &NetNs) {
     ] {
         let present = run(netns, save, &["-t", "filter"], None)
             .is_ok_and(|saved| saved.contains(&format!(":{CHAIN} ")));
-        if present && let Err(error) = run(netns, restore, &["--noflush"], Some(&release)) {
+        if present
+            && let Err(error) = run(
+                netns,
+                restore,
+                &["--noflush", "--wait", "10"],
+                Some(&release),
+            )
+        {
             // The namespace may be on its way out with its pod.
             tracing::debug!(netns = netns.name(), %error, "removing the non-TCP guard");
         }

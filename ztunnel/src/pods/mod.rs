@@ -45,8 +45,10 @@ use crate::workloads::WorkloadStore;
 struct Entry {
     pod: Arc<CapturedPod>,
     stop: CancellationToken,
-    /// The non-TCP guard in place in the pod ([`guard`]).
-    guard: guard::Opened,
+    /// The non-TCP guard in place in the pod ([`guard`]); `None` while it
+    /// is the one a predecessor left (an upgrade or a restart keeps it, so
+    /// no opened port closes meanwhile) and discovery has not said yet.
+    guard: Option<guard::Opened>,
     /// Its rules are being removed: it is still held until they are gone.
     releasing: bool,
 }
@@ -112,13 +114,25 @@ impl PodRegistry {
         }
         let netns = Arc::new(netns);
         let for_setup = netns.clone();
-        // Until discovery says otherwise, a pod is STRICT with nothing
-        // opened: fail closed.
-        let opened = self.wanted_guard(&uid).unwrap_or_else(|| Some(Vec::new()));
-        let guard = opened.clone();
-        let listeners = tokio::task::spawn_blocking(move || -> Result<PodListeners, Error> {
+        let known = self.wanted_guard(&uid);
+        let setup = tokio::task::spawn_blocking(move || -> Result<_, Error> {
             capture::install(&for_setup)?;
-            guard::install(&for_setup, &guard)?;
+            let guard = match known {
+                Some(opened) => {
+                    guard::install(&for_setup, &opened)?;
+                    Some(opened)
+                }
+                // Served before (a restart, an upgrade): the guard in place
+                // stays until discovery says what it should be.
+                None if guard::present(&for_setup) => None,
+                // New and not yet described: STRICT with nothing opened,
+                // failing closed.
+                None => {
+                    let strict = Some(Vec::new());
+                    guard::install(&for_setup, &strict)?;
+                    Some(strict)
+                }
+            };
             let listeners = for_setup.run(|| -> std::io::Result<PodListeners> {
                 socket::migrate_pending_connections();
                 Ok(PodListeners {
@@ -127,13 +141,15 @@ impl PodRegistry {
                     hbone: socket::bind_pod_listener(ports::HBONE)?,
                 })
             })?;
-            listeners.map_err(Error::io("open listeners in the pod"))
+            let listeners = listeners.map_err(Error::io("open listeners in the pod"))?;
+            Ok((listeners, guard))
         })
         .await
         .map_err(|source| Error::TaskFailed {
             task: "setting up the pod's capture",
             source,
-        })??;
+        })?;
+        let (listeners, guard) = setup?;
 
         self.proxy.certs.track(
             &identity,
@@ -171,7 +187,7 @@ impl PodRegistry {
             Entry {
                 pod: pod.clone(),
                 stop: stop.clone(),
-                guard: opened,
+                guard,
                 releasing: false,
             },
         );
@@ -384,24 +400,39 @@ impl PodRegistry {
     }
 
     /// Puts the guard the workload asks for in place, when it changed (its
-    /// namespace's mode, its annotation).
+    /// namespace's mode, its annotation) or is still a predecessor's. Runs
+    /// for every held pod on every discovery update: the common case, no
+    /// change, costs one look at the table.
     async fn follow_guard(&self, workload: &Workload) {
-        let wanted = workload.non_tcp_guard().map(<[_]>::to_vec);
-        let _changing = self.changing.lock().await;
-        let netns = match self.lock().get(&workload.uid) {
-            Some(entry) if entry.guard != wanted => entry.pod.netns.clone(),
-            _ => return,
+        let wanted = workload.non_tcp_guard();
+        let differs = || match self.lock().get(&workload.uid) {
+            Some(entry)
+                if !entry.releasing
+                    && entry.guard.as_ref().map(Option::as_deref) != Some(wanted) =>
+            {
+                Some(entry.pod.netns.clone())
+            }
+            _ => None,
         };
+        if differs().is_none() {
+            return;
+        }
+        let _changing = self.changing.lock().await;
+        let Some(netns) = differs() else {
+            return;
+        };
+        let wanted = wanted.map(<[_]>::to_vec);
         let rules = wanted.clone();
         let result = tokio::task::spawn_blocking(move || guard::install(&netns, &rules)).await;
         let pod = workload.display_name();
         match result {
             Ok(Ok(())) => {
-                if let Some(entry) = self.lock().get_mut(&workload.uid) {
-                    entry.guard = wanted.clone();
-                }
                 tracing::info!(%pod, opened = %describe_guard(&wanted), "non-TCP inbound guard changed");
+                if let Some(entry) = self.lock().get_mut(&workload.uid) {
+                    entry.guard = Some(wanted);
+                }
             }
+            // Tried again on the next discovery update.
             Ok(Err(error)) => {
                 tracing::warn!(%pod, %error, "non-TCP inbound guard not changed; the one in place stays")
             }
@@ -414,7 +445,8 @@ impl PodRegistry {
         let guarded: Vec<Arc<CapturedPod>> = self
             .lock()
             .values()
-            .filter(|entry| entry.guard.is_some())
+            // Everything but PERMISSIVE: an inherited guard may drop too.
+            .filter(|entry| entry.guard != Some(None))
             .map(|entry| entry.pod.clone())
             .collect();
         let mut counts = Vec::with_capacity(guarded.len());
@@ -436,36 +468,43 @@ impl PodRegistry {
     /// `shutdown`. The rules count; this reads their counters (a new rule
     /// set starts again from zero, which is taken as a reset).
     pub async fn count_guard_drops(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
-        let mut last: HashMap<(String, &'static str), u64> = HashMap::new();
+        // Per (uid, protocol): the counter last read, and the labels it is
+        // reported under (removed with the pod, so pods that come and go
+        // do not pile up in the metric).
+        let mut last: HashMap<(String, &'static str), (u64, DroppedLabels)> = HashMap::new();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(every) => {}
                 () = shutdown.cancelled() => return,
             }
             let mut seen = HashSet::new();
+            let metric = &self.proxy.metrics.non_tcp_dropped;
             for (pod, dropped) in self.guard_drops().await {
                 for (protocol, count) in [("udp", dropped.udp), ("sctp", dropped.sctp)] {
                     let key = (pod.info.uid.clone(), protocol);
-                    let previous = last.insert(key.clone(), count).unwrap_or(0);
-                    seen.insert(key);
-                    let added = if count >= previous {
-                        count - previous
-                    } else {
-                        count
+                    let labels = DroppedLabels {
+                        pod: pod.info.display_name(),
+                        protocol,
                     };
+                    let previous = last
+                        .insert(key.clone(), (count, labels.clone()))
+                        .map_or(0, |(previous, _)| previous);
+                    seen.insert(key);
+                    // Fewer than last time: the rules were replaced, and
+                    // their counters started again.
+                    let added = count.checked_sub(previous).unwrap_or(count);
                     if added > 0 {
-                        self.proxy
-                            .metrics
-                            .non_tcp_dropped
-                            .get_or_create(&DroppedLabels {
-                                pod: pod.info.display_name(),
-                                protocol,
-                            })
-                            .inc_by(added);
+                        metric.get_or_create(&labels).inc_by(added);
                     }
                 }
             }
-            last.retain(|key, _| seen.contains(key));
+            last.retain(|key, (_, labels)| {
+                let keep = seen.contains(key);
+                if !keep {
+                    metric.remove(labels);
+                }
+                keep
+            });
         }
     }
 
@@ -566,7 +605,7 @@ impl PodRegistry {
     }
 }
 
-/// `udp/53,udp/5353`, `none opened`, or `all` (PERMISSIVE).
+/// `udp/53,udp/5353`, `none`, or `all (not STRICT)`.
 fn describe_guard(opened: &guard::Opened) -> String {
     match opened {
         None => "all (not STRICT)".into(),

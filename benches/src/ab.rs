@@ -1,11 +1,11 @@
-//! The A/B view of a run with `--baseline`: this build's mesh against
-//! another build's, measured alternately in the same run on the same
-//! machine, so that every target is a ratio that noisy, shared machines
-//! cannot move much.
+//! The A/B views of a run: this build's mesh against another build's
+//! (`--baseline`) or against another project's node proxy (`--peer`),
+//! measured alternately in the same run on the same machine, so that every
+//! target is a ratio that noisy, shared machines cannot move much.
 
 use serde::{Deserialize, Serialize};
 
-use crate::stats::{Comparison, Measurement, Target};
+use crate::stats::{Comparison, Measurement, Stats, Target};
 
 /// What a goal compares.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -17,13 +17,54 @@ pub enum Of {
     Added,
 }
 
-/// A goal for this build over the baseline build.
+/// A goal for this build over the other side.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum AbGoal {
-    /// This build's number over the baseline's, at most this.
+    /// This build's number over the other side's, at most this.
     AtMost(f64, Of),
-    /// This build's number over the baseline's, at least this.
+    /// This build's number over the other side's, at least this.
     AtLeast(f64, Of),
+}
+
+/// What this build is held against.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Other {
+    /// Another build of Kanava (`--baseline`).
+    Baseline,
+    /// Another project's node proxy (`--peer`).
+    Peer,
+}
+
+impl Other {
+    /// The metrics held to this side, with their goals.
+    pub fn held(self) -> &'static [(&'static str, &'static str, AbGoal)] {
+        match self {
+            Other::Baseline => HELD,
+            Other::Peer => HELD_TO_PEER,
+        }
+    }
+
+    /// How a goal's ratio is named in the report.
+    fn ratio_name(self) -> &'static str {
+        match self {
+            Other::Baseline => "current/baseline",
+            Other::Peer => "kanava/peer",
+        }
+    }
+
+    fn of_comparison(self, c: &Comparison) -> Option<&Stats> {
+        match self {
+            Other::Baseline => c.baseline.as_ref(),
+            Other::Peer => c.peer.as_ref(),
+        }
+    }
+
+    fn of_measurement(self, m: &Measurement) -> Option<&Stats> {
+        match self {
+            Other::Baseline => m.baseline.as_ref(),
+            Other::Peer => m.peer.as_ref(),
+        }
+    }
 }
 
 pub const CPU_PER_GIB: AbGoal = AbGoal::AtMost(0.5, Of::Median);
@@ -37,7 +78,7 @@ pub const NO_WORSE: AbGoal = AbGoal::AtMost(1.0, Of::Median);
 /// The metrics held to the baseline, by scenario and metric name as the
 /// scenarios record them. A name here that no scenario records shows up in
 /// the report as not measured, never silently.
-pub const HELD: &[(&str, &str, AbGoal)] = &[
+const HELD: &[(&str, &str, AbGoal)] = &[
     ("proxy cost", "ztunnel CPU per GiB (1 stream)", CPU_PER_GIB),
     ("proxy cost", "ztunnel CPU per GiB (8 streams)", CPU_PER_GIB),
     ("throughput", "1 stream", THROUGHPUT),
@@ -64,6 +105,51 @@ pub const HELD: &[(&str, &str, AbGoal)] = &[
     ),
 ];
 
+/// The goals against the peer (the node proxy users would otherwise pick):
+/// less CPU per byte, more throughput and connections, less added latency,
+/// a first connection in half the time, no more memory.
+pub const PEER_CPU_PER_GIB: AbGoal = AbGoal::AtMost(0.8, Of::Median);
+pub const PEER_THROUGHPUT: AbGoal = AbGoal::AtLeast(1.2, Of::Median);
+pub const PEER_ADDED_LATENCY: AbGoal = AbGoal::AtMost(0.8, Of::Added);
+pub const PEER_CHURN: AbGoal = AbGoal::AtLeast(1.2, Of::Median);
+pub const PEER_FIRST_CONNECTION: AbGoal = AbGoal::AtMost(0.5, Of::Median);
+
+/// The metrics held to the peer, named as in [`HELD`].
+const HELD_TO_PEER: &[(&str, &str, AbGoal)] = &[
+    (
+        "proxy cost",
+        "ztunnel CPU per GiB (1 stream)",
+        PEER_CPU_PER_GIB,
+    ),
+    (
+        "proxy cost",
+        "ztunnel CPU per GiB (8 streams)",
+        PEER_CPU_PER_GIB,
+    ),
+    ("throughput", "1 stream", PEER_THROUGHPUT),
+    ("throughput", "8 streams", PEER_THROUGHPUT),
+    ("latency back-to-back", "p50", PEER_ADDED_LATENCY),
+    ("latency back-to-back", "p99", PEER_ADDED_LATENCY),
+    ("connection churn", "1 client", PEER_CHURN),
+    ("connection churn", "16 clients", PEER_CHURN),
+    (
+        "first connection",
+        "connect + 1 KiB round trip",
+        PEER_FIRST_CONNECTION,
+    ),
+    ("proxy cost", "ztunnel RSS idle", NO_WORSE),
+    (
+        "proxy cost",
+        "memory per idle connection, client ztunnel",
+        NO_WORSE,
+    ),
+    (
+        "proxy cost",
+        "memory per idle connection, server ztunnel",
+        NO_WORSE,
+    ),
+];
+
 /// One line of the A/B table.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AbRow {
@@ -71,9 +157,10 @@ pub struct AbRow {
     /// The metric, with "added" in front when mesh − direct is compared.
     pub metric: String,
     pub unit: String,
-    pub baseline: f64,
+    /// The other side's number.
+    pub other: f64,
     pub current: f64,
-    /// `current / baseline`.
+    /// `current / other`.
     pub ratio: f64,
     pub target: Option<Target>,
 }
@@ -85,30 +172,32 @@ impl AbGoal {
         }
     }
 
-    pub fn check(self, ratio: f64) -> Target {
+    pub fn check(self, ratio: f64, other: Other) -> Target {
+        let name = other.ratio_name();
         match self {
             AbGoal::AtMost(limit, _) => Target {
-                text: format!("current/baseline <= {limit}"),
+                text: format!("{name} <= {limit}"),
                 met: ratio <= limit,
             },
             AbGoal::AtLeast(limit, _) => Target {
-                text: format!("current/baseline >= {limit}"),
+                text: format!("{name} >= {limit}"),
                 met: ratio >= limit,
             },
         }
     }
 }
 
-/// The A/B rows: every held metric (checked), then every other number
-/// both builds produced (for reference). Empty when the run had no
-/// baseline.
-pub fn rows(comparisons: &[Comparison], measurements: &[Measurement]) -> Vec<AbRow> {
+/// The A/B rows against `other`: every held metric (checked), then every
+/// other number both sides produced (for reference). Empty when the run
+/// did not measure that side.
+pub fn rows(other: Other, comparisons: &[Comparison], measurements: &[Measurement]) -> Vec<AbRow> {
     let mut rows = Vec::new();
-    // (scenario, metric, unit, direct median, baseline median, this build's median)
+    let held = other.held();
+    // (scenario, metric, unit, direct median, other side's median, this build's median)
     let pairs: Vec<(&str, &str, &str, f64, f64, f64)> = comparisons
         .iter()
         .filter_map(|c| {
-            let baseline = c.baseline.as_ref()?.median;
+            let baseline = other.of_comparison(c)?.median;
             Some((
                 &*c.scenario,
                 &*c.metric,
@@ -119,7 +208,7 @@ pub fn rows(comparisons: &[Comparison], measurements: &[Measurement]) -> Vec<AbR
             ))
         })
         .chain(measurements.iter().filter_map(|m| {
-            let baseline = m.baseline.as_ref()?.median;
+            let baseline = other.of_measurement(m)?.median;
             Some((
                 &*m.scenario,
                 &*m.metric,
@@ -133,7 +222,7 @@ pub fn rows(comparisons: &[Comparison], measurements: &[Measurement]) -> Vec<AbR
     if pairs.is_empty() {
         return rows;
     }
-    for &(scenario, metric, goal) in HELD {
+    for &(scenario, metric, goal) in held {
         let found = pairs
             .iter()
             .find(|(s, m, ..)| *s == scenario && *m == metric);
@@ -142,7 +231,7 @@ pub fn rows(comparisons: &[Comparison], measurements: &[Measurement]) -> Vec<AbR
                 scenario: scenario.into(),
                 metric: metric.into(),
                 unit: String::new(),
-                baseline: f64::NAN,
+                other: f64::NAN,
                 current: f64::NAN,
                 ratio: f64::NAN,
                 target: Some(Target {
@@ -165,21 +254,21 @@ pub fn rows(comparisons: &[Comparison], measurements: &[Measurement]) -> Vec<AbR
             scenario: scenario.into(),
             metric,
             unit: unit.into(),
-            baseline,
+            other: baseline,
             current,
             ratio,
-            target: Some(goal.check(ratio)),
+            target: Some(goal.check(ratio, other)),
         });
     }
     for &(scenario, metric, unit, _, baseline, current) in &pairs {
-        if HELD.iter().any(|(s, m, _)| *s == scenario && *m == metric) {
+        if held.iter().any(|(s, m, _)| *s == scenario && *m == metric) {
             continue;
         }
         rows.push(AbRow {
             scenario: scenario.into(),
             metric: metric.into(),
             unit: unit.into(),
-            baseline,
+            other: baseline,
             current,
             ratio: current / baseline,
             target: None,
@@ -222,7 +311,11 @@ mod tests {
                 value,
             );
         }
-        let rows = rows(&collector.comparisons(), &collector.measurements());
+        let rows = rows(
+            Other::Baseline,
+            &collector.comparisons(),
+            &collector.measurements(),
+        );
         let cpu = rows
             .iter()
             .find(|r| r.metric == "ztunnel CPU per GiB (1 stream)")
@@ -248,6 +341,47 @@ mod tests {
     }
 
     #[test]
+    fn the_peer_is_held_to_its_own_goals() {
+        let mut collector = Collector::default();
+        for (mode, value) in [
+            (Mode::Direct, 10.0),
+            (Mode::Baseline, 4.0),
+            (Mode::Peer, 2.5),
+            (Mode::Mesh, 3.2),
+        ] {
+            collector.compare(
+                "throughput",
+                "1 stream",
+                "Gbit/s",
+                Better::Higher,
+                None,
+                mode,
+                value,
+            );
+        }
+        let (comparisons, measurements) = (collector.comparisons(), collector.measurements());
+        let against_peer = rows(Other::Peer, &comparisons, &measurements);
+        let throughput = against_peer
+            .iter()
+            .find(|r| r.metric == "1 stream")
+            .expect("throughput row");
+        assert_eq!(throughput.other, 2.5);
+        assert_eq!(throughput.ratio, 3.2 / 2.5);
+        let target = throughput.target.as_ref().expect("held");
+        assert_eq!(target.text, "kanava/peer >= 1.2");
+        assert!(target.met, "1.28 >= 1.2");
+        // The same number against the baseline is held to the baseline's
+        // goal, from the baseline's samples.
+        let against_baseline = rows(Other::Baseline, &comparisons, &measurements);
+        let throughput = against_baseline
+            .iter()
+            .find(|r| r.metric == "1 stream")
+            .expect("throughput row");
+        assert_eq!(throughput.other, 4.0);
+        assert!(!throughput.target.as_ref().expect("held").met, "0.8 < 1.5");
+    }
+
+    #[test]
     fn a_run_without_baseline_has_no_ab_rows() {
         let mut collector = Collector::default();
         for (mode, value) in [(Mode::Mesh, 1.0), (Mode::Direct, 2.0)] {
@@ -261,6 +395,8 @@ mod tests {
                 value,
             );
         }
-        assert!(rows(&collector.comparisons(), &collector.measurements()).is_empty());
+        for other in [Other::Baseline, Other::Peer] {
+            assert!(rows(other, &collector.comparisons(), &collector.measurements()).is_empty());
+        }
     }
 }

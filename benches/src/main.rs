@@ -6,6 +6,7 @@
 //! kanava-bench --quick --output-dir /tmp/bench   # seconds; for CI
 //! kanava-bench --report-only        # RESULTS.md again from results.json + analysis.md
 //! kanava-bench --baseline /work/old/target/release   # A/B against another build
+//! kanava-bench --peer ./my-peer-hook   # beside another project's node proxy
 //! ```
 //!
 //! Needs root (it builds a lab of network namespaces). Build the workspace
@@ -77,6 +78,13 @@ struct Args {
     /// that one.
     #[arg(long, value_name = "DIR")]
     baseline: Option<PathBuf>,
+    /// Beside another project's node proxy: an executable that puts it on
+    /// a lab of its own (called `HOOK up STATE NAMESPACE` and
+    /// `HOOK down STATE`; see the README). It takes its turn in every
+    /// repetition of the IPv4 data-path scenarios, and RESULTS.md gains a
+    /// table of this build over the peer.
+    #[arg(long, value_name = "HOOK")]
+    peer: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,6 +106,7 @@ fn main() -> anyhow::Result<()> {
     kanava_tls::install_default_provider();
     let bins = kanava_lab::bin_dir(None)?;
     let mut collector = Collector::default();
+    let mut peer = None;
     let repetitions = if args.quick {
         1
     } else {
@@ -124,7 +133,18 @@ fn main() -> anyhow::Result<()> {
             }
             None => None,
         };
-        let mut bench = mesh::MeshBench::up(settings.clone(), baseline.clone(), IpFamily::IPv4)?;
+        if let Some(hook) = &args.peer
+            && !hook.is_file()
+        {
+            anyhow::bail!("--peer {}: no such executable", hook.display());
+        }
+        let mut bench = mesh::MeshBench::up(
+            settings.clone(),
+            baseline.clone(),
+            args.peer.clone(),
+            IpFamily::IPv4,
+        )?;
+        peer = bench.peer_name();
         if !args.upgrade_only {
             bench.run(&mut collector)?;
         }
@@ -151,7 +171,8 @@ fn main() -> anyhow::Result<()> {
             // One lab at a time: the IPv4 one is taken down first.
             drop(bench);
             eprintln!("data path in IPv6");
-            let mut bench = mesh::MeshBench::up(settings, baseline, IpFamily::IPv6)?;
+            // The peer is compared in IPv4 only.
+            let mut bench = mesh::MeshBench::up(settings, baseline, None, IpFamily::IPv6)?;
             bench.run_family_rows(&mut collector)?;
         }
     }
@@ -178,6 +199,7 @@ fn main() -> anyhow::Result<()> {
         comparisons: collector.comparisons(),
         measurements: collector.measurements(),
         baseline: args.baseline.as_deref().map(report::describe_build),
+        peer,
     };
     report::write(&results, &args.output_dir)?;
     print!("{}", report::markdown(&results, ""));

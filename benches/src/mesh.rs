@@ -6,6 +6,10 @@
 //! In an A/B run (`--baseline`) a second lab of the same shape runs another
 //! build's ztunnels; its `mesh` namespace is the third side of every
 //! comparison, taking its turn within each repetition.
+//!
+//! With `--peer` another lab of the same shape leaves `mesh` out of
+//! Kanava's mesh and hands its pods to another project's node proxy
+//! instead (see [`Peer`]); it takes its turn the same way.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,10 +61,22 @@ impl Settings {
 pub(crate) const SERVER_PORT: u16 = 7000;
 const IPERF_PORT: u16 = 5201;
 
-fn lab_file(family: IpFamily) -> String {
+/// The benchmark's lab: a client and a server pod in `direct` and in
+/// `mesh`. `mesh` is enrolled in Kanava's mesh unless a peer takes it; a
+/// peer's lab also holds `first_pods` spare client pods (`first-N`) from the
+/// start, for the first-connection scenario (a peer learns its pods once).
+fn lab_file(family: IpFamily, enrolled: bool, first_pods: usize) -> String {
+    let labels = if enrolled {
+        ", labels: {kanava.io/dataplane-mode: ambient}"
+    } else {
+        ""
+    };
     let mut text = format!(
-        "kind: Lab\nnodes: 2\nipFamilies: [{family}]\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: direct}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh, labels: {{kanava.io/dataplane-mode: ambient}}}}\n",
+        "kind: Lab\nnodes: 2\nipFamilies: [{family}]\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: direct}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh{labels}}}\n",
     );
+    for repetition in 0..first_pods {
+        text.push_str(&first_pod(repetition, "mesh"));
+    }
     for namespace in ["direct", "mesh"] {
         text.push_str(&format!(
             r#"---
@@ -85,24 +101,106 @@ spec:
     text
 }
 
+/// The client pod of the first-connection scenario's repetition.
+fn first_pod(repetition: usize, namespace: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: first-{repetition}, namespace: {namespace}}}\nspec: {{nodeName: node-1, serviceAccountName: client, containers: [{{name: c, command: [sleep, infinity]}}]}}\n"
+    )
+}
+
+/// Another project's node proxy, on a lab of its own whose `mesh` pods
+/// Kanava leaves alone.
+///
+/// Kanava carries nothing of the peer: a hook, an executable the person
+/// running the benchmark provides, puts the peer's proxies on the lab.
+/// It is called as `HOOK up STATE NAMESPACE` once the lab is up (`STATE` is
+/// the lab's `state.json`: nodes, pods, their network namespaces and
+/// addresses), and returns once every pod of `NAMESPACE` sends and receives
+/// through the peer, printing as its last line
+/// `{"name": "…", "pids": [node-1's proxy, node-2's proxy]}`. When the
+/// benchmark is done it is called as `HOOK down STATE`.
+pub struct Peer {
+    lab: Lab,
+    hook: PathBuf,
+    /// The peer's proxy processes, in node order.
+    pids: Vec<u32>,
+    /// Its name and version, as the hook told them.
+    pub name: String,
+}
+
+impl Peer {
+    fn up(hook: PathBuf, spec: &LabSpec) -> anyhow::Result<Peer> {
+        let options = UpOptions::named(format!("benchp{}", std::process::id()));
+        let lab = Lab::up(spec, &options).context("bring up the peer's lab")?;
+        let state = lab.state().dir.join("state.json");
+        let output = std::process::Command::new(&hook)
+            .arg("up")
+            .arg(&state)
+            .arg("mesh")
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("run the peer's hook {}", hook.display()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let mut peer = Peer {
+            lab,
+            hook,
+            pids: Vec::new(),
+            name: String::new(),
+        };
+        if !output.status.success() {
+            bail!("the peer's hook failed ({}): {stdout}", output.status);
+        }
+        let told: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+            .with_context(|| format!("the peer's hook printed no JSON last: {stdout}"))?;
+        peer.name = told["name"].as_str().unwrap_or("the peer").to_string();
+        peer.pids = told["pids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|pid| pid.as_u64().and_then(|pid| u32::try_from(pid).ok()))
+            .collect();
+        if peer.pids.len() != peer.lab.state().nodes.len() {
+            bail!("the peer's hook named no proxy process per node: {told}");
+        }
+        Ok(peer)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let state = self.lab.state().dir.join("state.json");
+        let status = std::process::Command::new(&self.hook)
+            .arg("down")
+            .arg(&state)
+            .status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("the peer's hook did not take it down cleanly: {status:?}");
+        }
+    }
+}
+
 pub struct MeshBench {
     pub(crate) lab: Lab,
     /// The lab whose ztunnels are the baseline build's, in an A/B run.
     baseline: Option<Lab>,
+    /// Another project's proxies, in a run with `--peer`.
+    peer: Option<Peer>,
     settings: Settings,
     /// The family every address of the labs is of.
     family: IpFamily,
 }
 
 impl MeshBench {
-    /// Brings the lab up, and with `baseline_ztunnel` a second one whose
-    /// ztunnels run that executable.
+    /// Brings the lab up, with `baseline_ztunnel` a second one whose
+    /// ztunnels run that executable, and with `peer_hook` one whose `mesh`
+    /// pods that hook hands to another node proxy.
     pub fn up(
         settings: Settings,
         baseline_ztunnel: Option<PathBuf>,
+        peer_hook: Option<PathBuf>,
         family: IpFamily,
     ) -> anyhow::Result<Self> {
-        let spec = LabSpec::parse(&lab_file(family), 2)?;
+        let spec = LabSpec::parse(&lab_file(family, true, 0), 2)?;
         let name = format!("bench{}", std::process::id());
         let lab = Lab::up(&spec, &UpOptions::named(name)).context("bring up the benchmark lab")?;
         let baseline = match baseline_ztunnel {
@@ -113,9 +211,17 @@ impl MeshBench {
             }
             None => None,
         };
+        let peer = match peer_hook {
+            Some(hook) => {
+                let spec = LabSpec::parse(&lab_file(family, false, settings.repetitions), 2)?;
+                Some(Peer::up(hook, &spec)?)
+            }
+            None => None,
+        };
         let bench = MeshBench {
             lab,
             baseline,
+            peer,
             settings,
             family,
         };
@@ -127,25 +233,42 @@ impl MeshBench {
     /// (turns rotate so that none always runs first).
     fn order(&self, repetition: usize) -> Vec<Mode> {
         let mut modes = vec![Mode::Direct, Mode::Mesh];
-        if self.baseline.is_some() {
-            modes.push(Mode::Baseline);
-        }
+        modes.extend(self.others());
         let turn = repetition % modes.len();
         modes.rotate_left(turn);
         modes
     }
 
+    /// The sides besides this build's mesh and the direct path.
+    fn others(&self) -> Vec<Mode> {
+        let mut modes = Vec::new();
+        if self.baseline.is_some() {
+            modes.push(Mode::Baseline);
+        }
+        if self.peer.is_some() {
+            modes.push(Mode::Peer);
+        }
+        modes
+    }
+
+    /// The name of the peer's proxy, in a run with `--peer`.
+    pub fn peer_name(&self) -> Option<String> {
+        self.peer.as_ref().map(|peer| peer.name.clone())
+    }
+
     /// The lab that `mode`'s pods live in.
     pub(crate) fn lab_of(&self, mode: Mode) -> &Lab {
-        match (mode, &self.baseline) {
-            (Mode::Baseline, Some(baseline)) => baseline,
+        match (mode, &self.baseline, &self.peer) {
+            (Mode::Baseline, Some(baseline), _) => baseline,
+            (Mode::Peer, _, Some(peer)) => &peer.lab,
             _ => &self.lab,
         }
     }
 
     fn lab_of_mut(&mut self, mode: Mode) -> &mut Lab {
-        match (mode, &mut self.baseline) {
-            (Mode::Baseline, Some(baseline)) => baseline,
+        match (mode, &mut self.baseline, &mut self.peer) {
+            (Mode::Baseline, Some(baseline), _) => baseline,
+            (Mode::Peer, _, Some(peer)) => &mut peer.lab,
             _ => &mut self.lab,
         }
     }
@@ -153,9 +276,7 @@ impl MeshBench {
     /// The sides whose proxies are measured on their own (memory at rest).
     fn meshes(&self) -> Vec<Mode> {
         let mut modes = vec![Mode::Mesh];
-        if self.baseline.is_some() {
-            modes.push(Mode::Baseline);
-        }
+        modes.extend(self.others());
         modes
     }
 
@@ -204,8 +325,11 @@ impl MeshBench {
         format!("{}/client", mode.namespace())
     }
 
-    /// The ztunnels of `mode`'s lab.
+    /// The ztunnels of `mode`'s lab (the peer's proxies for the peer).
     pub(crate) fn ztunnel_pids(&self, mode: Mode) -> Vec<u32> {
+        if let (Mode::Peer, Some(peer)) = (mode, &self.peer) {
+            return peer.pids.clone();
+        }
         self.lab_of(mode)
             .state()
             .nodes
@@ -481,17 +605,22 @@ impl MeshBench {
         collector: &mut Collector,
     ) -> anyhow::Result<()> {
         let namespace = mode.namespace();
-        let pod = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: first-{repetition}, namespace: {namespace}}}\nspec: {{nodeName: node-1, serviceAccountName: client, containers: [{{name: c, command: [sleep, infinity]}}]}}\n"
-        );
-        self.lab_of_mut(mode).apply(&pod)?;
+        let pod = first_pod(repetition, namespace);
+        // The peer's lab made its spare pods at the start: it has never
+        // connected from them.
+        let fresh = mode != Mode::Peer;
+        if fresh {
+            self.lab_of_mut(mode).apply(&pod)?;
+        }
         let server = self.server(mode, SERVER_PORT)?.to_string();
         let result = self.run_json(
             mode,
             &format!("{namespace}/first-{repetition}"),
             &["labapp", "churn", "--to", &server, "--once"],
         );
-        self.lab_of_mut(mode).delete(&pod)?;
+        if fresh {
+            self.lab_of_mut(mode).delete(&pod)?;
+        }
         let micros = result?["first_connection_us"]
             .as_f64()
             .context("no first_connection_us")?;
@@ -520,14 +649,11 @@ impl MeshBench {
                 .map(|_| std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10)))
                 .collect()
         })??;
-        // Every connection is proxied once the server's ztunnel holds it.
-        let server_node = &lab.state().nodes[1];
+        // Every connection is proxied once the server has accepted it.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let open = kanava_lab::propagation::config_dump(&server_node.netns)
-                .and_then(|dump| dump["openInboundConnections"].as_u64())
-                .unwrap_or(0);
-            if open as usize >= count {
+            let open = self.accepted_by_server(mode).unwrap_or(0);
+            if open >= count {
                 break;
             }
             if Instant::now() > deadline {
@@ -558,15 +684,27 @@ impl MeshBench {
             );
         }
         drop(connections);
-        // Let the ztunnels take them all down before measuring anything else.
+        // Let the proxies take them all down before measuring anything else.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while kanava_lab::propagation::config_dump(&server_node.netns)
-            .and_then(|dump| dump["openInboundConnections"].as_u64())
-            .is_some_and(|open| open > 0)
+        while self.accepted_by_server(mode).is_some_and(|open| open > 0)
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
+    }
+
+    /// Connections the server pod of `mode` holds open on its echo port:
+    /// counted in the pod, so it means the same whichever proxy delivered
+    /// them.
+    fn accepted_by_server(&self, mode: Mode) -> Option<usize> {
+        let lab = self.lab_of(mode);
+        let pod = format!("{}/server", mode.namespace());
+        let filter = format!("sport = :{SERVER_PORT}");
+        let output = lab
+            .exec(&pod, &["ss", "-Htn", "state", "established", &filter])
+            .ok()
+            .filter(|o| o.status.success())?;
+        Some(String::from_utf8_lossy(&output.stdout).lines().count())
     }
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ab::Other;
 use crate::stats::{Comparison, Measurement};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,6 +59,10 @@ pub struct Results {
     /// run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<String>,
+    /// The node proxy `--peer` brought (its name and version, as its hook
+    /// told them), in a run with a peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 /// The commit being measured (with `-dirty` when the tree has changes).
@@ -117,26 +122,36 @@ pub fn markdown(results: &Results, analysis: &str) -> String {
         "Machine: {} — {} cores, {} GiB, Linux {}. Every data-path number is the median of {} repetition(s), direct and mesh alternating in the same run; min–max in brackets.\n",
         m.cpu, m.cores, m.memory_gib, m.kernel, results.repetitions
     );
-    let ab = crate::ab::rows(&results.comparisons, &results.measurements);
-    if !ab.is_empty() {
+    let peer_intro = format!(
+        "## Kanava against {peer}\n\nPeer: {peer}. It runs in a lab of its own of the same shape, on the same pods; direct, the peer and this build take turns within every repetition. Latency targets compare what each proxy adds to the direct path.\n",
+        peer = results.peer.as_deref().unwrap_or("the peer"),
+    );
+    let baseline_intro = format!(
+        "## This build against the baseline\n\nBaseline: {}. Its mesh runs in a second lab of the same shape; direct, baseline and this build take turns within every repetition.\n",
+        results.baseline.as_deref().unwrap_or("another build")
+    );
+    for (other, intro, column) in [
+        (Other::Peer, peer_intro, "peer"),
+        (Other::Baseline, baseline_intro, "baseline"),
+    ] {
+        let rows = crate::ab::rows(other, &results.comparisons, &results.measurements);
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "{intro}");
         let _ = writeln!(
             out,
-            "## This build against the baseline\n\nBaseline: {}. Its mesh runs in a second lab of the same shape; direct, baseline and this build take turns within every repetition.\n",
-            results.baseline.as_deref().unwrap_or("another build")
-        );
-        let _ = writeln!(
-            out,
-            "| scenario | metric | baseline | this build | this/baseline | target |"
+            "| scenario | metric | {column} | this build | this/{column} | target |"
         );
         let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
-        for row in &ab {
+        for row in &rows {
             let _ = writeln!(
                 out,
                 "| {} | {} ({}) | {} | {} | {} | {} |",
                 row.scenario,
                 row.metric,
                 row.unit,
-                number(row.baseline),
+                number(row.other),
                 number(row.current),
                 number(row.ratio),
                 target(&row.target)

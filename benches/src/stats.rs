@@ -14,13 +14,15 @@ pub enum Mode {
     Mesh,
     /// Through the mesh of another build (`--baseline`), in a lab of its own.
     Baseline,
+    /// Through another project's node proxy (`--peer`), in a lab of its own.
+    Peer,
 }
 
 impl Mode {
     pub fn namespace(self) -> &'static str {
         match self {
             Mode::Direct => "direct",
-            Mode::Mesh | Mode::Baseline => "mesh",
+            Mode::Mesh | Mode::Baseline | Mode::Peer => "mesh",
         }
     }
 }
@@ -80,6 +82,9 @@ pub struct Comparison {
     /// The baseline build's mesh, in an A/B run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Stats>,
+    /// The peer's proxies, in a run with `--peer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<Stats>,
 }
 
 /// A number with no direct counterpart (memory of the proxy, control plane
@@ -95,6 +100,9 @@ pub struct Measurement {
     /// The same number for the baseline build, in an A/B run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Stats>,
+    /// The same number for the peer's proxies, in a run with `--peer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<Stats>,
 }
 
 type Key = (String, String);
@@ -106,6 +114,7 @@ struct Series<G> {
     direct: Vec<f64>,
     mesh: Vec<f64>,
     baseline: Vec<f64>,
+    peer: Vec<f64>,
 }
 
 /// Collects samples as the scenarios run, in the order they were first seen
@@ -138,6 +147,7 @@ fn series<'a, G>(
                 direct: Vec::new(),
                 mesh: Vec::new(),
                 baseline: Vec::new(),
+                peer: Vec::new(),
             };
             list.push(((scenario.to_string(), metric.to_string()), series));
             list.len() - 1
@@ -164,6 +174,7 @@ impl Collector {
             Mode::Direct => series.direct.push(value),
             Mode::Mesh => series.mesh.push(value),
             Mode::Baseline => series.baseline.push(value),
+            Mode::Peer => series.peer.push(value),
         }
     }
 
@@ -180,8 +191,9 @@ impl Collector {
         self.measure_for(Mode::Mesh, scenario, metric, unit, better, goal, value);
     }
 
-    /// A sample of a mesh-only metric taken of `mode`'s mesh (this build's
-    /// or the baseline's); the goal is checked on this build's only.
+    /// A sample of a mesh-only metric taken of `mode`'s mesh (this build's,
+    /// the baseline's or the peer's); the goal is checked on this build's
+    /// only.
     #[allow(clippy::too_many_arguments)]
     pub fn measure_for(
         &mut self,
@@ -196,6 +208,7 @@ impl Collector {
         let series = series(&mut self.measured, scenario, metric, unit, better, goal);
         match mode {
             Mode::Baseline => series.baseline.push(value),
+            Mode::Peer => series.peer.push(value),
             Mode::Direct | Mode::Mesh => series.mesh.push(value),
         }
     }
@@ -226,6 +239,7 @@ impl Collector {
                     added,
                     target,
                     baseline: Stats::of(&series.baseline),
+                    peer: Stats::of(&series.peer),
                 })
             })
             .collect()
@@ -247,6 +261,7 @@ impl Collector {
                     stats,
                     target,
                     baseline: Stats::of(&series.baseline),
+                    peer: Stats::of(&series.peer),
                 })
             })
             .collect()

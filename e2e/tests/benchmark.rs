@@ -1,16 +1,48 @@
 //! The benchmark cannot rot: its quick mode runs in CI and must produce a
 //! number for every scenario (the numbers themselves are not judged here),
-//! in A/B mode: the baseline is this very build, in a second lab.
+//! in A/B mode: the baseline is this very build, in a second lab; and beside
+//! a peer, whose hook (below) enrolls the peer lab's pods in this very
+//! build's mesh, so the hook protocol is exercised end to end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use kanava_e2e::require_root;
+
+/// A peer hook as `--peer` expects one (see the README): here the "other
+/// proxy" is Kanava itself, reached through the hook protocol: `up` enrolls
+/// the namespace it is given, waits until the lab says every pod of it is
+/// captured, and names the lab's ztunnels.
+const PEER_HOOK: &str = r#"#!/usr/bin/env python3
+import json, os, subprocess, sys, time
+command, state_path = sys.argv[1], sys.argv[2]
+if command == "down":
+    sys.exit(0)
+namespace = sys.argv[3]
+state = json.load(open(state_path))
+manifest = os.path.join(os.path.dirname(state_path), "peer-enroll.yaml")
+with open(manifest, "w") as f:
+    f.write("apiVersion: v1\nkind: Namespace\nmetadata: {name: %s, labels: {kanava.io/dataplane-mode: ambient}}\n" % namespace)
+subprocess.run([os.environ["KANAVA"], "lab", "apply", "--name", state["name"], "-f", manifest], check=True, stdout=sys.stderr)
+deadline = time.time() + 60
+while True:
+    state = json.load(open(state_path))
+    pods = [p for p in state["pods"] if p["namespace"] == namespace]
+    if pods and all(p["captured"] for p in pods):
+        break
+    if time.time() > deadline:
+        sys.exit("pods not captured: %s" % [p["name"] for p in pods if not p["captured"]])
+    time.sleep(0.2)
+print(json.dumps({"name": "Kanava as its own peer", "pids": [n["ztunnel"]["pid"] for n in state["nodes"]]}))
+"#;
 
 #[test]
 fn quick_benchmark_produces_every_number() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let bins = kanava_lab::bin_dir(None).unwrap();
+    let hook = dir.path().join("peer-hook");
+    std::fs::write(&hook, PEER_HOOK).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let binary = bins.join("kanava-bench");
     assert!(
         binary.is_file(),
@@ -22,6 +54,9 @@ fn quick_benchmark_produces_every_number() {
         .arg(dir.path())
         .arg("--baseline")
         .arg(&bins)
+        .arg("--peer")
+        .arg(&hook)
+        .env("KANAVA", bins.join("kanava"))
         .output()
         .unwrap();
     assert!(
@@ -64,21 +99,35 @@ fn quick_benchmark_produces_every_number() {
                 );
             }
             assert!(c["ratio"].as_f64().unwrap().is_finite());
-            // The baseline's mesh took its turn too.
-            let baseline = c["baseline"]["median"].as_f64().unwrap_or(f64::NAN);
-            assert!(
-                baseline.is_finite() && baseline > 0.0,
-                "{scenario} / {metric} / baseline: {c:#}"
-            );
+            // The baseline's mesh and the peer took their turns too.
+            for side in ["baseline", "peer"] {
+                let median = c[side]["median"].as_f64().unwrap_or(f64::NAN);
+                assert!(
+                    median.is_finite() && median > 0.0,
+                    "{scenario} / {metric} / {side}: {c:#}"
+                );
+            }
         }
     }
     assert!(results["baseline"].as_str().is_some_and(|s| !s.is_empty()));
+    assert_eq!(results["peer"], "Kanava as its own peer");
     let report = std::fs::read_to_string(dir.path().join("RESULTS.md")).unwrap();
-    assert!(
-        report.contains("## This build against the baseline"),
-        "{report}"
-    );
-    // Every metric held to the baseline was measured.
+    for section in [
+        "## This build against the baseline",
+        "## Kanava against Kanava as its own peer",
+    ] {
+        assert!(report.contains(section), "{report}");
+    }
+    assert!(report.contains("kanava/peer <= 0.8"), "{report}");
+    // The peer's own proxies were measured (memory and CPU per byte).
+    let peer_measured = results["measurements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["peer"]["median"].as_f64().is_some_and(f64::is_finite))
+        .count();
+    assert!(peer_measured >= 4, "{results:#}");
+    // Every metric held to the baseline and to the peer was measured.
     assert!(!report.contains("not measured"), "{report}");
     let measurements = results["measurements"].as_array().unwrap();
     for metric in [

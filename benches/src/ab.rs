@@ -36,11 +36,11 @@ pub enum Other {
 }
 
 impl Other {
-    /// The metrics held to this side, with their goals.
-    pub fn held(self) -> &'static [(&'static str, &'static str, AbGoal)] {
+    /// The goal `held` is held to against this side.
+    fn goal(self, held: &Held) -> AbGoal {
         match self {
-            Other::Baseline => HELD,
-            Other::Peer => HELD_TO_PEER,
+            Other::Baseline => held.baseline,
+            Other::Peer => held.peer,
         }
     }
 
@@ -72,38 +72,8 @@ pub const THROUGHPUT: AbGoal = AbGoal::AtLeast(1.5, Of::Median);
 pub const ADDED_LATENCY: AbGoal = AbGoal::AtMost(0.75, Of::Added);
 pub const CHURN: AbGoal = AbGoal::AtLeast(1.3, Of::Median);
 pub const FIRST_CONNECTION: AbGoal = AbGoal::AtMost(0.6, Of::Median);
-/// Memory: no worse than the baseline.
+/// Memory: no worse than the other side.
 pub const NO_WORSE: AbGoal = AbGoal::AtMost(1.0, Of::Median);
-
-/// The metrics held to the baseline, by scenario and metric name as the
-/// scenarios record them. A name here that no scenario records shows up in
-/// the report as not measured, never silently.
-const HELD: &[(&str, &str, AbGoal)] = &[
-    ("proxy cost", "ztunnel CPU per GiB (1 stream)", CPU_PER_GIB),
-    ("proxy cost", "ztunnel CPU per GiB (8 streams)", CPU_PER_GIB),
-    ("throughput", "1 stream", THROUGHPUT),
-    ("throughput", "8 streams", THROUGHPUT),
-    ("latency back-to-back", "p50", ADDED_LATENCY),
-    ("latency back-to-back", "p99", ADDED_LATENCY),
-    ("connection churn", "1 client", CHURN),
-    ("connection churn", "16 clients", CHURN),
-    (
-        "first connection",
-        "connect + 1 KiB round trip",
-        FIRST_CONNECTION,
-    ),
-    ("proxy cost", "ztunnel RSS idle", NO_WORSE),
-    (
-        "proxy cost",
-        "memory per idle connection, client ztunnel",
-        NO_WORSE,
-    ),
-    (
-        "proxy cost",
-        "memory per idle connection, server ztunnel",
-        NO_WORSE,
-    ),
-];
 
 /// The goals against the peer (the node proxy users would otherwise pick):
 /// less CPU per byte, more throughput and connections, less added latency,
@@ -114,38 +84,77 @@ pub const PEER_ADDED_LATENCY: AbGoal = AbGoal::AtMost(0.8, Of::Added);
 pub const PEER_CHURN: AbGoal = AbGoal::AtLeast(1.2, Of::Median);
 pub const PEER_FIRST_CONNECTION: AbGoal = AbGoal::AtMost(0.5, Of::Median);
 
-/// The metrics held to the peer, named as in [`HELD`].
-const HELD_TO_PEER: &[(&str, &str, AbGoal)] = &[
-    (
+/// A metric held to the other side, by scenario and metric name as the
+/// scenarios record them, with its goal against each side.
+pub struct Held {
+    scenario: &'static str,
+    metric: &'static str,
+    baseline: AbGoal,
+    peer: AbGoal,
+}
+
+const fn held(
+    scenario: &'static str,
+    metric: &'static str,
+    baseline: AbGoal,
+    peer: AbGoal,
+) -> Held {
+    Held {
+        scenario,
+        metric,
+        baseline,
+        peer,
+    }
+}
+
+/// The metrics held to the other side. A name here that no scenario
+/// records shows up in the report as not measured, never silently.
+const HELD: &[Held] = &[
+    held(
         "proxy cost",
         "ztunnel CPU per GiB (1 stream)",
+        CPU_PER_GIB,
         PEER_CPU_PER_GIB,
     ),
-    (
+    held(
         "proxy cost",
         "ztunnel CPU per GiB (8 streams)",
+        CPU_PER_GIB,
         PEER_CPU_PER_GIB,
     ),
-    ("throughput", "1 stream", PEER_THROUGHPUT),
-    ("throughput", "8 streams", PEER_THROUGHPUT),
-    ("latency back-to-back", "p50", PEER_ADDED_LATENCY),
-    ("latency back-to-back", "p99", PEER_ADDED_LATENCY),
-    ("connection churn", "1 client", PEER_CHURN),
-    ("connection churn", "16 clients", PEER_CHURN),
-    (
+    held("throughput", "1 stream", THROUGHPUT, PEER_THROUGHPUT),
+    held("throughput", "8 streams", THROUGHPUT, PEER_THROUGHPUT),
+    held(
+        "latency back-to-back",
+        "p50",
+        ADDED_LATENCY,
+        PEER_ADDED_LATENCY,
+    ),
+    held(
+        "latency back-to-back",
+        "p99",
+        ADDED_LATENCY,
+        PEER_ADDED_LATENCY,
+    ),
+    held("connection churn", "1 client", CHURN, PEER_CHURN),
+    held("connection churn", "16 clients", CHURN, PEER_CHURN),
+    held(
         "first connection",
         "connect + 1 KiB round trip",
+        FIRST_CONNECTION,
         PEER_FIRST_CONNECTION,
     ),
-    ("proxy cost", "ztunnel RSS idle", NO_WORSE),
-    (
+    held("proxy cost", "ztunnel RSS idle", NO_WORSE, NO_WORSE),
+    held(
         "proxy cost",
         "memory per idle connection, client ztunnel",
         NO_WORSE,
+        NO_WORSE,
     ),
-    (
+    held(
         "proxy cost",
         "memory per idle connection, server ztunnel",
+        NO_WORSE,
         NO_WORSE,
     ),
 ];
@@ -192,29 +201,28 @@ impl AbGoal {
 /// did not measure that side.
 pub fn rows(other: Other, comparisons: &[Comparison], measurements: &[Measurement]) -> Vec<AbRow> {
     let mut rows = Vec::new();
-    let held = other.held();
     // (scenario, metric, unit, direct median, other side's median, this build's median)
     let pairs: Vec<(&str, &str, &str, f64, f64, f64)> = comparisons
         .iter()
         .filter_map(|c| {
-            let baseline = other.of_comparison(c)?.median;
+            let theirs = other.of_comparison(c)?.median;
             Some((
                 &*c.scenario,
                 &*c.metric,
                 &*c.unit,
                 c.direct.median,
-                baseline,
+                theirs,
                 c.mesh.median,
             ))
         })
         .chain(measurements.iter().filter_map(|m| {
-            let baseline = other.of_measurement(m)?.median;
+            let theirs = other.of_measurement(m)?.median;
             Some((
                 &*m.scenario,
                 &*m.metric,
                 &*m.unit,
                 f64::NAN,
-                baseline,
+                theirs,
                 m.stats.median,
             ))
         }))
@@ -222,11 +230,12 @@ pub fn rows(other: Other, comparisons: &[Comparison], measurements: &[Measuremen
     if pairs.is_empty() {
         return rows;
     }
-    for &(scenario, metric, goal) in held {
+    for held in HELD {
+        let (scenario, metric, goal) = (held.scenario, held.metric, other.goal(held));
         let found = pairs
             .iter()
             .find(|(s, m, ..)| *s == scenario && *m == metric);
-        let Some(&(_, _, unit, direct, baseline, current)) = found else {
+        let Some(&(_, _, unit, direct, theirs, current)) = found else {
             rows.push(AbRow {
                 scenario: scenario.into(),
                 metric: metric.into(),
@@ -241,36 +250,35 @@ pub fn rows(other: Other, comparisons: &[Comparison], measurements: &[Measuremen
             });
             continue;
         };
-        let (metric, baseline, current) = match goal.of() {
-            Of::Median => (metric.to_string(), baseline, current),
-            Of::Added => (
-                format!("added {metric}"),
-                baseline - direct,
-                current - direct,
-            ),
+        let (metric, theirs, current) = match goal.of() {
+            Of::Median => (metric.to_string(), theirs, current),
+            Of::Added => (format!("added {metric}"), theirs - direct, current - direct),
         };
-        let ratio = current / baseline;
+        let ratio = current / theirs;
         rows.push(AbRow {
             scenario: scenario.into(),
             metric,
             unit: unit.into(),
-            other: baseline,
+            other: theirs,
             current,
             ratio,
             target: Some(goal.check(ratio, other)),
         });
     }
-    for &(scenario, metric, unit, _, baseline, current) in &pairs {
-        if held.iter().any(|(s, m, _)| *s == scenario && *m == metric) {
+    for &(scenario, metric, unit, _, theirs, current) in &pairs {
+        if HELD
+            .iter()
+            .any(|h| h.scenario == scenario && h.metric == metric)
+        {
             continue;
         }
         rows.push(AbRow {
             scenario: scenario.into(),
             metric: metric.into(),
             unit: unit.into(),
-            other: baseline,
+            other: theirs,
             current,
-            ratio: current / baseline,
+            ratio: current / theirs,
             target: None,
         });
     }

@@ -290,24 +290,30 @@ mod tests {
     use super::*;
     use crate::stats::{Better, Collector, Mode};
 
+    /// Records one sample per side of a compared metric
+    /// (scenario, metric, unit, which way is better).
+    fn compared(
+        collector: &mut Collector,
+        (scenario, metric, unit, better): (&str, &str, &str, Better),
+        samples: &[(Mode, f64)],
+    ) {
+        for &(mode, value) in samples {
+            collector.compare(scenario, metric, unit, better, None, mode, value);
+        }
+    }
+
     #[test]
     fn added_latency_is_compared_beyond_the_direct_path() {
         let mut collector = Collector::default();
-        for (mode, value) in [
-            (Mode::Direct, 50.0),
-            (Mode::Baseline, 250.0),
-            (Mode::Mesh, 170.0),
-        ] {
-            collector.compare(
-                "latency back-to-back",
-                "p50",
-                "us",
-                Better::Lower,
-                None,
-                mode,
-                value,
-            );
-        }
+        compared(
+            &mut collector,
+            ("latency back-to-back", "p50", "us", Better::Lower),
+            &[
+                (Mode::Direct, 50.0),
+                (Mode::Baseline, 250.0),
+                (Mode::Mesh, 170.0),
+            ],
+        );
         for (mode, value) in [(Mode::Baseline, 4.0), (Mode::Mesh, 2.2)] {
             collector.measure_for(
                 mode,
@@ -351,22 +357,16 @@ mod tests {
     #[test]
     fn the_peer_is_held_to_its_own_goals() {
         let mut collector = Collector::default();
-        for (mode, value) in [
-            (Mode::Direct, 10.0),
-            (Mode::Baseline, 4.0),
-            (Mode::Peer, 2.5),
-            (Mode::Mesh, 3.2),
-        ] {
-            collector.compare(
-                "throughput",
-                "1 stream",
-                "Gbit/s",
-                Better::Higher,
-                None,
-                mode,
-                value,
-            );
-        }
+        compared(
+            &mut collector,
+            ("throughput", "1 stream", "Gbit/s", Better::Higher),
+            &[
+                (Mode::Direct, 10.0),
+                (Mode::Baseline, 4.0),
+                (Mode::Peer, 2.5),
+                (Mode::Mesh, 3.2),
+            ],
+        );
         let (comparisons, measurements) = (collector.comparisons(), collector.measurements());
         let against_peer = rows(Other::Peer, &comparisons, &measurements);
         let throughput = against_peer
@@ -392,17 +392,11 @@ mod tests {
     #[test]
     fn a_run_without_baseline_has_no_ab_rows() {
         let mut collector = Collector::default();
-        for (mode, value) in [(Mode::Mesh, 1.0), (Mode::Direct, 2.0)] {
-            collector.compare(
-                "throughput",
-                "1 stream",
-                "Gbit/s",
-                Better::Higher,
-                None,
-                mode,
-                value,
-            );
-        }
+        compared(
+            &mut collector,
+            ("throughput", "1 stream", "Gbit/s", Better::Higher),
+            &[(Mode::Mesh, 1.0), (Mode::Direct, 2.0)],
+        );
         for other in [Other::Baseline, Other::Peer] {
             assert!(rows(other, &collector.comparisons(), &collector.measurements()).is_empty());
         }

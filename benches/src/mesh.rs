@@ -11,8 +11,9 @@
 //! Kanava's mesh and hands its pods to another project's node proxy
 //! instead (see [`Peer`]); it takes its turn the same way.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -128,28 +129,69 @@ pub struct Peer {
     pub name: String,
 }
 
+/// How long the peer's hook may take to put the peer on the lab, and to
+/// take it down: a hook that hangs must not hang the benchmark.
+const HOOK_UP_WITHIN: Duration = Duration::from_secs(600);
+const HOOK_DOWN_WITHIN: Duration = Duration::from_secs(60);
+
+/// Runs the peer's hook with `args`, stderr passed through, and returns its
+/// standard output once it succeeded; one that fails or outlives `within`
+/// (then killed) is an error saying so.
+fn run_hook(hook: &Path, args: &[&OsStr], within: Duration) -> anyhow::Result<String> {
+    let mut child = std::process::Command::new(hook)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("run the peer's hook {}", hook.display()))?;
+    // Read on a thread: a hook that prints much would otherwise block on a
+    // full pipe while this waits for it to exit.
+    let mut stdout = child.stdout.take().context("the hook's stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+        text
+    });
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the peer's hook {} took over {within:?}: killed",
+                hook.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!("the peer's hook failed ({status}): {stdout}");
+    }
+    Ok(stdout)
+}
+
 impl Peer {
     fn up(hook: PathBuf, spec: &LabSpec) -> anyhow::Result<Peer> {
         let options = UpOptions::named(format!("benchp{}", std::process::id()));
         let lab = Lab::up(spec, &options).context("bring up the peer's lab")?;
         let state = lab.state().dir.join("state.json");
-        let output = std::process::Command::new(&hook)
-            .arg("up")
-            .arg(&state)
-            .arg("mesh")
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .with_context(|| format!("run the peer's hook {}", hook.display()))?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
+        // Taken down (the hook's `down`, then the lab) on every error below.
         let mut peer = Peer {
             lab,
             hook,
             pids: Vec::new(),
             name: String::new(),
         };
-        if !output.status.success() {
-            bail!("the peer's hook failed ({}): {stdout}", output.status);
-        }
+        let stdout = run_hook(
+            &peer.hook,
+            &["up".as_ref(), state.as_os_str(), "mesh".as_ref()],
+            HOOK_UP_WITHIN,
+        )?;
         let told: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
             .with_context(|| format!("the peer's hook printed no JSON last: {stdout}"))?;
         peer.name = told["name"].as_str().unwrap_or("the peer").to_string();
@@ -169,12 +211,12 @@ impl Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         let state = self.lab.state().dir.join("state.json");
-        let status = std::process::Command::new(&self.hook)
-            .arg("down")
-            .arg(&state)
-            .status();
-        if !status.as_ref().is_ok_and(|s| s.success()) {
-            eprintln!("the peer's hook did not take it down cleanly: {status:?}");
+        if let Err(error) = run_hook(
+            &self.hook,
+            &["down".as_ref(), state.as_os_str()],
+            HOOK_DOWN_WITHIN,
+        ) {
+            eprintln!("the peer was not taken down cleanly: {error:#}");
         }
     }
 }

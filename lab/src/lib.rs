@@ -47,7 +47,7 @@ pub mod upgrade;
 pub mod verify;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -290,12 +290,70 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if self.tear_down_on_drop && std::thread::panicking() {
+            self.keep_logs_of_failure();
+        }
         if self.tear_down_on_drop
             && let Err(error) = down(&self.state.name)
         {
             eprintln!("tearing down lab {}: {error}", self.state.name);
         }
     }
+}
+
+impl Lab {
+    /// A failing test tears its lab down like any other: first the logs are
+    /// copied out of it, and the warnings and errors of its ztunnels and
+    /// control plane printed with its failed connections, so that the failure can be understood from
+    /// the test's output alone.
+    fn keep_logs_of_failure(&self) {
+        let from = self.state.layout().log_dir();
+        let to = std::env::temp_dir()
+            .join("kanava-failed-labs")
+            .join(&self.state.name);
+        let copied = copy_tree(&from, &to);
+        match copied {
+            Ok(()) => eprintln!("lab {}: logs kept in {}", self.state.name, to.display()),
+            Err(error) => eprintln!("lab {}: keeping its logs: {error}", self.state.name),
+        }
+        let targets = self
+            .state
+            .nodes
+            .iter()
+            .map(|node| format!("ztunnel/{}", node.name))
+            .chain(["control-plane".to_string()]);
+        for target in targets {
+            let log = self.logs(&target).unwrap_or_default();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|line| {
+                    line.contains("WARN")
+                        || line.contains("ERROR")
+                        || line.contains("outcome=failed")
+                        || line.contains("\"outcome\":\"failed\"")
+                })
+                .collect();
+            for line in &notable[notable.len().saturating_sub(40)..] {
+                eprintln!("{target}: {line}");
+            }
+        }
+    }
+}
+
+/// Copies the files under `from` to `to`, keeping the folders.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 /// Stops a component and its supervisor.

@@ -48,6 +48,7 @@ pub struct NodeUpgrade {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Summary {
+    predecessor_pid: u32,
     listeners: u64,
     moved: u64,
     drained: u64,
@@ -212,6 +213,10 @@ fn signal_old(old: &Component) {
     }
 }
 
+/// How long the new ztunnel may take to report the old one's summary after
+/// the old one exited.
+const SUMMARY_WITHIN: Duration = Duration::from_secs(5);
+
 /// Waits for the old ztunnel to be gone and reads the hand-over's summary
 /// from the new one.
 fn finish(
@@ -236,10 +241,25 @@ fn finish(
         std::thread::sleep(Duration::from_millis(20));
     }
     let total_ms = began.elapsed().as_millis() as u64;
-    let answered = ask(&upgrade_socket(node));
+    // The old one's last message (its summary) may still be on its way into
+    // the new one when the old one is gone: wait a moment for that summary,
+    // not any earlier one. None comes if the old one drained instead.
+    let socket = upgrade_socket(node);
+    let reported = Instant::now() + SUMMARY_WITHIN;
+    let answered = loop {
+        let answered = ask(&socket);
+        let ours =
+            matches!(&answered, Some((_, _, Some(last))) if Some(last.predecessor_pid) == old.pid);
+        if ours || Instant::now() >= reported {
+            break answered;
+        }
+        env.check_cancel()?;
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let summary = answered
         .as_ref()
         .and_then(|(_, _, last)| last.clone())
+        .filter(|last| Some(last.predecessor_pid) == old.pid)
         .unwrap_or_default();
     Ok(NodeUpgrade {
         node: node.name.clone(),

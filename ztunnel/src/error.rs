@@ -120,6 +120,20 @@ impl Error {
             if source.is_go_away() || source.reason() == Some(h2::Reason::REFUSED_STREAM))
     }
 
+    /// The peer never processed the stream, so whatever was sent on it may
+    /// be sent again on another connection: it refused the stream
+    /// (`REFUSED_STREAM`), or its graceful GOAWAY came back with a last
+    /// stream below this one. (h2 fails only the streams above that last
+    /// one with the GOAWAY's own error; a stream cut off later, when the
+    /// connection closes, fails with an I/O error instead.)
+    pub fn is_unprocessed(&self) -> bool {
+        matches!(self, Error::Http2 { source, .. }
+            if source.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (source.is_go_away()
+                    && source.is_remote()
+                    && source.reason() == Some(h2::Reason::NO_ERROR)))
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
         move |source| Error::Io { context, source }

@@ -39,6 +39,9 @@ use tokio_util::sync::CancellationToken;
 /// Longest a new ztunnel waits for its pods' certificates before offering
 /// to take over from a predecessor.
 const CERTIFICATES_BEFORE_TAKEOVER: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest a leaving ztunnel waits, before it exits, for the messages still
+/// queued for its successor to go out.
+const FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often the drop counters of STRICT pods' non-TCP guards are read
 /// for `kanava_non_tcp_dropped_packets_total` (two `iptables-save` runs per
 /// guarded pod).
@@ -228,6 +231,11 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
             tokio::time::sleep(grace).await;
         }
         None => {}
+    }
+    // Messages still queued for the successor carry sockets (and the
+    // summary): they go out before this process exits.
+    if !proxy.departure.close_outbox(FLUSH_WITHIN).await {
+        tracing::warn!(within = ?FLUSH_WITHIN, "the last messages to the successor may not have gone out");
     }
     shutdown.cancel();
     Ok(())

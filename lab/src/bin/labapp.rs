@@ -19,6 +19,7 @@
 #[path = "labapp/udp.rs"]
 mod udp;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -236,17 +237,21 @@ fn churn(
     once: bool,
     rate: Option<f64>,
 ) -> anyhow::Result<()> {
-    let one = move || -> std::io::Result<u64> {
+    // An error names the step it happened in, so a failed run says why.
+    let one = move || -> Result<u64, String> {
         let started = Instant::now();
-        let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
-        stream.set_nodelay(true)?;
+        let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10))
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("connect: {e}"))?;
         let request = vec![0x5a; size];
         let mut response = vec![0; size];
-        exchange(&mut stream, &request, &mut response)?;
+        exchange(&mut stream, &request, &mut response).map_err(|e| format!("exchange: {e}"))?;
         Ok(started.elapsed().as_nanos() as u64)
     };
     if once {
-        let nanos = one()?;
+        let nanos = one().map_err(anyhow::Error::msg)?;
         println!(
             "{}",
             serde_json::json!({ "first_connection_us": nanos as f64 / 1000.0 })
@@ -272,7 +277,8 @@ fn churn(
     let workers: Vec<_> = (0..workers)
         .map(|_| {
             std::thread::spawn(move || {
-                let (mut done, mut errors, mut samples) = (0u64, 0u64, Vec::new());
+                let (mut done, mut errors, mut samples) =
+                    (0u64, BTreeMap::<String, u64>::new(), Vec::new());
                 let mut next = Instant::now();
                 while Instant::now() < end {
                     if let Some(interval) = interval {
@@ -290,7 +296,7 @@ fn churn(
                             samples.push(nanos);
                         }
                         Ok(_) => {}
-                        Err(_) if counted => errors += 1,
+                        Err(error) if counted => *errors.entry(error).or_default() += 1,
                         Err(_) => {}
                     }
                 }
@@ -298,19 +304,22 @@ fn churn(
             })
         })
         .collect();
-    let (mut done, mut errors, mut samples) = (0, 0, Vec::new());
+    let (mut done, mut errors, mut samples) = (0, BTreeMap::<String, u64>::new(), Vec::new());
     for worker in workers {
         let (d, e, s) = worker
             .join()
             .map_err(|_| anyhow::anyhow!("worker panicked"))?;
         done += d;
-        errors += e;
+        for (error, count) in e {
+            *errors.entry(error).or_default() += count;
+        }
         samples.extend(s);
     }
     samples.sort_unstable();
     let mut result = percentiles(&samples);
     result["connections"] = done.into();
-    result["errors"] = errors.into();
+    result["errors"] = errors.values().sum::<u64>().into();
+    result["error_kinds"] = serde_json::json!(errors);
     result["per_second"] = (done as f64 / measure.as_secs_f64()).into();
     println!("{result}");
     Ok(())

@@ -416,6 +416,11 @@ async fn carry(
             }
             Ending::carried(bytes, Ok(()))
         }
+        // Only a client's bridge replays; this one never returns it.
+        Ok(hbone::Finish::Unprocessed(unprocessed)) => {
+            socket::reset(unprocessed.tcp);
+            Ending::carried(bytes, Err(std::io::Error::other("stream not processed")))
+        }
         Err(error) => {
             if let Some(token) = token {
                 proxy.resumptions.forget(token);

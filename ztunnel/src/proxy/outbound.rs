@@ -429,21 +429,57 @@ fn relay<'a>(
                     hbone::bridge(read, write, stream.send, accepted, Some(movable)).await;
                 (lane, copied, result)
             }
-            Upstream::HboneAnswerLater { lane, send, reply } => {
-                let (read, write) = client.into_split();
-                let timeout = proxy.config.connect_timeout;
-                // Boxed: the wait for the answer (its timer included) is
-                // over after the first round trip; the task that lives as
-                // long as the connection should not carry it.
-                let accepted = Box::pin(async {
-                    let accepted = reply.accepted(timeout).await.map_err(Box::new)?;
-                    log.opened(&proxy.metrics);
-                    Ok(accepted)
-                });
-                let movable = movable(proxy, false);
-                let (copied, result) =
-                    hbone::bridge(read, write, send, accepted, Some(movable)).await;
-                (lane, copied, result)
+            Upstream::HboneAnswerLater {
+                mut lane,
+                mut send,
+                mut reply,
+            } => {
+                let mut client = client;
+                let mut replay = hbone::Replay::default();
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let (read, write) = client.into_split();
+                    let timeout = proxy.config.connect_timeout;
+                    // Boxed: the wait for the answer (its timer included) is
+                    // over after the first round trip; the task that lives as
+                    // long as the connection should not carry it.
+                    let accepted = Box::pin(async {
+                        let accepted = reply.accepted(timeout).await.map_err(Box::new)?;
+                        log.opened(&proxy.metrics);
+                        Ok(accepted)
+                    });
+                    let movable = movable(proxy, false);
+                    let (copied, result) = hbone::bridge_replayable(
+                        read,
+                        write,
+                        send,
+                        accepted,
+                        Some(movable),
+                        replay,
+                    )
+                    .await;
+                    match result {
+                        // The peer went away before it took the stream
+                        // (its GOAWAY crossed our CONNECT): the same bytes
+                        // go on another connection.
+                        Ok(Finish::Unprocessed(unprocessed)) if attempt < MAX_GOAWAY_RETRIES => {
+                            lane.slot.retire();
+                            client = unprocessed.tcp;
+                            replay = unprocessed.replay;
+                            match Box::pin(reconnect(proxy, pod, &lane)).await {
+                                Ok((again, stream, answer)) => {
+                                    (lane, send, reply) = (again, stream, answer);
+                                }
+                                Err(error) => {
+                                    socket::reset(client);
+                                    return failure(error);
+                                }
+                            }
+                        }
+                        result => break (lane, copied, result),
+                    }
+                }
             }
             Upstream::Tcp(mut tcp) => {
                 log.opened(&proxy.metrics);
@@ -459,6 +495,41 @@ fn relay<'a>(
                 Box::pin(moved_on(proxy, pod, lane, moved, from, carried)).await
             }
             result => hbone_ending(carried, result),
+        }
+    }
+}
+
+/// Sends the `CONNECT` of `lane` again, on a connection that is not going
+/// away, without waiting for the answer.
+async fn reconnect(
+    proxy: &Proxy,
+    pod: &CapturedPod,
+    lane: &Lane,
+) -> Result<(Lane, h2::SendStream<bytes::Bytes>, Reply), Error> {
+    let key = lane.key(pod);
+    let cert = proxy
+        .certs
+        .get(&pod.info.identity, proxy.config.connect_timeout)
+        .await?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let slot = checkout(proxy, pod, &key, &cert).await?;
+        match hbone::client::send_connect(&slot, key.address, lane.target, None).await {
+            Ok((send, reply)) => {
+                let lane = Lane {
+                    slot,
+                    destination: key.destination.clone(),
+                    target: lane.target,
+                };
+                return Ok((lane, send, reply));
+            }
+            Err(error) => {
+                slot.retire_if(&error);
+                if !(error.is_going_away() && attempt < MAX_GOAWAY_RETRIES) {
+                    return Err(error);
+                }
+            }
         }
     }
 }
@@ -697,6 +768,12 @@ fn hbone_ending(bytes: Transferred, result: Result<Finish, BridgeError>) -> Endi
                 bytes,
                 Err(std::io::Error::other("moved with nowhere to go")),
             )
+        }
+        Ok(Finish::Unprocessed(unprocessed)) => {
+            // Tried on other connections as often as allowed.
+            socket::reset(unprocessed.tcp);
+            Ending::failed("every HBONE connection tried went away before taking the stream")
+                .code("connect_failed")
         }
         Ok(Finish::Closed) => Ending::carried(bytes, Ok(())),
         Err(BridgeError::Io(error)) => Ending::carried(bytes, Err(error)),

@@ -24,6 +24,8 @@ pub struct Outgoing {
 pub struct Departure {
     leaving: CancellationToken,
     outbox: Mutex<Option<std::sync::mpsc::Sender<Outgoing>>>,
+    /// The thread that empties `outbox` into the upgrade socket.
+    sender: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Connections whose stream can move and has not moved yet.
     movable: AtomicUsize,
     /// Proxied connections whose task runs.
@@ -62,9 +64,24 @@ impl Departure {
         self.leaving.cancel();
     }
 
-    /// Stops sending to the successor (after the last message).
-    pub fn close_outbox(&self) {
+    /// The thread that sends what goes into the outbox; [`Self::close_outbox`]
+    /// waits for it.
+    pub fn sent_by(&self, thread: std::thread::JoinHandle<()>) {
+        *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+    }
+
+    /// Stops sending to the successor, once everything queued went out or
+    /// `within` passed; false if messages may have been lost. For right
+    /// before the process exits: queued messages carry sockets, and late
+    /// moves of drained connections may still come until then.
+    pub async fn close_outbox(&self, within: Duration) -> bool {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(sender) = self.sender.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return true;
+        };
+        let joined =
+            tokio::time::timeout(within, tokio::task::spawn_blocking(move || sender.join()));
+        matches!(joined.await, Ok(Ok(Ok(()))))
     }
 
     pub fn movable(self: &Arc<Self>) -> MovableGuard {

@@ -76,9 +76,12 @@ pub async fn leave(
                 }
             }
         });
-    if let Err(error) = sender {
-        tracing::error!(%error, "cannot start the upgrade sender; draining instead");
-        return None;
+    match sender {
+        Ok(sender) => proxy.departure.sent_by(sender),
+        Err(error) => {
+            tracing::error!(%error, "cannot start the upgrade sender; draining instead");
+            return None;
+        }
     }
     proxy.departure.start_leaving(outbox);
     hand_over_parked(&proxy);
@@ -116,6 +119,7 @@ pub async fn leave(
     if let Err(error) = proxy.departure.tell(Message::Done(summary.clone())) {
         tracing::warn!(%error, "the successor did not get the hand-over's summary");
     }
+
     tracing::info!(?summary, "handed over to the successor");
     Some(summary)
 }

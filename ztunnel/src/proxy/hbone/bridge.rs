@@ -74,7 +74,42 @@ pub enum Finish {
     /// The stream moved: both sides stopped, each wrote to its TCP side all
     /// it received, and the TCP connection goes on on another stream.
     Moved(MovedTcp),
+    /// The peer never processed the stream (it went away before it took
+    /// it): nothing reached the destination, and the TCP connection may go
+    /// on on a stream of another HBONE connection, sending `replay` first.
+    /// Only from [`bridge_replayable`].
+    Unprocessed(Unprocessed),
 }
+
+/// A TCP connection whose stream the peer never processed.
+#[derive(Debug)]
+pub struct Unprocessed {
+    pub tcp: TcpStream,
+    pub replay: Replay,
+}
+
+/// What a bridge read from TCP and sent on a stream before the destination
+/// accepted it: the bytes a new stream sends first if the peer turns out
+/// never to have processed this one.
+#[derive(Debug, Default)]
+pub struct Replay {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The TCP side had finished sending: END_STREAM follows the bytes.
+    from_tcp_ended: bool,
+}
+
+impl Replay {
+    fn record(&mut self, chunk: &Bytes) {
+        self.len += chunk.len();
+        self.chunks.push(chunk.clone());
+    }
+}
+
+/// Most bytes read from TCP before the destination accepted the stream:
+/// what a replay may have to hold. Beyond it, reading waits for the answer
+/// (one round trip, on connections that send this much at once).
+const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// A TCP connection whose stream moved, with what the next stream needs.
 #[derive(Debug)]
@@ -130,16 +165,73 @@ enum DirectionEnd {
     reason = "an async fn keeps its arguments twice in the task (rust-lang/rust#62958)"
 )]
 pub fn bridge<A>(
-    mut tcp_read: OwnedReadHalf,
-    mut tcp_write: OwnedWriteHalf,
-    mut send: SendStream<Bytes>,
+    tcp_read: OwnedReadHalf,
+    tcp_write: OwnedWriteHalf,
+    send: SendStream<Bytes>,
     accepted: A,
     movable: Option<Movable>,
 ) -> impl Future<Output = (Copied, Result<Finish, BridgeError>)>
 where
     A: Future<Output = Result<Accepted, Box<Error>>>,
 {
+    bridge_with(tcp_read, tcp_write, send, accepted, movable, None)
+}
+
+/// [`bridge`] on a stream whose `CONNECT` is still unanswered, sending
+/// `replay` first (empty on the first stream). If the peer never processed
+/// the stream (it went away first; [`Error::is_unprocessed`]), nothing is
+/// reset: the bridge returns the TCP connection and everything it read
+/// from it in [`Finish::Unprocessed`], for another stream to carry. HTTP/2
+/// says such a stream had no effect, so nothing arrives twice.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in the task (rust-lang/rust#62958)"
+)]
+pub fn bridge_replayable<A>(
+    tcp_read: OwnedReadHalf,
+    tcp_write: OwnedWriteHalf,
+    send: SendStream<Bytes>,
+    accepted: A,
+    movable: Option<Movable>,
+    replay: Replay,
+) -> impl Future<Output = (Copied, Result<Finish, BridgeError>)>
+where
+    A: Future<Output = Result<Accepted, Box<Error>>>,
+{
+    bridge_with(tcp_read, tcp_write, send, accepted, movable, Some(replay))
+}
+
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in the task (rust-lang/rust#62958)"
+)]
+fn bridge_with<A>(
+    mut tcp_read: OwnedReadHalf,
+    mut tcp_write: OwnedWriteHalf,
+    mut send: SendStream<Bytes>,
+    accepted: A,
+    movable: Option<Movable>,
+    replay: Option<Replay>,
+) -> impl Future<Output = (Copied, Result<Finish, BridgeError>)>
+where
+    A: Future<Output = Result<Accepted, Box<Error>>>,
+{
     async move {
+        // Until the destination accepts: what was read from TCP, to be sent
+        // again if the stream turns out unprocessed. Shared by the two
+        // directions like `guard`; dropped once accepted.
+        let replay = Mutex::new(replay);
+        let replayed: Vec<Bytes> = replay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| r.chunks.clone())
+            .unwrap_or_default();
+        let replay_ended = replay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|r| r.from_tcp_ended);
         let mut sent = 0u64;
         let mut received = 0u64;
         // Set once the peer granted a token: only then may a move start.
@@ -163,9 +255,21 @@ where
         let unguard = || {
             guard.lock().unwrap_or_else(|e| e.into_inner()).take();
         };
+        let full = || {
+            replay
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|r| r.len >= REPLAY_LIMIT)
+        };
         let to_h2 = async {
-            if from_tcp_ended {
+            for chunk in replayed {
+                sent += chunk.len() as u64;
+                send_chunk(&mut send, chunk).await?;
+            }
+            if from_tcp_ended || replay_ended {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                unguard();
                 return Ok::<_, BridgeError>(DirectionEnd::Ended);
             }
             let mut reader = ChunkReader::new();
@@ -175,12 +279,17 @@ where
                     break;
                 }
                 let may_move = seen & GRANTED != 0;
-                let mut chunk = tokio::select! {
+                let may_read = seen & ACCEPTED != 0 || !full();
+                let chunk = tokio::select! {
                     biased;
                     () = leaving(movable.as_ref()), if may_move => break,
                     () = changed(&flags, seen) => continue,
-                    chunk = reader.next(&mut tcp_read) => chunk.map_err(BridgeError::Io)?,
+                    chunk = reader.next(&mut tcp_read), if may_read => chunk.map_err(BridgeError::Io)?,
                 };
+                if let Some(replay) = replay.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    replay.record(&chunk);
+                    replay.from_tcp_ended = chunk.is_empty();
+                }
                 if chunk.is_empty() {
                     send.send_data(Bytes::new(), true).map_err(h2_io)?;
                     // With our direction ended we can no longer start a
@@ -189,23 +298,7 @@ where
                     return Ok(DirectionEnd::Ended);
                 }
                 sent += chunk.len() as u64;
-                while !chunk.is_empty() {
-                    send.reserve_capacity(chunk.len());
-                    let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
-                        Some(Ok(granted)) => granted,
-                        Some(Err(e)) => return Err(h2_io(e)),
-                        None => {
-                            return Err(BridgeError::Io(std::io::Error::other(
-                                "the peer closed the HBONE stream while data was waiting to be sent",
-                            )));
-                        }
-                    };
-                    if granted == 0 {
-                        continue;
-                    }
-                    let part = chunk.split_to(granted.min(chunk.len()));
-                    send.send_data(part, false).map_err(h2_io)?;
-                }
+                send_chunk(&mut send, chunk).await?;
             }
             // Moving: everything read from TCP is sent; the rest stays in
             // the kernel for whoever holds the socket next.
@@ -219,6 +312,9 @@ where
                 recv: mut stream,
                 token: granted_token,
             } = accepted.await.map_err(BridgeError::NotAccepted)?;
+            // Processed: nothing will be sent again.
+            replay.lock().unwrap_or_else(|e| e.into_inner()).take();
+            signal(&flags, ACCEPTED).await;
             match (&movable, granted_token) {
                 (Some(_), Some(granted)) => {
                     let _ = token.set(granted);
@@ -323,6 +419,24 @@ where
             },
             Err(error) => Err(error),
         };
+        if let Err(BridgeError::NotAccepted(error)) = &finish
+            && error.is_unprocessed()
+            && let Some(replay) = replay.lock().unwrap_or_else(|e| e.into_inner()).take()
+        {
+            // The halves of one connection: reuniting them cannot fail.
+            if let Ok(tcp) = tcp_read.reunite(tcp_write) {
+                return (
+                    Copied::default(),
+                    Ok(Finish::Unprocessed(Unprocessed { tcp, replay })),
+                );
+            }
+            return (
+                Copied::default(),
+                Err(BridgeError::Io(std::io::Error::other(
+                    "the halves of the unprocessed connection did not match",
+                ))),
+            );
+        }
         match &finish {
             Ok(_) => {}
             Err(BridgeError::NotAccepted(_)) => {
@@ -348,10 +462,34 @@ where
 }
 
 /// [`bridge`]'s flags: the token was granted, the peer moved its
-/// direction, we moved ours.
+/// direction, we moved ours, the stream was accepted.
 const GRANTED: u8 = 1;
 const PEER_MOVED: u8 = 2;
 const WE_MOVED: u8 = 4;
+/// The destination accepted the stream.
+const ACCEPTED: u8 = 8;
+
+/// Sends `chunk` on the stream as the peer's window admits it.
+async fn send_chunk(send: &mut SendStream<Bytes>, mut chunk: Bytes) -> Result<(), BridgeError> {
+    while !chunk.is_empty() {
+        send.reserve_capacity(chunk.len());
+        let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(granted)) => granted,
+            Some(Err(e)) => return Err(h2_io(e)),
+            None => {
+                return Err(BridgeError::Io(std::io::Error::other(
+                    "the peer closed the HBONE stream while data was waiting to be sent",
+                )));
+            }
+        };
+        if granted == 0 {
+            continue;
+        }
+        let part = chunk.split_to(granted.min(chunk.len()));
+        send.send_data(part, false).map_err(h2_io)?;
+    }
+    Ok(())
+}
 
 /// Sets `flag` and yields once, so that the other direction, polled in the
 /// same task, sees it.
@@ -410,7 +548,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::{BridgeError, Finish, bridge};
+    use super::{BridgeError, Finish, Replay, bridge};
     use crate::Error;
     use crate::proxy::hbone::Refusal;
 
@@ -445,6 +583,63 @@ mod tests {
         });
     }
 
+    /// An HTTP/2 server that reads a stream's first bytes and then refuses
+    /// the stream unprocessed (`REFUSED_STREAM`), as a peer that is going
+    /// away may.
+    fn refuse_unprocessed_after_first_bytes(io: tokio::io::DuplexStream) {
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(io).await.unwrap();
+            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let _first = body.data().await.unwrap().unwrap();
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+        });
+    }
+
+    /// Sends a CONNECT to a server `serve` runs, without waiting for the
+    /// answer: the stream's sending half, and its answer to come.
+    async fn connect_on(
+        serve: fn(tokio::io::DuplexStream),
+    ) -> (
+        h2::SendStream<Bytes>,
+        impl Future<Output = Result<super::Accepted, Box<Error>>>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        serve(server_io);
+        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let mut sender = sender.ready().await.unwrap();
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let (response, send) = sender.send_request(request, false).unwrap();
+        let peer: std::net::SocketAddr = "10.0.0.1:15008".parse().unwrap();
+        let accepted = async move {
+            let response = response.await.map_err(|source| {
+                Box::new(Error::Http2 {
+                    stage: "CONNECT reply",
+                    peer,
+                    source,
+                })
+            })?;
+            match Refusal::from_status(response.status()) {
+                None => Ok(super::Accepted {
+                    recv: response.into_body(),
+                    token: None,
+                }),
+                Some(refusal) => Err(Box::new(Error::ConnectRefused {
+                    peer,
+                    target: "10.0.0.1:80".parse().unwrap(),
+                    refusal,
+                })),
+            }
+        };
+        (send, accepted)
+    }
+
     /// Sends a CONNECT and bridges a client's TCP connection to its stream
     /// without waiting for the answer.
     async fn bridged(
@@ -453,8 +648,106 @@ mod tests {
         TcpStream,
         tokio::task::JoinHandle<(super::Copied, Result<super::Finish, BridgeError>)>,
     ) {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        answer_after_first_bytes(server_io, status);
+        let serve = match status {
+            StatusCode::OK => |io| answer_after_first_bytes(io, StatusCode::OK),
+            _ => |io| answer_after_first_bytes(io, StatusCode::UNAUTHORIZED),
+        };
+        let (send, accepted) = connect_on(serve).await;
+        let (client, proxy_side) = tcp_pair().await;
+        let (read, write) = proxy_side.into_split();
+        let task = tokio::spawn(bridge(read, write, send, accepted, None));
+        (client, task)
+    }
+
+    #[tokio::test]
+    async fn an_unprocessed_stream_gives_the_connection_back_and_its_bytes_go_once_on_the_next() {
+        for app_ends_first in [false, true] {
+            let (mut client, proxy_side) = tcp_pair().await;
+            client.write_all(b"hello").await.unwrap();
+            if app_ends_first {
+                client.shutdown().await.unwrap();
+            }
+            // The first peer takes the bytes off the wire, then refuses
+            // the stream unprocessed.
+            let (send, accepted) = connect_on(refuse_unprocessed_after_first_bytes).await;
+            let (read, write) = proxy_side.into_split();
+            let bridged =
+                super::bridge_replayable(read, write, send, accepted, None, Replay::default());
+            let (copied, result) = tokio::time::timeout(Duration::from_secs(10), bridged)
+                .await
+                .expect("the bridge ended");
+            let unprocessed = match result {
+                Ok(Finish::Unprocessed(unprocessed)) => unprocessed,
+                other => panic!("expected the connection back, got {other:?}"),
+            };
+            assert_eq!(copied, super::Copied::default(), "nothing was carried");
+            assert_eq!(unprocessed.replay.len, 5, "{:?}", unprocessed.replay);
+
+            // The next peer accepts: it gets the bytes, once, and the rest.
+            let serve = |io| answer_after_first_bytes(io, StatusCode::OK);
+            let (send, accepted) = connect_on(serve).await;
+            let (read, write) = unprocessed.tcp.into_split();
+            let task = tokio::spawn(super::bridge_replayable(
+                read,
+                write,
+                send,
+                accepted,
+                None,
+                unprocessed.replay,
+            ));
+            let expected: &[u8] = if app_ends_first {
+                b"hello"
+            } else {
+                client.write_all(b", again").await.unwrap();
+                client.shutdown().await.unwrap();
+                b"hello, again"
+            };
+            let mut echoed = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut echoed))
+                .await
+                .expect("echoed")
+                .unwrap();
+            assert_eq!(echoed, expected);
+            let (copied, result) = task.await.unwrap();
+            assert!(matches!(result, Ok(Finish::Closed)), "{result:?}");
+            let len = expected.len() as u64;
+            assert_eq!((copied.from_tcp, copied.to_tcp), (len, len));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replay_holds_a_bounded_amount_until_the_answer() {
+        // A destination that answers only once the client's bytes stop
+        // coming: what it got by then is what the bridge read before the
+        // answer, and would have to send again.
+        let (before_answer, got_before) = tokio::sync::oneshot::channel();
+        let (total, got_total) = tokio::sync::oneshot::channel();
+        let (client_io, server_io) = tokio::io::duplex(1024 * 1024);
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            let mut body = request.into_body();
+            let mut received = 0;
+            while let Ok(Some(data)) =
+                tokio::time::timeout(Duration::from_millis(300), body.data()).await
+            {
+                let data = data.unwrap();
+                received += data.len();
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+            let _ = before_answer.send(received);
+            let mut send = respond
+                .send_response(Response::builder().status(200).body(()).unwrap(), false)
+                .unwrap();
+            while let Some(data) = body.data().await {
+                let data = data.unwrap();
+                received += data.len();
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+            send.send_data(Bytes::new(), true).unwrap();
+            let _ = total.send(received);
+        });
         let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
         tokio::spawn(connection);
         let mut sender = sender.ready().await.unwrap();
@@ -466,22 +759,44 @@ mod tests {
         let (response, send) = sender.send_request(request, false).unwrap();
         let accepted = async move {
             let response = response.await.expect("an answer");
-            match Refusal::from_status(response.status()) {
-                None => Ok(super::Accepted {
-                    recv: response.into_body(),
-                    token: None,
-                }),
-                Some(refusal) => Err(Box::new(Error::ConnectRefused {
-                    peer: "10.0.0.1:15008".parse().unwrap(),
-                    target: "10.0.0.1:80".parse().unwrap(),
-                    refusal,
-                })),
-            }
+            Ok(super::Accepted {
+                recv: response.into_body(),
+                token: None,
+            })
         };
-        let (client, proxy_side) = tcp_pair().await;
+        let (mut client, proxy_side) = tcp_pair().await;
         let (read, write) = proxy_side.into_split();
-        let task = tokio::spawn(bridge(read, write, send, accepted, None));
-        (client, task)
+        let task = tokio::spawn(super::bridge_replayable(
+            read,
+            write,
+            send,
+            accepted,
+            None,
+            Replay::default(),
+        ));
+        let sent = vec![7u8; 8 * super::REPLAY_LIMIT];
+        let (mut client_read, mut client_write) = client.split();
+        let write = async {
+            client_write.write_all(&sent).await.unwrap();
+            client_write.shutdown().await.unwrap();
+        };
+        let mut answer = Vec::new();
+        let read = client_read.read_to_end(&mut answer);
+        let ((), read) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(write, read) })
+                .await
+                .expect("the whole request went through");
+        read.unwrap();
+        let before = got_before.await.unwrap();
+        // At most one read past the limit (a read is at most 256 KiB).
+        assert!(
+            before > 0 && before < super::REPLAY_LIMIT + 256 * 1024,
+            "{before} bytes before the answer"
+        );
+        assert_eq!(got_total.await.unwrap(), sent.len());
+        let (copied, result) = task.await.unwrap();
+        assert!(matches!(result, Ok(Finish::Closed)), "{result:?}");
+        assert_eq!(copied.from_tcp, sent.len() as u64);
     }
 
     #[tokio::test]

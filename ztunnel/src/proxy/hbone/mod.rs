@@ -20,7 +20,10 @@ pub mod server;
 
 use std::fmt;
 
-pub use bridge::{Accepted, BridgeError, Copied, Finish, Movable, MovedTcp, bridge};
+pub use bridge::{
+    Accepted, BridgeError, Copied, Finish, Movable, MovedTcp, Replay, Unprocessed, bridge,
+    bridge_replayable,
+};
 use http::StatusCode;
 
 use crate::Config;

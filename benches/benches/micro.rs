@@ -1,6 +1,8 @@
 //! Micro-benchmarks of the per-connection hot paths:
 //!
-//! - finding the workload behind a destination IP among 100,000;
+//! - deciding a new connection's route (to a pod, to a Service) among
+//!   1,000 and among 100,000 pods, and applying the cluster's state whole
+//!   or one changed pod;
 //! - deciding a connection against 1,000 authorization policies;
 //! - the copy loop between a TCP stream and an HTTP/2 CONNECT stream;
 //! - the mutual TLS handshake of a new HBONE connection, CPU only.
@@ -11,18 +13,20 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use clap::Parser;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kanava_mesh::policy::{
     Action, Connection, Policy, PolicySet, Rule, SourceBuilder, destination,
 };
-use kanava_mesh::{Identity, TunnelProtocol, Workload};
+use kanava_mesh::{Endpoint, Identity, Service, ServicePort, TunnelProtocol, Workload};
 use kanava_proto::v1 as pb;
+use kanava_ztunnel::proxy::PodInfo;
 use kanava_ztunnel::proxy::hbone;
+use kanava_ztunnel::proxy::route::route;
 use kanava_ztunnel::workloads::WorkloadStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -30,47 +34,129 @@ fn ip(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
 }
 
-fn workload_lookup(c: &mut Criterion) {
-    const WORKLOADS: u32 = 100_000;
-    let resources = (0..WORKLOADS)
-        .map(|i| {
-            let w = Workload {
-                uid: format!("uid-{i}"),
-                name: format!("pod-{i}"),
-                namespace: format!("ns-{}", i % 100),
-                service_account: "default".into(),
-                node: format!("node-{}", i % 100),
-                ips: vec![ip(i)],
-                identity: Identity::new("cluster.local", format!("ns-{}", i % 100), "default")
-                    .unwrap(),
-                protocol: TunnelProtocol::Hbone,
-                labels: [("app".to_string(), format!("app-{}", i % 500))].into(),
-                mtls_mode: Default::default(),
-                resource_version: "1".into(),
-                plaintext_inbound_ports: Vec::new(),
-            };
-            pb::Resource {
-                name: w.resource_name(),
-                kind: Some(pb::resource::Kind::Workload(w.to_proto())),
-            }
-        })
-        .collect();
-    let store = WorkloadStore::new();
-    store
-        .apply(&pb::DiscoveryResponse {
-            version_info: "1".into(),
-            full_snapshot: true,
-            resources,
-            ..Default::default()
-        })
-        .unwrap();
-    let mut i = 0u32;
-    c.bench_function("workload lookup by IP (100k workloads)", |b| {
-        b.iter(|| {
-            i = (i + 7919) % WORKLOADS;
-            black_box(store.find_by_ip(black_box(ip(i))))
-        })
+/// A cluster as a ztunnel's discovery sees it: `workloads` pods over 100
+/// namespaces, Services at a fifth of them (five endpoints each).
+fn cluster(workloads: u32) -> Vec<pb::Resource> {
+    let workload = |i: u32| Workload {
+        uid: format!("uid-{i}"),
+        name: format!("pod-{i}"),
+        namespace: format!("ns-{}", i % 100),
+        service_account: "default".into(),
+        node: format!("node-{}", i % 1000),
+        ips: vec![ip(i)],
+        identity: Identity::new("cluster.local", format!("ns-{}", i % 100), "default").unwrap(),
+        protocol: TunnelProtocol::Hbone,
+        labels: [("app".to_string(), format!("app-{}", i / 5))].into(),
+        mtls_mode: Default::default(),
+        resource_version: "1".into(),
+        plaintext_inbound_ports: Vec::new(),
+    };
+    let service = |s: u32| Service {
+        namespace: format!("ns-{}", (s * 5) % 100),
+        name: format!("svc-{s}"),
+        addresses: vec![service_ip(s)],
+        ports: vec![ServicePort {
+            port: 80,
+            target_port: 8080,
+            target_port_name: String::new(),
+        }],
+        endpoints: (s * 5..s * 5 + 5)
+            .map(|i| Endpoint {
+                workload_uid: format!("uid-{i}"),
+                ports: [(80, 8080)].into(),
+            })
+            .collect(),
+        resource_version: "1".into(),
+    };
+    let workloads_resources = (0..workloads).map(|i| {
+        let w = workload(i);
+        pb::Resource {
+            name: w.resource_name(),
+            kind: Some(pb::resource::Kind::Workload(w.to_proto())),
+        }
     });
+    let services = (0..workloads / 5).map(|s| {
+        let service = service(s);
+        pb::Resource {
+            name: service.resource_name(),
+            kind: Some(pb::resource::Kind::Service(service.to_proto())),
+        }
+    });
+    workloads_resources.chain(services).collect()
+}
+
+fn service_ip(s: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + s))
+}
+
+fn snapshot(resources: Vec<pb::Resource>) -> pb::DiscoveryResponse {
+    pb::DiscoveryResponse {
+        version_info: "1".into(),
+        full_snapshot: true,
+        resources,
+        ..Default::default()
+    }
+}
+
+/// The cost per new connection of deciding its route (a pod's address, a
+/// Service's), in a cluster of 1,000 and of 100,000 pods: it must not grow
+/// with the cluster. Then what a ztunnel pays when the cluster's state
+/// arrives whole, and when one pod changes in it.
+fn cluster_state(c: &mut Criterion) {
+    let source = PodInfo {
+        uid: "uid-client".into(),
+        name: "client".into(),
+        namespace: "ns-0".into(),
+        identity: Identity::new("cluster.local", "ns-0", "client").unwrap(),
+        ips: vec![IpAddr::V4(Ipv4Addr::new(10, 255, 0, 1))],
+    };
+    let mut group = c.benchmark_group("route per new connection");
+    for workloads in [1_000u32, 100_000] {
+        let store = WorkloadStore::new();
+        store.apply(&snapshot(cluster(workloads))).unwrap();
+        let label = format!("{}k workloads", workloads / 1000);
+        let mut i = 0u32;
+        group.bench_function(BenchmarkId::new("to a pod", &label), |b| {
+            b.iter(|| {
+                i = (i + 7919) % workloads;
+                black_box(route(&store, &source, SocketAddr::new(ip(i), 8080)))
+            })
+        });
+        let mut s = 0u32;
+        group.bench_function(BenchmarkId::new("to a Service", &label), |b| {
+            b.iter(|| {
+                s = (s + 31) % (workloads / 5);
+                black_box(route(&store, &source, SocketAddr::new(service_ip(s), 80)))
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("discovery applied");
+    group.sample_size(10);
+    for workloads in [1_000u32, 100_000] {
+        let label = format!("{}k workloads", workloads / 1000);
+        let full = snapshot(cluster(workloads));
+        let store = WorkloadStore::new();
+        group.bench_function(BenchmarkId::new("full snapshot", &label), |b| {
+            b.iter(|| store.apply(black_box(&full)).unwrap())
+        });
+        // One pod's labels change: a delta of one resource.
+        let mut changed = cluster(1).remove(0);
+        if let Some(pb::resource::Kind::Workload(w)) = changed.kind.as_mut() {
+            w.labels.insert("version".into(), "v2".into());
+        }
+        let delta = pb::DiscoveryResponse {
+            version_info: "2".into(),
+            full_snapshot: false,
+            resources: vec![changed],
+            ..Default::default()
+        };
+        group.bench_function(BenchmarkId::new("one pod changed", &label), |b| {
+            b.iter(|| store.apply(black_box(&delta)).unwrap())
+        });
+    }
+    group.finish();
 }
 
 fn policy_evaluation(c: &mut Criterion) {
@@ -308,7 +394,7 @@ fn tls_handshake(c: &mut Criterion) {
 
 criterion_group!(
     micro,
-    workload_lookup,
+    cluster_state,
     policy_evaluation,
     copy_loop,
     tls_handshake

@@ -1,11 +1,17 @@
 //! The control plane at scale: a real `kanava-control-plane` process on
-//! loopback, fed a manifest directory of M pods and S services, with N
-//! discovery streams opened by a load generator that acts as N ztunnels.
+//! loopback, fed a manifest directory of a cluster (pods over namespaces and
+//! nodes, Services at a fifth of the pods, policies at a fiftieth), with N
+//! discovery streams opened by a load generator that acts as N ztunnels,
+//! each acknowledging every response. The same scenario runs at several
+//! sizes, so that the report shows how each figure grows with the cluster.
 //!
-//! Measured: the time until every stream holds the full snapshot, the delay
-//! from a pod change (its manifest rewritten) until every stream has it, and
-//! the control plane's memory and CPU.
+//! Measured at each size: the time until every stream holds the full
+//! snapshot; the delay from a pod change (its manifest rewritten) until
+//! every stream has it, and the bytes that change costs one stream; a
+//! Deployment's rollout (new pods created, as many old ones removed) until
+//! every stream has every new pod; the control plane's memory and CPU.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -20,45 +26,142 @@ use crate::goals;
 use crate::procfs;
 use crate::stats::{Better, Collector};
 
+/// One size of cluster and of its fleet of ztunnels.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub pods: usize,
     pub services: usize,
+    pub policies: usize,
+    /// Nodes the pods are spread over; the first `streams` of them
+    /// subscribe.
+    pub nodes: usize,
     pub streams: usize,
+    /// Pod changes, one after another, each timed to every stream.
     pub changes: usize,
+    /// Pods of the rollout (as many created as removed).
+    pub rollout: usize,
 }
 
 impl Settings {
-    pub fn full() -> Self {
+    /// A cluster of `pods` pods on 1,000 nodes, `streams` of them
+    /// subscribed: Services at a fifth of the pods, policies at a fiftieth.
+    fn cluster(pods: usize, streams: usize) -> Self {
         Settings {
-            pods: 10_000,
-            services: 1_000,
-            streams: 100,
+            pods,
+            services: pods / 5,
+            policies: pods / 50,
+            nodes: 1000.max(streams),
+            streams,
             changes: 20,
+            rollout: 100,
         }
     }
 
-    pub fn quick() -> Self {
-        Settings {
-            pods: 500,
-            services: 50,
-            streams: 10,
-            changes: 3,
+    /// The sizes of a full run: 10k, 30k and 100k pods with 100, 300 and
+    /// 1,000 streams. `largest` stops the ladder early (a smaller machine).
+    pub fn full(largest: usize) -> Vec<Self> {
+        [(10_000, 100), (30_000, 300), (100_000, 1000)]
+            .into_iter()
+            .filter(|&(pods, _)| pods <= largest)
+            .map(|(pods, streams)| Settings::cluster(pods, streams))
+            .collect()
+    }
+
+    /// Two small sizes: the scenario and the growth table, quickly.
+    pub fn quick() -> Vec<Self> {
+        [(500, 10), (1000, 20)]
+            .into_iter()
+            .map(|(pods, streams)| Settings {
+                nodes: 50,
+                changes: 3,
+                rollout: 10,
+                ..Settings::cluster(pods, streams)
+            })
+            .collect()
+    }
+
+    /// How the report names this size.
+    pub fn scenario(&self) -> String {
+        format!(
+            "control plane, {} pods, {} streams",
+            thousands(self.pods),
+            thousands(self.streams)
+        )
+    }
+
+    /// Resources in a full snapshot.
+    fn resources(&self) -> usize {
+        self.pods + self.services + self.policies
+    }
+
+    /// The issue's targets hold at the largest size; the earlier ones at
+    /// 10,000 pods.
+    fn goals(&self) -> Goals {
+        if self.pods >= 100_000 {
+            Goals {
+                snapshot: Some(goals::SCALE_SNAPSHOT_TO_EVERY_STREAM),
+                change_p99: Some(goals::SCALE_POD_CHANGE_TO_EVERY_STREAM_P99),
+                rss: Some(goals::SCALE_CONTROL_PLANE_RSS),
+            }
+        } else if self.pods == 10_000 {
+            Goals {
+                snapshot: Some(goals::SNAPSHOT_TO_EVERY_STREAM),
+                change_p99: Some(goals::POD_CHANGE_TO_EVERY_STREAM_P99),
+                rss: Some(goals::CONTROL_PLANE_RSS),
+            }
+        } else {
+            Goals::default()
         }
     }
 }
 
-const NAMESPACES: usize = 20;
+#[derive(Default)]
+struct Goals {
+    snapshot: Option<goals::MeasurementGoal>,
+    change_p99: Option<goals::MeasurementGoal>,
+    rss: Option<goals::MeasurementGoal>,
+}
 
-fn pod_manifest(i: usize, nodes: usize, extra_label: &str) -> String {
+/// 100000 as "100k", 1000 as "1,000", 500 as "500".
+fn thousands(n: usize) -> String {
+    if n >= 10_000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else if n >= 1000 {
+        format!("{},{:03}", n / 1000, n % 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+const NAMESPACES: usize = 50;
+
+/// An IPv4 address for the `i`-th pod (up to 16 million of them).
+fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 10 + i / 65536, (i / 256) % 256, i % 256)
+}
+
+fn pod_manifest(name: &str, i: usize, nodes: usize, extra_label: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod-{i}\n  namespace: ns-{ns}\n  uid: uid-{i}\n  resourceVersion: \"1\"\n  labels: {{app: app-{app}{extra_label}}}\nspec:\n  nodeName: node-{node}\n  serviceAccountName: sa-{app}\n  containers: [{{name: c, image: app}}]\nstatus:\n  phase: Running\n  podIP: 10.{a}.{b}.{c}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: ns-{ns}\n  uid: uid-{name}\n  resourceVersion: \"1\"\n  labels: {{app: app-{app}{extra_label}}}\nspec:\n  nodeName: node-{node}\n  serviceAccountName: sa-{app}\n  containers: [{{name: c, image: app}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
         ns = i % NAMESPACES,
         app = i % 200,
         node = i % nodes,
-        a = 10 + i / 65536,
-        b = (i / 256) % 256,
-        c = i % 256,
+        ip = pod_ip(i),
+    )
+}
+
+/// The `i`-th of the cluster's pods.
+fn cluster_pod(i: usize, settings: &Settings, extra_label: &str) -> String {
+    pod_manifest(&format!("pod-{i}"), i, settings.nodes, extra_label)
+}
+
+/// The `i`-th pod of the rollout, with addresses after the cluster's.
+fn rollout_pod(i: usize, settings: &Settings) -> String {
+    pod_manifest(
+        &format!("rollout-{i}"),
+        settings.pods + i,
+        settings.nodes,
+        "",
     )
 }
 
@@ -74,18 +177,29 @@ fn write_cluster(dir: &Path, settings: &Settings) -> anyhow::Result<()> {
     for i in 0..settings.pods {
         std::fs::write(
             dir.join(format!("pod_{i}.yaml")),
-            pod_manifest(i, settings.streams, ""),
+            cluster_pod(i, settings, ""),
         )?;
     }
     for i in 0..settings.services {
         std::fs::write(
             dir.join(format!("service_{i}.yaml")),
             format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nspec:\n  clusterIP: 10.96.{b}.{c}\n  selector: {{app: app-{app}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n",
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nspec:\n  clusterIP: 10.{a}.{b}.{c}\n  selector: {{app: app-{app}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n",
                 ns = i % NAMESPACES,
                 app = i % 200,
-                b = i / 256,
+                a = 96 + i / 65536,
+                b = (i / 256) % 256,
                 c = i % 256,
+            ),
+        )?;
+    }
+    for i in 0..settings.policies {
+        std::fs::write(
+            dir.join(format!("policy_{i}.yaml")),
+            format!(
+                "apiVersion: security.kanava.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: policy-{i}, namespace: ns-{ns}}}\nspec:\n  selector:\n    matchLabels: {{app: app-{app}}}\n  action: ALLOW\n  rules:\n  - from:\n    - principals: [\"cluster.local/ns/ns-{ns}/*\"]\n    to:\n    - ports: [8080]\n",
+                ns = i % NAMESPACES,
+                app = i % 200,
             ),
         )?;
     }
@@ -102,11 +216,35 @@ impl Drop for Running {
     }
 }
 
-pub async fn run(
-    settings: &Settings,
+/// What a subscriber saw, and when.
+#[derive(Clone, Copy, Debug)]
+enum Arrival {
+    /// The whole snapshot.
+    Snapshot,
+    /// The `n`-th changed pod, in a response of this many bytes.
+    Change { n: usize, bytes: usize },
+    /// The `n`-th pod of the rollout.
+    Rollout { n: usize },
+}
+
+/// Runs the scenario at every size, one control plane after another.
+pub async fn run_all(
+    sizes: &[Settings],
     bins: &Path,
     collector: &mut Collector,
 ) -> anyhow::Result<()> {
+    for settings in sizes {
+        eprintln!("control plane: {settings:?}");
+        run(settings, bins, collector)
+            .await
+            .with_context(|| settings.scenario())?;
+    }
+    Ok(())
+}
+
+async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> anyhow::Result<()> {
+    let scenario = settings.scenario();
+    let goals = settings.goals();
     let dir = tempfile::tempdir()?;
     let manifests = dir.path().join("manifests");
     let ca = dir.path().join("ca");
@@ -151,7 +289,7 @@ pub async fn run(
     let pid = control_plane.0.id();
     let started = Instant::now();
     while !(ca.join("root-cert.pem").exists() && std::net::TcpStream::connect(address).is_ok()) {
-        if started.elapsed() > Duration::from_secs(60) {
+        if started.elapsed() > Duration::from_secs(300) {
             bail!("the control plane did not start");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -162,8 +300,8 @@ pub async fn run(
     let cpu_start = procfs::cpu_seconds(pid).unwrap_or(0.0);
 
     // Open every stream at once, as ztunnels reconnecting after a restart.
-    let expected = settings.pods + settings.services;
-    let (arrivals, mut arrived) = mpsc::unbounded_channel::<(usize, Option<usize>, Instant)>();
+    let expected = settings.resources();
+    let (arrivals, mut arrived) = mpsc::unbounded_channel::<(usize, Arrival, Instant)>();
     let opened = Instant::now();
     let mut tasks = Vec::new();
     for (node, token) in tokens.iter().enumerate() {
@@ -171,7 +309,7 @@ pub async fn run(
             &address.to_string(),
             kanava_mesh::names::CONTROL_PLANE_SERVER_NAME,
             &roots,
-            Duration::from_secs(10),
+            Duration::from_secs(30),
         )?;
         let token = token.clone();
         let arrivals = arrivals.clone();
@@ -183,8 +321,8 @@ pub async fn run(
     drop(arrivals);
     let mut snapshot_times = Vec::new();
     while snapshot_times.len() < settings.streams {
-        match tokio::time::timeout(Duration::from_secs(120), arrived.recv()).await {
-            Ok(Some((_, None, at))) => snapshot_times.push(at.duration_since(opened)),
+        match tokio::time::timeout(Duration::from_secs(300), arrived.recv()).await {
+            Ok(Some((_, Arrival::Snapshot, at))) => snapshot_times.push(at.duration_since(opened)),
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => bail!(
                 "only {} of {} streams got the snapshot",
@@ -195,28 +333,27 @@ pub async fn run(
     }
     let all = snapshot_times.iter().max().copied().unwrap_or_default();
     collector.measure(
-        "control plane",
+        &scenario,
         "full snapshot to every stream",
         "ms",
         Better::Lower,
-        Some(goals::SNAPSHOT_TO_EVERY_STREAM),
+        goals.snapshot,
         all.as_secs_f64() * 1000.0,
     );
 
     // One pod at a time changes; every stream must see each change.
     let mut delays = Vec::new();
+    let mut change_bytes = Vec::new();
     for change in 0..settings.changes {
         let path = manifests.join(format!("pod_{change}.yaml"));
-        let text = pod_manifest(change, settings.streams, &format!(", changed: c{change}"));
-        let tmp = manifests.join(format!(".pod_{change}.tmp"));
-        std::fs::write(&tmp, text)?;
-        let written = Instant::now();
-        std::fs::rename(&tmp, &path)?;
+        let text = cluster_pod(change, settings, &format!(", changed: c{change}"));
+        let written = replace(&manifests, &path, &text)?;
         let mut seen = 0;
         while seen < settings.streams {
-            match tokio::time::timeout(Duration::from_secs(30), arrived.recv()).await {
-                Ok(Some((_, Some(c), at))) if c == change => {
+            match tokio::time::timeout(Duration::from_secs(60), arrived.recv()).await {
+                Ok(Some((_, Arrival::Change { n, bytes }, at))) if n == change => {
                     delays.push(at.duration_since(written).as_secs_f64() * 1000.0);
+                    change_bytes.push(bytes as f64);
                     seen += 1;
                 }
                 Ok(Some(_)) => {}
@@ -227,38 +364,79 @@ pub async fn run(
             }
         }
     }
-    delays.sort_by(f64::total_cmp);
-    let at =
-        |q: f64| delays[((delays.len() as f64 * q).ceil() as usize).clamp(1, delays.len()) - 1];
     collector.measure(
-        "control plane",
+        &scenario,
         "one pod change to every stream p50",
         "ms",
         Better::Lower,
         None,
-        at(0.5),
+        quantile(&mut delays, 0.5),
     );
     collector.measure(
-        "control plane",
+        &scenario,
         "one pod change to every stream p99",
         "ms",
         Better::Lower,
-        Some(goals::POD_CHANGE_TO_EVERY_STREAM_P99),
-        at(0.99),
+        goals.change_p99,
+        quantile(&mut delays, 0.99),
+    );
+    collector.measure(
+        &scenario,
+        "bytes sent to one stream for one pod change (median)",
+        "bytes",
+        Better::Lower,
+        None,
+        quantile(&mut change_bytes, 0.5),
+    );
+
+    // A Deployment's rollout: its new pods appear as fast as they are
+    // written, and as many old ones go; done when every stream has every
+    // new pod.
+    let rollout_started = Instant::now();
+    for i in 0..settings.rollout {
+        let path = manifests.join(format!("rollout_{i}.yaml"));
+        replace(&manifests, &path, &rollout_pod(i, settings))?;
+        let old = settings.pods - 1 - i;
+        std::fs::remove_file(manifests.join(format!("pod_{old}.yaml")))?;
+    }
+    let mut missing: Vec<HashSet<usize>> = (0..settings.streams)
+        .map(|_| (0..settings.rollout).collect())
+        .collect();
+    let mut streams_left = settings.streams;
+    let mut rollout_done = Duration::ZERO;
+    while streams_left > 0 {
+        match tokio::time::timeout(Duration::from_secs(120), arrived.recv()).await {
+            Ok(Some((node, Arrival::Rollout { n }, at))) => {
+                if let Some(waiting) = missing.get_mut(node)
+                    && waiting.remove(&n)
+                    && waiting.is_empty()
+                {
+                    streams_left -= 1;
+                    rollout_done = rollout_done.max(at.duration_since(rollout_started));
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => bail!(
+                "the rollout reached every pod on {} of {} streams",
+                settings.streams - streams_left,
+                settings.streams
+            ),
+        }
+    }
+    collector.measure(
+        &scenario,
+        &format!("rollout of {} pods to every stream", settings.rollout),
+        "ms",
+        Better::Lower,
+        None,
+        rollout_done.as_secs_f64() * 1000.0,
     );
     if let Some(rss) = procfs::rss_mib(pid) {
-        collector.measure(
-            "control plane",
-            "RSS",
-            "MiB",
-            Better::Lower,
-            Some(goals::CONTROL_PLANE_RSS),
-            rss,
-        );
+        collector.measure(&scenario, "RSS", "MiB", Better::Lower, goals.rss, rss);
     }
     if let Some(cpu) = procfs::cpu_seconds(pid) {
         collector.measure(
-            "control plane",
+            &scenario,
             "CPU during the run",
             "s",
             Better::Lower,
@@ -271,6 +449,30 @@ pub async fn run(
     }
     drop(control_plane);
     Ok(())
+}
+
+/// Writes a manifest whole (a rename, so the control plane never reads
+/// half of it) and says when it was in place.
+fn replace(dir: &Path, path: &Path, text: &str) -> anyhow::Result<Instant> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a manifest's file name")?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)?;
+    let written = Instant::now();
+    std::fs::rename(&tmp, path)?;
+    Ok(written)
+}
+
+/// The `q` quantile of `samples` (sorted in place); 0 when there are none.
+fn quantile(samples: &mut [f64], q: f64) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+    samples[index]
 }
 
 /// A `DiscoveryResponse` read without decoding its resources: the load
@@ -287,8 +489,13 @@ struct ShallowResponse {
     full_snapshot: bool,
     #[prost(bytes = "bytes", repeated, tag = "4")]
     resources: Vec<bytes::Bytes>,
+    #[prost(string, repeated, tag = "5")]
+    removed: Vec<String>,
     #[prost(bool, tag = "6")]
     more: bool,
+    /// Kept as bytes: it counts in the size of a response.
+    #[prost(bytes = "bytes", optional, tag = "7")]
+    trust_bundle: Option<bytes::Bytes>,
 }
 
 /// The name of a `Resource`, skipping its content.
@@ -298,15 +505,16 @@ struct ResourceName {
     name: String,
 }
 
-/// Acts as one ztunnel: subscribes, ACKs, and reports when the snapshot
-/// (change `None`) and each changed pod (change `Some(i)`) arrive.
+/// Acts as one ztunnel: subscribes, ACKs, and reports when the snapshot,
+/// each changed pod (with the size of the response that carried it) and
+/// each pod of the rollout arrive.
 async fn follow(
     channel: tonic::transport::Channel,
     node: usize,
     token: String,
     expected: usize,
     changes: usize,
-    arrivals: mpsc::UnboundedSender<(usize, Option<usize>, Instant)>,
+    arrivals: mpsc::UnboundedSender<(usize, Arrival, Instant)>,
 ) -> anyhow::Result<()> {
     use prost::Message;
     let (requests, rx) = mpsc::channel(16);
@@ -337,17 +545,25 @@ async fn follow(
         if response.full_snapshot {
             holding += response.resources.len();
             if !response.more && holding >= expected {
-                let _ = arrivals.send((node, None, at));
+                let _ = arrivals.send((node, Arrival::Snapshot, at));
             }
         } else {
+            let bytes = response.encoded_len();
             for resource in &response.resources {
                 let name = ResourceName::decode(resource.clone())?.name;
-                if let Some(change) = name
-                    .strip_prefix("workload/uid-")
-                    .and_then(|i| i.parse::<usize>().ok())
-                    .filter(|&i| i < changes)
-                {
-                    let _ = arrivals.send((node, Some(change), at));
+                let Some(pod) = name.strip_prefix("workload/uid-") else {
+                    continue;
+                };
+                let arrival = if let Some(n) = pod.strip_prefix("rollout-") {
+                    n.parse().ok().map(|n| Arrival::Rollout { n })
+                } else {
+                    pod.strip_prefix("pod-")
+                        .and_then(|n| n.parse().ok())
+                        .filter(|&n| n < changes)
+                        .map(|n| Arrival::Change { n, bytes })
+                };
+                if let Some(arrival) = arrival {
+                    let _ = arrivals.send((node, arrival, at));
                 }
             }
         }

@@ -37,6 +37,12 @@ pub const MEMORY_PER_IDLE_CONNECTION: MeasurementGoal = MeasurementGoal::AtMost(
 pub const SNAPSHOT_TO_EVERY_STREAM: MeasurementGoal = MeasurementGoal::Below(1000.0);
 pub const POD_CHANGE_TO_EVERY_STREAM_P99: MeasurementGoal = MeasurementGoal::Below(100.0);
 pub const CONTROL_PLANE_RSS: MeasurementGoal = MeasurementGoal::Below(200.0);
+/// At 100,000 pods and 1,000 streams: every stream's snapshot, in ms.
+pub const SCALE_SNAPSHOT_TO_EVERY_STREAM: MeasurementGoal = MeasurementGoal::Below(5000.0);
+/// At 100,000 pods and 1,000 streams: one change to every stream, p99, ms.
+pub const SCALE_POD_CHANGE_TO_EVERY_STREAM_P99: MeasurementGoal = MeasurementGoal::Below(200.0);
+/// At 100,000 pods: the control plane's RSS, in MiB.
+pub const SCALE_CONTROL_PLANE_RSS: MeasurementGoal = MeasurementGoal::Below(1024.0);
 /// One node's hand-over during an upgrade, in ms (10,000 connections).
 pub const HAND_OVER_TIME: MeasurementGoal = MeasurementGoal::Below(2000.0);
 /// None at all: failed connections, descriptors left behind.

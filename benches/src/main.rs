@@ -55,6 +55,10 @@ struct Args {
     /// Skip the control plane scenario.
     #[arg(long)]
     no_control_plane: bool,
+    /// Pods of the largest cluster the control plane scenario builds (of
+    /// 10,000, 30,000 and 100,000 pods, with 100, 300 and 1,000 streams).
+    #[arg(long, default_value_t = 100_000)]
+    largest_cluster: usize,
     /// Minutes of each soak phase (holding 10,000 connections; 1,000 new
     /// connections a second). 0 skips the soak.
     #[arg(long, default_value_t = 10)]
@@ -177,17 +181,16 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if !args.no_control_plane {
-        let settings = if args.quick {
+        let sizes = if args.quick {
             control_plane::Settings::quick()
         } else {
-            control_plane::Settings::full()
+            control_plane::Settings::full(args.largest_cluster)
         };
-        eprintln!("control plane: {settings:?}");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        runtime.block_on(control_plane::run(&settings, &bins, &mut collector))?;
+        runtime.block_on(control_plane::run_all(&sizes, &bins, &mut collector))?;
     }
 
     let results = report::Results {

@@ -183,10 +183,15 @@ pub fn markdown(results: &Results, analysis: &str) -> String {
             target(&c.target)
         );
     }
+    scale_table(&mut out, &results.measurements);
     let _ = writeln!(out, "\n## Proxy and control plane\n");
     let _ = writeln!(out, "| scenario | metric | median [min–max] | target |");
     let _ = writeln!(out, "| --- | --- | --- | --- |");
-    for m in &results.measurements {
+    for m in results
+        .measurements
+        .iter()
+        .filter(|m| !m.scenario.starts_with(SCALE_PREFIX))
+    {
         let _ = writeln!(
             out,
             "| {} | {} ({}) | {} [{}–{}] | {} |",
@@ -202,6 +207,56 @@ pub fn markdown(results: &Results, analysis: &str) -> String {
     let _ = writeln!(out, "\nRaw samples: `results.json` beside this file.\n");
     out.push_str(analysis);
     out
+}
+
+/// How the control plane's scenarios at each cluster size are named.
+const SCALE_PREFIX: &str = "control plane, ";
+
+/// The control plane at every size it ran at: one row per metric, one
+/// column per size, so that the growth of each figure reads across.
+fn scale_table(out: &mut String, measurements: &[crate::stats::Measurement]) {
+    let scaled: Vec<_> = measurements
+        .iter()
+        .filter(|m| m.scenario.starts_with(SCALE_PREFIX))
+        .collect();
+    let mut sizes: Vec<&str> = Vec::new();
+    let mut metrics: Vec<(&str, &str)> = Vec::new();
+    for m in &scaled {
+        if !sizes.contains(&m.scenario.as_str()) {
+            sizes.push(&m.scenario);
+        }
+        if !metrics.contains(&(m.metric.as_str(), m.unit.as_str())) {
+            metrics.push((&m.metric, &m.unit));
+        }
+    }
+    if sizes.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n## Control plane at scale\n");
+    let header: Vec<&str> = sizes
+        .iter()
+        .map(|size| size.trim_start_matches(SCALE_PREFIX))
+        .collect();
+    let _ = writeln!(out, "| metric | {} |", header.join(" | "));
+    let _ = writeln!(out, "| --- |{}", " --- |".repeat(sizes.len()));
+    for (metric, unit) in metrics {
+        let cells: Vec<String> = sizes
+            .iter()
+            .map(|size| {
+                let found = scaled
+                    .iter()
+                    .find(|m| m.scenario == *size && m.metric == metric);
+                match found {
+                    Some(m) if m.target.is_some() => {
+                        format!("{} ({})", number(m.stats.median), target(&m.target))
+                    }
+                    Some(m) => number(m.stats.median),
+                    None => "-".into(),
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "| {metric} ({unit}) | {} |", cells.join(" | "));
+    }
 }
 
 pub fn write(results: &Results, dir: &Path) -> anyhow::Result<()> {

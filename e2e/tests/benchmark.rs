@@ -152,6 +152,47 @@ fn quick_benchmark_produces_every_number() {
             "{metric}"
         );
     }
+    // The control plane ran at both quick sizes, each with every figure,
+    // and the report shows them side by side.
+    for size in ["500 pods, 10 streams", "1,000 pods, 20 streams"] {
+        let scenario = format!("control plane, {size}");
+        for metric in [
+            "full snapshot to every stream",
+            "one pod change to every stream p99",
+            "bytes sent to one stream for one pod change (median)",
+            "rollout of 10 pods to every stream",
+            "RSS",
+        ] {
+            let m = measurements
+                .iter()
+                .find(|m| m["scenario"] == scenario.as_str() && m["metric"] == metric)
+                .unwrap_or_else(|| panic!("{scenario}: no numbers for {metric}"));
+            let median = m["stats"]["median"].as_f64().unwrap();
+            assert!(median.is_finite() && median > 0.0, "{scenario}: {m:#}");
+        }
+    }
+    assert!(report.contains("## Control plane at scale"), "{report}");
+    assert!(
+        report.contains("| metric | 500 pods, 10 streams | 1,000 pods, 20 streams |"),
+        "{report}"
+    );
+    // One pod change costs a stream the same bytes at either size: what
+    // changed is sent, not the cluster.
+    let change_bytes = |size: &str| {
+        measurements
+            .iter()
+            .find(|m| {
+                m["scenario"] == format!("control plane, {size}").as_str()
+                    && m["metric"] == "bytes sent to one stream for one pod change (median)"
+            })
+            .and_then(|m| m["stats"]["median"].as_f64())
+            .unwrap()
+    };
+    let (small, large) = (
+        change_bytes("500 pods, 10 streams"),
+        change_bytes("1,000 pods, 20 streams"),
+    );
+    assert!(large < small * 1.2, "{small} bytes, then {large} bytes");
     // The soak leaves nothing behind and breaks nothing.
     for m in measurements.iter().filter(|m| m["scenario"] == "soak") {
         if m["target"].is_object() {

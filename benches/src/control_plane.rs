@@ -1,6 +1,7 @@
 //! The control plane at scale: a real `kanava-control-plane` process on
-//! loopback, fed a manifest directory of a cluster (pods over namespaces and
-//! nodes, Services at a fifth of the pods, policies at a fiftieth), with N
+//! loopback, fed a manifest directory of a cluster (apps of five pods over
+//! namespaces and nodes, a Service per app, so at a fifth of the pods, and
+//! policies at a fiftieth), with N
 //! discovery streams opened by a load generator that acts as N ztunnels,
 //! each acknowledging every response. The same scenario runs at several
 //! sizes, so that the report shows how each figure grows with the cluster.
@@ -140,27 +141,44 @@ fn pod_ip(i: usize) -> String {
     format!("10.{}.{}.{}", 10 + i / 65536, (i / 256) % 256, i % 256)
 }
 
-fn pod_manifest(name: &str, i: usize, nodes: usize, extra_label: &str) -> String {
+/// Pods of one app (a Deployment's replicas): a Service selects one app.
+const REPLICAS: usize = 5;
+
+/// The namespace of an app's pods and its Service.
+fn namespace_of(app: usize) -> usize {
+    app % NAMESPACES
+}
+
+/// A pod of `app` at the `ip_index`-th address.
+fn pod_manifest(name: &str, ip_index: usize, app: usize, node: usize, extra_label: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: ns-{ns}\n  uid: uid-{name}\n  resourceVersion: \"1\"\n  labels: {{app: app-{app}{extra_label}}}\nspec:\n  nodeName: node-{node}\n  serviceAccountName: sa-{app}\n  containers: [{{name: c, image: app}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
-        ns = i % NAMESPACES,
-        app = i % 200,
-        node = i % nodes,
-        ip = pod_ip(i),
+        ns = namespace_of(app),
+        ip = pod_ip(ip_index),
     )
 }
 
-/// The `i`-th of the cluster's pods.
+/// The `i`-th of the cluster's pods: app `i / 5`.
 fn cluster_pod(i: usize, settings: &Settings, extra_label: &str) -> String {
-    pod_manifest(&format!("pod-{i}"), i, settings.nodes, extra_label)
+    pod_manifest(
+        &format!("pod-{i}"),
+        i,
+        i / REPLICAS,
+        i % settings.nodes,
+        extra_label,
+    )
 }
 
-/// The `i`-th pod of the rollout, with addresses after the cluster's.
+/// The `i`-th pod of the rollout: it replaces the `i`-th cluster pod from
+/// the end (same app, so the same Service), at an address after the
+/// cluster's.
 fn rollout_pod(i: usize, settings: &Settings) -> String {
+    let replaced = settings.pods - 1 - i;
     pod_manifest(
         &format!("rollout-{i}"),
         settings.pods + i,
-        settings.nodes,
+        replaced / REPLICAS,
+        (settings.pods + i) % settings.nodes,
         "",
     )
 }
@@ -184,9 +202,8 @@ fn write_cluster(dir: &Path, settings: &Settings) -> anyhow::Result<()> {
         std::fs::write(
             dir.join(format!("service_{i}.yaml")),
             format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nspec:\n  clusterIP: 10.{a}.{b}.{c}\n  selector: {{app: app-{app}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n",
-                ns = i % NAMESPACES,
-                app = i % 200,
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: ns-{ns}}}\nspec:\n  clusterIP: 10.{a}.{b}.{c}\n  selector: {{app: app-{i}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n",
+                ns = namespace_of(i),
                 a = 96 + i / 65536,
                 b = (i / 256) % 256,
                 c = i % 256,
@@ -194,12 +211,13 @@ fn write_cluster(dir: &Path, settings: &Settings) -> anyhow::Result<()> {
         )?;
     }
     for i in 0..settings.policies {
+        // Every tenth app has a policy.
+        let app = i * 10;
         std::fs::write(
             dir.join(format!("policy_{i}.yaml")),
             format!(
                 "apiVersion: security.kanava.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: policy-{i}, namespace: ns-{ns}}}\nspec:\n  selector:\n    matchLabels: {{app: app-{app}}}\n  action: ALLOW\n  rules:\n  - from:\n    - principals: [\"cluster.local/ns/ns-{ns}/*\"]\n    to:\n    - ports: [8080]\n",
-                ns = i % NAMESPACES,
-                app = i % 200,
+                ns = namespace_of(app),
             ),
         )?;
     }
@@ -219,27 +237,32 @@ impl Drop for Running {
 /// What a subscriber saw, and when.
 #[derive(Clone, Copy, Debug)]
 enum Arrival {
-    /// The whole snapshot.
-    Snapshot,
+    /// The whole snapshot, of this many bytes.
+    Snapshot { bytes: usize },
     /// The `n`-th changed pod, in a response of this many bytes.
     Change { n: usize, bytes: usize },
     /// The `n`-th pod of the rollout.
     Rollout { n: usize },
 }
 
-/// Runs the scenario at every size, one control plane after another.
+/// Runs the scenario at every size, one control plane after another. A
+/// size that fails does not stop the larger ones: its error is returned
+/// with the others, and what was measured is kept.
 pub async fn run_all(
     sizes: &[Settings],
     bins: &Path,
     collector: &mut Collector,
-) -> anyhow::Result<()> {
+) -> Vec<anyhow::Error> {
+    let mut failed = Vec::new();
     for settings in sizes {
         eprintln!("control plane: {settings:?}");
-        run(settings, bins, collector)
-            .await
-            .with_context(|| settings.scenario())?;
+        if let Err(error) = run(settings, bins, collector).await {
+            let error = error.context(settings.scenario());
+            eprintln!("{error:#}");
+            failed.push(error);
+        }
     }
-    Ok(())
+    failed
 }
 
 async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> anyhow::Result<()> {
@@ -320,15 +343,22 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
     }
     drop(arrivals);
     let mut snapshot_times = Vec::new();
+    let mut snapshot_bytes = 0;
     while snapshot_times.len() < settings.streams {
         match tokio::time::timeout(Duration::from_secs(300), arrived.recv()).await {
-            Ok(Some((_, Arrival::Snapshot, at))) => snapshot_times.push(at.duration_since(opened)),
+            Ok(Some((_, Arrival::Snapshot { bytes }, at))) => {
+                snapshot_times.push(at.duration_since(opened));
+                snapshot_bytes = snapshot_bytes.max(bytes);
+            }
             Ok(Some(_)) => {}
-            Ok(None) | Err(_) => bail!(
-                "only {} of {} streams got the snapshot",
-                snapshot_times.len(),
-                settings.streams
-            ),
+            Ok(None) | Err(_) => {
+                let why = first_error(tasks).await;
+                bail!(
+                    "only {} of {} streams got the snapshot; {why}",
+                    snapshot_times.len(),
+                    settings.streams
+                )
+            }
         }
     }
     let all = snapshot_times.iter().max().copied().unwrap_or_default();
@@ -339,6 +369,14 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
         Better::Lower,
         goals.snapshot,
         all.as_secs_f64() * 1000.0,
+    );
+    collector.measure(
+        &scenario,
+        "full snapshot, bytes to one stream",
+        "MB",
+        Better::Lower,
+        None,
+        snapshot_bytes as f64 / 1e6,
     );
 
     // One pod at a time changes; every stream must see each change.
@@ -451,6 +489,22 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
     Ok(())
 }
 
+/// Why the subscribers that ended did: the first error among them.
+async fn first_error(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>) -> String {
+    for task in tasks {
+        if task.is_finished() {
+            match task.await {
+                Ok(Err(error)) => return format!("a stream failed: {error:#}"),
+                Err(error) => return format!("a stream's task failed: {error}"),
+                Ok(Ok(())) => {}
+            }
+        } else {
+            task.abort();
+        }
+    }
+    "no stream reported an error".into()
+}
+
 /// Writes a manifest whole (a rename, so the control plane never reads
 /// half of it) and says when it was in place.
 fn replace(dir: &Path, path: &Path, text: &str) -> anyhow::Result<Instant> {
@@ -539,13 +593,15 @@ async fn follow(
         )
         .await?
         .into_inner();
-    let mut holding = 0;
+    let (mut holding, mut snapshot_bytes) = (0, 0);
     while let Some(response) = responses.message().await? {
         let at = Instant::now();
         if response.full_snapshot {
             holding += response.resources.len();
+            snapshot_bytes += response.encoded_len();
             if !response.more && holding >= expected {
-                let _ = arrivals.send((node, Arrival::Snapshot, at));
+                let bytes = std::mem::take(&mut snapshot_bytes);
+                let _ = arrivals.send((node, Arrival::Snapshot { bytes }, at));
             }
         } else {
             let bytes = response.encoded_len();

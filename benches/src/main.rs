@@ -180,6 +180,8 @@ fn main() -> anyhow::Result<()> {
             bench.run_family_rows(&mut collector)?;
         }
     }
+    // Scenarios that failed without stopping the others.
+    let mut failed: Vec<anyhow::Error> = Vec::new();
     if !args.no_control_plane {
         let sizes = if args.quick {
             control_plane::Settings::quick()
@@ -190,7 +192,7 @@ fn main() -> anyhow::Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        runtime.block_on(control_plane::run_all(&sizes, &bins, &mut collector))?;
+        failed.extend(runtime.block_on(control_plane::run_all(&sizes, &bins, &mut collector)));
     }
 
     let results = report::Results {
@@ -207,6 +209,9 @@ fn main() -> anyhow::Result<()> {
     report::write(&results, &args.output_dir)?;
     print!("{}", report::markdown(&results, ""));
     eprintln!("wrote {}", args.output_dir.join("RESULTS.md").display());
+    if let Some(first) = failed.into_iter().next() {
+        return Err(first.context("a scenario failed (the report holds the others)"));
+    }
     Ok(())
 }
 

@@ -158,6 +158,7 @@ fn quick_benchmark_produces_every_number() {
         let scenario = format!("control plane, {size}");
         for metric in [
             "full snapshot to every stream",
+            "full snapshot, bytes to one stream",
             "one pod change to every stream p99",
             "bytes sent to one stream for one pod change (median)",
             "rollout of 10 pods to every stream",

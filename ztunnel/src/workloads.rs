@@ -2,8 +2,10 @@
 //! authorization policies — kept current by discovery.
 //!
 //! Lookups (by destination IP, once per connection) take a read lock on
-//! hash maps; updates are rare, validated as a whole before anything
-//! changes, and rebuild the indexes.
+//! hash maps. Updates are validated as a whole before anything changes; a
+//! full snapshot rebuilds the indexes, an incremental update changes only
+//! the entries it names (in a cluster of 100,000 pods, one pod's change
+//! must not cost a scan of all of them, nor hold the lock that long).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -34,11 +36,73 @@ impl Entry {
 #[derive(Default)]
 struct Inner {
     entries: HashMap<String, Entry>,
-    workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    workloads_by_ip: ByAddress<Workload>,
     workloads_by_uid: HashMap<String, Arc<Workload>>,
-    services_by_ip: HashMap<IpAddr, Arc<Service>>,
+    services_by_ip: ByAddress<Service>,
+    /// The policy entries, by resource name: the set is rebuilt from them
+    /// when one changes, without a pass over every entry.
+    policy_entries: HashMap<String, Arc<Policy>>,
     policies: Arc<PolicySet>,
     version: String,
+}
+
+/// An index by address that an incremental update keeps exact. Two
+/// resources may claim one address for a while (a pod gone and its address
+/// reused before the old one's removal arrives): the latest applied owns
+/// it, and the earlier one takes it back if the latest goes first.
+struct ByAddress<T> {
+    owners: HashMap<IpAddr, Arc<T>>,
+    /// Earlier claimants of an owned address, latest last. Almost always
+    /// empty: lookups never read it.
+    shadowed: HashMap<IpAddr, Vec<Arc<T>>>,
+}
+
+impl<T> Default for ByAddress<T> {
+    fn default() -> Self {
+        ByAddress {
+            owners: HashMap::new(),
+            shadowed: HashMap::new(),
+        }
+    }
+}
+
+impl<T> ByAddress<T> {
+    fn get(&self, ip: &IpAddr) -> Option<&Arc<T>> {
+        self.owners.get(ip)
+    }
+
+    fn clear(&mut self) {
+        self.owners.clear();
+        self.shadowed.clear();
+    }
+
+    fn insert(&mut self, ip: IpAddr, value: &Arc<T>) {
+        if let Some(earlier) = self.owners.insert(ip, value.clone()) {
+            self.shadowed.entry(ip).or_default().push(earlier);
+        }
+    }
+
+    /// Removes `value`'s claim on `ip` (the same allocation, not an equal
+    /// value).
+    fn remove(&mut self, ip: IpAddr, value: &Arc<T>) {
+        let owned = self.owners.get(&ip).is_some_and(|o| Arc::ptr_eq(o, value));
+        let shadowed = self.shadowed.get_mut(&ip);
+        if owned {
+            match shadowed.and_then(Vec::pop) {
+                Some(earlier) => {
+                    self.owners.insert(ip, earlier);
+                }
+                None => {
+                    self.owners.remove(&ip);
+                }
+            }
+        } else if let Some(shadowed) = shadowed {
+            shadowed.retain(|s| !Arc::ptr_eq(s, value));
+        }
+        if self.shadowed.get(&ip).is_some_and(Vec::is_empty) {
+            self.shadowed.remove(&ip);
+        }
+    }
 }
 
 pub struct WorkloadStore {
@@ -64,16 +128,22 @@ impl WorkloadStore {
 
     /// The workload that owns `ip`, if the mesh knows one.
     pub fn find_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.read().workloads_by_ip.get(&ip.to_canonical()).cloned()
+        self.view().find_by_ip(ip).cloned()
     }
 
     pub fn find_by_uid(&self, uid: &str) -> Option<Arc<Workload>> {
-        self.read().workloads_by_uid.get(uid).cloned()
+        self.view().find_by_uid(uid).cloned()
     }
 
     /// The Service whose virtual IP is `ip`.
     pub fn find_service(&self, ip: IpAddr) -> Option<Arc<Service>> {
-        self.read().services_by_ip.get(&ip.to_canonical()).cloned()
+        self.view().find_service(ip).cloned()
+    }
+
+    /// A consistent view for several lookups under one read lock (a
+    /// Service's endpoints are resolved together): hold it briefly.
+    pub fn view(&self) -> View<'_> {
+        View(self.read())
     }
 
     /// The authorization policies in force.
@@ -168,12 +238,26 @@ impl WorkloadStore {
         let mut inner = self.write();
         if response.full_snapshot {
             inner.entries.clear();
+            inner.entries.extend(upserts);
+            inner.reindex();
+        } else {
+            let mut policies_changed = false;
+            for name in &response.removed {
+                if let Some(entry) = inner.entries.remove(name) {
+                    policies_changed |= inner.unindex(name, &entry);
+                }
+            }
+            for (name, entry) in upserts {
+                if let Some(earlier) = inner.entries.remove(&name) {
+                    policies_changed |= inner.unindex(&name, &earlier);
+                }
+                policies_changed |= inner.index(&name, &entry);
+                inner.entries.insert(name, entry);
+            }
+            if policies_changed {
+                inner.rebuild_policies();
+            }
         }
-        for name in &response.removed {
-            inner.entries.remove(name);
-        }
-        inner.entries.extend(upserts);
-        inner.reindex();
         inner.version = response.version_info.clone();
         drop(inner);
         self.updates.send_modify(|count| *count += 1);
@@ -191,31 +275,95 @@ impl WorkloadStore {
     }
 }
 
+/// Lookups under one read lock ([`WorkloadStore::view`]).
+pub struct View<'a>(std::sync::RwLockReadGuard<'a, Inner>);
+
+impl View<'_> {
+    /// The workload that owns `ip`, if the mesh knows one.
+    pub fn find_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.0.workloads_by_ip.get(&ip.to_canonical())
+    }
+
+    pub fn find_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.0.workloads_by_uid.get(uid)
+    }
+
+    /// The Service whose virtual IP is `ip`.
+    pub fn find_service(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.0.services_by_ip.get(&ip.to_canonical())
+    }
+}
+
 impl Inner {
-    /// Rebuilds every index from the entries, so they never drift from them
-    /// whatever an update moved around.
+    /// Rebuilds every index from the entries (after a full snapshot).
     fn reindex(&mut self) {
         self.workloads_by_ip.clear();
         self.workloads_by_uid.clear();
         self.services_by_ip.clear();
-        let mut policies = Vec::new();
-        for entry in self.entries.values() {
-            match entry {
-                Entry::Workload(w) => {
-                    for ip in &w.ips {
-                        self.workloads_by_ip.insert(ip.to_canonical(), w.clone());
-                    }
-                    self.workloads_by_uid.insert(w.uid.clone(), w.clone());
+        self.policy_entries.clear();
+        let entries = std::mem::take(&mut self.entries);
+        for (name, entry) in &entries {
+            self.index(name, entry);
+        }
+        self.entries = entries;
+        self.rebuild_policies();
+    }
+
+    /// Adds one entry to the indexes; true if it is a policy (the policy
+    /// set then needs rebuilding).
+    fn index(&mut self, name: &str, entry: &Entry) -> bool {
+        match entry {
+            Entry::Workload(w) => {
+                for ip in &w.ips {
+                    self.workloads_by_ip.insert(ip.to_canonical(), w);
                 }
-                Entry::Service(s) => {
-                    for ip in &s.addresses {
-                        self.services_by_ip.insert(*ip, s.clone());
-                    }
+                self.workloads_by_uid.insert(w.uid.clone(), w.clone());
+                false
+            }
+            Entry::Service(s) => {
+                for ip in &s.addresses {
+                    self.services_by_ip.insert(ip.to_canonical(), s);
                 }
-                Entry::Policy(p) => policies.push(p.clone()),
+                false
+            }
+            Entry::Policy(p) => {
+                self.policy_entries.insert(name.to_string(), p.clone());
+                true
             }
         }
-        self.policies = Arc::new(PolicySet::new(policies));
+    }
+
+    /// Takes one entry out of the indexes; true if it was a policy.
+    fn unindex(&mut self, name: &str, entry: &Entry) -> bool {
+        match entry {
+            Entry::Workload(w) => {
+                for ip in &w.ips {
+                    self.workloads_by_ip.remove(ip.to_canonical(), w);
+                }
+                if self
+                    .workloads_by_uid
+                    .get(&w.uid)
+                    .is_some_and(|indexed| Arc::ptr_eq(indexed, w))
+                {
+                    self.workloads_by_uid.remove(&w.uid);
+                }
+                false
+            }
+            Entry::Service(s) => {
+                for ip in &s.addresses {
+                    self.services_by_ip.remove(ip.to_canonical(), s);
+                }
+                false
+            }
+            Entry::Policy(_) => {
+                self.policy_entries.remove(name);
+                true
+            }
+        }
+    }
+
+    fn rebuild_policies(&mut self) {
+        self.policies = Arc::new(PolicySet::new(self.policy_entries.values().cloned()));
     }
 }
 
@@ -382,6 +530,159 @@ mod tests {
             assert!(store.find_by_ip("10.0.0.1".parse().unwrap()).is_some());
             assert!(store.find_by_ip("10.0.0.3".parse().unwrap()).is_none());
             assert!(store.policies().is_empty());
+        }
+    }
+
+    fn delta(
+        version: &str,
+        resources: Vec<pb::Resource>,
+        removed: &[&str],
+    ) -> pb::DiscoveryResponse {
+        pb::DiscoveryResponse {
+            version_info: version.into(),
+            resources,
+            removed: removed.iter().map(ToString::to_string).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn owner(store: &WorkloadStore, ip: &str) -> Option<String> {
+        store.find_by_ip(ip.parse().unwrap()).map(|w| w.uid.clone())
+    }
+
+    #[test]
+    fn an_address_claimed_twice_belongs_to_the_latest_and_returns_to_the_earlier() {
+        let store = WorkloadStore::new();
+        store
+            .apply(&pb::DiscoveryResponse {
+                version_info: "1".into(),
+                full_snapshot: true,
+                resources: vec![resource("old", "10.0.0.1")],
+                ..Default::default()
+            })
+            .unwrap();
+        // A new pod got the address before the old one's removal arrived.
+        store
+            .apply(&delta("2", vec![resource("new", "10.0.0.1")], &[]))
+            .unwrap();
+        assert_eq!(owner(&store, "10.0.0.1").as_deref(), Some("new"));
+        // The new one goes first: the address is the old one's again.
+        store.apply(&delta("3", vec![], &["workload/new"])).unwrap();
+        assert_eq!(owner(&store, "10.0.0.1").as_deref(), Some("old"));
+        // Claimed again, then the earlier claimant goes: the latest keeps it.
+        store
+            .apply(&delta("4", vec![resource("new", "10.0.0.1")], &[]))
+            .unwrap();
+        store.apply(&delta("5", vec![], &["workload/old"])).unwrap();
+        assert_eq!(owner(&store, "10.0.0.1").as_deref(), Some("new"));
+        // A workload that moves to another address leaves the first free.
+        store
+            .apply(&delta("6", vec![resource("new", "10.0.0.2")], &[]))
+            .unwrap();
+        assert_eq!(owner(&store, "10.0.0.1"), None);
+        assert_eq!(owner(&store, "10.0.0.2").as_deref(), Some("new"));
+        assert!(store.find_by_uid("old").is_none());
+        assert!(store.find_by_uid("new").is_some());
+    }
+
+    #[test]
+    fn incremental_updates_leave_the_indexes_a_full_snapshot_would_build() {
+        // A long, deterministic run of changes: workloads move, Services
+        // change endpoints, policies come and go.
+        let store = WorkloadStore::new();
+        store
+            .apply(&pb::DiscoveryResponse {
+                version_info: "0".into(),
+                full_snapshot: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let policy = |n: u32| pb::Resource {
+            name: format!("policy/ns/p{n}"),
+            kind: Some(pb::resource::Kind::Policy(pb::Policy {
+                namespace: "ns".into(),
+                name: format!("p{n}"),
+                ..Default::default()
+            })),
+        };
+        let mut state: HashMap<String, pb::Resource> = HashMap::new();
+        let mut seed = 7u32;
+        for step in 1..400u32 {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let n = (seed >> 8) % 40;
+            let (resources, removed): (Vec<pb::Resource>, Vec<String>) = match (seed >> 4) % 4 {
+                0 => (
+                    vec![resource(
+                        &format!("w{n}"),
+                        &format!("10.0.{}.{}", n % 3, step % 7),
+                    )],
+                    vec![],
+                ),
+                1 => (
+                    vec![service(
+                        &format!("s{n}"),
+                        &format!("10.96.0.{}", n % 5),
+                        &format!("w{}", (n + step) % 40),
+                    )],
+                    vec![],
+                ),
+                2 => (vec![policy(n)], vec![]),
+                _ => {
+                    let name = state.keys().nth(n as usize % state.len().max(1)).cloned();
+                    (vec![], name.into_iter().collect())
+                }
+            };
+            for name in &removed {
+                state.remove(name);
+            }
+            for r in &resources {
+                state.insert(r.name.clone(), r.clone());
+            }
+            let removed: Vec<&str> = removed.iter().map(String::as_str).collect();
+            store
+                .apply(&delta(&step.to_string(), resources, &removed))
+                .unwrap();
+        }
+        let rebuilt = WorkloadStore::new();
+        rebuilt
+            .apply(&pb::DiscoveryResponse {
+                version_info: "x".into(),
+                full_snapshot: true,
+                resources: state.values().cloned().collect(),
+                ..Default::default()
+            })
+            .unwrap();
+        let uids = |s: &WorkloadStore| -> Vec<String> {
+            s.workloads().iter().map(|w| w.uid.clone()).collect()
+        };
+        assert_eq!(uids(&store), uids(&rebuilt));
+        let services =
+            |s: &WorkloadStore| -> Vec<String> { s.services().iter().map(|s| s.key()).collect() };
+        assert_eq!(services(&store), services(&rebuilt));
+        assert_eq!(store.policies().len(), rebuilt.policies().len());
+        // Every address one store resolves, the other resolves to a
+        // claimant of it too (which one may differ where two claim it).
+        for a in 0..3 {
+            for b in 0..7 {
+                let ip: IpAddr = format!("10.0.{a}.{b}").parse().unwrap();
+                assert_eq!(
+                    store.find_by_ip(ip).is_some(),
+                    rebuilt.find_by_ip(ip).is_some(),
+                    "{ip}"
+                );
+                if let Some(w) = store.find_by_ip(ip) {
+                    assert!(w.ips.contains(&ip), "{ip} resolves to {}", w.uid);
+                    assert!(rebuilt.find_by_uid(&w.uid).is_some());
+                }
+            }
+        }
+        for v in 0..5 {
+            let ip: IpAddr = format!("10.96.0.{v}").parse().unwrap();
+            assert_eq!(
+                store.find_service(ip).map(|s| s.key()).is_some(),
+                rebuilt.find_service(ip).is_some(),
+                "{ip}"
+            );
         }
     }
 }

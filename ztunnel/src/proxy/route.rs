@@ -158,8 +158,11 @@ pub fn route(store: &WorkloadStore, source: &PodInfo, destination: SocketAddr) -
     if ip.is_loopback() || ip.is_unspecified() {
         return Route::Refused(Refusal::LocalAddress(destination));
     }
-    let Some(service) = store.find_service(destination.ip()) else {
-        let workload = store.find_by_ip(destination.ip());
+    // One read lock for the whole decision: a Service's endpoints are
+    // resolved together, and updates never wait behind a lookup for long.
+    let view = store.view();
+    let Some(service) = view.find_service(destination.ip()) else {
+        let workload = view.find_by_ip(destination.ip()).cloned();
         return Route::Direct(Hop::to(destination, workload));
     };
     let port = destination.port();
@@ -174,9 +177,12 @@ pub fn route(store: &WorkloadStore, source: &PodInfo, destination: SocketAddr) -
         .iter()
         .filter_map(|endpoint| {
             let target_port = *endpoint.ports.get(&port)?;
-            let workload = store.find_by_uid(&endpoint.workload_uid)?;
+            let workload = view.find_by_uid(&endpoint.workload_uid)?;
             let ip = *workload.ips.first()?;
-            Some(Hop::to(SocketAddr::new(ip, target_port), Some(workload)))
+            Some(Hop::to(
+                SocketAddr::new(ip, target_port),
+                Some(workload.clone()),
+            ))
         })
         .collect();
     if endpoints.is_empty() {

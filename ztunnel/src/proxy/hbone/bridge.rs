@@ -560,14 +560,22 @@ mod tests {
         (connected.unwrap(), accepted.unwrap().0)
     }
 
+    /// The server side of an HTTP/2 connection: its first stream's body and
+    /// responder (the connection is driven on).
+    async fn first_stream(
+        io: tokio::io::DuplexStream,
+    ) -> (h2::RecvStream, h2::server::SendResponse<Bytes>) {
+        let mut connection = h2::server::handshake(io).await.unwrap();
+        let (request, respond) = connection.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while connection.accept().await.is_some() {} });
+        (request.into_body(), respond)
+    }
+
     /// An HTTP/2 server that reads a stream's first bytes before it answers
     /// the CONNECT with `status`, then echoes what it read.
     fn answer_after_first_bytes(io: tokio::io::DuplexStream, status: StatusCode) {
         tokio::spawn(async move {
-            let mut connection = h2::server::handshake(io).await.unwrap();
-            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while connection.accept().await.is_some() {} });
-            let mut body = request.into_body();
+            let (mut body, mut respond) = first_stream(io).await;
             let first = body.data().await.unwrap().unwrap();
             let mut send = respond
                 .send_response(Response::builder().status(status).body(()).unwrap(), false)
@@ -588,10 +596,7 @@ mod tests {
     /// away may.
     fn refuse_unprocessed_after_first_bytes(io: tokio::io::DuplexStream) {
         tokio::spawn(async move {
-            let mut connection = h2::server::handshake(io).await.unwrap();
-            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while connection.accept().await.is_some() {} });
-            let mut body = request.into_body();
+            let (mut body, mut respond) = first_stream(io).await;
             let _first = body.data().await.unwrap().unwrap();
             respond.send_reset(h2::Reason::REFUSED_STREAM);
         });
@@ -600,7 +605,7 @@ mod tests {
     /// Sends a CONNECT to a server `serve` runs, without waiting for the
     /// answer: the stream's sending half, and its answer to come.
     async fn connect_on(
-        serve: fn(tokio::io::DuplexStream),
+        serve: impl FnOnce(tokio::io::DuplexStream),
     ) -> (
         h2::SendStream<Bytes>,
         impl Future<Output = Result<super::Accepted, Box<Error>>>,
@@ -722,48 +727,31 @@ mod tests {
         // answer, and would have to send again.
         let (before_answer, got_before) = tokio::sync::oneshot::channel();
         let (total, got_total) = tokio::sync::oneshot::channel();
-        let (client_io, server_io) = tokio::io::duplex(1024 * 1024);
-        tokio::spawn(async move {
-            let mut connection = h2::server::handshake(server_io).await.unwrap();
-            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while connection.accept().await.is_some() {} });
-            let mut body = request.into_body();
-            let mut received = 0;
-            while let Ok(Some(data)) =
-                tokio::time::timeout(Duration::from_millis(300), body.data()).await
-            {
-                let data = data.unwrap();
-                received += data.len();
-                let _ = body.flow_control().release_capacity(data.len());
-            }
-            let _ = before_answer.send(received);
-            let mut send = respond
-                .send_response(Response::builder().status(200).body(()).unwrap(), false)
-                .unwrap();
-            while let Some(data) = body.data().await {
-                let data = data.unwrap();
-                received += data.len();
-                let _ = body.flow_control().release_capacity(data.len());
-            }
-            send.send_data(Bytes::new(), true).unwrap();
-            let _ = total.send(received);
-        });
-        let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
-        tokio::spawn(connection);
-        let mut sender = sender.ready().await.unwrap();
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri("10.0.0.1:80")
-            .body(())
-            .unwrap();
-        let (response, send) = sender.send_request(request, false).unwrap();
-        let accepted = async move {
-            let response = response.await.expect("an answer");
-            Ok(super::Accepted {
-                recv: response.into_body(),
-                token: None,
-            })
+        let serve = move |io| {
+            tokio::spawn(async move {
+                let (mut body, mut respond) = first_stream(io).await;
+                let mut received = 0;
+                while let Ok(Some(data)) =
+                    tokio::time::timeout(Duration::from_millis(300), body.data()).await
+                {
+                    let data = data.unwrap();
+                    received += data.len();
+                    let _ = body.flow_control().release_capacity(data.len());
+                }
+                let _ = before_answer.send(received);
+                let mut send = respond
+                    .send_response(Response::builder().status(200).body(()).unwrap(), false)
+                    .unwrap();
+                while let Some(data) = body.data().await {
+                    let data = data.unwrap();
+                    received += data.len();
+                    let _ = body.flow_control().release_capacity(data.len());
+                }
+                send.send_data(Bytes::new(), true).unwrap();
+                let _ = total.send(received);
+            });
         };
+        let (send, accepted) = connect_on(serve).await;
         let (mut client, proxy_side) = tcp_pair().await;
         let (read, write) = proxy_side.into_split();
         let task = tokio::spawn(super::bridge_replayable(

@@ -772,8 +772,11 @@ fn hbone_ending(bytes: Transferred, result: Result<Finish, BridgeError>) -> Endi
         Ok(Finish::Unprocessed(unprocessed)) => {
             // Tried on other connections as often as allowed.
             socket::reset(unprocessed.tcp);
-            Ending::failed("every HBONE connection tried went away before taking the stream")
-                .code("connect_failed")
+            Ending::failed(format!(
+                "every HBONE connection tried went away before taking the stream; the last: {}",
+                unprocessed.error
+            ))
+            .code("connect_failed")
         }
         Ok(Finish::Closed) => Ending::carried(bytes, Ok(())),
         Err(BridgeError::Io(error)) => Ending::carried(bytes, Err(error)),

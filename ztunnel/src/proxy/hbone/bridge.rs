@@ -86,6 +86,8 @@ pub enum Finish {
 pub struct Unprocessed {
     pub tcp: TcpStream,
     pub replay: Replay,
+    /// Why the peer did not take it.
+    pub error: Box<Error>,
 }
 
 /// What a bridge read from TCP and sent on a stream before the destination
@@ -220,18 +222,14 @@ where
         // Until the destination accepts: what was read from TCP, to be sent
         // again if the stream turns out unprocessed. Shared by the two
         // directions like `guard`; dropped once accepted.
-        let replay = Mutex::new(replay);
-        let replayed: Vec<Bytes> = replay
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        // Only a replayable bridge records, and only until the answer: the
+        // other bridges pay nothing for it.
+        let replayable = replay.is_some();
+        let (replayed, replay_ended) = replay
             .as_ref()
-            .map(|r| r.chunks.clone())
+            .map(|r| (r.chunks.clone(), r.from_tcp_ended))
             .unwrap_or_default();
-        let replay_ended = replay
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|r| r.from_tcp_ended);
+        let replay = Mutex::new(replay);
         let mut sent = 0u64;
         let mut received = 0u64;
         // Set once the peer granted a token: only then may a move start.
@@ -279,14 +277,18 @@ where
                     break;
                 }
                 let may_move = seen & GRANTED != 0;
-                let may_read = seen & ACCEPTED != 0 || !full();
+                let recording = replayable && seen & ACCEPTED == 0;
+                let may_read = !recording || !full();
                 let chunk = tokio::select! {
                     biased;
                     () = leaving(movable.as_ref()), if may_move => break,
                     () = changed(&flags, seen) => continue,
                     chunk = reader.next(&mut tcp_read), if may_read => chunk.map_err(BridgeError::Io)?,
                 };
-                if let Some(replay) = replay.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                // Taken (None) once accepted, even if `seen` is older.
+                if recording
+                    && let Some(replay) = replay.lock().unwrap_or_else(|e| e.into_inner()).as_mut()
+                {
                     replay.record(&chunk);
                     replay.from_tcp_ended = chunk.is_empty();
                 }
@@ -312,9 +314,11 @@ where
                 recv: mut stream,
                 token: granted_token,
             } = accepted.await.map_err(BridgeError::NotAccepted)?;
-            // Processed: nothing will be sent again.
-            replay.lock().unwrap_or_else(|e| e.into_inner()).take();
-            signal(&flags, ACCEPTED).await;
+            if replayable {
+                // Processed: nothing will be sent again.
+                replay.lock().unwrap_or_else(|e| e.into_inner()).take();
+                signal(&flags, ACCEPTED).await;
+            }
             match (&movable, granted_token) {
                 (Some(_), Some(granted)) => {
                     let _ = token.set(granted);
@@ -419,24 +423,24 @@ where
             },
             Err(error) => Err(error),
         };
-        if let Err(BridgeError::NotAccepted(error)) = &finish
-            && error.is_unprocessed()
-            && let Some(replay) = replay.lock().unwrap_or_else(|e| e.into_inner()).take()
-        {
-            // The halves of one connection: reuniting them cannot fail.
-            if let Ok(tcp) = tcp_read.reunite(tcp_write) {
-                return (
-                    Copied::default(),
-                    Ok(Finish::Unprocessed(Unprocessed { tcp, replay })),
-                );
+        let finish = match finish {
+            Err(BridgeError::NotAccepted(error)) if error.is_unprocessed() => {
+                match replay.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    Some(replay) => {
+                        // The halves of one connection: reuniting them cannot fail.
+                        let back = match tcp_read.reunite(tcp_write) {
+                            Ok(tcp) => Ok(Finish::Unprocessed(Unprocessed { tcp, replay, error })),
+                            Err(_) => Err(BridgeError::Io(std::io::Error::other(
+                                "the halves of the unprocessed connection did not match",
+                            ))),
+                        };
+                        return (Copied::default(), back);
+                    }
+                    None => Err(BridgeError::NotAccepted(error)),
+                }
             }
-            return (
-                Copied::default(),
-                Err(BridgeError::Io(std::io::Error::other(
-                    "the halves of the unprocessed connection did not match",
-                ))),
-            );
-        }
+            other => other,
+        };
         match &finish {
             Ok(_) => {}
             Err(BridgeError::NotAccepted(_)) => {

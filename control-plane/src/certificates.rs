@@ -47,7 +47,7 @@ impl CertificateService {
                 trust_domain: ca.trust_domain().to_string(),
             });
         }
-        if !self.store.snapshot().node_runs(node, &identity) {
+        if !self.store.node_runs(node, &identity) {
             return Err(Error::NotOnNode {
                 identity: identity.to_string(),
                 node: node.to_string(),

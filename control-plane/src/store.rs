@@ -4,13 +4,14 @@
 //! A change is computed once, when the state is replaced, and shared by every
 //! discovery stream; streams never diff state themselves.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use prost::Message;
 
-use kanava_mesh::{Identity, Workload};
+use kanava_mesh::Identity;
 use kanava_proto::v1 as pb;
 use tokio::sync::{broadcast, watch};
 
@@ -23,27 +24,20 @@ const CHANGE_BACKLOG: usize = 256;
 /// streams sending at once hold megabytes, not gigabytes.
 const SNAPSHOT_PART: usize = 1000;
 
-/// All resources at one version.
+/// All resources at one version. Made when a stream first needs it after
+/// a change (a copy of the store's map, resources shared), so that changes
+/// alone never copy the whole state.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub version: u64,
     pub resources: BTreeMap<String, Arc<pb::Resource>>,
     /// What ztunnels trust; on the first part of every full snapshot.
     pub trust_bundle: Option<pb::TrustBundle>,
-    /// Identities of the enrolled pods scheduled on each node (for the CA).
-    identities_by_node: HashMap<String, HashSet<Identity>>,
     /// The full-snapshot responses (parts), encoded on first use.
     encoded: OnceLock<Arc<[Bytes]>>,
 }
 
 impl Snapshot {
-    /// Whether a pod with `identity` is scheduled on `node`.
-    pub fn node_runs(&self, node: &str, identity: &Identity) -> bool {
-        self.identities_by_node
-            .get(node)
-            .is_some_and(|ids| ids.contains(identity))
-    }
-
     /// This snapshot as full `DiscoveryResponse` parts, encoded once and
     /// shared by every stream.
     pub fn encoded(&self) -> Arc<[Bytes]> {
@@ -97,25 +91,113 @@ pub struct Delta {
     pub encoded: Bytes,
 }
 
-/// Workload uid → the resource made from it, marked with the last
-/// `replace` that saw it.
+/// The state as it is now; [`Snapshot`]s are copies of it.
 #[derive(Default)]
-struct WorkloadResources {
-    generation: u64,
-    entries: HashMap<String, WorkloadResource>,
+struct Current {
+    version: u64,
+    resources: BTreeMap<String, Arc<pb::Resource>>,
+    trust_bundle: Option<pb::TrustBundle>,
+    /// Identities of the enrolled pods scheduled on each node (for the CA),
+    /// each counted once per pod.
+    identities_by_node: HashMap<String, HashMap<Identity, usize>>,
+    /// The snapshot of this version, once a stream asked for it.
+    snapshot: Option<Arc<Snapshot>>,
 }
 
-struct WorkloadResource {
+impl Current {
+    fn snapshot(&mut self) -> Arc<Snapshot> {
+        self.snapshot
+            .get_or_insert_with(|| {
+                Arc::new(Snapshot {
+                    version: self.version,
+                    resources: self.resources.clone(),
+                    trust_bundle: self.trust_bundle.clone(),
+                    encoded: OnceLock::new(),
+                })
+            })
+            .clone()
+    }
+
+    fn count_identity(&mut self, (node, identity): NodeIdentity, pods: isize) {
+        let on_node = self.identities_by_node.entry(node.clone()).or_default();
+        let count = on_node.entry(identity.clone()).or_default();
+        *count = count.saturating_add_signed(pods);
+        if *count == 0 {
+            on_node.remove(&identity);
+            if on_node.is_empty() {
+                self.identities_by_node.remove(&node);
+            }
+        }
+    }
+}
+
+/// A node's name and the identity of an enrolled pod on it.
+type NodeIdentity = (String, Identity);
+
+/// What the mesh state's items (workloads, services, policies) were made
+/// into. Keyed by the address of the shared item: the translator hands the
+/// very same `Arc` again for what did not change, so a change of one pod in
+/// 100,000 costs a pointer lookup per item and the work of one resource.
+/// The entry keeps its item alive, so no other item can take its address.
+#[derive(Default)]
+struct Made {
+    generation: u64,
+    entries: HashMap<usize, MadeEntry>,
+    /// How many entries make each resource name (two pods may claim one
+    /// uid): a name leaves only with the last.
+    makers: HashMap<String, usize>,
+}
+
+struct MadeEntry {
     seen: u64,
-    workload: Arc<Workload>,
+    /// Held only to keep the item's address its own.
+    _item: Arc<dyn Any + Send + Sync>,
     resource: Arc<pb::Resource>,
+    /// Where an enrolled workload runs, and as whom.
+    identity: Option<NodeIdentity>,
+}
+
+impl Made {
+    /// Marks the entry made from `key` as seen, or makes it with `make`
+    /// (then it is returned, as new).
+    fn visit(
+        &mut self,
+        key: usize,
+        make: impl FnOnce() -> (
+            Arc<dyn Any + Send + Sync>,
+            pb::Resource,
+            Option<(String, Identity)>,
+        ),
+    ) -> Option<(Arc<pb::Resource>, Option<NodeIdentity>)> {
+        let generation = self.generation;
+        if let Some(entry) = self.entries.get_mut(&key) {
+            entry.seen = generation;
+            return None;
+        }
+        let (item, resource, identity) = make();
+        let resource = Arc::new(resource);
+        *self.makers.entry(resource.name.clone()).or_default() += 1;
+        self.entries.insert(
+            key,
+            MadeEntry {
+                seen: generation,
+                _item: item,
+                resource: resource.clone(),
+                identity: identity.clone(),
+            },
+        );
+        Some((resource, identity))
+    }
+}
+
+fn address<T>(item: &Arc<T>) -> usize {
+    Arc::as_ptr(item) as *const () as usize
 }
 
 pub struct Store {
-    current: Mutex<Arc<Snapshot>>,
-    /// The resource made from each workload last time: a workload that is
-    /// the same (shared) object again reuses it without being compared.
-    workload_resources: Mutex<WorkloadResources>,
+    current: Mutex<Current>,
+    /// Held for the whole of a `replace`, so replaces never interleave.
+    made: Mutex<Made>,
     changes: broadcast::Sender<Arc<Delta>>,
     /// Becomes true once the source has been read for the first time, so no
     /// ztunnel is ever told "the mesh is empty" during start-up.
@@ -132,8 +214,8 @@ impl Default for Store {
 impl Store {
     pub fn new() -> Self {
         Store {
-            current: Mutex::new(Arc::new(Snapshot::default())),
-            workload_resources: Mutex::new(WorkloadResources::default()),
+            current: Mutex::new(Current::default()),
+            made: Mutex::new(Made::default()),
             changes: broadcast::channel(CHANGE_BACKLOG).0,
             loaded: watch::channel(false).0,
             metrics: Arc::new(crate::metrics::Metrics::new()),
@@ -153,7 +235,15 @@ impl Store {
 
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.lock().clone()
+        self.lock().snapshot()
+    }
+
+    /// Whether an enrolled pod with `identity` is scheduled on `node` now.
+    pub fn node_runs(&self, node: &str, identity: &Identity) -> bool {
+        self.lock()
+            .identities_by_node
+            .get(node)
+            .is_some_and(|ids| ids.contains_key(identity))
     }
 
     /// Waits for the first load, then returns the current snapshot and a
@@ -162,110 +252,102 @@ impl Store {
         let mut loaded = self.loaded.subscribe();
         // Err only if the sender is gone, which cannot happen while `self` lives.
         let _ = loaded.wait_for(|loaded| *loaded).await;
-        let current = self.lock();
-        (current.clone(), self.changes.subscribe())
+        let mut current = self.lock();
+        (current.snapshot(), self.changes.subscribe())
     }
 
     /// Replaces the state. Returns the change, or `None` when nothing
     /// changed.
     pub fn replace(&self, state: &MeshState) -> Option<Arc<Delta>> {
-        let mut resources = BTreeMap::new();
-        let mut identities_by_node: HashMap<String, HashSet<Identity>> = HashMap::new();
-        let mut previous = self
-            .workload_resources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let generation = previous.generation + 1;
-        previous.generation = generation;
-        let mut unchanged = HashSet::new();
+        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        made.generation += 1;
+        let generation = made.generation;
+        let mut new = Vec::new();
         for workload in &state.workloads {
-            // Only a pod in the mesh makes its identity requestable: a pod
-            // outside it has no use for a certificate.
-            if workload.in_mesh() {
-                identities_by_node
-                    .entry(workload.node.clone())
-                    .or_default()
-                    .insert(workload.identity.clone());
-            }
-            let resource = match previous.entries.get_mut(&workload.uid) {
-                Some(entry) if Arc::ptr_eq(&entry.workload, workload) => {
-                    entry.seen = generation;
-                    unchanged.insert(Arc::as_ptr(&entry.resource));
-                    entry.resource.clone()
-                }
-                _ => {
-                    let resource = Arc::new(pb::Resource {
-                        name: workload.resource_name(),
-                        kind: Some(pb::resource::Kind::Workload(workload.to_proto())),
-                    });
-                    previous.entries.insert(
-                        workload.uid.clone(),
-                        WorkloadResource {
-                            seen: generation,
-                            workload: workload.clone(),
-                            resource: resource.clone(),
-                        },
-                    );
-                    resource
-                }
-            };
-            resources.insert(resource.name.clone(), resource);
+            new.extend(made.visit(address(workload), || {
+                // Only a pod in the mesh makes its identity requestable: a
+                // pod outside it has no use for a certificate.
+                let identity = workload
+                    .in_mesh()
+                    .then(|| (workload.node.clone(), workload.identity.clone()));
+                let resource = pb::Resource {
+                    name: workload.resource_name(),
+                    kind: Some(pb::resource::Kind::Workload(workload.to_proto())),
+                };
+                (workload.clone(), resource, identity)
+            }));
         }
-        previous.entries.retain(|_, entry| entry.seen == generation);
-        drop(previous);
-        let mut add = |name: String, kind: pb::resource::Kind| {
-            resources.insert(
-                name.clone(),
-                Arc::new(pb::Resource {
-                    name,
-                    kind: Some(kind),
-                }),
-            );
-        };
         for service in &state.services {
-            add(
-                service.resource_name(),
-                pb::resource::Kind::Service(service.to_proto()),
-            );
+            new.extend(made.visit(address(service), || {
+                let resource = pb::Resource {
+                    name: service.resource_name(),
+                    kind: Some(pb::resource::Kind::Service(service.to_proto())),
+                };
+                (service.clone(), resource, None)
+            }));
         }
         for policy in &state.policies {
-            add(
-                policy.resource_name(),
-                pb::resource::Kind::Policy(policy.to_proto()),
-            );
+            new.extend(made.visit(address(policy), || {
+                let resource = pb::Resource {
+                    name: policy.resource_name(),
+                    kind: Some(pb::resource::Kind::Policy(policy.to_proto())),
+                };
+                (policy.clone(), resource, None)
+            }));
         }
+        let mut gone = Vec::new();
+        made.entries.retain(|_, entry| {
+            let seen = entry.seen == generation;
+            if !seen {
+                gone.push((entry.resource.clone(), entry.identity.take()));
+            }
+            seen
+        });
 
         let mut current = self.lock();
-        let upserts: Vec<_> = resources
-            .iter()
-            .filter(|(name, resource)| {
-                !unchanged.contains(&Arc::as_ptr(resource))
-                    && current.resources.get(*name) != Some(*resource)
-            })
-            .map(|(_, resource)| resource.clone())
-            .collect();
-        let removed: Vec<_> = current
-            .resources
-            .keys()
-            .filter(|name| !resources.contains_key(*name))
-            .cloned()
-            .collect();
+        let mut upserts = Vec::new();
+        let mut removed = Vec::new();
+        // New first: an item made again (its name still counted by the
+        // entry it replaces) is compared with what was served, and its name
+        // does not leave with the old entry.
+        for (resource, identity) in new {
+            if let Some(identity) = identity {
+                current.count_identity(identity, 1);
+            }
+            // A new item may make what was served already (a pod changed in
+            // a way the mesh does not see): not a change.
+            let previous = current
+                .resources
+                .insert(resource.name.clone(), resource.clone());
+            if previous.as_deref() != Some(&*resource) {
+                upserts.push(resource);
+            }
+        }
+        for (resource, identity) in gone {
+            if let Some(identity) = identity {
+                current.count_identity(identity, -1);
+            }
+            let makers = made.makers.entry(resource.name.clone()).or_default();
+            *makers = makers.saturating_sub(1);
+            if *makers == 0 {
+                made.makers.remove(&resource.name);
+                current.resources.remove(&resource.name);
+                removed.push(resource.name.clone());
+            }
+        }
+        drop(made);
         self.loaded.send_replace(true);
         self.metrics.source_synced.set(1);
         if upserts.is_empty() && removed.is_empty() && current.version > 0 {
             return None;
         }
-        let version = current.version + 1;
-        *current = Arc::new(Snapshot {
-            version,
-            resources,
-            trust_bundle: current.trust_bundle.clone(),
-            identities_by_node,
-            encoded: OnceLock::new(),
-        });
+        upserts.sort_by(|a, b| a.name.cmp(&b.name));
+        removed.sort();
+        current.version += 1;
+        current.snapshot = None;
         let delta = self.publish(&mut current, upserts, removed, None);
         tracing::info!(
-            version,
+            version = current.version,
             resources = current.resources.len(),
             changed = delta.upserts.len(),
             removed = delta.removed.len(),
@@ -284,31 +366,24 @@ impl Store {
         if current.trust_bundle.as_ref() == Some(&bundle) {
             return;
         }
+        current.trust_bundle = Some(bundle.clone());
+        current.snapshot = None;
         // Before the first version the bundle simply joins the snapshot; no
         // stream has been served anything yet.
-        let version = match current.version {
-            0 => 0,
-            served => served + 1,
-        };
-        *current = Arc::new(Snapshot {
-            version,
-            resources: current.resources.clone(),
-            trust_bundle: Some(bundle.clone()),
-            identities_by_node: current.identities_by_node.clone(),
-            encoded: OnceLock::new(),
-        });
-        if version == 0 {
+        if current.version == 0 {
             return;
         }
+        current.version += 1;
+        let version = current.version;
         self.publish(&mut current, Vec::new(), Vec::new(), Some(bundle));
         tracing::info!(version, "trust bundle updated");
     }
 
-    /// Makes the change to the snapshot now in `current` known to every
+    /// Makes the change to the version now in `current` known to every
     /// stream.
     fn publish(
         &self,
-        current: &mut Arc<Snapshot>,
+        current: &mut Current,
         upserts: Vec<Arc<pb::Resource>>,
         removed: Vec<String>,
         trust_bundle: Option<pb::TrustBundle>,
@@ -338,9 +413,9 @@ impl Store {
         delta
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Arc<Snapshot>> {
-        // The lock guards a pointer swap; a panic while holding it cannot
-        // leave the snapshot half-written, so a poisoned lock is still good.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        // Nothing in the store panics between the writes to one version, so
+        // a poisoned lock still holds a whole one.
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -398,11 +473,11 @@ mod tests {
 
         let (snapshot, mut changes) = store.subscribe().await;
         assert_eq!(snapshot.version, 1);
-        assert!(snapshot.node_runs(
+        assert!(store.node_runs(
             "n1",
             &Identity::new("cluster.local", "shop", "web").unwrap()
         ));
-        assert!(!snapshot.node_runs(
+        assert!(!store.node_runs(
             "n2",
             &Identity::new("cluster.local", "shop", "web").unwrap()
         ));
@@ -423,8 +498,65 @@ mod tests {
         assert_eq!(delta.version, 2);
         assert_eq!(delta.upserts.len(), 1);
         assert_eq!(delta.removed, vec!["workload/b".to_string()]);
-        assert!(store.snapshot().node_runs(
+        assert!(store.node_runs(
             "n2",
+            &Identity::new("cluster.local", "shop", "web").unwrap()
+        ));
+        assert!(
+            !store.node_runs(
+                "n1",
+                &Identity::new("cluster.local", "shop", "web").unwrap()
+            ),
+            "the pod left n1"
+        );
+        assert!(
+            !store.node_runs("n2", &Identity::new("cluster.local", "shop", "db").unwrap()),
+            "the db pod is gone"
+        );
+    }
+
+    #[test]
+    fn changes_applied_in_place_serve_what_a_fresh_store_would() {
+        let shared = |workloads: &[&Arc<Workload>]| MeshState {
+            workloads: workloads.iter().map(|w| Arc::clone(w)).collect(),
+            ..Default::default()
+        };
+        let store = Store::new();
+        let a = Arc::new(workload("a", "n1", "web"));
+        let b = Arc::new(workload("b", "n2", "db"));
+        store.replace(&shared(&[&a, &b])).unwrap();
+        assert!(
+            store.replace(&shared(&[&a, &b])).is_none(),
+            "the same items again"
+        );
+        let a_again = Arc::new(workload("a", "n1", "web"));
+        assert!(
+            store.replace(&shared(&[&a_again, &b])).is_none(),
+            "a new item that makes what is served is not a change"
+        );
+
+        // Two pods claim one uid: the name stays while either does.
+        let c1 = Arc::new(workload("c", "n1", "web"));
+        let c2 = Arc::new(workload("c", "n1", "web"));
+        let delta = store.replace(&shared(&[&a_again, &b, &c1, &c2])).unwrap();
+        assert_eq!(delta.upserts.len(), 1);
+        assert!(store.replace(&shared(&[&a_again, &b, &c2])).is_none());
+        let delta = store.replace(&shared(&[&a_again, &c2])).unwrap();
+        assert_eq!(delta.removed, vec!["workload/b".to_string()]);
+        assert!(!store.node_runs("n2", &Identity::new("cluster.local", "shop", "db").unwrap()));
+        assert!(store.node_runs(
+            "n1",
+            &Identity::new("cluster.local", "shop", "web").unwrap()
+        ));
+
+        let fresh = Store::new();
+        fresh.replace(&shared(&[&a_again, &c2]));
+        assert_eq!(store.snapshot().resources, fresh.snapshot().resources);
+        let delta = store.replace(&shared(&[])).unwrap();
+        assert_eq!(delta.removed.len(), 2);
+        assert!(store.snapshot().resources.is_empty());
+        assert!(!store.node_runs(
+            "n1",
             &Identity::new("cluster.local", "shop", "web").unwrap()
         ));
     }

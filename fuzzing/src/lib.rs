@@ -208,7 +208,7 @@ pub fn manifests(data: &[u8]) {
     for service in &state.services {
         let _ = kanava_mesh::Service::from_proto(&service.to_proto());
     }
-    let policies: Vec<Arc<Policy>> = state.policies.into_iter().map(Arc::new).collect();
+    let policies: Vec<Arc<Policy>> = state.policies;
     evaluate(&policies);
 }
 

@@ -19,10 +19,10 @@ mod policies;
 mod services;
 mod workloads;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
 use kanava_mesh::policy::Policy;
 use kanava_mesh::{Service, Workload};
 
@@ -31,6 +31,7 @@ pub use services::{NamespaceWorkloads, service_of};
 use workloads::is_ready;
 pub use workloads::workload_of;
 
+use crate::crd::AuthorizationPolicy;
 use crate::objects::{ClusterObjects, ObjectKey};
 
 #[derive(Clone, Debug)]
@@ -46,8 +47,8 @@ pub struct MeshState {
     /// Shared with the translator's cache: a pod that did not change keeps
     /// the very same workload, which lets the store skip comparing it.
     pub workloads: Vec<Arc<Workload>>,
-    pub services: Vec<Service>,
-    pub policies: Vec<Policy>,
+    pub services: Vec<Arc<Service>>,
+    pub policies: Vec<Arc<Policy>>,
     /// Objects that could not be translated, and why.
     pub problems: Vec<String>,
     /// Whether each AuthorizationPolicy was accepted, for its status.
@@ -66,14 +67,19 @@ pub struct PolicyVerdict {
 }
 
 /// Translates views of the cluster one after another, remembering the last
-/// valid version of every policy, and the workload of every pod so that only
-/// pods (or namespaces) that changed are translated again.
+/// valid version of every policy, and what every object became, so that
+/// only what changed is translated again: a pod or namespace that changed,
+/// a Service whose object or namespace's pods changed, a policy that
+/// changed. With 100,000 pods a change costs a pass of pointer comparisons,
+/// not a translation of the cluster.
 #[derive(Debug)]
 pub struct Translator {
     config: TranslateConfig,
-    last_good_policies: HashMap<ObjectKey, Policy>,
+    last_good_policies: HashMap<ObjectKey, Arc<Policy>>,
     reported: BTreeSet<String>,
     pods: HashMap<ObjectKey, Translated>,
+    services: HashMap<ObjectKey, Made<KubeService, ServiceOutcome>>,
+    policies: HashMap<ObjectKey, Made<AuthorizationPolicy, PolicyOutcome>>,
     /// Counts translations; entries not seen in the latest are dropped.
     generation: u64,
 }
@@ -90,6 +96,26 @@ struct Translated {
     warning: Option<String>,
 }
 
+/// What an object (the very same, shared one) became last time.
+#[derive(Debug)]
+struct Made<O, T> {
+    seen: u64,
+    object: Arc<O>,
+    result: T,
+}
+
+/// A Service object's translation: `None` for one without a virtual IP,
+/// the problem for one that cannot be translated.
+type ServiceOutcome = Result<Option<Arc<Service>>, String>;
+
+/// A policy object's effect: what is enforced, its verdict, the problem.
+#[derive(Debug, Clone)]
+struct PolicyOutcome {
+    in_force: Option<Arc<Policy>>,
+    verdict: PolicyVerdict,
+    problem: Option<String>,
+}
+
 impl Translator {
     pub fn new(config: TranslateConfig) -> Self {
         Translator {
@@ -97,15 +123,20 @@ impl Translator {
             last_good_policies: HashMap::new(),
             reported: BTreeSet::new(),
             pods: HashMap::new(),
+            services: HashMap::new(),
+            policies: HashMap::new(),
             generation: 0,
         }
     }
 
     pub fn translate(&mut self, objects: &ClusterObjects) -> MeshState {
         let mut state = MeshState::default();
-        let mut pods: Vec<&Pod> = Vec::new();
         self.generation += 1;
         let generation = self.generation;
+        // Namespaces where a pod appeared, changed or left: their Services'
+        // endpoints must be looked at again.
+        let mut changed_namespaces: HashSet<String> = HashSet::new();
+        let mut pods: Vec<&Pod> = Vec::new();
         for (key, pod) in &objects.pods {
             let namespace = objects.namespaces.get(&key.0);
             // Same objects as last time (shared, so comparing pointers is
@@ -124,6 +155,7 @@ impl Translator {
                     done
                 }
                 _ => {
+                    changed_namespaces.insert(key.0.clone());
                     let translated = Translated {
                         seen: generation,
                         pod: pod.clone(),
@@ -155,70 +187,159 @@ impl Translator {
                     .push(format!("Pod {}/{}: {problem}", key.0, key.1)),
             }
         }
-        self.pods
-            .retain(|_, translated| translated.seen == generation);
-        // Services select ready pods of their own namespace: index those once.
-        let mut by_namespace: HashMap<&str, NamespaceWorkloads> = HashMap::new();
-        for (workload, pod) in state.workloads.iter().map(|w| &**w).zip(&pods) {
-            if is_ready(pod) {
-                by_namespace
-                    .entry(workload.namespace.as_str())
-                    .or_default()
-                    .add(workload, pod);
+        self.pods.retain(|(namespace, _), translated| {
+            let seen = translated.seen == generation;
+            if !seen {
+                changed_namespaces.insert(namespace.clone());
             }
-        }
-        let empty = NamespaceWorkloads::default();
-        let mut services = Vec::new();
-        for ((namespace, name), service) in &objects.services {
-            let candidates = by_namespace.get(namespace.as_str()).unwrap_or(&empty);
-            match service_of(service, candidates) {
-                Ok(Some(service)) => services.push(service),
-                Ok(None) => {}
-                Err(problem) => state
+            seen
+        });
+        state.services = self.services(objects, &state.workloads, &pods, &changed_namespaces);
+        for key in objects.services.keys() {
+            if let Some(Made {
+                result: Err(problem),
+                ..
+            }) = self.services.get(key)
+            {
+                state
                     .problems
-                    .push(format!("Service {namespace}/{name}: {problem}")),
+                    .push(format!("Service {}/{}: {problem}", key.0, key.1));
             }
         }
-        state.services = services;
         for (key, object) in &objects.policies {
-            match policy_of(object, &self.config.root_namespace) {
-                Ok(policy) => {
-                    self.last_good_policies.insert(key.clone(), policy.clone());
-                    state.policies.push(policy);
-                    state.policy_verdicts.push(PolicyVerdict {
-                        key: key.clone(),
-                        generation: object.metadata.generation,
-                        rejection: None,
-                    });
+            let outcome = match self.policies.get_mut(key) {
+                Some(made) if Arc::ptr_eq(&made.object, object) => {
+                    made.seen = generation;
+                    made.result.clone()
                 }
-                Err(problem) => {
-                    // Never weaker than what the operator meant: the last
-                    // valid version stays, and a policy that never was valid
-                    // refuses everything for the workloads it selects.
-                    let (in_force, meaning) = match self.last_good_policies.get(key) {
-                        Some(kept) => (Some(kept.clone()), "its last valid version stays in force"),
-                        None => (
-                            refuse_all_of(object, &self.config.root_namespace),
-                            "until it is fixed it refuses every connection to the workloads it \
-                             selects",
-                        ),
-                    };
-                    state.problems.push(format!(
-                        "AuthorizationPolicy {}/{} rejected: {problem}; {meaning}",
-                        key.0, key.1,
-                    ));
-                    state.policy_verdicts.push(PolicyVerdict {
-                        key: key.clone(),
-                        generation: object.metadata.generation,
-                        rejection: Some(format!("{problem}; {meaning}")),
-                    });
-                    state.policies.extend(in_force);
+                _ => {
+                    let outcome = self.judge_policy(key, object);
+                    self.policies.insert(
+                        key.clone(),
+                        Made {
+                            seen: generation,
+                            object: object.clone(),
+                            result: outcome.clone(),
+                        },
+                    );
+                    outcome
                 }
-            }
+            };
+            state.problems.extend(outcome.problem);
+            state.policy_verdicts.push(outcome.verdict);
+            state.policies.extend(outcome.in_force);
         }
+        self.policies.retain(|_, made| made.seen == generation);
         self.last_good_policies
             .retain(|key, _| objects.policies.contains_key(key));
         state
+    }
+
+    /// The mesh Services, in the order of `objects.services`; a Service is
+    /// translated again only when it changed or its namespace's pods did.
+    fn services(
+        &mut self,
+        objects: &ClusterObjects,
+        workloads: &[Arc<Workload>],
+        pods: &[&Pod],
+        changed_namespaces: &HashSet<String>,
+    ) -> Vec<Arc<Service>> {
+        let generation = self.generation;
+        let mut stale = Vec::new();
+        for (key, service) in &objects.services {
+            match self.services.get_mut(key) {
+                Some(made)
+                    if Arc::ptr_eq(&made.object, service)
+                        && !changed_namespaces.contains(&key.0) =>
+                {
+                    made.seen = generation;
+                }
+                _ => stale.push((key, service)),
+            }
+        }
+        if !stale.is_empty() {
+            // Services select ready pods of their own namespace: index those
+            // of the namespaces needed, once.
+            let needed: HashSet<&str> = stale.iter().map(|(key, _)| key.0.as_str()).collect();
+            let mut by_namespace: HashMap<&str, NamespaceWorkloads> = HashMap::new();
+            for (workload, pod) in workloads.iter().map(|w| &**w).zip(pods) {
+                if needed.contains(workload.namespace.as_str()) && is_ready(pod) {
+                    by_namespace
+                        .entry(workload.namespace.as_str())
+                        .or_default()
+                        .add(workload, pod);
+                }
+            }
+            let empty = NamespaceWorkloads::default();
+            for (key, service) in stale {
+                let candidates = by_namespace.get(key.0.as_str()).unwrap_or(&empty);
+                let result = service_of(service, candidates).map(|s| s.map(Arc::new));
+                self.services.insert(
+                    key.clone(),
+                    Made {
+                        seen: generation,
+                        object: service.clone(),
+                        result,
+                    },
+                );
+            }
+        }
+        self.services.retain(|_, made| made.seen == generation);
+        objects
+            .services
+            .keys()
+            .filter_map(|key| match self.services.get(key) {
+                Some(Made {
+                    result: Ok(Some(service)),
+                    ..
+                }) => Some(service.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Validates a new or changed policy object.
+    fn judge_policy(&mut self, key: &ObjectKey, object: &AuthorizationPolicy) -> PolicyOutcome {
+        match policy_of(object, &self.config.root_namespace) {
+            Ok(policy) => {
+                let policy = Arc::new(policy);
+                self.last_good_policies.insert(key.clone(), policy.clone());
+                PolicyOutcome {
+                    in_force: Some(policy),
+                    verdict: PolicyVerdict {
+                        key: key.clone(),
+                        generation: object.metadata.generation,
+                        rejection: None,
+                    },
+                    problem: None,
+                }
+            }
+            Err(problem) => {
+                // Never weaker than what the operator meant: the last valid
+                // version stays, and a policy that never was valid refuses
+                // everything for the workloads it selects.
+                let (in_force, meaning) = match self.last_good_policies.get(key) {
+                    Some(kept) => (Some(kept.clone()), "its last valid version stays in force"),
+                    None => (
+                        refuse_all_of(object, &self.config.root_namespace).map(Arc::new),
+                        "until it is fixed it refuses every connection to the workloads it \
+                         selects",
+                    ),
+                };
+                PolicyOutcome {
+                    in_force,
+                    problem: Some(format!(
+                        "AuthorizationPolicy {}/{} rejected: {problem}; {meaning}",
+                        key.0, key.1,
+                    )),
+                    verdict: PolicyVerdict {
+                        key: key.clone(),
+                        generation: object.metadata.generation,
+                        rejection: Some(format!("{problem}; {meaning}")),
+                    },
+                }
+            }
+        }
     }
 
     /// Problems of `state` not reported before (each is logged once while it
@@ -562,6 +683,75 @@ spec:
         assert!(!allow.mesh_wide);
         assert_eq!(allow.rules[0].to[0].ports, vec![8080, 9001]);
         assert_eq!(allow.resource_version, "91");
+    }
+
+    #[test]
+    fn only_what_changed_is_translated_again() {
+        let mut translator = translator();
+        let mut objects = objects(&format!(
+            "{CLUSTER}---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: legacy}}\nspec:\n  clusterIP: 10.96.0.30\n  ports: [{{port: 5432}}]\n"
+        ));
+        let first = translator.translate(&objects);
+        let service = |state: &MeshState, name: &str| {
+            state
+                .services
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(service(&first, "web").endpoints.len(), 1);
+
+        let same = translator.translate(&objects);
+        let shared = |a: &MeshState, b: &MeshState| {
+            a.workloads
+                .iter()
+                .zip(&b.workloads)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+                && a.services
+                    .iter()
+                    .zip(&b.services)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+                && a.policies
+                    .iter()
+                    .zip(&b.policies)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        };
+        assert!(shared(&first, &same), "nothing changed, nothing made again");
+
+        // A pod of `shop` becomes ready: the Service of `shop` gains it; the
+        // other namespace's Service and every policy stay as they were.
+        let key = ("shop".to_string(), "web-unready".to_string());
+        let mut ready = (*objects.pods[&key]).clone();
+        for condition in ready
+            .status
+            .as_mut()
+            .and_then(|s| s.conditions.as_mut())
+            .into_iter()
+            .flatten()
+        {
+            condition.status = "True".into();
+        }
+        objects.pods.insert(key.clone(), Arc::new(ready));
+        let changed = translator.translate(&objects);
+        assert_eq!(service(&changed, "web").endpoints.len(), 2);
+        assert!(Arc::ptr_eq(
+            &service(&first, "db"),
+            &service(&changed, "db")
+        ));
+        assert!(
+            first
+                .policies
+                .iter()
+                .zip(&changed.policies)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+        );
+
+        // It leaves: the endpoint goes with it.
+        objects.pods.remove(&key);
+        let left = translator.translate(&objects);
+        assert_eq!(service(&left, "web").endpoints.len(), 1);
+        assert_eq!(left.workloads.len(), first.workloads.len() - 1);
     }
 
     #[test]

@@ -370,6 +370,18 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
         goals.snapshot,
         all.as_secs_f64() * 1000.0,
     );
+    // The control plane's own share of the snapshot phase: the receivers
+    // run on the same cores here, on their own nodes in a cluster.
+    if let Some(cpu) = procfs::cpu_seconds(pid) {
+        collector.measure(
+            &scenario,
+            "control plane CPU, full snapshot to every stream",
+            "s",
+            Better::Lower,
+            None,
+            cpu - cpu_start,
+        );
+    }
     collector.measure(
         &scenario,
         "full snapshot, bytes to one stream",

@@ -12,6 +12,8 @@
 //!   own types;
 //! - [`manifests`]: reading them from YAML or JSON manifests;
 //! - [`crd`]: the `AuthorizationPolicy` custom resource;
+//! - [`slim`]: objects cut down to what the mesh reads of them, as the
+//!   control plane keeps them;
 //! - [`translate`]: objects → the mesh model of [`kanava_mesh`], validated.
 //!
 //! Every source of objects (the control plane's Kubernetes watches and
@@ -21,6 +23,7 @@
 pub mod crd;
 pub mod manifests;
 pub mod objects;
+pub mod slim;
 pub mod translate;
 
 pub use manifests::{ManifestDirError, ManifestError, Other, parse_manifests, read_manifest_dir};

@@ -88,7 +88,7 @@ async fn serve_stream(
                         sent_version = delta.version;
                         metrics.push_delay.observe(delta.created.elapsed().as_secs_f64());
                         metrics.pushes.get_or_create(&PushLabels { kind: "update" }).inc();
-                        responses.send(Ok(delta.encoded.clone())).await.is_ok()
+                        responses.send(Ok(delta.encoded())).await.is_ok()
                     }
                     // A gap (missed changes), a lagging receiver, or a
                     // ztunnel whose state we no longer know: start over from

@@ -55,11 +55,11 @@ impl Snapshot {
                     .iter()
                     .enumerate()
                     .map(|(part, chunk)| {
-                        encode(&pb::DiscoveryResponse {
+                        let rest = pb::DiscoveryResponse {
                             version_info: self.version.to_string(),
                             nonce: format!("{}-full-{part}", self.version),
                             full_snapshot: true,
-                            resources: chunk.iter().map(|r| (***r).clone()).collect(),
+                            resources: Vec::new(),
                             removed: Vec::new(),
                             more: part < last,
                             trust_bundle: if part == 0 {
@@ -67,7 +67,8 @@ impl Snapshot {
                             } else {
                                 None
                             },
-                        })
+                        };
+                        encode(&rest, chunk.iter().map(|r| &***r))
                     })
                     .collect()
             })
@@ -75,8 +76,29 @@ impl Snapshot {
     }
 }
 
-fn encode(response: &pb::DiscoveryResponse) -> Bytes {
-    Bytes::from(response.encode_to_vec())
+/// `DiscoveryResponse.resources`.
+const RESOURCES_FIELD: u32 = 4;
+
+/// Encodes `rest` with `resources` as its resources, without copying them
+/// into it. prost encodes a message from owned fields; cloning 122,000
+/// resources into responses only to encode them would hold the state twice
+/// for a moment. Protobuf decoders take fields in any order and join the
+/// occurrences of a repeated field, so the resources follow the rest.
+fn encode<'a>(
+    rest: &pb::DiscoveryResponse,
+    resources: impl Iterator<Item = &'a pb::Resource> + Clone,
+) -> Bytes {
+    let length = rest.encoded_len()
+        + resources
+            .clone()
+            .map(|r| prost::encoding::message::encoded_len(RESOURCES_FIELD, r))
+            .sum::<usize>();
+    let mut buffer = Vec::with_capacity(length);
+    rest.encode_raw(&mut buffer);
+    for resource in resources {
+        prost::encoding::message::encode(RESOURCES_FIELD, resource, &mut buffer);
+    }
+    Bytes::from(buffer)
 }
 
 /// What changed from `version - 1` to `version`.
@@ -87,8 +109,31 @@ pub struct Delta {
     pub created: std::time::Instant,
     pub upserts: Vec<Arc<pb::Resource>>,
     pub removed: Vec<String>,
-    /// The incremental `DiscoveryResponse`, encoded once.
-    pub encoded: Bytes,
+    trust_bundle: Option<pb::TrustBundle>,
+    /// The incremental `DiscoveryResponse`, encoded once, when a stream first
+    /// sends it: the first version's change (the whole state) and changes
+    /// made while no stream listens never are.
+    encoded: OnceLock<Bytes>,
+}
+
+impl Delta {
+    /// This change as an incremental `DiscoveryResponse`.
+    pub fn encoded(&self) -> Bytes {
+        self.encoded
+            .get_or_init(|| {
+                let rest = pb::DiscoveryResponse {
+                    version_info: self.version.to_string(),
+                    nonce: format!("{}{DELTA_NONCE_SUFFIX}", self.version),
+                    full_snapshot: false,
+                    resources: Vec::new(),
+                    removed: self.removed.clone(),
+                    more: false,
+                    trust_bundle: self.trust_bundle.clone(),
+                };
+                encode(&rest, self.upserts.iter().map(|r| &**r))
+            })
+            .clone()
+    }
 }
 
 /// The state as it is now; [`Snapshot`]s are copies of it.
@@ -389,21 +434,13 @@ impl Store {
         trust_bundle: Option<pb::TrustBundle>,
     ) -> Arc<Delta> {
         let version = current.version;
-        let encoded = encode(&pb::DiscoveryResponse {
-            version_info: version.to_string(),
-            nonce: format!("{version}{DELTA_NONCE_SUFFIX}"),
-            full_snapshot: false,
-            resources: upserts.iter().map(|r| (**r).clone()).collect(),
-            removed: removed.clone(),
-            more: false,
-            trust_bundle,
-        });
         let delta = Arc::new(Delta {
             version,
             created: std::time::Instant::now(),
             upserts,
             removed,
-            encoded,
+            trust_bundle,
+            encoded: OnceLock::new(),
         });
         self.metrics
             .configuration_version
@@ -559,6 +596,39 @@ mod tests {
             "n1",
             &Identity::new("cluster.local", "shop", "web").unwrap()
         ));
+    }
+
+    #[test]
+    fn responses_encoded_without_copies_decode_as_the_whole_message() {
+        let store = Store::new();
+        store.set_trust_bundle(pb::TrustBundle {
+            roots: vec!["root".into()],
+            ..Default::default()
+        });
+        let delta = store
+            .replace(&state(vec![
+                workload("a", "n1", "web"),
+                workload("b", "n2", "db"),
+            ]))
+            .unwrap();
+        let decoded = pb::DiscoveryResponse::decode(delta.encoded()).unwrap();
+        let expected = pb::DiscoveryResponse {
+            version_info: "1".into(),
+            nonce: "1-delta".into(),
+            full_snapshot: false,
+            resources: delta.upserts.iter().map(|r| (**r).clone()).collect(),
+            removed: Vec::new(),
+            more: false,
+            trust_bundle: None,
+        };
+        assert_eq!(decoded, expected);
+        assert_eq!(decoded.resources.len(), 2);
+
+        let parts = store.snapshot().encoded();
+        let full = pb::DiscoveryResponse::decode(parts[0].clone()).unwrap();
+        assert_eq!(full.resources, expected.resources);
+        assert_eq!(full.trust_bundle.unwrap().roots, vec!["root".to_string()]);
+        assert!(full.full_snapshot && !full.more);
     }
 
     #[tokio::test]

@@ -359,7 +359,7 @@ async fn a_ca_directory_is_followed_through_a_rotation() {
     .await;
     assert_eq!(authority.current().signer(), old_signer);
     let delta = changes.recv().await.unwrap();
-    let sent = kanava_proto::v1::DiscoveryResponse::decode(delta.encoded.clone()).unwrap();
+    let sent = kanava_proto::v1::DiscoveryResponse::decode(delta.encoded()).unwrap();
     let bundle = sent.trust_bundle.expect("the change carries the bundle");
     assert_eq!((bundle.roots.len(), bundle.signer), (2, old_signer.clone()));
     assert!(sent.resources.is_empty() && sent.removed.is_empty());

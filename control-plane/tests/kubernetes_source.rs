@@ -249,3 +249,129 @@ async fn objects_the_translation_cannot_use_are_skipped_and_never_stop_the_watch
     assert!(!has(&store, "workload/broken-uid"));
     assert!(has(&store, WEB));
 }
+
+/// A pod as a Deployment makes it, with what an API server adds.
+fn bulk_pod(i: usize) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": format!("bulk-{i}"), "namespace": format!("bulk-{}", i % 50),
+            "uid": format!("bulk-uid-{i}"), "labels": {"app": format!("app-{}", i / 5)},
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"a\":1}"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                 "name": format!("app-{}-1", i / 5), "uid": "rs"}]
+        },
+        "spec": {
+            "nodeName": format!("node-{}", i % 1000), "serviceAccountName": "app",
+            "containers": [{"name": "app", "image": "registry.example/app:1.2.3",
+                            "env": [{"name": "MODE", "value": "production"}],
+                            "ports": [{"containerPort": 8080, "name": "http"}],
+                            "readinessProbe": {"httpGet": {"port": 8080, "path": "/ready"}}}],
+            "volumes": [{"name": "data", "emptyDir": {}}]
+        },
+        "status": {
+            "phase": "Running", "hostIP": "10.200.0.1",
+            "podIP": format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256),
+            "conditions": [{"type": "Ready", "status": "True",
+                            "lastTransitionTime": "2026-12-01T00:00:00Z"}],
+            "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0,
+                                   "image": "registry.example/app:1.2.3", "imageID": "sha256:1"}]
+        }
+    })
+}
+
+/// An API server serving `pods` bulk pods beside the golden objects.
+async fn bulk_server(pods: usize) -> ApiServer {
+    let server = ApiServer::start().await;
+    api_server::serve_golden(&server);
+    for i in 0..pods {
+        server.apply(PODS, bulk_pod(i));
+    }
+    server
+}
+
+/// Watches `server` until the store holds all its `pods` bulk pods; how
+/// long the lists and translation took.
+async fn watch_bulk(
+    server: &ApiServer,
+    pods: usize,
+) -> (Arc<Store>, source::kubernetes::Watch, Duration) {
+    let store = Arc::new(Store::new());
+    let started = std::time::Instant::now();
+    let watch = source::kubernetes::watch(
+        server.client(),
+        translate_into(&config(), store.clone(), None),
+    );
+    let deadline = started + Duration::from_secs(600);
+    while !has(&store, &format!("workload/bulk-uid-{}", pods - 1)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bulk pods never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (store, watch, started.elapsed())
+}
+
+#[tokio::test]
+async fn pods_are_listed_in_pages() {
+    let server = bulk_server(1234).await;
+    let (store, _watch, _) = watch_bulk(&server, 1234).await;
+    let lists: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with(&format!("GET {PODS}?")) && !r.contains("watch=true"))
+        .collect();
+    assert!(lists.len() >= 3, "{lists:#?}");
+    assert!(lists.iter().all(|r| r.contains("limit=500")), "{lists:#?}");
+    assert_eq!(
+        lists.iter().filter(|r| r.contains("continue=")).count(),
+        lists.len() - 1,
+        "every page after the first continues the list: {lists:#?}"
+    );
+    let workloads = store
+        .snapshot()
+        .resources
+        .keys()
+        .filter(|name| name.starts_with("workload/bulk-uid-"))
+        .count();
+    assert_eq!(workloads, 1234);
+}
+
+/// The source side at 100,000 pods: how long until the store holds them
+/// all, and what the lists and the control plane's view of them cost in
+/// memory. A measurement, not a check; run it in release:
+/// `cargo test --release -p kanava-control-plane --test kubernetes_source
+/// -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement of 100,000 pods; run it by name in release"]
+async fn measure_the_initial_list_of_100k_pods() {
+    let pods = 100_000;
+    let resident = || {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let server = bulk_server(pods).await;
+    let before = resident();
+    let (store, _watch, took) = watch_bulk(&server, pods).await;
+    let pages = server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with(&format!("GET {PODS}?")) && !r.contains("watch=true"))
+        .count();
+    let after = resident();
+    println!(
+        "{pods} pods: in the store after {:.2} s, {pages} pages; {} resources; \
+         RSS of this process {before:.0} -> {after:.0} MiB \
+         (the API server's objects, then the control plane's view of them too)",
+        took.as_secs_f64(),
+        store.snapshot().resources.len()
+    );
+}

@@ -685,6 +685,92 @@ spec:
         assert_eq!(allow.resource_version, "91");
     }
 
+    /// A pod as an API server serves it: much the mesh does not read.
+    const RICH_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: rich
+  namespace: shop
+  uid: 12121212-2222-3333-4444-555555555555
+  resourceVersion: "5000"
+  generation: 3
+  labels: {app: web, tier: front}
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: "{}"
+    kanava.io/plaintext-inbound-ports: "udp/5353"
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-1, uid: r1}]
+  managedFields: [{manager: kubelet, operation: Update}]
+spec:
+  nodeName: node-3
+  serviceAccountName: web
+  volumes: [{name: data, emptyDir: {}}]
+  containers:
+  - name: web
+    image: nginx:1.27
+    env: [{name: A, value: b}]
+    ports: [{containerPort: 8080, name: http}, {containerPort: 9001, name: admin}]
+    readinessProbe: {httpGet: {port: 8080, path: /}}
+  - name: log
+    image: fluent-bit
+  - name: metrics
+    image: exporter
+    ports: [{containerPort: 9100, name: metrics}, {containerPort: 9101}]
+status:
+  phase: Running
+  hostIP: 10.200.0.3
+  startTime: "2026-12-01T00:00:00Z"
+  conditions:
+  - {type: Ready, status: "True", lastTransitionTime: "2026-12-01T00:00:05Z"}
+  - {type: PodScheduled, status: "True"}
+  podIP: 10.244.3.5
+  podIPs: [{ip: 10.244.3.5}, {ip: "fd00:244:3::5"}]
+  containerStatuses: [{name: web, ready: true, restartCount: 2, image: nginx, imageID: x}]
+"#;
+
+    #[test]
+    fn slimmed_objects_translate_to_the_same_mesh() {
+        let rich = format!("{CLUSTER}---{RICH_POD}");
+        let full = objects(&rich);
+        let mut slim = ClusterObjects::default();
+        for object in parse_manifests(&rich).unwrap().0 {
+            slim.insert(object.slimmed());
+        }
+        assert_ne!(full, slim, "slimming dropped something");
+        let (from_full, from_slim) = (translator().translate(&full), translator().translate(&slim));
+        assert!(
+            from_full.workloads.iter().any(|w| w.name == "rich"),
+            "{:?}",
+            from_full.problems
+        );
+        assert_eq!(format!("{from_full:?}"), format!("{from_slim:?}"));
+        let pod = &slim.pods[&("shop".to_string(), "rich".to_string())];
+        let kept: Vec<&String> = pod
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kept, ["kanava.io/plaintext-inbound-ports"]);
+        let spec = pod.spec.as_ref().unwrap();
+        assert!(spec.volumes.is_none());
+        let named: Vec<_> = spec
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .map(|p| (p.name.as_deref(), p.container_port))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (Some("http"), 8080),
+                (Some("admin"), 9001),
+                (Some("metrics"), 9100)
+            ]
+        );
+    }
+
     #[test]
     fn only_what_changed_is_translated_again() {
         let mut translator = translator();

@@ -230,7 +230,9 @@ fn read_file(path: &Path) -> Result<Vec<Object>, String> {
     for other in others {
         tracing::debug!(file = %path.display(), kind = %other.kind, "ignoring object of unused kind");
     }
-    Ok(objects)
+    // Only what the mesh reads is kept (and compared, so a change the mesh
+    // does not see is no change).
+    Ok(objects.into_iter().map(Object::slimmed).collect())
 }
 
 fn is_manifest_name(path: &Path) -> bool {

@@ -1,6 +1,6 @@
 //! An HTTP server that speaks the part of the Kubernetes API the control
 //! plane uses, so the real kube-rs client and watcher code run against it:
-//! lists with a resourceVersion, watches streamed as chunked JSON lines from
+//! lists with a resourceVersion (in pages, when asked), watches streamed as chunked JSON lines from
 //! a resourceVersion, bookmarks, `410 Gone` for a compacted version, dropped
 //! connections, and the TokenReview, Pod, Secret, ConfigMap, status and
 //! Event endpoints, and single Namespaces and Pods.
@@ -405,7 +405,7 @@ async fn handle(
             return if query.get("watch").map(String::as_str) == Some("true") {
                 watch(collection, &query, state, changes, cut)
             } else {
-                list(collection, &state)
+                list(collection, &query, &state)
             };
         }
     }
@@ -555,14 +555,54 @@ fn list_kind(collection: &str) -> (&'static str, &'static str) {
     }
 }
 
-fn list(collection: &'static str, state: &Arc<Mutex<State>>) -> Response<Body> {
+/// A list, in pages when asked (`limit`): each page but the last carries a
+/// `continue` token (the hex of the last key served), as the API server's.
+fn list(
+    collection: &'static str,
+    query: &HashMap<String, String>,
+    state: &Arc<Mutex<State>>,
+) -> Response<Body> {
     let state = state.lock().unwrap();
     let (api_version, kind) = list_kind(collection);
-    let items: Vec<Value> = state.objects[collection].values().cloned().collect();
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|&l| l > 0)
+        .unwrap_or(usize::MAX);
+    let after = query.get("continue").map(|token| {
+        let bytes: Vec<u8> = (0..token.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&token[2 * i..2 * i + 2], 16).ok())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    let objects = &state.objects[collection];
+    let mut remaining = match &after {
+        Some(after) => objects
+            .range::<String, _>((
+                std::ops::Bound::Excluded(after.clone()),
+                std::ops::Bound::Unbounded,
+            ))
+            .peekable(),
+        None => objects.range::<String, _>(..).peekable(),
+    };
+    let mut items = Vec::new();
+    let mut last = None;
+    while items.len() < limit {
+        let Some((key, object)) = remaining.next() else {
+            break;
+        };
+        items.push(object.clone());
+        last = Some(key);
+    }
+    let mut metadata = json!({"resourceVersion": state.revision.to_string()});
+    if let (Some(last), Some(_)) = (last, remaining.peek()) {
+        let token: String = last.bytes().map(|b| format!("{b:02x}")).collect();
+        metadata["continue"] = json!(token);
+    }
     json_response(
         StatusCode::OK,
         json!({"apiVersion": api_version, "kind": format!("{kind}List"),
-               "metadata": {"resourceVersion": state.revision.to_string()}, "items": items}),
+               "metadata": metadata, "items": items}),
     )
 }
 

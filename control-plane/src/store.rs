@@ -187,10 +187,10 @@ type NodeIdentity = (String, Identity);
 #[derive(Default)]
 struct Made {
     generation: u64,
-    entries: HashMap<usize, MadeEntry>,
+    entries: HashMap<usize, MadeEntry, foldhash::fast::RandomState>,
     /// How many entries make each resource name (two pods may claim one
     /// uid): a name leaves only with the last.
-    makers: HashMap<String, usize>,
+    makers: HashMap<String, usize, foldhash::fast::RandomState>,
 }
 
 struct MadeEntry {

@@ -128,7 +128,9 @@ async fn ready(address: SocketAddr) -> Option<u16> {
     answer.split_whitespace().nth(1)?.parse().ok()
 }
 
-async fn channel(address: SocketAddr, roots_pem: &str) -> tonic::transport::Channel {
+/// A channel to the control plane's gRPC listener; `None` while nothing
+/// listens there yet.
+async fn channel(address: SocketAddr, roots_pem: &str) -> Option<tonic::transport::Channel> {
     let roots = kanava_tls::MeshRoots::from_pem(roots_pem.as_bytes()).unwrap();
     let tls =
         kanava_tls::control_plane_client_config(&kanava_tls::TrustBundle::new(roots).unwrap())
@@ -147,7 +149,7 @@ async fn channel(address: SocketAddr, roots_pem: &str) -> tonic::transport::Chan
             }
         }))
         .await
-        .unwrap()
+        .ok()
 }
 
 /// Opens a discovery stream as `node`: where to send ACKs, and the
@@ -216,8 +218,7 @@ async fn the_control_plane_serves_a_cluster_it_watches_through_the_api() {
 
     let channel = eventually("the gRPC listener", async || {
         tokio::time::timeout(Duration::from_secs(2), async {
-            let channel = channel(grpc, &roots).await;
-            Some(channel)
+            channel(grpc, &roots).await
         })
         .await
         .ok()
@@ -501,7 +502,9 @@ async fn a_ztunnel_restarted_while_the_api_server_is_away_gets_its_snapshot_and_
 
     // The restarted ztunnel: a new connection, a new token.
     let token = issuer.ztunnel_token();
-    let channel = channel(grpc, &roots).await;
+    let channel = channel(grpc, &roots)
+        .await
+        .expect("the control plane still listens");
     let mut discovery = pb::discovery_client::DiscoveryClient::new(channel.clone());
     let (_requests, mut responses) = subscribe(&mut discovery, "node-1", &token)
         .await

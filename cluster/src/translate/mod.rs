@@ -19,7 +19,7 @@ mod policies;
 mod services;
 mod workloads;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
@@ -77,9 +77,14 @@ pub struct Translator {
     config: TranslateConfig,
     last_good_policies: HashMap<ObjectKey, Arc<Policy>>,
     reported: BTreeSet<String>,
-    pods: HashMap<ObjectKey, Translated>,
-    services: HashMap<ObjectKey, Made<KubeService, ServiceOutcome>>,
-    policies: HashMap<ObjectKey, Made<AuthorizationPolicy, PolicyOutcome>>,
+    /// Keyed by the address of the shared Pod the entry holds (and so
+    /// keeps its own): the pass over every pod on every change is a
+    /// pointer lookup per pod, no hashing or comparing of names.
+    pods: HashMap<usize, Translated, FastHash>,
+    /// The Namespace objects of the last translation, to tell which changed.
+    namespaces: BTreeMap<String, Arc<Namespace>>,
+    services: HashMap<ObjectKey, Made<KubeService, ServiceOutcome>, FastHash>,
+    policies: HashMap<ObjectKey, Made<AuthorizationPolicy, PolicyOutcome>, FastHash>,
     /// Counts translations; entries not seen in the latest are dropped.
     generation: u64,
 }
@@ -89,7 +94,6 @@ pub struct Translator {
 struct Translated {
     seen: u64,
     pod: Arc<Pod>,
-    namespace: Option<Arc<Namespace>>,
     workload: Result<Option<Arc<Workload>>, String>,
     /// What was ignored in a pod that still translated (an unreadable
     /// annotation), reported with every translation like a problem.
@@ -102,6 +106,14 @@ struct Made<O, T> {
     seen: u64,
     object: Arc<O>,
     result: T,
+}
+
+/// The hash of the translator's maps: fast, and keyed only by its own
+/// objects' addresses.
+type FastHash = foldhash::fast::RandomState;
+
+fn address<T>(object: &Arc<T>) -> usize {
+    Arc::as_ptr(object) as usize
 }
 
 /// A Service object's translation: `None` for one without a virtual IP,
@@ -122,9 +134,10 @@ impl Translator {
             config,
             last_good_policies: HashMap::new(),
             reported: BTreeSet::new(),
-            pods: HashMap::new(),
-            services: HashMap::new(),
-            policies: HashMap::new(),
+            pods: HashMap::default(),
+            namespaces: BTreeMap::new(),
+            services: HashMap::default(),
+            policies: HashMap::default(),
             generation: 0,
         }
     }
@@ -133,33 +146,41 @@ impl Translator {
         let mut state = MeshState::default();
         self.generation += 1;
         let generation = self.generation;
+        // Namespaces whose object changed: all their pods are translated
+        // again. Usually none, and then no pod's namespace is looked at.
+        let mut renamespaced: HashSet<&str> = HashSet::new();
+        for (name, namespace) in &objects.namespaces {
+            if !self
+                .namespaces
+                .get(name)
+                .is_some_and(|done| Arc::ptr_eq(done, namespace))
+            {
+                renamespaced.insert(name);
+            }
+        }
+        for name in self.namespaces.keys() {
+            if !objects.namespaces.contains_key(name) {
+                renamespaced.insert(name);
+            }
+        }
         // Namespaces where a pod appeared, changed or left: their Services'
         // endpoints must be looked at again.
         let mut changed_namespaces: HashSet<String> = HashSet::new();
-        let mut pods: Vec<&Pod> = Vec::new();
         for (key, pod) in &objects.pods {
-            let namespace = objects.namespaces.get(&key.0);
-            // Same objects as last time (shared, so comparing pointers is
-            // enough): same result, no work.
-            let fresh = |done: &Translated| {
-                Arc::ptr_eq(&done.pod, pod)
-                    && match (&done.namespace, namespace) {
-                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                        (None, None) => true,
-                        _ => false,
-                    }
-            };
-            let translated = match self.pods.get_mut(key) {
-                Some(done) if fresh(done) => {
+            let renamespaced = !renamespaced.is_empty() && renamespaced.contains(key.0.as_str());
+            let translated = match self.pods.get_mut(&address(pod)) {
+                // The same object as last time, in the same namespace
+                // object: the same result, no work.
+                Some(done) if !renamespaced => {
                     done.seen = generation;
                     done
                 }
                 _ => {
                     changed_namespaces.insert(key.0.clone());
+                    let namespace = objects.namespaces.get(&key.0);
                     let translated = Translated {
                         seen: generation,
                         pod: pod.clone(),
-                        namespace: namespace.cloned(),
                         workload: workload_of(pod, namespace.map(|ns| &**ns), &self.config)
                             .map(|w| w.map(Arc::new)),
                         warning: workloads::plaintext_inbound_ports_problem(
@@ -167,8 +188,8 @@ impl Translator {
                             namespace.map(|ns| &**ns),
                         ),
                     };
-                    self.pods.insert(key.clone(), translated);
-                    self.pods.get_mut(key).expect("just inserted")
+                    self.pods.insert(address(pod), translated);
+                    self.pods.get_mut(&address(pod)).expect("just inserted")
                 }
             };
             match &translated.workload {
@@ -179,7 +200,6 @@ impl Translator {
                             .push(format!("Pod {}/{}: {problem}", key.0, key.1));
                     }
                     state.workloads.push(workload.clone());
-                    pods.push(pod);
                 }
                 Ok(None) => {}
                 Err(problem) => state
@@ -187,14 +207,16 @@ impl Translator {
                     .push(format!("Pod {}/{}: {problem}", key.0, key.1)),
             }
         }
-        self.pods.retain(|(namespace, _), translated| {
+        self.pods.retain(|_, translated| {
             let seen = translated.seen == generation;
             if !seen {
-                changed_namespaces.insert(namespace.clone());
+                let namespace = translated.pod.metadata.namespace.as_deref();
+                changed_namespaces.insert(namespace.unwrap_or("default").to_string());
             }
             seen
         });
-        state.services = self.services(objects, &state.workloads, &pods, &changed_namespaces);
+        self.namespaces = objects.namespaces.clone();
+        state.services = self.services(objects, &changed_namespaces);
         for key in objects.services.keys() {
             if let Some(Made {
                 result: Err(problem),
@@ -240,8 +262,6 @@ impl Translator {
     fn services(
         &mut self,
         objects: &ClusterObjects,
-        workloads: &[Arc<Workload>],
-        pods: &[&Pod],
         changed_namespaces: &HashSet<String>,
     ) -> Vec<Arc<Service>> {
         let generation = self.generation;
@@ -259,15 +279,26 @@ impl Translator {
         }
         if !stale.is_empty() {
             // Services select ready pods of their own namespace: index those
-            // of the namespaces needed, once.
-            let needed: HashSet<&str> = stale.iter().map(|(key, _)| key.0.as_str()).collect();
+            // of the namespaces needed, once (pods are kept in namespace
+            // order, so each namespace is one range).
+            let needed: BTreeSet<&str> = stale.iter().map(|(key, _)| key.0.as_str()).collect();
             let mut by_namespace: HashMap<&str, NamespaceWorkloads> = HashMap::new();
-            for (workload, pod) in workloads.iter().map(|w| &**w).zip(pods) {
-                if needed.contains(workload.namespace.as_str()) && is_ready(pod) {
-                    by_namespace
-                        .entry(workload.namespace.as_str())
-                        .or_default()
-                        .add(workload, pod);
+            for namespace in needed {
+                let first = (namespace.to_string(), String::new());
+                let candidates = by_namespace.entry(namespace).or_default();
+                for (_, pod) in objects
+                    .pods
+                    .range(first..)
+                    .take_while(|((ns, _), _)| ns == namespace)
+                {
+                    if let Some(Translated {
+                        workload: Ok(Some(workload)),
+                        ..
+                    }) = self.pods.get(&address(pod))
+                        && is_ready(pod)
+                    {
+                        candidates.add(workload, pod);
+                    }
                 }
             }
             let empty = NamespaceWorkloads::default();
@@ -838,6 +869,38 @@ status:
         let left = translator.translate(&objects);
         assert_eq!(service(&left, "web").endpoints.len(), 1);
         assert_eq!(left.workloads.len(), first.workloads.len() - 1);
+
+        // A namespace joins the mesh: its pods (and only they) are
+        // translated again.
+        let protocol = |state: &MeshState, name: &str| {
+            state
+                .workloads
+                .iter()
+                .find(|w| w.name == name)
+                .map(|w| w.protocol)
+                .unwrap()
+        };
+        assert_eq!(protocol(&left, "old"), TunnelProtocol::None);
+        let mut legacy = (*objects.namespaces["legacy"]).clone();
+        legacy.metadata.labels = Some(
+            [(
+                "kanava.io/dataplane-mode".to_string(),
+                "ambient".to_string(),
+            )]
+            .into(),
+        );
+        objects.namespaces.insert("legacy".into(), Arc::new(legacy));
+        let joined = translator.translate(&objects);
+        assert_eq!(protocol(&joined, "old"), TunnelProtocol::Hbone);
+        let web = |state: &MeshState| {
+            state
+                .workloads
+                .iter()
+                .find(|w| w.name == "web-7d9f")
+                .cloned()
+                .unwrap()
+        };
+        assert!(Arc::ptr_eq(&web(&left), &web(&joined)));
     }
 
     #[test]

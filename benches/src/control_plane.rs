@@ -557,11 +557,14 @@ async fn ztunnel_holding_the_cluster(
         .stderr(Stdio::inherit())
         .spawn()
         .context("start ztunnel")?;
-    let ztunnel = Running(child);
+    let mut ztunnel = Running(child);
     let pid = ztunnel.0.id();
     loop {
         if started.elapsed() > Duration::from_secs(300) {
-            bail!("the ztunnel never became ready");
+            bail!("the ztunnel was not ready within 300 s");
+        }
+        if let Some(status) = ztunnel.0.try_wait()? {
+            bail!("the ztunnel exited ({status}) before it was ready; its log is above");
         }
         if let Ok(Some(_)) = ztunnel_ready(&readiness).await {
             break;

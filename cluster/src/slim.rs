@@ -9,6 +9,8 @@
 //! with and without slimming and expects the same mesh, so a field the
 //! translation starts to read but this module drops fails it.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, Namespace, Pod, PodCondition, PodSpec, PodStatus, Service,
     ServicePort, ServiceSpec,
@@ -25,18 +27,14 @@ impl Object {
     /// This object with only what the mesh reads of it.
     pub fn slimmed(self) -> Object {
         match self {
-            Object::Namespace(o) => Object::Namespace(namespace(unwrap_or_clone(o)).into()),
-            Object::Pod(o) => Object::Pod(pod(unwrap_or_clone(o)).into()),
-            Object::Service(o) => Object::Service(service(unwrap_or_clone(o)).into()),
+            Object::Namespace(o) => Object::Namespace(namespace(Arc::unwrap_or_clone(o)).into()),
+            Object::Pod(o) => Object::Pod(pod(Arc::unwrap_or_clone(o)).into()),
+            Object::Service(o) => Object::Service(service(Arc::unwrap_or_clone(o)).into()),
             Object::AuthorizationPolicy(o) => {
-                Object::AuthorizationPolicy(policy(unwrap_or_clone(o)).into())
+                Object::AuthorizationPolicy(policy(Arc::unwrap_or_clone(o)).into())
             }
         }
     }
-}
-
-fn unwrap_or_clone<T: Clone>(shared: std::sync::Arc<T>) -> T {
-    std::sync::Arc::unwrap_or_clone(shared)
 }
 
 /// Identity, labels, the mesh's annotations, versions.

@@ -188,9 +188,10 @@ type NodeIdentity = (String, Identity);
 struct Made {
     generation: u64,
     entries: HashMap<usize, MadeEntry, foldhash::fast::RandomState>,
-    /// How many entries make each resource name (two pods may claim one
-    /// uid): a name leaves only with the last.
-    makers: HashMap<String, usize, foldhash::fast::RandomState>,
+    /// The entries that make each resource name, oldest first (two pods may
+    /// claim one uid): the latest is served; when it goes, the one before it
+    /// is served again, and the name leaves only with the last.
+    makers: HashMap<String, Vec<usize>, foldhash::fast::RandomState>,
 }
 
 struct MadeEntry {
@@ -211,7 +212,7 @@ impl Made {
         make: impl FnOnce() -> (
             Arc<dyn Any + Send + Sync>,
             pb::Resource,
-            Option<(String, Identity)>,
+            Option<NodeIdentity>,
         ),
     ) -> Option<(Arc<pb::Resource>, Option<NodeIdentity>)> {
         let generation = self.generation;
@@ -221,7 +222,10 @@ impl Made {
         }
         let (item, resource, identity) = make();
         let resource = Arc::new(resource);
-        *self.makers.entry(resource.name.clone()).or_default() += 1;
+        self.makers
+            .entry(resource.name.clone())
+            .or_default()
+            .push(key);
         self.entries.insert(
             key,
             MadeEntry {
@@ -341,10 +345,10 @@ impl Store {
             }));
         }
         let mut gone = Vec::new();
-        made.entries.retain(|_, entry| {
+        made.entries.retain(|key, entry| {
             let seen = entry.seen == generation;
             if !seen {
-                gone.push((entry.resource.clone(), entry.identity.take()));
+                gone.push((*key, entry.resource.clone(), entry.identity.take()));
             }
             seen
         });
@@ -368,16 +372,36 @@ impl Store {
                 upserts.push(resource);
             }
         }
-        for (resource, identity) in gone {
+        let Made {
+            entries, makers, ..
+        } = &mut *made;
+        for (key, resource, identity) in gone {
             if let Some(identity) = identity {
                 current.count_identity(identity, -1);
             }
-            let makers = made.makers.entry(resource.name.clone()).or_default();
-            *makers = makers.saturating_sub(1);
-            if *makers == 0 {
-                made.makers.remove(&resource.name);
-                current.resources.remove(&resource.name);
-                removed.push(resource.name.clone());
+            let of_name = makers.entry(resource.name.clone()).or_default();
+            of_name.retain(|maker| *maker != key);
+            match of_name.last().and_then(|maker| entries.get(maker)) {
+                None => {
+                    makers.remove(&resource.name);
+                    current.resources.remove(&resource.name);
+                    removed.push(resource.name.clone());
+                }
+                // The name stays; if the gone entry's resource was the one
+                // served, the latest remaining maker's is served instead.
+                Some(remaining) => {
+                    let served = current.resources.get(&resource.name);
+                    if served.is_some_and(|served| Arc::ptr_eq(served, &resource)) {
+                        let replacement = remaining.resource.clone();
+                        current
+                            .resources
+                            .insert(resource.name.clone(), replacement.clone());
+                        if *replacement != *resource {
+                            upserts.retain(|u: &Arc<pb::Resource>| u.name != resource.name);
+                            upserts.push(replacement);
+                        }
+                    }
+                }
             }
         }
         drop(made);
@@ -588,6 +612,24 @@ mod tests {
 
         let fresh = Store::new();
         fresh.replace(&shared(&[&a_again, &c2]));
+        assert_eq!(store.snapshot().resources, fresh.snapshot().resources);
+
+        // Two claims that differ: the latest is served; when it goes, the
+        // earlier one is served again.
+        let d1 = Arc::new(workload("d", "n1", "web"));
+        let d2 = Arc::new(workload("d", "n2", "web"));
+        store.replace(&shared(&[&a_again, &c2, &d1])).unwrap();
+        store.replace(&shared(&[&a_again, &c2, &d1, &d2])).unwrap();
+        let served = |store: &Store| store.snapshot().resources["workload/d"].clone();
+        let expected = Store::new();
+        expected.replace(&shared(&[&d2]));
+        assert_eq!(served(&store), served(&expected));
+        let delta = store.replace(&shared(&[&a_again, &c2, &d1])).unwrap();
+        assert!(delta.removed.is_empty());
+        expected.replace(&shared(&[&d1]));
+        assert_eq!(*delta.upserts, [served(&expected)]);
+        assert_eq!(served(&store), served(&expected));
+        store.replace(&shared(&[&a_again, &c2])).unwrap();
         assert_eq!(store.snapshot().resources, fresh.snapshot().resources);
         let delta = store.replace(&shared(&[])).unwrap();
         assert_eq!(delta.removed.len(), 2);

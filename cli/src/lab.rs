@@ -66,6 +66,11 @@ pub enum LabCommand {
         /// Start every new ztunnel first, then stop every old one at once.
         #[arg(long)]
         all_at_once: bool,
+        /// Stop the old ztunnel first and start the new one this long after
+        /// (e.g. `1s`), as when a ztunnel pod is deleted or evicted and its
+        /// DaemonSet replaces it; the old one waits and hands over.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        stop_first: Option<std::time::Duration>,
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -147,6 +152,7 @@ pub fn run(command: LabCommand) -> anyhow::Result<i32> {
             ztunnel_binary,
             nodes,
             all_at_once,
+            stop_first,
             output,
         } => {
             let mut lab = Lab::attach(lab.name.as_deref())?;
@@ -155,6 +161,7 @@ pub fn run(command: LabCommand) -> anyhow::Result<i32> {
                     .map(|path| std::path::absolute(&path).unwrap_or(path)),
                 nodes,
                 all_at_once,
+                stop_first,
             };
             let upgraded = lab.upgrade(&options)?;
             match output {

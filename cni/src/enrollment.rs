@@ -54,10 +54,11 @@ impl Source {
 
     /// Reads the pod and its namespace. An error means: cannot tell (the
     /// runtime retries).
-    pub fn lookup(&self, pod: &PodRef) -> Result<PodFacts, String> {
+    pub fn lookup(&self, pod: &PodRef) -> Result<PodFacts, LookupError> {
         let (namespace, found) = match self {
             Source::Manifests(dir) => {
-                let objects = kanava_cluster::read_manifest_dir(dir).map_err(|e| e.to_string())?;
+                let objects = kanava_cluster::read_manifest_dir(dir)
+                    .map_err(|e| LookupError::Other(e.to_string()))?;
                 let namespace = objects
                     .namespaces
                     .get(&pod.namespace)
@@ -73,9 +74,21 @@ impl Source {
                 timeout,
             } => read_from_api_server(kubeconfig, *timeout, pod)?,
         };
-        let found = found.ok_or_else(|| "the pod does not exist (yet)".to_string())?;
+        let found =
+            found.ok_or_else(|| LookupError::Other("the pod does not exist (yet)".to_string()))?;
         Ok(facts(namespace.as_ref(), &found))
     }
+}
+
+/// Why a pod's enrollment could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// The API server refused the plugin's credentials (401): they are dead,
+    /// as after an uninstall that could not clean the node.
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Other(String),
 }
 
 /// The decision, from the two objects.
@@ -100,36 +113,47 @@ fn read_from_api_server(
     kubeconfig: &std::path::Path,
     timeout: Duration,
     pod: &PodRef,
-) -> Result<(Option<Namespace>, Option<Pod>), String> {
+) -> Result<(Option<Namespace>, Option<Pod>), LookupError> {
+    let failed = |what: String| {
+        move |error: kube::Error| match &error {
+            kube::Error::Api(status) if status.code == 401 => {
+                LookupError::Unauthorized(format!("{what}: {error}"))
+            }
+            _ => LookupError::Other(format!("{what}: {error}")),
+        }
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("start the async runtime: {e}"))?;
+        .map_err(|e| LookupError::Other(format!("start the async runtime: {e}")))?;
     runtime.block_on(async {
         let file = kube::config::Kubeconfig::read_from(kubeconfig)
-            .map_err(|e| format!("read {}: {e}", kubeconfig.display()))?;
+            .map_err(|e| LookupError::Other(format!("read {}: {e}", kubeconfig.display())))?;
         let mut config = kube::Config::from_custom_kubeconfig(file, &Default::default())
             .await
-            .map_err(|e| format!("use {}: {e}", kubeconfig.display()))?;
+            .map_err(|e| LookupError::Other(format!("use {}: {e}", kubeconfig.display())))?;
         config.connect_timeout = Some(timeout);
         config.read_timeout = Some(timeout);
-        let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+        let client = kube::Client::try_from(config).map_err(failed("connect".into()))?;
         let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
         let pods: kube::Api<Pod> = kube::Api::namespaced(client, &pod.namespace);
         let get = async {
             let namespace = namespaces
                 .get_opt(&pod.namespace)
                 .await
-                .map_err(|e| format!("get namespace {}: {e}", pod.namespace))?;
+                .map_err(failed(format!("get namespace {}", pod.namespace)))?;
             let found = pods
                 .get_opt(&pod.name)
                 .await
-                .map_err(|e| format!("get pod {pod}: {e}"))?;
-            Ok::<_, String>((namespace, found))
+                .map_err(failed(format!("get pod {pod}")))?;
+            Ok::<_, LookupError>((namespace, found))
         };
-        tokio::time::timeout(timeout * 2, get)
-            .await
-            .map_err(|_| format!("the API server did not answer within {:?}", timeout * 2))?
+        tokio::time::timeout(timeout * 2, get).await.map_err(|_| {
+            LookupError::Other(format!(
+                "the API server did not answer within {:?}",
+                timeout * 2
+            ))
+        })?
     })
 }
 

@@ -12,6 +12,8 @@ pub mod code {
     pub const TRY_AGAIN_LATER: u32 = 11;
     /// The ztunnel refused or could not be reached for an enrolled pod.
     pub const NOT_CAPTURED: u32 = 100;
+    /// The ztunnel refused to release a pod (GC; DEL only logs it).
+    pub const NOT_RELEASED: u32 = 101;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,11 @@ pub enum Error {
         pod: String,
         source: kanava_handoff::Error,
     },
+    #[error("the node's ztunnel did not release pod {pod}: {source}")]
+    NotReleased {
+        pod: String,
+        source: kanava_handoff::Error,
+    },
     #[error("{context}: {reason}")]
     Io { context: String, reason: String },
 }
@@ -47,6 +54,7 @@ impl Error {
             Error::Config(_) => code::INVALID_CONFIG,
             Error::Enrollment { .. } => code::TRY_AGAIN_LATER,
             Error::NotCaptured { .. } => code::NOT_CAPTURED,
+            Error::NotReleased { .. } => code::NOT_RELEASED,
             Error::Io { .. } => code::IO_FAILURE,
         }
     }

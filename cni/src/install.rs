@@ -36,6 +36,8 @@ pub struct Install {
     /// The ztunnel's handoff socket and the pod records, host paths.
     pub socket_path: PathBuf,
     pub pod_records_dir: PathBuf,
+    /// The namespace the mesh runs in: its pods are left alone.
+    pub mesh_namespace: String,
 }
 
 /// What could not be done.
@@ -63,6 +65,7 @@ impl Install {
             "socketPath": self.socket_path,
             "podRecordsDir": self.pod_records_dir,
             "kubeconfig": self.host_conf_dir.join(KUBECONFIG),
+            "meshNamespace": self.mesh_namespace,
         })
     }
 }
@@ -271,6 +274,7 @@ mod tests {
             host_conf_dir: PathBuf::from("/etc/cni/net.d"),
             socket_path: PathBuf::from("/var/run/kanava/ztunnel.sock"),
             pod_records_dir: PathBuf::from("/var/run/kanava/pods"),
+            mesh_namespace: "kanava-system".into(),
         };
         (dir, install)
     }

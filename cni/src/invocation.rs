@@ -157,6 +157,12 @@ pub struct NetConf {
     /// Bound on each exchange with the API server and the ztunnel.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u64,
+    /// The namespace the mesh itself runs in (the installer writes it).
+    /// Its pods (control plane, ztunnel, installer) are never captured and
+    /// never wait for the API server or a ztunnel: the mesh must be able to
+    /// come back on a node whatever state the node is in.
+    #[serde(default = "default_mesh_namespace")]
+    pub mesh_namespace: String,
     /// Attachments still in use, for GC (`cni.dev/valid-attachments`).
     #[serde(default, rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<Attachment>>,
@@ -175,6 +181,10 @@ fn default_socket() -> PathBuf {
 
 fn default_records() -> PathBuf {
     PathBuf::from("/var/run/kanava/pods")
+}
+
+fn default_mesh_namespace() -> String {
+    "kanava-system".into()
 }
 
 fn default_timeout() -> u64 {

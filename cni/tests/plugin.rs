@@ -345,3 +345,63 @@ fn enrollment_is_read_from_the_api_server() {
         "shop/web",
     );
 }
+
+/// `helm uninstall` that could not clean a node leaves kanava-cni in its
+/// conflist with credentials the API server no longer accepts. With no
+/// ztunnel on the node the mesh is gone: pods start (outside the mesh)
+/// instead of never. With a ztunnel there, the plugin cannot tell and the
+/// pod waits. The mesh's own pods start whatever the state, without asking.
+#[test]
+fn dead_credentials_block_no_pod_once_the_mesh_is_gone_nor_ever_the_meshs_own() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime.block_on(api_server::ApiServer::start());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(dir.path());
+    let socket = dir.path().join("ztunnel.sock");
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "type": "kanava-cni",
+        "socketPath": socket,
+        "podRecordsDir": dir.path().join("pods"),
+        "kubeconfig": kubeconfig,
+        "meshNamespace": "mesh-system",
+        "timeoutSeconds": 2,
+        "prevResult": prev_result(),
+    })
+    .to_string()
+    .into_bytes();
+    server.apply(
+        api_server::NAMESPACES,
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": "shop", "labels": {"kanava.io/dataplane-mode": "ambient"}}}),
+    );
+    server.apply(
+        api_server::PODS,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "web", "namespace": "shop", "uid": "uid-web"},
+               "spec": {"nodeName": "node-1", "containers": [{"name": "c"}]}}),
+    );
+    server.set_unauthorized(true);
+
+    // A ztunnel is on the node: the mesh is there, the answer unknown.
+    let ztunnel = kanava_netns::seqpacket::Listener::bind(&socket, 0o600).unwrap();
+    assert_error(&call(&env("ADD", POD_ARGS), &conf), 11, "Unauthorized");
+
+    // No ztunnel either: the pod starts, outside the mesh.
+    drop(ztunnel);
+    std::fs::remove_file(&socket).unwrap();
+    let outcome = call(&env("ADD", POD_ARGS), &conf);
+    assert!(outcome.success, "{}", outcome.stdout);
+    assert_eq!(outcome.stdout, prev_result());
+
+    // The mesh's own pods: not even asked about, with the API server gone
+    // and a ztunnel present that would refuse them.
+    drop(server);
+    let _ztunnel = kanava_netns::seqpacket::Listener::bind(&socket, 0o600).unwrap();
+    let mesh_pod = "IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh-system;K8S_POD_NAME=ztunnel-x;K8S_POD_INFRA_CONTAINER_ID=sandbox-1;K8S_POD_UID=uid-z";
+    for command in ["ADD", "CHECK", "DEL"] {
+        let outcome = call(&env(command, mesh_pod), &conf);
+        assert!(outcome.success, "{command}: {}", outcome.stdout);
+    }
+}

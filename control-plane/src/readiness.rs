@@ -1,4 +1,6 @@
-//! The monitoring port (15014). `GET /ready`: 200 once the source has been
+//! The monitoring port (15014). `GET /healthz`: 200 while the process
+//! serves (the liveness probe; not a TLS handshake on the gRPC port, which
+//! would log as a failed one). `GET /ready`: 200 once the source has been
 //! read in full, 503 before. A control plane that is not ready answers no
 //! discovery either (see [`Store::subscribe`](crate::store::Store::subscribe)),
 //! so the kubelet and the ztunnels agree on when it is usable. `GET
@@ -100,6 +102,9 @@ fn metrics_response(text: String) -> Response<Full<Bytes>> {
 
 fn answer<B>(request: &Request<B>, ready: bool) -> Response<Full<Bytes>> {
     let (status, body) = match (request.uri().path(), ready) {
+        // Liveness: the process serves at all. An API server that is
+        // away makes it unready, never restarted.
+        ("/healthz", _) => (StatusCode::OK, "alive\n"),
         ("/ready", true) => (StatusCode::OK, "ready\n"),
         ("/ready", false) => (
             StatusCode::SERVICE_UNAVAILABLE,

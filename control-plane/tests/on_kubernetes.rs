@@ -118,9 +118,14 @@ async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) ->
 }
 
 async fn ready(address: SocketAddr) -> Option<u16> {
+    get_status(address, "/ready").await
+}
+
+/// The status code of `GET path` on the monitoring port.
+async fn get_status(address: SocketAddr, path: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(address).await.ok()?;
-    tcp.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\n\r\n")
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
         .await
         .ok()?;
     let mut answer = String::new();
@@ -214,6 +219,11 @@ async fn the_control_plane_serves_a_cluster_it_watches_through_the_api() {
         eventually("readiness answers", async || ready(readiness).await).await,
         503,
         "not ready before the initial lists"
+    );
+    assert_eq!(
+        get_status(readiness, "/healthz").await,
+        Some(200),
+        "alive (the liveness probe) while not ready: an API server away never restarts it"
     );
 
     let channel = eventually("the gRPC listener", async || {

@@ -22,7 +22,7 @@ fn a_released_pod_loses_rules_and_listeners_but_keeps_running() {
     }
     assert!(exec_ok(&lab, "shop/web", &["iptables-save"]).contains("KANAVA_PRERT"));
 
-    client::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
+    client::delete_pod(&socket, &web.uid, None, Duration::from_secs(10)).unwrap();
 
     let ports = listening_ports(&lab, "shop/web");
     for port in [15001, 15006, 15008] {
@@ -54,7 +54,7 @@ fn a_released_pod_loses_rules_and_listeners_but_keeps_running() {
     assert!(body.starts_with("hello from shop/web"), "{body}");
 
     // Releasing an unknown or already released pod succeeds.
-    client::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
+    client::delete_pod(&socket, &web.uid, None, Duration::from_secs(10)).unwrap();
     let log = lab.logs(&format!("ztunnel/{}", web.node)).unwrap();
     assert!(log.contains("pod released"), "{log}");
 }
@@ -74,6 +74,7 @@ fn the_handoff_refuses_malformed_requests() {
         namespace: "legacy".into(),
         service_account: String::new(),
         ips: ips.into_iter().map(String::from).collect(),
+        container_id: String::new(),
     };
     let err = client::add_pod(
         &node.handoff_socket,
@@ -121,7 +122,7 @@ fn only_root_may_hand_pods_over() {
     let refused = std::thread::spawn(move || {
         // Only this thread becomes `nobody`; the test process stays root.
         rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(65534)).unwrap();
-        client::delete_pod(&socket, "no-such-pod", Duration::from_secs(10))
+        client::delete_pod(&socket, "no-such-pod", None, Duration::from_secs(10))
             .map_err(|e| e.to_string())
     })
     .join()
@@ -167,8 +168,65 @@ fn cni_check_verifies_the_capture_is_in_place() {
     // Released: the ztunnel no longer holds it.
     let web = lab.pod("shop/web").unwrap().clone();
     let socket = lab.state().node(&web.node).unwrap().handoff_socket.clone();
-    client::delete_pod(&socket, &web.uid, Duration::from_secs(10)).unwrap();
+    client::delete_pod(&socket, &web.uid, None, Duration::from_secs(10)).unwrap();
     let error = lab.cni_check("shop/web").unwrap_err().to_string();
     assert!(error.contains("does not hold it"), "{error}");
     assert!(error.contains("\"code\":100"), "a CNI error: {error}");
+}
+
+/// Runtimes send DEL more than once: again once the sandbox is gone, and
+/// for sandboxes whose ADD failed, sometimes long after the pod's next
+/// sandbox was captured. Only a DEL for the sandbox that is captured
+/// releases the pod.
+#[test]
+fn only_a_del_for_the_captured_sandbox_releases_the_pod() {
+    let lab = up(MESH_LAB);
+    let web = lab.pod("shop/web").unwrap().clone();
+    let socket = lab.state().node(&web.node).unwrap().handoff_socket.clone();
+    let still_captured = |after: &str| {
+        lab.cni_check("shop/web")
+            .unwrap_or_else(|e| panic!("after {after}, the live pod must stay captured: {e}"));
+        let ports = listening_ports(&lab, "shop/web");
+        assert!(
+            [15001, 15006, 15008].iter().all(|p| ports.contains(p)),
+            "after {after}: {ports:?}"
+        );
+    };
+
+    // A sandbox of the same pod whose ADD failed, cleaned up again after
+    // its namespace is gone (the runtime's garbage collection, a kubelet
+    // restart), twice.
+    for _ in 0..2 {
+        lab.cni_delete("shop/web", Some("sandbox-whose-add-failed"), false)
+            .expect("DEL of a stale sandbox succeeds");
+    }
+    still_captured("DELs for another sandbox");
+
+    // The ztunnel checks the sandbox too: a pod without a record (found on
+    // the node, or a record lost) is not released for another sandbox.
+    client::delete_pod(
+        &socket,
+        &web.uid,
+        Some("sandbox-whose-add-failed"),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    still_captured("a handoff release for another sandbox");
+
+    // Its own sandbox: released, and the runtime's repeats succeed.
+    lab.cni_delete("shop/web", None, true)
+        .expect("DEL of the live sandbox");
+    let error = client::check_pod(&socket, &web.uid, Duration::from_secs(10))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("does not hold it"), "{error}");
+    lab.cni_delete("shop/web", None, true)
+        .expect("a repeated DEL succeeds");
+    lab.cni_delete("shop/web", None, false)
+        .expect("a DEL once the namespace is gone succeeds");
+    let log = lab.logs(&format!("ztunnel/{}", web.node)).unwrap();
+    assert!(
+        log.contains("release for another sandbox of the pod ignored"),
+        "{log}"
+    );
 }

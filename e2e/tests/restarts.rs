@@ -178,3 +178,48 @@ fn a_killed_ztunnel_is_restarted_and_serves_its_pods_again_without_plaintext_mea
         "a pod of the dead ztunnel sent plaintext to port 80"
     );
 }
+
+/// SIGTERM ends the control plane at once, with its discovery streams
+/// open (they never end by themselves): on a cluster every deletion of its
+/// pod would otherwise wait out the grace and a SIGKILL. Its ztunnels
+/// subscribe again when a control plane is back (another replica).
+#[test]
+fn a_control_plane_told_to_stop_exits_at_once_and_its_ztunnels_subscribe_again() {
+    let lab = up(MESH_LAB);
+    let control_plane = lab.state().control_plane.clone();
+    let (supervisor, pid) = (
+        control_plane.supervisor.unwrap(),
+        control_plane.pid.unwrap(),
+    );
+    let subscriptions = || {
+        lab.logs("control-plane")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("ztunnel subscribed") && l.contains("node-1"))
+            .count()
+    };
+    let subscribed_before = subscriptions();
+    assert!(subscribed_before > 0, "node-1's ztunnel is subscribed");
+    // Held still, so that it does not start a new one at once.
+    signal(supervisor, Signal::STOP);
+    let told = Instant::now();
+    signal(pid, Signal::TERM);
+    while kanava_lab::process::alive(pid) && told.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = told.elapsed();
+    eprintln!("the control plane exited {took:?} after SIGTERM");
+    assert!(
+        !kanava_lab::process::alive(pid),
+        "the control plane was still running 15 s after SIGTERM"
+    );
+    // The requirement is 2 s; the bound here leaves room for a loaded CI.
+    assert!(took < Duration::from_secs(5), "exited only after {took:?}");
+    let log = lab.logs("control-plane").unwrap();
+    assert!(log.contains("kanava-control-plane stopped"), "{log}");
+
+    signal(supervisor, Signal::CONT);
+    kanava_e2e::wait_for("node-1's ztunnel to subscribe again", || {
+        subscriptions() > subscribed_before
+    });
+}

@@ -26,14 +26,18 @@ struct Node {
 impl Node {
     fn new() -> Node {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["bin", "net.d", "sa"] {
+        for sub in ["bin", "net.d"] {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
         }
         std::fs::write(dir.path().join("net.d/10-containerd-net.conflist"), PRIMARY).unwrap();
-        std::fs::write(dir.path().join("sa/token"), "installer-token\n").unwrap();
-        std::fs::write(
-            dir.path().join("sa/ca.crt"),
-            "-----BEGIN CERTIFICATE-----\n",
+        // The chart's `api-token` volume, as the kubelet projects it.
+        kanava_lab::files::write_projected_volume(
+            &dir.path().join("sa"),
+            &[
+                ("token", b"installer-token\n"),
+                ("ca.crt", b"-----BEGIN CERTIFICATE-----\n"),
+                ("namespace", b"kanava-system"),
+            ],
         )
         .unwrap();
         Node { dir }
@@ -82,9 +86,14 @@ fn start_installer(
         .env("KANAVA_SERVICE_ACCOUNT_DIR", node.path("sa"))
         .env("KANAVA_CNI_CHECK_INTERVAL", "100ms")
         .env("POD_NAMESPACE", "kanava-system")
+        // No KUBECONFIG: the installer finds the API server as it does in
+        // a pod, with its own token; the in-test server speaks plain HTTP.
         .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
         .env("KUBERNETES_SERVICE_PORT", server.address.port().to_string())
-        .env("KUBECONFIG", server.kubeconfig(node.dir.path()))
+        .env(
+            "KANAVA_API_SERVER",
+            format!("http://127.0.0.1:{}", server.address.port()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -140,7 +149,7 @@ fn the_installer_keeps_the_plugin_through_restarts_and_uninstalls_with_its_daemo
     let kubeconfig = std::fs::read_to_string(node.path("net.d/kanava-cni.kubeconfig")).unwrap();
     assert!(kubeconfig.contains("token: installer-token"));
     assert!(kubeconfig.contains(&format!(
-        "server: https://127.0.0.1:{}",
+        "server: http://127.0.0.1:{}",
         server.address.port()
     )));
     std::fs::write(node.path("net.d/10-containerd-net.conflist"), PRIMARY).unwrap();

@@ -19,7 +19,9 @@ const NEW_PER_SECOND: u32 = 200;
 
 #[test]
 fn held_connections_survive_upgrades_of_either_node_and_both_and_new_ones_never_fail() {
-    let mut lab = up(MESH_LAB);
+    // The chart's termination grace (ztunnel.drainSeconds): how long a
+    // deleted ztunnel waits for its replacement.
+    let mut lab = kanava_e2e::up_with_ztunnel_args(MESH_LAB, &["--termination-grace", "10s"]);
     let echo = SocketAddr::new(pod_ip(&lab, "shop/echo"), 7000);
     // "Another build": another executable file, a new process of it.
     let other_build = tempfile::tempdir().unwrap();
@@ -38,19 +40,29 @@ fn held_connections_survive_upgrades_of_either_node_and_both_and_new_ones_never_
         lab.ztunnel("node-1").unwrap().pid,
         lab.ztunnel("node-2").unwrap().pid,
     );
-    let churn = churn(&lab, "shop/client", echo, 14, NEW_PER_SECOND, 16);
+    let churn = churn(&lab, "shop/client", echo, 18, NEW_PER_SECOND, 16);
     std::thread::sleep(Duration::from_secs(1));
-    let phases: [(&str, Vec<String>, bool); 3] = [
-        ("node-1", vec!["node-1".into()], false),
-        ("node-2", vec!["node-2".into()], false),
-        ("both at once", vec![], true),
+    // The last phase is a deleted (or evicted) ztunnel pod: SIGTERM first,
+    // the DaemonSet's replacement a second later.
+    let replaced_after = Some(Duration::from_secs(1));
+    let phases: [(&str, Vec<String>, bool, Option<Duration>); 4] = [
+        ("node-1", vec!["node-1".into()], false, None),
+        ("node-2", vec!["node-2".into()], false, None),
+        ("both at once", vec![], true, None),
+        (
+            "node-2 deleted, then replaced",
+            vec!["node-2".into()],
+            false,
+            replaced_after,
+        ),
     ];
-    for (phase, nodes, all_at_once) in phases {
+    for (phase, nodes, all_at_once, stop_first) in phases {
         let upgraded = lab
             .upgrade(&UpgradeOptions {
                 ztunnel_binary: Some(binary.clone()),
                 nodes,
                 all_at_once,
+                stop_first,
             })
             .expect("upgrade");
         for node in &upgraded {

@@ -76,6 +76,7 @@ fn write_seed_corpus() {
                 namespace: "shop".into(),
                 service_account: "web".into(),
                 ips: vec!["10.244.2.3".into(), "fd00::3".into()],
+                container_id: "sandbox-3f1c".into(),
             }),
         })),
     };
@@ -83,6 +84,7 @@ fn write_seed_corpus() {
     let delete = pb::HandoffRequest {
         request: Some(pb::handoff_request::Request::Delete(pb::DeletePod {
             uid: "3f1c".into(),
+            container_id: "sandbox-3f1c".into(),
         })),
     };
     write("handoff", "delete", &delete.encode_to_vec());

@@ -23,12 +23,26 @@ pub fn add_pod(
     call(socket, request, &[netns.as_fd()], timeout)
 }
 
-/// Asks the ztunnel to release a pod. Unknown pods succeed.
-pub fn delete_pod(socket: &Path, uid: &str, timeout: Duration) -> Result<(), Error> {
+/// Asks the ztunnel to release a pod. Unknown pods succeed. With a
+/// `container_id`, only the pod's capture for that sandbox is released: a
+/// pod the ztunnel holds for another sandbox is kept.
+pub fn delete_pod(
+    socket: &Path,
+    uid: &str,
+    container_id: Option<&str>,
+    timeout: Duration,
+) -> Result<(), Error> {
     let request = pb::handoff_request::Request::Delete(pb::DeletePod {
         uid: uid.to_string(),
+        container_id: container_id.unwrap_or_default().to_string(),
     });
     call(socket, request, &[], timeout)
+}
+
+/// Whether a ztunnel accepts connections on `socket` (says nothing of what
+/// it would answer).
+pub fn is_listening(socket: &Path) -> bool {
+    Conn::connect(socket).is_ok()
 }
 
 /// Asks the ztunnel whether a pod is captured; refused with the reason when

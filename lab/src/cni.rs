@@ -88,6 +88,7 @@ pub struct Call<'a> {
     /// Where the plugin binaries are, searched in order (`CNI_PATH`).
     pub plugin_path: &'a [PathBuf],
     pub node_netns: &'a str,
+    /// Empty: the pod's namespace is gone (a late DEL).
     pub pod_netns: &'a str,
     pub container_id: &'a str,
     /// The Kubernetes pod: namespace, name, uid.
@@ -96,8 +97,8 @@ pub struct Call<'a> {
 
 /// Runs ADD through the whole list and returns the final result (which the
 /// runtime caches and passes to CHECK and DEL) and the pod's addresses, one
-/// per family, the primary first. If a plugin fails, the ones before it are
-/// undone (DEL), as a runtime does.
+/// per family, the primary first. If a plugin fails, the whole chain is
+/// undone (DEL, every plugin, no result), as a runtime does.
 pub fn add(
     call: &Call<'_>,
     conflist: &serde_json::Value,
@@ -105,7 +106,7 @@ pub fn add(
 ) -> Result<(serde_json::Value, Vec<IpAddr>), Error> {
     let plugins = plugins(conflist);
     let mut result: Option<serde_json::Value> = None;
-    for (position, plugin) in plugins.iter().enumerate() {
+    for plugin in &plugins {
         let config = plugin_config(conflist, plugin, result.as_ref());
         match invoke(call, "ADD", &config) {
             Ok(output) => {
@@ -117,9 +118,9 @@ pub fn add(
                 })?);
             }
             Err(error) => {
-                for earlier in plugins[..position].iter().rev() {
-                    let _ = invoke(call, "DEL", &plugin_config(conflist, earlier, None));
-                }
+                // A runtime tears down the whole chain of a sandbox whose ADD
+                // failed, the failed plugin included, and without a result.
+                let _ = delete(call, conflist, None);
                 return Err(error);
             }
         }
@@ -223,7 +224,15 @@ fn invoke(call: &Call<'_>, command: &str, config: &serde_json::Value) -> Result<
         .arg(&plugin)
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", call.container_id)
-        .env("CNI_NETNS", format!("/run/netns/{}", call.pod_netns))
+        // Empty for a DEL after the pod's namespace is gone, as runtimes send it.
+        .env(
+            "CNI_NETNS",
+            if call.pod_netns.is_empty() {
+                String::new()
+            } else {
+                format!("/run/netns/{}", call.pod_netns)
+            },
+        )
         .env("CNI_IFNAME", "eth0")
         .env(
             "CNI_ARGS",

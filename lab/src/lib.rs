@@ -219,6 +219,27 @@ impl Lab {
         pods::check(&self.state, &Context::discover(None)?, self.pod(key)?)
     }
 
+    /// Runs the node's CNI chain with DEL for one of a pod's sandboxes, as a
+    /// runtime does when it cleans one up: `None` is the pod's live sandbox;
+    /// without `with_netns` the call carries no namespace (it is gone).
+    pub fn cni_delete(
+        &self,
+        key: &str,
+        sandbox: Option<&str>,
+        with_netns: bool,
+    ) -> Result<(), Error> {
+        let pod = self.pod(key)?;
+        let live = pods::container_id(&self.state, &pod.uid);
+        let sandbox = sandbox.unwrap_or(&live);
+        pods::delete_sandbox(
+            &self.state,
+            &Context::discover(None)?,
+            pod,
+            sandbox,
+            with_netns,
+        )
+    }
+
     /// Where `kanava-cni` keeps the pod records of a node.
     pub fn pod_records_dir(&self, node: &str) -> PathBuf {
         self.state.layout().pod_records_dir(node)

@@ -293,14 +293,43 @@ pub fn destroy(state: &LabState, env: &Context, uid: &str) -> Result<(), Error> 
         .collect();
     pids.retain(|&pid| pid != std::process::id());
     process::terminate(&pids, Duration::from_secs(3));
-    if state.node(&pod.node).is_some() {
+    let on_node = state.node(&pod.node).is_some();
+    if on_node {
         // Releases the pod from its ztunnel, then returns its address.
         on_chain(state, env, pod, |call, conflist| {
             cni::delete(call, conflist, pod.cni_result.as_ref())
         })?;
     }
     let _ = std::fs::remove_file(state.layout().node_netns_dir(&pod.node).join(&pod.netns));
-    network::delete_netns(&pod.netns)
+    network::delete_netns(&pod.netns)?;
+    if on_node {
+        // A runtime sends DEL again once the sandbox is gone (its garbage
+        // collection, a restart of the kubelet): no namespace, no result.
+        let sandbox = container_id(state, &pod.uid);
+        delete_sandbox(state, env, pod, &sandbox, false)?;
+    }
+    Ok(())
+}
+
+/// Runs DEL through the pod's node's chain for `sandbox`, as a runtime does
+/// for a sandbox it is cleaning up: the pod's live one, an earlier one whose
+/// ADD failed, or one long gone; with the pod's namespace or without
+/// (`with_netns`), never with a cached result.
+pub fn delete_sandbox(
+    state: &LabState,
+    env: &Context,
+    pod: &PodState,
+    sandbox: &str,
+    with_netns: bool,
+) -> Result<(), Error> {
+    on_chain(state, env, pod, |call, conflist| {
+        let call = cni::Call {
+            container_id: sandbox,
+            pod_netns: if with_netns { call.pod_netns } else { "" },
+            ..call.clone()
+        };
+        cni::delete(&call, conflist, None)
+    })
 }
 
 /// Runs CHECK through the pod's node's CNI chain with its cached result,

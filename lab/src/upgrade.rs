@@ -1,7 +1,9 @@
 //! `kanava lab upgrade`: replaces a node's ztunnel the way a DaemonSet's
 //! rolling update does (`maxSurge: 1`, `maxUnavailable: 0`): the new one
 //! starts beside the old, and only once it is ready is the old one told to
-//! stop, which hands its listeners and connections over to it.
+//! stop, which hands its listeners and connections over to it. With
+//! [`UpgradeOptions::stop_first`] it is replaced as a deleted or evicted
+//! pod is: the old one is told to stop first and waits for its replacement.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -23,6 +25,10 @@ pub struct UpgradeOptions {
     pub nodes: Vec<String>,
     /// Start every new ztunnel first, then stop every old one at once.
     pub all_at_once: bool,
+    /// Stop the old ztunnel first and start the new one this long after, as
+    /// when a ztunnel pod is deleted or evicted and its DaemonSet makes a
+    /// replacement: the old one waits for it and hands over.
+    pub stop_first: Option<Duration>,
 }
 
 /// How one node's upgrade went.
@@ -48,7 +54,6 @@ pub struct NodeUpgrade {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Summary {
-    predecessor_pid: u32,
     listeners: u64,
     moved: u64,
     drained: u64,
@@ -75,6 +80,14 @@ fn ask(socket: &std::path::Path) -> Option<(u32, bool, Option<Summary>)> {
         .get("lastHandOver")
         .and_then(|summary| serde_json::from_value(summary.clone()).ok());
     Some((pid, ready, last))
+}
+
+/// The file at a socket's path (device, inode), to tell whose it is.
+fn socket_file(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Upgrades the ztunnels of the lab `name`.
@@ -111,6 +124,16 @@ pub fn upgrade(
         chosen.into_iter().map(|i| vec![i]).collect()
     };
     for batch in batches {
+        if let Some(delay) = options.stop_first {
+            for &index in &batch {
+                env.say(&format!(
+                    "stopping the ztunnel on {} before its replacement starts",
+                    state.nodes[index].name
+                ));
+                signal_old(&state.nodes[index].ztunnel);
+            }
+            std::thread::sleep(delay);
+        }
         let mut started = Vec::new();
         for &index in &batch {
             env.say(&format!(
@@ -134,11 +157,13 @@ pub fn upgrade(
         state.save()?;
         let mut handed = Vec::new();
         for (index, (old, began)) in started {
-            env.say(&format!(
-                "stopping the old ztunnel on {}: it hands over",
-                state.nodes[index].name
-            ));
-            signal_old(&old);
+            if options.stop_first.is_none() {
+                env.say(&format!(
+                    "stopping the old ztunnel on {}: it hands over",
+                    state.nodes[index].name
+                ));
+                signal_old(&old);
+            }
             handed.push((index, old, began));
         }
         for (index, old, began) in handed {
@@ -180,8 +205,12 @@ fn start_beside(
         .log_dir()
         .join(format!("ztunnel-{}.{generation}.status.json", node.name));
     let netns = node.netns.clone();
-    spawn_supervised(env, &mut new, &netns, &argv, &vars, status)?;
     let socket = upgrade_socket(node);
+    // The new one is ready once it has bound the socket in the old one's
+    // place: a new file there. Not told by pid: each ztunnel may be pid 1
+    // of a namespace of its own, as in its container.
+    let old_socket = socket_file(&socket);
+    spawn_supervised(env, &mut new, &netns, &argv, &vars, status)?;
     let new_pid = new.pid;
     let waited = env.wait_until(
         &format!("the new ztunnel on {} to be ready", node.name),
@@ -194,7 +223,8 @@ fn start_beside(
                     new.log.display()
                 )));
             }
-            Ok(matches!(ask(&socket), Some((answered, true, _)) if Some(answered) == new_pid))
+            let rebound = socket_file(&socket).is_some_and(|file| Some(file) != old_socket);
+            Ok(rebound && matches!(ask(&socket), Some((_, true, _))))
         },
     );
     if let Err(error) = waited {
@@ -244,27 +274,22 @@ fn finish(
     // The old one's last message (its summary) may still be on its way into
     // the new one when the old one is gone: wait a moment for that summary,
     // not any earlier one. None comes if the old one drained instead.
+    // The new ztunnel has had no predecessor but the old one: any summary
+    // it reports is this hand-over's.
     let socket = upgrade_socket(node);
     let reported = Instant::now() + SUMMARY_WITHIN;
-    let answered = loop {
-        let answered = ask(&socket);
-        let ours =
-            matches!(&answered, Some((_, _, Some(last))) if Some(last.predecessor_pid) == old.pid);
-        if ours || Instant::now() >= reported {
-            break answered;
+    let summary = loop {
+        let last = ask(&socket).and_then(|(_, _, last)| last);
+        if last.is_some() || Instant::now() >= reported {
+            break last.unwrap_or_default();
         }
         env.check_cancel()?;
         std::thread::sleep(Duration::from_millis(20));
     };
-    let summary = answered
-        .as_ref()
-        .and_then(|(_, _, last)| last.clone())
-        .filter(|last| Some(last.predecessor_pid) == old.pid)
-        .unwrap_or_default();
     Ok(NodeUpgrade {
         node: node.name.clone(),
         old_pid: old.pid,
-        new_pid: answered.map(|(pid, _, _)| pid),
+        new_pid: node.ztunnel.pid,
         listeners: summary.listeners,
         moved: summary.moved,
         drained: summary.drained,

@@ -4,7 +4,8 @@
 //! packet, no framing of our own) and descriptors travel in the same packet
 //! as the message that explains them. The standard library offers neither,
 //! so this wraps the system calls through `rustix`, which hands back owned
-//! descriptors and needs no `unsafe` here.
+//! descriptors; only the peer's credentials are read through `libc` (see
+//! [`Conn::peer_uid`]).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -76,8 +77,42 @@ impl Conn {
 
     /// The user id of the process at the other end, as the kernel recorded it
     /// when it connected (`SO_PEERCRED`): not something the peer can claim.
+    ///
+    /// Read with `libc` rather than rustix's `socket_peercred`: the kernel
+    /// reports pid 0 for a peer whose process is not visible in this pid
+    /// namespace (the CNI plugin runs in the host's, the ztunnel in its
+    /// container's), and rustix's `UCred` cannot hold a pid of 0. Only the
+    /// uid matters here, and it is always translated into our user namespace.
     pub fn peer_uid(&self) -> std::io::Result<u32> {
-        Ok(sockopt::socket_peercred(&self.fd)?.uid.as_raw())
+        use std::os::fd::AsRawFd;
+        let mut credentials = libc::ucred {
+            pid: 0,
+            uid: u32::MAX,
+            gid: u32::MAX,
+        };
+        let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: the descriptor is open for as long as `self`; the kernel
+        // writes at most `length` bytes into `credentials`, a `ucred` that
+        // lives on this stack frame, and reports how many it wrote.
+        #[allow(unsafe_code)]
+        let result = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut credentials).cast(),
+                &mut length,
+            )
+        };
+        if result != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if length as usize != std::mem::size_of::<libc::ucred>() {
+            return Err(std::io::Error::other(format!(
+                "SO_PEERCRED returned {length} bytes"
+            )));
+        }
+        Ok(credentials.uid)
     }
 
     /// Bounds how long `recv` waits (`None`: forever).
@@ -187,5 +222,97 @@ mod tests {
         drop(conn);
         server.join().unwrap();
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Where the helper below listens; set only when the test runs it.
+    const HELPER_SOCKET: &str = "KANAVA_TEST_PEERCRED_SOCKET";
+
+    /// Not a test of its own: the server half of the next test, run in a
+    /// pid namespace of its own (as the ztunnel runs in its container's).
+    /// It reads the uid of each of two peers and prints it.
+    #[test]
+    #[ignore = "run by names_a_peer_whose_pid_is_invisible_here"]
+    fn peer_uid_server() {
+        let Some(path) = std::env::var_os(HELPER_SOCKET) else {
+            return;
+        };
+        let listener = Listener::bind(Path::new(&path), 0o666).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        println!("listening");
+        for _ in 0..2 {
+            let conn = listener.accept().unwrap();
+            match conn.peer_uid() {
+                Ok(uid) => println!("peer uid {uid}"),
+                Err(error) => println!("peer uid error {error}"),
+            }
+            let _ = conn.send(b"ok", &[]);
+        }
+    }
+
+    /// The ztunnel runs in its container's pid namespace and the CNI plugin
+    /// in the host's: the kernel reports the plugin's pid as 0 to the
+    /// ztunnel. Its uid must still be read, and a non-root peer told apart.
+    /// Needs root to make the namespace; fails, not skips, without it.
+    #[test]
+    fn names_a_peer_whose_pid_is_invisible_here() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test makes a pid namespace and must run as root"
+        );
+        let dir = tempfile_dir("pidns");
+        let path = dir.join("s.sock");
+        let server = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seqpacket::tests::peer_uid_server",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(HELPER_SOCKET, &path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux) starts the server; the test needs root");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !path.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for uid in [None, Some(65534)] {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                if let Some(uid) = uid {
+                    // Only this thread becomes that user.
+                    rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(uid)).unwrap();
+                }
+                let conn = Conn::connect(&path).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                conn.recv().unwrap();
+            })
+            .join()
+            .unwrap();
+        }
+        let output = server.wait_with_output().unwrap();
+        let printed = String::from_utf8_lossy(&output.stdout);
+        assert!(printed.contains("peer uid 0\n"), "root is named: {printed}");
+        assert!(
+            printed.contains("peer uid 65534\n"),
+            "a non-root peer is told apart: {printed}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir(what: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("kanava-seqpacket-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 }

@@ -36,6 +36,7 @@ mod tests {
                     namespace: "shop".into(),
                     service_account: "web".into(),
                     ips: vec!["10.244.2.3".into(), "fd00::3".into()],
+                    container_id: "sandbox-3f1c".into(),
                 }),
             })),
         };

@@ -42,14 +42,16 @@ const CERTIFICATES_BEFORE_TAKEOVER: std::time::Duration = std::time::Duration::f
 /// Longest a leaving ztunnel waits, before it exits, for the messages still
 /// queued for its successor to go out.
 const FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often a terminating ztunnel looks for a successor to hand over to.
+const SUCCESSOR_LOOKED_FOR_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// How often the drop counters of STRICT pods' non-TCP guards are read
 /// for `kanava_non_tcp_dropped_packets_total` (two `iptables-save` runs per
 /// guarded pod).
 const GUARD_COUNTERS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the ztunnel until `terminate` is cancelled (SIGTERM), then hands
-/// over to a successor if one is ready, or serves on for the termination
-/// grace, and returns.
+/// over to a successor as soon as one is ready within the termination grace
+/// (serving on meanwhile), and returns.
 ///
 /// On shutdown the capture rules stay in the pods: their traffic fails
 /// closed until a new ztunnel takes over, instead of bypassing the mesh.
@@ -86,9 +88,9 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
     ));
     // A ztunnel that answers on the upgrade socket is our predecessor: we
     // start beside it and take over when it leaves.
-    let predecessor = upgrade::successor::ask_status(&config.upgrade_socket)
-        .map(|(pid, _, _)| pid)
-        .filter(|pid| *pid != std::process::id());
+    // Nothing here has bound the socket yet, so whoever answers is another
+    // process (its pid is in its own namespace: said, never compared).
+    let predecessor = upgrade::successor::ask_status(&config.upgrade_socket).map(|(pid, _, _)| pid);
     if let Some(pid) = predecessor {
         tracing::info!(
             predecessor = pid,
@@ -99,6 +101,12 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
         proxy.resumptions.expect_incoming(Some(
             std::time::Instant::now() + upgrade::successor::INCOMING_FOR,
         ));
+    }
+    if pods::discover::netns_mount(&config.netns_dir) == pods::discover::NetnsMount::Private {
+        tracing::error!(
+            netns_dir = %config.netns_dir.display(),
+            "the node's network namespace directory is mounted here without propagation: namespaces made after this start are invisible, so their pods are neither served again after a restart nor found when their namespace joins the mesh; mount it with mountPropagation: HostToContainer, which needs the node's / to be a shared or slave mount (README, \"Install on a cluster\")"
+        );
     }
     // Before anything else: the pods an earlier ztunnel served have had
     // their traffic blocked since it went away.
@@ -171,7 +179,9 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
         runtime: tokio::runtime::Handle::current(),
         allowed_uid: config.handoff_allowed_uid,
         last: Default::default(),
+        bound: Default::default(),
     });
+    let own_upgrade_socket = successor.clone();
     tokio::spawn({
         let path = config.upgrade_socket.clone();
         let stop = shutdown.clone();
@@ -199,14 +209,34 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
 
     terminate.cancelled().await;
     let grace = config.termination_grace;
-    let handed_over = upgrade::predecessor::leave(
-        proxy.clone(),
-        pods,
-        config.upgrade_socket.clone(),
-        grace,
-        stop_admin,
-    )
-    .await;
+    let terminated_at = std::time::Instant::now();
+    // A successor may come after the SIGTERM: a deleted or evicted ztunnel
+    // pod gets its DaemonSet's replacement a second or two later. Until the
+    // grace runs out this one serves on and looks for it, and hands over
+    // when it comes.
+    let mut waiting_said = false;
+    let handed_over = loop {
+        let found = upgrade::predecessor::leave(
+            proxy.clone(),
+            pods.clone(),
+            config.upgrade_socket.clone(),
+            own_upgrade_socket.bound.get().copied(),
+            grace,
+            stop_admin.clone(),
+        )
+        .await;
+        if found.is_some() || terminated_at.elapsed() + SUCCESSOR_LOOKED_FOR_EVERY >= grace {
+            break found;
+        }
+        if !waiting_said {
+            tracing::info!(
+                ?grace,
+                "terminating: serving on and waiting for a successor to hand over to"
+            );
+            waiting_said = true;
+        }
+        tokio::time::sleep(SUCCESSOR_LOOKED_FOR_EVERY).await;
+    };
     match handed_over {
         Some(summary) if summary.drained > 0 => {
             tracing::info!(
@@ -226,11 +256,16 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
             }
         }
         Some(_) => {}
-        None if !grace.is_zero() => {
-            tracing::info!(?grace, "terminating: serving on for the grace period");
-            tokio::time::sleep(grace).await;
+        None => {
+            let left = grace.saturating_sub(terminated_at.elapsed());
+            if !left.is_zero() {
+                tracing::info!(
+                    ?left,
+                    "no successor came: serving on for the rest of the grace period"
+                );
+                tokio::time::sleep(left).await;
+            }
         }
-        None => {}
     }
     // Messages still queued for the successor carry sockets (and the
     // summary): they go out before this process exits.

@@ -20,6 +20,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use kanava_cni::install::{self, Install};
 use kanava_handoff::client;
 use kanava_handoff::records::RecordDir;
+use kanava_runtime::LogFormat;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Installs the kanava-cni plugin on this node and keeps it installed.
@@ -81,11 +82,18 @@ struct Config {
     /// How often the node's configuration is checked.
     #[arg(long, env = "KANAVA_CNI_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     interval: Duration,
+    /// The API server, for this installer and the plugin. Default, in a
+    /// pod: `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
+    #[arg(long, env = "KANAVA_API_SERVER")]
+    api_server: Option<String>,
+    /// Log format (the level comes from `RUST_LOG`).
+    #[arg(long, env = "KANAVA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_target(false).init();
     let config = Config::parse();
+    kanava_runtime::init(config.log_format);
     tracing::info!(?config, "kanava-cni-install starting");
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -101,6 +109,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         host_conf_dir: config.host_cni_conf_dir.clone(),
         socket_path: config.handoff_socket.clone(),
         pod_records_dir: config.pod_records_dir.clone(),
+        mesh_namespace: config.namespace.clone(),
     };
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -140,7 +149,7 @@ fn release_pods(config: &Config) {
         // The record goes first: the ztunnel captures recorded pods that
         // discovery says are in the mesh, and would take this one back.
         let _ = records.remove(&uid);
-        match client::delete_pod(&config.handoff_socket, &uid, Duration::from_secs(5)) {
+        match client::delete_pod(&config.handoff_socket, &uid, None, Duration::from_secs(5)) {
             Ok(()) => tracing::info!(%uid, "pod released"),
             Err(error) => tracing::warn!(%uid, %error, "pod not released"),
         }
@@ -150,19 +159,31 @@ fn release_pods(config: &Config) {
 /// Whether the DaemonSet still exists and is not being deleted. When the
 /// answer is unknown (API server away), it is assumed to remain: keeping the
 /// plugin keeps pods from starting uncaptured.
+///
+/// Asked with the same credentials the plugin gets (this pod's token and
+/// CA, read by name), not through the in-cluster defaults of the client
+/// library, which need more of the service-account volume than the chart
+/// projects.
 async fn daemonset_remains(config: &Config) -> bool {
     let check = async {
-        let client = kube::Client::try_default().await?;
+        let client = api_client(config).await?;
         let api: kube::Api<DaemonSet> = kube::Api::namespaced(client, &config.namespace);
-        api.get_opt(&config.daemonset).await
+        Ok::<_, anyhow::Error>(api.get_opt(&config.daemonset).await)
     };
     match tokio::time::timeout(Duration::from_secs(5), check).await {
-        Ok(Ok(Some(daemonset))) => daemonset.metadata.deletion_timestamp.is_none(),
-        Ok(Ok(None)) => false,
+        Ok(Ok(Ok(Some(daemonset)))) => daemonset.metadata.deletion_timestamp.is_none(),
+        Ok(Ok(Ok(None))) => false,
         // Its RBAC goes with the chart.
-        Ok(Err(kube::Error::Api(status))) if status.code == 403 || status.code == 401 => false,
-        Ok(Err(error)) => {
+        Ok(Ok(Err(kube::Error::Api(status)))) if status.code == 403 || status.code == 401 => false,
+        Ok(Ok(Err(error))) => {
             tracing::warn!(%error, "cannot tell whether this is an uninstall; keeping kanava-cni");
+            true
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot reach the API server to tell whether this is an uninstall; keeping kanava-cni"
+            );
             true
         }
         Err(_) => {
@@ -172,14 +193,30 @@ async fn daemonset_remains(config: &Config) -> bool {
     }
 }
 
+/// A client of the API server with the plugin's kubeconfig.
+async fn api_client(config: &Config) -> anyhow::Result<kube::Client> {
+    let file = kube::config::Kubeconfig::from_yaml(&kubeconfig(config)?)
+        .context("the plugin's kubeconfig")?;
+    let client_config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+        .await
+        .context("the plugin's kubeconfig")?;
+    Ok(kube::Client::try_from(client_config)?)
+}
+
 /// The plugin's kubeconfig, from this pod's service account.
 fn kubeconfig(config: &Config) -> anyhow::Result<String> {
-    let host = std::env::var("KUBERNETES_SERVICE_HOST").context("KUBERNETES_SERVICE_HOST")?;
-    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-    let server = if host.contains(':') {
-        format!("https://[{host}]:{port}")
-    } else {
-        format!("https://{host}:{port}")
+    let server = match &config.api_server {
+        Some(server) => server.clone(),
+        None => {
+            let host = std::env::var("KUBERNETES_SERVICE_HOST")
+                .context("KUBERNETES_SERVICE_HOST (or --api-server)")?;
+            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+            if host.contains(':') {
+                format!("https://[{host}]:{port}")
+            } else {
+                format!("https://{host}:{port}")
+            }
+        }
     };
     let dir = &config.service_account_dir;
     let token = std::fs::read_to_string(dir.join("token"))

@@ -69,6 +69,9 @@ struct State {
     hanging: Vec<String>,
     /// While set, every request answers 503: the API server is away.
     away: bool,
+    /// While set, every request answers 401: the caller's credentials are
+    /// dead (its service account deleted, its token expired).
+    unauthorized: bool,
     /// Any other GET answered with a fixed JSON body, by path (OIDC
     /// discovery, for instance).
     documents: HashMap<String, Value>,
@@ -215,6 +218,12 @@ impl ApiServer {
     /// server that accepted the connection and went silent).
     pub fn hang(&self, prefix: &str) {
         self.state.lock().unwrap().hanging.push(prefix.to_string());
+    }
+
+    /// While set, every request answers 401, as to a token whose service
+    /// account is gone.
+    pub fn set_unauthorized(&self, unauthorized: bool) {
+        self.state.lock().unwrap().unauthorized = unauthorized;
     }
 
     /// While set, every request answers 503, as an API server that is away
@@ -370,11 +379,12 @@ async fn handle(
         serde_json::from_slice(&bytes).unwrap_or(Value::Null)
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (hangs, away) = {
+    let (hangs, away, unauthorized) = {
         let state = state.lock().unwrap();
         (
             state.hanging.iter().any(|prefix| path.starts_with(prefix)),
             state.away,
+            state.unauthorized,
         )
     };
     if hangs {
@@ -382,6 +392,9 @@ async fn handle(
     }
     if away {
         return status(503, "ServiceUnavailable", "the API server is away");
+    }
+    if unauthorized {
+        return status(401, "Unauthorized", "Unauthorized");
     }
     if method == Method::GET
         && let Some(document) = state.lock().unwrap().documents.get(&path)

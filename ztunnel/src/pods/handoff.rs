@@ -157,8 +157,14 @@ fn serve_conn(conn: Conn, registry: &PodRegistry, runtime: &Handle) {
 #[derive(Debug)]
 pub enum Request {
     Add(HandedPod),
-    Delete { uid: String },
-    Check { uid: String },
+    Delete {
+        uid: String,
+        /// Only this sandbox's capture, when given.
+        sandbox: Option<String>,
+    },
+    Check {
+        uid: String,
+    },
 }
 
 /// Decodes and checks a handoff message; pure, so every byte a client can
@@ -172,9 +178,10 @@ pub fn parse(message: &[u8], trust_domain: &str) -> Result<Request, Error> {
                 .ok_or(Error::HandoffIncomplete("a pod in its add"))?;
             Ok(Request::Add(super::validate(pod, trust_domain)?))
         }
-        Some(pb::handoff_request::Request::Delete(delete)) => {
-            Ok(Request::Delete { uid: delete.uid })
-        }
+        Some(pb::handoff_request::Request::Delete(delete)) => Ok(Request::Delete {
+            uid: delete.uid,
+            sandbox: Some(delete.container_id).filter(|c| !c.is_empty()),
+        }),
         Some(pb::handoff_request::Request::Check(check)) => Ok(Request::Check { uid: check.uid }),
         None => Err(Error::HandoffIncomplete("a request")),
     }
@@ -198,7 +205,9 @@ fn handle(
                 NetNs::from_fd(fd, format!("pod {}/{}", pod.info.namespace, pod.info.name))?;
             runtime.block_on(registry.add(pod, netns))
         }
-        Request::Delete { uid } => runtime.block_on(registry.remove(&uid)),
+        Request::Delete { uid, sandbox } => {
+            runtime.block_on(registry.remove(&uid, sandbox.as_deref()))
+        }
         Request::Check { uid } => runtime.block_on(registry.check(&uid)),
     }
 }

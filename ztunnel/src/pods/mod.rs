@@ -44,6 +44,10 @@ use crate::workloads::WorkloadStore;
 
 struct Entry {
     pod: Arc<CapturedPod>,
+    /// The sandbox (CNI container id) whose namespace is captured; empty
+    /// when unknown (a pod found on the node, or handed over by an older
+    /// plugin).
+    sandbox: String,
     stop: CancellationToken,
     /// The non-TCP guard in place in the pod ([`guard`]); `None` while it
     /// is the one a predecessor left (an upgrade or a restart keeps it, so
@@ -108,9 +112,19 @@ impl PodRegistry {
             identity,
             ips,
         } = pod;
-        if self.lock().contains_key(&uid) {
-            tracing::info!(pod = %format!("{}/{}", info.namespace, info.name), "pod already captured");
-            return Ok(());
+        let held = self.lock().get(&uid).map(|entry| entry.sandbox.clone());
+        match held {
+            Some(held) if !is_other_sandbox(&held, &info.container_id) => {
+                tracing::info!(pod = %format!("{}/{}", info.namespace, info.name), "pod already captured");
+                return Ok(());
+            }
+            // The runtime made the pod a new sandbox (the old one died):
+            // the new namespace must be captured, not taken for the old.
+            Some(held) => {
+                tracing::info!(pod = %format!("{}/{}", info.namespace, info.name), old = %held, new = %info.container_id, "pod has a new sandbox; capturing it instead of the old one");
+                self.release(&uid).await?;
+            }
+            None => {}
         }
         let netns = Arc::new(netns);
         let for_setup = netns.clone();
@@ -186,6 +200,7 @@ impl PodRegistry {
             uid,
             Entry {
                 pod: pod.clone(),
+                sandbox: info.container_id.clone(),
                 stop: stop.clone(),
                 guard,
                 releasing: false,
@@ -201,11 +216,25 @@ impl PodRegistry {
         Ok(())
     }
 
-    /// Releases a pod. Unknown pods succeed. The pod counts as captured
-    /// (for [`Self::check`]) until its rules are gone, so whoever waits for
-    /// the release sees it done.
-    pub async fn remove(&self, uid: &str) -> Result<(), Error> {
+    /// Releases a pod. Unknown pods succeed. With a `sandbox`, a pod held
+    /// for another sandbox is kept: the runtime's DEL of a dead sandbox
+    /// (sent again, or for an ADD that failed) must not release the pod's
+    /// live one. The pod counts as captured (for [`Self::check`]) until its
+    /// rules are gone, so whoever waits for the release sees it done.
+    pub async fn remove(&self, uid: &str, sandbox: Option<&str>) -> Result<(), Error> {
         let _changing = self.changing.lock().await;
+        if let Some(sandbox) = sandbox
+            && let Some(entry) = self.lock().get(uid)
+            && is_other_sandbox(&entry.sandbox, sandbox)
+        {
+            tracing::info!(pod = %entry.pod.info.display_name(), held = %entry.sandbox, asked = %sandbox, "release for another sandbox of the pod ignored");
+            return Ok(());
+        }
+        self.release(uid).await
+    }
+
+    /// Releases a pod; the caller holds `changing`.
+    async fn release(&self, uid: &str) -> Result<(), Error> {
         let Some((pod, stop)) = self.lock().get_mut(uid).map(|entry| {
             entry.releasing = true;
             (entry.pod.clone(), entry.stop.clone())
@@ -383,7 +412,7 @@ impl PodRegistry {
             } else if wanted && held {
                 self.follow_guard(&workload).await;
             } else if !wanted && held {
-                match self.remove(&workload.uid).await {
+                match self.remove(&workload.uid, None).await {
                     Ok(()) => tracing::info!(%pod, "pod left the mesh"),
                     Err(error) => {
                         tracing::warn!(%pod, %error, "pod left the mesh but release failed")
@@ -562,6 +591,7 @@ impl PodRegistry {
             namespace: record.namespace.clone(),
             service_account: record.service_account.clone(),
             ips: record.ips.clone(),
+            container_id: record.container_id.clone(),
         };
         let pod = validate(info, self.trust_domain())?;
         // Captured before this start: the control plane knew it then.
@@ -616,6 +646,12 @@ fn describe_guard(opened: &guard::Opened) -> String {
             .collect::<Vec<_>>()
             .join(","),
     }
+}
+
+/// Whether two sandbox ids name different sandboxes; an unknown (empty)
+/// one is taken to be the same, as before sandboxes were told apart.
+fn is_other_sandbox(held: &str, other: &str) -> bool {
+    !held.is_empty() && !other.is_empty() && held != other
 }
 
 fn open_netns(record: &PodRecord) -> Result<NetNs, Error> {

@@ -216,14 +216,20 @@ pub fn canonical(address: SocketAddr) -> SocketAddr {
 /// to another listener of the same port (`SO_REUSEPORT`) instead of
 /// resetting them: a ztunnel leaving for its successor closes its pod
 /// listeners while the successor's listen beside them. Called inside the
-/// pod's namespace (the setting is per namespace). A kernel without it
-/// (before Linux 5.14) is said once in the log: pending connections are then
-/// reset at an upgrade.
+/// pod's namespace (the setting is per namespace). In a container `/proc/sys`
+/// is read-only, so on a cluster kanava-cni, which runs on the host, sets it
+/// at ADD and this finds it set; a pod it could not set (a kernel before
+/// Linux 5.14, a pod captured from discovery) is said once in the log:
+/// its pending connections are reset at a hand-over.
 pub fn migrate_pending_connections() {
+    const SETTING: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
     static WARNED: std::sync::Once = std::sync::Once::new();
-    if let Err(error) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", b"1") {
+    if std::fs::read(SETTING).is_ok_and(|value| value.trim_ascii() == b"1") {
+        return;
+    }
+    if let Err(error) = std::fs::write(SETTING, b"1") {
         WARNED.call_once(|| {
-            tracing::warn!(%error, "net.ipv4.tcp_migrate_req cannot be set: connections waiting to be accepted are reset when a ztunnel hands over to its successor");
+            tracing::warn!(%error, "net.ipv4.tcp_migrate_req is not set in a pod and cannot be set from here: its connections waiting to be accepted are reset when a ztunnel hands over to its successor (said once)");
         });
     }
 }

@@ -6,7 +6,9 @@
 //!    beside the predecessor's, `SO_REUSEPORT`), gets its configuration and
 //!    certificates, and then binds the upgrade socket: it is ready.
 //! 2. The predecessor gets SIGTERM and finds a ready successor on the
-//!    upgrade socket ([`predecessor::leave`]); with none it drains as before.
+//!    upgrade socket ([`predecessor::leave`]); until its grace runs out it
+//!    serves on and looks again (a deleted or evicted pod's replacement
+//!    comes after the SIGTERM); with none it drains as before.
 //! 3. It says which pods it serves; the successor makes sure it serves them
 //!    too and says so.
 //! 4. The predecessor closes its pod listeners. Connections waiting in
@@ -31,3 +33,27 @@ pub mod departure;
 pub mod predecessor;
 pub mod protocol;
 pub mod successor;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// The file a Unix socket's path names (device and inode). A ztunnel tells
+/// its own upgrade socket from a successor's by the file it bound, not by
+/// its pid: in a container every ztunnel may be pid 1 of its own namespace.
+/// A successor binds a new file in its place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketFile {
+    device: u64,
+    inode: u64,
+}
+
+impl SocketFile {
+    /// The file at `path` now, if any.
+    pub fn at(path: &Path) -> Option<SocketFile> {
+        let metadata = std::fs::symlink_metadata(path).ok()?;
+        Some(SocketFile {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        })
+    }
+}

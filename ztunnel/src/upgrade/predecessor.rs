@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use kanava_netns::seqpacket::Conn;
 use tokio_util::sync::CancellationToken;
 
+use super::SocketFile;
 use super::departure::Outgoing;
 use super::protocol::{Message, Summary};
 use crate::pods::PodRegistry;
@@ -31,20 +32,24 @@ pub async fn leave(
     proxy: Arc<Proxy>,
     pods: Arc<PodRegistry>,
     socket: PathBuf,
+    own_socket: Option<SocketFile>,
     grace: Duration,
     stop_admin: CancellationToken,
 ) -> Option<Summary> {
     let started = Instant::now();
     let own_pid = std::process::id();
     let uids = pods.uids();
-    let conn =
-        match tokio::task::spawn_blocking(move || find_successor(&socket, own_pid, uids)).await {
-            Ok(conn) => conn,
-            Err(error) => {
-                tracing::error!(%error, "looking for a successor failed; draining instead");
-                return None;
-            }
-        };
+    let conn = match tokio::task::spawn_blocking(move || {
+        find_successor(&socket, own_socket, own_pid, uids)
+    })
+    .await
+    {
+        Ok(conn) => conn,
+        Err(error) => {
+            tracing::error!(%error, "looking for a successor failed; draining instead");
+            return None;
+        }
+    };
     let (conn, listeners) = match conn {
         Ok(Some(found)) => found,
         Ok(None) => return None,
@@ -129,9 +134,14 @@ pub async fn leave(
 /// of listeners the successor serves.
 fn find_successor(
     socket: &std::path::Path,
+    own_socket: Option<SocketFile>,
     own_pid: u32,
     pods: Vec<String>,
 ) -> std::io::Result<Option<(Conn, u64)>> {
+    // Still the file this process bound: nobody has taken its place.
+    if own_socket.is_some() && SocketFile::at(socket) == own_socket {
+        return Ok(None);
+    }
     let Ok(conn) = Conn::connect(socket) else {
         return Ok(None);
     };
@@ -141,10 +151,10 @@ fn find_successor(
     match Message::decode(&answer) {
         Ok(Message::Status {
             pid, ready: true, ..
-        }) if pid != own_pid => {
+        }) => {
             tracing::info!(successor = pid, "a successor is ready; handing over");
         }
-        Ok(Message::Status { pid, .. }) if pid == own_pid => return Ok(None),
+        Ok(Message::Status { ready: false, .. }) => return Ok(None),
         other => {
             return Err(std::io::Error::other(format!(
                 "unexpected answer from the upgrade socket: {other:?}"

@@ -5,12 +5,13 @@
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kanava_netns::seqpacket::{Conn, Listener};
 use tokio::runtime::Handle;
 
+use super::SocketFile;
 use super::protocol::{self, Message, MovedServer, Summary};
 use crate::Error;
 use crate::pods::PodRegistry;
@@ -30,9 +31,13 @@ pub struct Successor {
     pub allowed_uid: Option<u32>,
     /// The last hand-over this ztunnel received.
     pub last: Mutex<Option<Summary>>,
+    /// The upgrade socket's file, once this ztunnel bound it.
+    pub bound: OnceLock<SocketFile>,
 }
 
-/// Asks the ztunnel on `socket` who it is: its pid, if one answers.
+/// Asks the ztunnel on `socket` who it is: its pid (in its own pid
+/// namespace: say, not compare), whether it is ready, and its last
+/// hand-over, if one answers.
 pub fn ask_status(socket: &Path) -> Option<(u32, bool, Option<Summary>)> {
     let conn = Conn::connect(socket).ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -63,6 +68,9 @@ pub fn serve(path: PathBuf, successor: Arc<Successor>) -> Result<(), Error> {
     }
     let listener =
         Listener::bind(&path, 0o600).map_err(Error::io(format!("bind {}", path.display())))?;
+    if let Some(file) = SocketFile::at(&path) {
+        let _ = successor.bound.set(file);
+    }
     tracing::info!(socket = %path.display(), "ready to take over from a predecessor");
     std::thread::Builder::new()
         .name("upgrade".into())

@@ -263,7 +263,10 @@ fn security_contexts_give_each_container_only_what_it_needs() {
         assert_eq!(context["capabilities"], json!({"drop": ["ALL"]}));
         assert_eq!(context["seccompProfile"]["type"], "RuntimeDefault");
         assert!(control_plane["readinessProbe"]["httpGet"].is_object());
-        assert!(control_plane["livenessProbe"].is_object());
+        assert_eq!(
+            control_plane["livenessProbe"]["httpGet"]["path"], "/healthz",
+            "liveness over plain HTTP: a TCP probe of the TLS port logs as a failed handshake"
+        );
         assert!(control_plane["resources"]["requests"].is_object());
 
         let daemonset = find(&objects, "DaemonSet", "ztunnel");
@@ -401,6 +404,8 @@ fn values_reach_the_objects() {
     assert_eq!(env(ztunnel, "KANAVA_TRUST_DOMAIN"), "prod.example.org");
     assert_eq!(env(ztunnel, "KANAVA_LOG_FORMAT"), "json");
     assert_eq!(env(ztunnel, "RUST_LOG"), "debug,kube=info");
+    assert_eq!(env(installer, "KANAVA_LOG_FORMAT"), "json");
+    assert_eq!(env(installer, "RUST_LOG"), "debug,kube=info");
     assert_eq!(ztunnel["resources"]["limits"]["memory"], "2Gi");
     assert_eq!(
         daemonset["spec"]["template"]["spec"]["tolerations"][0]["key"],
@@ -468,4 +473,57 @@ fn objects_in(namespace: &str) -> Vec<Value> {
             .arg(chart_dir())
             .args(["--namespace", namespace]),
     ))
+}
+
+/// The lab runs the ztunnel as this chart's container runs
+/// (`kanava_lab::container::ZTUNNEL`): if the chart changes what it grants,
+/// the lab must change with it, or the lab tests would pass on what a node
+/// refuses.
+#[test]
+fn the_lab_runs_the_ztunnel_as_the_chart_does() {
+    let lab = kanava_lab::container::ZTUNNEL;
+    for objects in [rendered_default(), rendered_non_default()] {
+        let daemonset = find(&objects, "DaemonSet", "ztunnel");
+        let pod = &daemonset["spec"]["template"]["spec"];
+        let ztunnel = container(daemonset, "ztunnel");
+        let context = &ztunnel["securityContext"];
+        assert_eq!(context["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(context["capabilities"]["add"], json!(lab.capabilities));
+        assert_eq!(
+            context["allowPrivilegeEscalation"],
+            lab.allow_privilege_escalation
+        );
+        assert_eq!(pod["hostPID"].as_bool().unwrap_or(false), lab.host_pid);
+        let netns = ztunnel["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "netns")
+            .expect("the netns mount");
+        assert_eq!(netns["mountPropagation"], lab.netns_mount_propagation);
+        // The installer's API token is laid out as a default service-account
+        // volume, as the lab's test of the installer lays it out.
+        let api_token = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "api-token")
+            .expect("the api-token volume");
+        let paths: Vec<&str> = api_token["projected"]["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|source| {
+                let single = source["serviceAccountToken"]["path"].as_str();
+                let items = source
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|o| o.values())
+                    .flat_map(|v| v["items"].as_array().into_iter().flatten())
+                    .filter_map(|item| item["path"].as_str());
+                single.into_iter().chain(items)
+            })
+            .collect();
+        assert_eq!(paths, ["token", "ca.crt", "namespace"]);
+    }
 }

@@ -23,6 +23,7 @@ pub mod apply;
 pub mod capture;
 pub mod clients;
 pub mod cni;
+pub mod container;
 pub mod context;
 mod error;
 pub mod family;

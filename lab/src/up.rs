@@ -153,7 +153,8 @@ pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Re
                 log: layout.log_dir().join(format!("ztunnel-{node}.log")),
             },
             handoff_socket: socket,
-            token_file: layout.node_dir(node).join("token"),
+            // As the kubelet projects the chart's `kanava-token` volume.
+            token_file: layout.node_dir(node).join("kanava-token").join("token"),
         });
         state.save()?;
     }
@@ -243,7 +244,8 @@ fn write_credentials(state: &LabState) -> Result<(), Error> {
     let mut tokens = String::from("# node credentials of this lab: <node> <token>\n");
     for node in &state.nodes {
         let token = hex::encode(rand::random::<[u8; 32]>());
-        write_private(&node.token_file, token.as_bytes())?;
+        let volume = node.token_file.parent().unwrap_or(Path::new("."));
+        crate::files::write_projected_volume(volume, &[("token", token.as_bytes())])?;
         tokens.push_str(&format!("{} {token}\n", node.name));
     }
     write_private(&state.layout().node_tokens_file(), tokens.as_bytes())
@@ -292,6 +294,7 @@ pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Er
         &argv,
         &vars,
         status,
+        None,
     )?;
     let pid = state.control_plane.pid.unwrap_or_default();
     let fabric = NetNs::named(&state.fabric_netns)?;
@@ -320,7 +323,15 @@ fn start_ztunnels(state: &mut LabState, env: &Context) -> Result<(), Error> {
         let node = &mut state.nodes[index];
         let status = log_dir.join(format!("ztunnel-{}.status.json", node.name));
         let netns = node.netns.clone();
-        spawn_supervised(env, &mut node.ztunnel, &netns, &argv, &vars, status)?;
+        spawn_supervised(
+            env,
+            &mut node.ztunnel,
+            &netns,
+            &argv,
+            &vars,
+            status,
+            Some(&crate::container::ZTUNNEL),
+        )?;
     }
     for node in &state.nodes {
         let pid = node.ztunnel.pid.unwrap_or_default();
@@ -407,14 +418,19 @@ pub(crate) fn spawn_supervised(
     argv: &[String],
     vars: &[(String, String)],
     status: PathBuf,
+    container: Option<&crate::container::ContainerSpec>,
 ) -> Result<(), Error> {
     let _ = std::fs::remove_file(&status);
     let mut supervised = vec![
         env.bins.join("lab-supervisor").display().to_string(),
         "--status".into(),
         status.display().to_string(),
-        "--".into(),
     ];
+    if let Some(container) = container {
+        supervised.push(crate::container::FLAG.into());
+        supervised.push(container.capabilities.join(","));
+    }
+    supervised.push("--".into());
     supervised.extend(argv.iter().cloned());
     let supervisor = process::spawn_in(netns, &supervised, vars, &component.log)?;
     component.supervisor = Some(supervisor);

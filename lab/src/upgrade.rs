@@ -210,7 +210,15 @@ fn start_beside(
     // place: a new file there. Not told by pid: each ztunnel may be pid 1
     // of a namespace of its own, as in its container.
     let old_socket = socket_file(&socket);
-    spawn_supervised(env, &mut new, &netns, &argv, &vars, status)?;
+    spawn_supervised(
+        env,
+        &mut new,
+        &netns,
+        &argv,
+        &vars,
+        status,
+        Some(&crate::container::ZTUNNEL),
+    )?;
     let new_pid = new.pid;
     let waited = env.wait_until(
         &format!("the new ztunnel on {} to be ready", node.name),

@@ -2,8 +2,14 @@
 //! as the kubelet keeps a DaemonSet's or a Deployment's pod running.
 //!
 //! ```text
-//! lab-supervisor --status FILE -- PROGRAM [ARGS...]
+//! lab-supervisor --status FILE [--container-capabilities CAP,CAP...] -- PROGRAM [ARGS...]
 //! ```
+//!
+//! With `--container-capabilities` the program runs as the chart runs it in
+//! its container (`kanava_lab::container`): pid 1 of a pid namespace of its
+//! own, in a mount namespace of its own with `/proc/sys` read-only, with
+//! only those capabilities. The status file names its pid as the host sees
+//! it.
 //!
 //! Starts the program, and starts it again whenever it exits, after a
 //! back-off that doubles from 250 ms up to 8 s and starts over once the
@@ -17,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use kanava_lab::container;
+use rustix::thread::CapabilitySet;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -29,14 +37,29 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 /// to drain those that cannot move, within its own termination grace).
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
+const USAGE: &str =
+    "usage: lab-supervisor --status FILE [--container-capabilities CAP,...] -- PROGRAM [ARGS...]";
+
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(flag), Some(status)) = (args.next(), args.next()) else {
-        bail!("usage: lab-supervisor --status FILE -- PROGRAM [ARGS...]");
+        bail!(USAGE);
     };
-    if flag != "--status" || args.next().as_deref() != Some("--") {
-        bail!("usage: lab-supervisor --status FILE -- PROGRAM [ARGS...]");
+    if flag != "--status" {
+        bail!(USAGE);
     }
+    let container = match args.next().as_deref() {
+        Some("--") => None,
+        Some(container::FLAG) => {
+            let names = args.next().unwrap_or_default();
+            let names: Vec<&str> = names.split(',').filter(|n| !n.is_empty()).collect();
+            if args.next().as_deref() != Some("--") {
+                bail!(USAGE);
+            }
+            Some(container::capability_set(&names).map_err(anyhow::Error::msg)?)
+        }
+        _ => bail!(USAGE),
+    };
     let argv: Vec<String> = args.collect();
     if argv.is_empty() {
         bail!("no program to supervise");
@@ -44,20 +67,62 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(supervise(PathBuf::from(status), argv))
+        .block_on(supervise(PathBuf::from(status), argv, container))
 }
 
-async fn supervise(status: PathBuf, argv: Vec<String>) -> anyhow::Result<()> {
+/// Starts the program, in a container of its own when `container` names
+/// its capabilities.
+fn start(argv: &[String], container: Option<CapabilitySet>) -> anyhow::Result<Child> {
+    let Some(capabilities) = container else {
+        return Command::new(&argv[0])
+            .args(&argv[1..])
+            .spawn()
+            .with_context(|| format!("start {}", argv[0]));
+    };
+    // Namespaces are per thread: a thread of its own unshares them, and its
+    // child is pid 1 of the new pid namespace with a copy of the mounts.
+    let runtime = tokio::runtime::Handle::current();
+    let argv = argv.to_vec();
+    std::thread::spawn(move || -> anyhow::Result<Child> {
+        let _runtime = runtime.enter();
+        // SAFETY: this thread exists only to spawn the child and ends
+        // right after; nothing else runs in the namespaces it unshares.
+        #[allow(unsafe_code)]
+        unsafe {
+            rustix::thread::unshare_unsafe(
+                rustix::thread::UnshareFlags::NEWPID | rustix::thread::UnshareFlags::NEWNS,
+            )
+        }
+        .context("unshare the pid and mount namespaces (needs root)")?;
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        // SAFETY: `enter` makes only raw system calls on constant paths
+        // (no allocation, no lock), which is what may run between fork and
+        // exec.
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(move || container::enter(capabilities));
+        }
+        command
+            .spawn()
+            .with_context(|| format!("start {} in its container", argv[0]))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread starting {} panicked", "the program"))?
+}
+
+async fn supervise(
+    status: PathBuf,
+    argv: Vec<String>,
+    container: Option<CapabilitySet>,
+) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut restarts = 0u32;
     let mut backoff = FIRST_BACKOFF;
     let mut last_exit = String::new();
     loop {
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .spawn()
-            .with_context(|| format!("start {}", argv[0]))?;
+        let mut child = start(&argv, container)?;
         let started = Instant::now();
         write_status(&status, child.id(), restarts, &last_exit)?;
         let exit = tokio::select! {

@@ -8,6 +8,7 @@
 //! | `labapp send --to ADDR --bytes N` | sends N pseudo-random bytes to a sink, checks its answer |
 //! | `labapp pingpong --to ADDR --count N [--rate R]` | 1 KiB request/response on one connection to an echo server; prints latency percentiles (JSON) |
 //! | `labapp churn --to ADDR --concurrency C --seconds S` | connect, send 1 KiB, read it back, close, over and over; prints connections per second (JSON) |
+//! | `labapp hold --to ADDR --connections N --seconds S` | holds N connections to an echo server for S seconds, each sending a chunk and checking it comes back unchanged every 100 ms; prints `{connections, broken, bytes, errors}` and fails if any broke |
 //! | `labapp udp-echo --port 5000` | UDP echo |
 //! | `labapp udp-send --to ADDR --count N` | datagrams to a UDP echo server, one at a time; fails when none is answered |
 //! | `labapp dns --port 53` | DNS server answering every A/AAAA question with 192.0.2.1 / 2001:db8::1 |
@@ -105,6 +106,15 @@ enum Mode {
         #[arg(long)]
         rate: Option<f64>,
     },
+    /// Hold connections to an echo server, checking every byte comes back.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+    },
     /// Echo every datagram back.
     UdpEcho {
         #[arg(long)]
@@ -147,6 +157,11 @@ async fn main() -> anyhow::Result<()> {
         Mode::Dns { port } => udp::dns(port).await,
         Mode::Resolve { server, name, ipv6 } => udp::resolve(server, &name, ipv6).await,
         Mode::Sink { port } => serve(port, sink).await,
+        Mode::Hold {
+            to,
+            connections,
+            seconds,
+        } => hold(to, connections, seconds).await,
         Mode::Send {
             to,
             bytes,
@@ -171,6 +186,68 @@ async fn main() -> anyhow::Result<()> {
                 .await?
         }
     }
+}
+
+/// Holds `connections` connections to an echo server for `seconds`: every
+/// 100 ms each sends a 4 KiB chunk (different every time) and checks that
+/// exactly it comes back. A connection that fails, closes or returns other
+/// bytes counts as broken.
+async fn hold(to: SocketAddr, connections: usize, seconds: f64) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let held = Duration::try_from_secs_f64(seconds)
+        .map_err(|_| anyhow::anyhow!("--seconds must be a positive number"))?;
+    let deadline = tokio::time::Instant::now() + held;
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..connections {
+        let mut stream =
+            tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(to))
+                .await
+                .map_err(|_| anyhow::anyhow!("connection {index}: connect timed out"))??;
+        tasks.spawn(async move {
+            let mut carried = 0u64;
+            let mut round = 0u64;
+            let mut back = vec![0u8; 4096];
+            while tokio::time::Instant::now() < deadline {
+                let chunk: Vec<u8> = (0..4096u64)
+                    .map(|i| (i ^ round.wrapping_mul(31) ^ index as u64) as u8)
+                    .collect();
+                let exchanged = async {
+                    stream.write_all(&chunk).await?;
+                    stream.read_exact(&mut back).await?;
+                    Ok::<_, std::io::Error>(())
+                };
+                match tokio::time::timeout(Duration::from_secs(20), exchanged).await {
+                    Ok(Ok(())) if back == chunk => carried += chunk.len() as u64,
+                    Ok(Ok(())) => return Err(format!("connection {index}: other bytes came back")),
+                    Ok(Err(error)) => return Err(format!("connection {index}: {error}")),
+                    Err(_) => return Err(format!("connection {index}: no echo within 20 s")),
+                }
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(carried)
+        });
+    }
+    let (mut bytes, mut errors) = (0u64, Vec::new());
+    while let Some(result) = tasks.join_next().await {
+        match result? {
+            Ok(carried) => bytes += carried,
+            Err(error) => errors.push(error),
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "connections": connections,
+            "broken": errors.len(),
+            "bytes": bytes,
+            "errors": errors.iter().take(5).collect::<Vec<_>>(),
+        })
+    );
+    if !errors.is_empty() {
+        anyhow::bail!("{} of {connections} connections broke", errors.len());
+    }
+    Ok(())
 }
 
 /// One request/response exchange on a blocking socket.

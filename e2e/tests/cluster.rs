@@ -439,6 +439,7 @@ fn the_chart_on_a_real_cluster() {
     let hold = format!(
         r#"["labapp", "hold", "--to", "{echo_ip}:7000", "--connections", "200", "--seconds", "90"]"#
     );
+    let applied = Instant::now();
     apply(
         &pod(SHOP, "holder", "holder", &hold)
             .replace("  containers:", "  restartPolicy: Never\n  containers:"),
@@ -452,6 +453,10 @@ fn the_chart_on_a_real_cluster() {
         "--timeout",
         "60s",
     ]);
+    eprintln!(
+        "MEASURED an enrolled pod: applied to Ready in {:?} (captured before its containers started)",
+        applied.elapsed()
+    );
     std::thread::sleep(Duration::from_secs(5));
     let old = kubectl_ok(&[
         "get",
@@ -569,6 +574,7 @@ fn the_chart_on_a_real_cluster() {
             .trim()
             .is_empty()
     });
+    let applied = Instant::now();
     apply(&pod(
         LEGACY,
         "after-uninstall",
@@ -584,6 +590,10 @@ fn the_chart_on_a_real_cluster() {
         "--timeout",
         "120s",
     ]);
+    eprintln!(
+        "MEASURED a pod outside the mesh (after uninstall): applied to Ready in {:?}",
+        applied.elapsed()
+    );
     wait_until(
         "the enrolled pod to be released (plaintext reaches it)",
         Duration::from_secs(60),

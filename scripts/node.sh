@@ -335,6 +335,7 @@ down)
   made="$(cat "$state/made-dirs" 2>/dev/null || true)"
   rm -rf "$state"
   for dir in $made; do rmdir "$dir" 2>/dev/null || true; done
+  rmdir /var/lib/kanava-node 2>/dev/null || true
   say "node $name removed"
   ;;
 

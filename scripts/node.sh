@@ -188,7 +188,10 @@ EOF
   ip -n "$netns" route add default dev kn0
   # Mount points for the node's own directories; those made here go at down.
   for dir in /opt/cni/bin /etc/cni/net.d /var/log/pods; do
-    [ -d "$dir" ] || { mkdir -p "$dir" && echo "$dir" >> "$state/made-dirs"; }
+    [ -d "$dir" ] && continue
+    top="$dir"
+    while [ ! -d "$(dirname "$top")" ]; do top="$(dirname "$top")"; done
+    mkdir -p "$dir" && echo "$top" >> "$state/made-dirs"
   done
   # The node's init: its own mount namespace inside the network namespace;
   # it starts every component and waits.
@@ -334,7 +337,7 @@ down)
   # points `up` made.
   made="$(cat "$state/made-dirs" 2>/dev/null || true)"
   rm -rf "$state"
-  for dir in $made; do rmdir "$dir" 2>/dev/null || true; done
+  for dir in $made; do find "$dir" -depth -type d -empty -delete 2>/dev/null || true; done
   rmdir /var/lib/kanava-node 2>/dev/null || true
   say "node $name removed"
   ;;

@@ -129,6 +129,11 @@ fn http_get(namespace: &str, pod: &str, host: &str, port: u16) -> (bool, String)
     ])
 }
 
+/// Whether a GET from `pod` to `host:80` reaches the web app.
+fn reaches(namespace: &str, pod: &str, host: &str) -> bool {
+    http_get(namespace, pod, host, 80).1.contains("hello from")
+}
+
 fn pod_ip(namespace: &str, pod: &str) -> String {
     kubectl_ok(&[
         "get",
@@ -317,9 +322,7 @@ fn the_chart_on_a_real_cluster() {
     }
     let web_ip = pod_ip(SHOP, "web");
     let first = wait_until("the first meshed request", Duration::from_secs(60), || {
-        http_get(SHOP, "client", &web_ip, 80)
-            .1
-            .contains("hello from")
+        reaches(SHOP, "client", &web_ip)
     });
     eprintln!(
         "MEASURED first meshed request: {:?} after the pods were applied ({first:?} after Ready)",
@@ -384,11 +387,7 @@ fn the_chart_on_a_real_cluster() {
     wait_until(
         "the policy to refuse the client",
         Duration::from_secs(30),
-        || {
-            !http_get(SHOP, "client", &web_ip, 80)
-                .1
-                .contains("hello from")
-        },
+        || !reaches(SHOP, "client", &web_ip),
     );
     kubectl_ok(&[
         "delete",
@@ -400,11 +399,7 @@ fn the_chart_on_a_real_cluster() {
     wait_until(
         "the client to be allowed again",
         Duration::from_secs(30),
-        || {
-            http_get(SHOP, "client", &web_ip, 80)
-                .1
-                .contains("hello from")
-        },
+        || reaches(SHOP, "client", &web_ip),
     );
 
     // A live relabel: a running pod joins the mesh, and leaves it.
@@ -417,11 +412,7 @@ fn the_chart_on_a_real_cluster() {
     wait_until(
         "the relabelled pod to reach the web over the mesh",
         Duration::from_secs(60),
-        || {
-            http_get(LEGACY, "plain-client", &web_ip, 80)
-                .1
-                .contains("hello from")
-        },
+        || reaches(LEGACY, "plain-client", &web_ip),
     );
     assert!(
         ztunnel_logs().contains(&format!("spiffe://cluster.local/ns/{LEGACY}/sa/plain")),
@@ -429,9 +420,7 @@ fn the_chart_on_a_real_cluster() {
     );
     kubectl_ok(&["label", "namespace", LEGACY, "kanava.io/dataplane-mode-"]);
     wait_until("the pod to leave the mesh", Duration::from_secs(60), || {
-        !http_get(LEGACY, "plain-client", &web_ip, 80)
-            .1
-            .contains("hello from")
+        !reaches(LEGACY, "plain-client", &web_ip)
     });
 
     // 200 held connections through a deleted ztunnel pod and a rollout.
@@ -597,11 +586,7 @@ fn the_chart_on_a_real_cluster() {
     wait_until(
         "the enrolled pod to be released (plaintext reaches it)",
         Duration::from_secs(60),
-        || {
-            http_get(LEGACY, "plain-client", &web_ip, 80)
-                .1
-                .contains("hello from")
-        },
+        || reaches(LEGACY, "plain-client", &web_ip),
     );
 
     drop(_cleanup);

@@ -143,16 +143,16 @@ install_binaries kanava-cni-install "$root" "$static_bin"
 write_users "$root"
 archive kanava-cni-install "$root"
 
-# The cluster suite's workload (not shipped): labapp on the same minimal
+# The probe and test workload of `kanava verify` and the cluster suite: labapp on the same minimal
 # Debian, which also brings bash for clients (/dev/tcp).
 root="$work/testapp"
 rm -rf "$root" && mkdir -p "$root"
 tar --extract --file "$base" --directory "$root" --numeric-owner
 : > "$root/etc/resolv.conf" && echo localhost > "$root/etc/hostname"
 install -m 0755 --strip "$bin/labapp" "$root/usr/local/bin/"
-scripts/image-archive.sh "kanava.local/kanava-testapp:$tag" "$root" \
+scripts/image-archive.sh "$registry/kanava-testapp:$tag" "$root" \
   '{"Entrypoint": ["/usr/local/bin/labapp"]}' "$out/kanava-testapp.tar"
-say "$out/kanava-testapp.tar: kanava.local/kanava-testapp:$tag"
+say "$out/kanava-testapp.tar: $registry/kanava-testapp:$tag"
 
 rm -rf "$work/control-plane" "$work/ztunnel" "$work/cni-install" "$work/testapp"
 say "done: $(ls "$out"/*.tar | tr '\n' ' ')"

@@ -10,13 +10,15 @@
 //! kanava lab logs [--name NAME] TARGET
 //! kanava lab down [--name NAME | --all]
 //! kanava lab clean
-//! kanava verify [--name NAME] [--output table|json]
+//! kanava verify [--name NAME | --kubeconfig FILE [--context C] [--image IMAGE]] [--output table|json]
+//! kanava check [--pre] --kubeconfig FILE [--image IMAGE] [--output table|json]
 //! kanava ca rotate [--name NAME] [--step-timeout 60s] [--output table|json]
 //! kanava status [--name NAME | --kubeconfig FILE [--namespace NS]] [--output table|json]
 //! kanava config-dump [--name NAME] NODE [--output table|json]
 //! ```
 
 mod ca;
+mod check;
 mod cluster;
 mod health;
 mod lab;
@@ -40,8 +42,15 @@ enum Command {
     /// Check, from inside pods, that the mesh isolates and encrypts: the
     /// ztunnel's ports, the control plane, plaintext, foreign certificates,
     /// other nodes' identities, self-loops, spoofing, the fabric, policy
-    /// changes (needs root). Exits 1 if any check fails.
+    /// changes. On a lab (needs root), or with --kubeconfig on a live
+    /// cluster, from probe pods in temporary namespaces that are removed
+    /// after. Exits 1 if any check fails, naming the fix.
     Verify(verify::VerifyArgs),
+    /// Whether a cluster can run the mesh (--pre, before an install) and
+    /// whether the mesh it runs is whole: Kubernetes version, permissions,
+    /// each node's kernel, mounts and CNI configuration, the ztunnels and
+    /// the pods they capture. Exits 1 on an error, naming the fix.
+    Check(check::CheckArgs),
     /// Health of the mesh in a lab (or, with --kubeconfig, on a cluster):
     /// per node, whether its ztunnel runs and is ready, its discovery
     /// version against the control plane's, the pods it captures and its
@@ -60,6 +69,7 @@ fn main() {
     let result = match cli.command {
         Command::Lab(command) => lab::run(command),
         Command::Verify(args) => verify::run(&args),
+        Command::Check(args) => check::run(&args),
         Command::Status(args) => observe::status_command(&args),
         Command::ConfigDump(args) => observe::config_dump_command(&args),
         Command::Ca(command) => ca::run(command),

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 const SYSTEM: &str = "kanava-system";
 const SHOP: &str = "kanava-e2e-shop";
 const LEGACY: &str = "kanava-e2e-legacy";
-const TEST_IMAGE: &str = "kanava.local/kanava-testapp:0.1.0";
+const TEST_IMAGE: &str = "docker.io/kanava/kanava-testapp:0.1.0";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

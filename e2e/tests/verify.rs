@@ -11,6 +11,12 @@ fn verify_passes_every_isolation_check_on_a_healthy_lab() {
     let (checks, succeeded) = verify_report(&lab);
     assert!(checks.len() >= 10, "{checks:#?}");
     for check in &checks {
+        // This lab has no PERMISSIVE namespace: the one check that needs
+        // one says so; every other runs.
+        if check["name"] == "plaintext to a PERMISSIVE pod" {
+            assert!(check["passed"].is_null(), "{check:#}");
+            continue;
+        }
         assert_eq!(
             check["passed"],
             serde_json::Value::Bool(true),
@@ -29,6 +35,8 @@ fn verify_passes_every_isolation_check_on_a_healthy_lab() {
         "a spoofed source address",
         "a pod's traffic on the node-to-node fabric",
         "a DENY added while connections are open",
+        "identities in the server's access log",
+        "UDP to a STRICT pod",
     ] {
         assert!(names.contains(&expected), "missing {expected}: {names:?}");
     }

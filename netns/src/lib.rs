@@ -15,6 +15,7 @@
 //! - [`seqpacket`]: a Unix `SOCK_SEQPACKET` socket that carries file
 //!   descriptors, used to hand a pod's namespace to the ztunnel.
 
+pub mod mount;
 mod namespace;
 pub mod seqpacket;
 mod switch;

@@ -13,10 +13,14 @@
 //! | `labapp udp-send --to ADDR --count N` | datagrams to a UDP echo server, one at a time; fails when none is answered |
 //! | `labapp dns --port 53` | DNS server answering every A/AAAA question with 192.0.2.1 / 2001:db8::1 |
 //! | `labapp resolve --server ADDR NAME [--ipv6]` | one DNS lookup over UDP; prints the addresses |
+//! | `labapp pipe --to ADDR [--spoofed-source IP]` | one TCP connection joined to standard input and output (`kanava verify` on a cluster) |
+//! | `labapp node-facts` | the node's kernel, mounts and CNI configuration as JSON (`kanava check`) |
 //!
 //! Servers listen on `[::]`, which takes both families; peers are printed
 //! as their own family spells them (`10.0.0.1`, never `::ffff:10.0.0.1`).
 
+#[path = "labapp/probe.rs"]
+mod probe;
 #[path = "labapp/udp.rs"]
 mod udp;
 
@@ -135,6 +139,25 @@ enum Mode {
         #[arg(long, default_value_t = 53)]
         port: u16,
     },
+    /// One TCP connection joined to standard input and output; the first
+    /// byte says whether it was made (`+`) or not (`-` and the reason).
+    Pipe {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Bind to this address with IP_TRANSPARENT (needs CAP_NET_ADMIN).
+        #[arg(long)]
+        spoofed_source: Option<std::net::IpAddr>,
+    },
+    /// Print the node's kernel features, mounts and CNI configuration as
+    /// JSON (run in a pod on the host's network with those paths mounted).
+    NodeFacts {
+        #[arg(long, default_value = "/host/etc/cni/net.d")]
+        cni_conf_dir: String,
+        #[arg(long, default_value = "/host/opt/cni/bin")]
+        cni_bin_dir: String,
+        #[arg(long, default_value = "/host/var/run/netns")]
+        netns_dir: String,
+    },
     /// Look a name up at a DNS server.
     Resolve {
         #[arg(long)]
@@ -156,6 +179,12 @@ async fn main() -> anyhow::Result<()> {
         Mode::UdpSend { to, count, wait } => udp::send(to, count, wait).await,
         Mode::Dns { port } => udp::dns(port).await,
         Mode::Resolve { server, name, ipv6 } => udp::resolve(server, &name, ipv6).await,
+        Mode::Pipe { to, spoofed_source } => probe::pipe(to, spoofed_source).await,
+        Mode::NodeFacts {
+            cni_conf_dir,
+            cni_bin_dir,
+            netns_dir,
+        } => probe::node_facts(&cni_conf_dir, &cni_bin_dir, &netns_dir),
         Mode::Sink { port } => serve(port, sink).await,
         Mode::Hold {
             to,

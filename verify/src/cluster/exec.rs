@@ -1,0 +1,100 @@
+//! A TCP connection made from inside a probe pod: `labapp pipe` run there
+//! through the API server's `exec`, its standard input and output joined
+//! into one byte stream. The bytes leave from the pod's own network
+//! namespace, so the mesh treats them as the pod's own.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{AttachParams, AttachedProcess};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf, ReadHalf, SimplexStream, WriteHalf};
+
+use crate::{Dial, Stream, TIMEOUT};
+
+/// The program in the probe image.
+pub const PROBE_PROGRAM: &str = "/usr/local/bin/labapp";
+/// The probe pods' container that connections are made from.
+pub const CONTAINER: &str = "app";
+
+/// The joined stream; it holds the exec session, which ends when dropped.
+struct Piped {
+    from_pod: ReadHalf<SimplexStream>,
+    to_pod: WriteHalf<SimplexStream>,
+    _session: AttachedProcess,
+}
+
+impl AsyncRead for Piped {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.from_pod).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Piped {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.to_pod).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.to_pod).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.to_pod).poll_shutdown(cx)
+    }
+}
+
+/// Connects from inside pod `name` of `pods` to `to`.
+pub async fn connect(
+    pods: &kube::Api<Pod>,
+    name: &str,
+    to: SocketAddr,
+    dial: Dial,
+) -> Result<Stream, String> {
+    let mut command = vec![
+        PROBE_PROGRAM.to_string(),
+        "pipe".into(),
+        "--to".into(),
+        to.to_string(),
+    ];
+    if let Some(source) = dial.spoofed_source {
+        command.extend(["--spoofed-source".into(), source.to_string()]);
+    }
+    let params = AttachParams::default()
+        .container(CONTAINER)
+        .stdin(true)
+        .stdout(true)
+        .stderr(false);
+    let mut session = tokio::time::timeout(TIMEOUT * 2, pods.exec(name, command, &params))
+        .await
+        .map_err(|_| format!("exec in {name}: no answer"))?
+        .map_err(|e| format!("exec in {name}: {e}"))?;
+    let (Some(mut from_pod), Some(to_pod)) = (session.stdout(), session.stdin()) else {
+        return Err(format!("exec in {name}: no standard streams"));
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(TIMEOUT * 2, from_pod.read_exact(&mut first)).await {
+        Ok(Ok(_)) if first[0] == b'+' => Ok(Box::new(Piped {
+            from_pod,
+            to_pod,
+            _session: session,
+        })),
+        Ok(Ok(_)) => {
+            let mut reason = String::new();
+            let _ = tokio::time::timeout(TIMEOUT, from_pod.read_to_string(&mut reason)).await;
+            Err(reason.trim().to_string())
+        }
+        Ok(Err(error)) => Err(format!("from {name} to {to}: {error}")),
+        Err(_) => Err(format!("from {name} to {to}: no answer")),
+    }
+}

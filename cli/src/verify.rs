@@ -95,8 +95,12 @@ async fn on_cluster(
         .map_err(anyhow::Error::msg)?;
     let id = cluster::new_run_id();
     eprintln!(
-        "verifying the mesh in {} (run {id})",
-        client.default_namespace()
+        "verifying the mesh in namespace {} of the cluster of {} (run {id})",
+        options.mesh_namespace,
+        options.kubeconfig.as_deref().map_or_else(
+            || "the default kubeconfig".into(),
+            |p| p.display().to_string()
+        )
     );
     let work = async {
         let mut say = |line: &str| eprintln!("{line}");

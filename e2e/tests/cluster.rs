@@ -15,7 +15,9 @@
 //! images must already be on the nodes. Without `KANAVA_CLUSTER_KUBECONFIG`
 //! the suite says loudly that it was skipped.
 //!
-//! In order: install, enroll, identities in both access logs, plaintext
+//! In order: `kanava check --pre`, install, `kanava check`, `kanava verify`
+//! (passing, interrupted, and failing with the ztunnel DaemonSet deleted),
+//! enroll, identities in both access logs, plaintext
 //! refused, Services by name and ClusterIP, an AuthorizationPolicy and its
 //! status, a live relabel, 200 held connections checked byte for byte
 //! through a `kubectl delete` of a ztunnel pod and a `rollout restart`, the
@@ -197,6 +199,199 @@ impl Drop for Cleanup {
     }
 }
 
+/// `kanava ARGS --kubeconfig K --image TEST_IMAGE --image-pull-policy
+/// Never`: (exit code, stdout, stderr).
+fn kanava_on_cluster(args: &[&str]) -> (Option<i32>, String, String) {
+    let kubeconfig = std::env::var("KANAVA_CLUSTER_KUBECONFIG").unwrap();
+    let output = Command::new(kanava_e2e::kanava_binary())
+        .args(args)
+        .args([
+            "--kubeconfig",
+            &kubeconfig,
+            "--image",
+            TEST_IMAGE,
+            "--image-pull-policy",
+            "Never",
+        ])
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// What `kanava verify -o json` reported.
+fn verify_checks(stdout: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(stdout)
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
+        .as_array()
+        .expect("a list of checks")
+        .clone()
+}
+
+/// Every namespace and pod of the cluster, by name.
+fn namespaces_and_pods() -> Vec<String> {
+    let mut all = names("namespaces");
+    all.extend(names("pods"));
+    all
+}
+
+/// `kanava check` and `kanava verify` on the installed mesh: both pass;
+/// verify leaves nothing behind, also when interrupted; with the ztunnel
+/// DaemonSet deleted verify fails and names the fix. The mesh is whole
+/// again at the end.
+fn check_and_verify(chart: &Path) {
+    let (code, out, err) = kanava_on_cluster(&["check"]);
+    eprintln!("kanava check:\n{out}");
+    assert_eq!(code, Some(0), "kanava check after the install:\n{out}{err}");
+    assert!(
+        out.contains("kanava-cni") && out.contains("ztunnel"),
+        "{out}"
+    );
+
+    let before = namespaces_and_pods();
+    let started = Instant::now();
+    let (code, out, err) = kanava_on_cluster(&["verify", "-o", "json"]);
+    eprintln!("MEASURED kanava verify: {:?}\n{err}", started.elapsed());
+    assert_eq!(code, Some(0), "kanava verify:\n{out}{err}");
+    let checks = verify_checks(&out);
+    assert!(checks.len() >= 12, "{checks:#?}");
+    for check in &checks {
+        let skipped_fabric = check["passed"].is_null()
+            && check["name"] == "a pod's traffic on the node-to-node fabric";
+        assert!(
+            check["passed"] == true || skipped_fabric,
+            "every check but the fabric's runs and passes: {check:#}"
+        );
+    }
+    assert_eq!(
+        namespaces_and_pods(),
+        before,
+        "verify left something behind"
+    );
+
+    // Interrupted while its probe pods start: it still removes them.
+    let kubeconfig = std::env::var("KANAVA_CLUSTER_KUBECONFIG").unwrap();
+    let mut child = Command::new(kanava_e2e::kanava_binary())
+        .args(["verify", "--kubeconfig", &kubeconfig, "--image", TEST_IMAGE])
+        .args(["--image-pull-policy", "Never"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stderr, &mut line).unwrap_or(0) > 0 {
+        said.push_str(&line);
+        if line.contains("waiting for the probe pods") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(said.contains("waiting for the probe pods"), "{said}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+    let code = child.wait().unwrap().code();
+    eprintln!("kanava verify, interrupted:\n{said}{rest}");
+    assert_eq!(code, Some(130), "{said}{rest}");
+    assert!(rest.contains("removed"), "{rest}");
+    assert_eq!(
+        namespaces_and_pods(),
+        before,
+        "an interrupted verify left something behind"
+    );
+
+    // The mesh broken: no ztunnel DaemonSet.
+    kubectl_ok(&[
+        "-n",
+        SYSTEM,
+        "delete",
+        "daemonset",
+        "ztunnel",
+        "--wait=true",
+    ]);
+    wait_until(
+        "the ztunnel pods to be gone",
+        Duration::from_secs(120),
+        || {
+            kubectl_ok(&[
+                "-n",
+                SYSTEM,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=ztunnel",
+                "-o",
+                "name",
+            ])
+            .trim()
+            .is_empty()
+        },
+    );
+    let (code, out, err) = kanava_on_cluster(&["verify", "-o", "json", "--ready-timeout", "60s"]);
+    eprintln!("kanava verify without ztunnels:\n{err}");
+    assert_eq!(code, Some(1), "verify fails on a broken mesh:\n{out}{err}");
+    let checks = verify_checks(&out);
+    let failed = |prefix: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            .filter(|c| c["passed"] == false)
+            .cloned()
+    };
+    let missing = failed("a ztunnel on").expect("the missing ztunnel is a failed check");
+    assert!(
+        missing["fix"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("helm upgrade --install"),
+        "{missing:#}"
+    );
+    assert!(
+        failed("identities in the server's access log").is_some(),
+        "{checks:#?}"
+    );
+    assert_eq!(
+        namespaces_and_pods()
+            .iter()
+            .filter(|n| n.contains("kanava-verify"))
+            .count(),
+        0
+    );
+
+    // Whole again.
+    let (ok, output) = run(
+        &helm_binary(),
+        &[
+            "upgrade",
+            "--install",
+            "mesh",
+            chart.to_str().unwrap(),
+            "-n",
+            SYSTEM,
+        ],
+    );
+    assert!(ok, "helm upgrade: {output}");
+    kubectl_ok(&[
+        "-n",
+        SYSTEM,
+        "rollout",
+        "status",
+        "daemonset/ztunnel",
+        "--timeout",
+        "240s",
+    ]);
+}
+
 fn names(kind: &str) -> Vec<String> {
     let mut names: Vec<String> = kubectl_ok(&["get", kind, "-A", "-o", "name"])
         .lines()
@@ -251,6 +446,15 @@ fn the_chart_on_a_real_cluster() {
         );
     }
 
+    // What the cluster offers, before the install.
+    let (code, out, err) = kanava_on_cluster(&["check", "--pre"]);
+    eprintln!("kanava check --pre:\n{out}");
+    assert_eq!(code, Some(0), "kanava check --pre:\n{out}{err}");
+    assert!(
+        out.contains("CNI configuration") && out.contains("0 errors"),
+        "{out}"
+    );
+
     // Install, as the README says.
     let started = Instant::now();
     let chart = repo().join("deploy/charts/kanava");
@@ -286,6 +490,8 @@ fn the_chart_on_a_real_cluster() {
     ]);
     let install_to_ready = started.elapsed();
     eprintln!("MEASURED install to Ready: {install_to_ready:?}");
+
+    check_and_verify(&chart);
 
     // Workloads: an enrolled namespace and one outside the mesh.
     let started = Instant::now();

@@ -90,6 +90,17 @@ impl LabGround<'_> {
         by_mode
     }
 
+    fn node_ip(&self, node: &str, wanted: Family) -> Option<IpAddr> {
+        self.lab
+            .borrow()
+            .state()
+            .node(node)?
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| Family::of(*ip) == wanted)
+    }
+
     fn node_seat(&self, node: &str, wanted: Family) -> Option<Seat> {
         let ip = self.node_ip(node, wanted)?;
         Some(Seat {
@@ -169,15 +180,9 @@ impl Ground for LabGround<'_> {
         })
     }
 
-    fn node_ip(&self, node: &str, wanted: Family) -> Option<IpAddr> {
-        self.lab
-            .borrow()
-            .state()
-            .node(node)?
-            .ips
-            .iter()
-            .copied()
-            .find(|ip| Family::of(*ip) == wanted)
+    async fn ztunnel_addresses(&self, node: &str, wanted: Family) -> Vec<IpAddr> {
+        // The lab's ztunnels run in their node's namespace.
+        self.node_ip(node, wanted).into_iter().collect()
     }
 
     fn control_plane(&self) -> SocketAddr {

@@ -134,8 +134,9 @@ pub trait Ground {
     /// The pods to act from in `family`, or `None` when there is no
     /// enrolled pod with an address of it.
     fn seats(&self, family: Family) -> Option<Seats>;
-    /// An address of `node` in `family` (where its ztunnel's ports are).
-    fn node_ip(&self, node: &str, family: Family) -> Option<IpAddr>;
+    /// The addresses of `node`'s ztunnel in `family` a pod might try: the
+    /// node's own, and the ztunnel pod's where it has one of its own.
+    async fn ztunnel_addresses(&self, node: &str, family: Family) -> Vec<IpAddr>;
     /// The control plane's address as pods reach it.
     fn control_plane(&self) -> SocketAddr;
     /// The mesh's root certificates (to know the ztunnel and control plane

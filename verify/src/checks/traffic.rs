@@ -37,6 +37,15 @@ pub async fn all<G: Ground>(ground: &G, seats: &Seats, with_policy: bool) -> Vec
             .collect();
     }
     let mut checks = Vec::new();
+    if seats.servers.iter().all(|s| s.node == seats.client.node) {
+        checks.push(
+            Check::new(
+                "a pod's traffic on the node-to-node fabric",
+                "only TLS on port 15008, no plaintext",
+            )
+            .skip("one node: no traffic between nodes"),
+        );
+    }
     for (index, server) in seats.servers.iter().enumerate() {
         let path = if server.node == seats.client.node {
             " (same node)"
@@ -160,7 +169,8 @@ async fn identities_in_log<G: Ground>(
         return check
             .fail(format!("through the mesh: {error}"))
             .fix_if_failed(
-                "enrolled pods cannot reach each other: kanava status, and the ztunnels' logs",
+                "enrolled pods cannot reach each other: is a ztunnel running on both nodes \
+             (kanava status)? then see the ztunnels' logs",
             );
     }
     match inbound_line(ground, &server.node, &before, listener.address).await {

@@ -15,26 +15,29 @@ use crate::{Check, Dial, Ground, Seats, TIMEOUT, short};
 pub async fn admin_port<G: Ground>(ground: &G, seats: &Seats) -> Check {
     let check = Check::new(
         "ztunnel admin port from a pod",
-        "no answer (bound to the node's localhost)",
+        "no answer (bound to the ztunnel's localhost)",
     );
-    let Some(node) = ground.node_ip(&seats.client.node, seats.family) else {
-        return check.skip("no node address");
-    };
-    let to = SocketAddr::from((node, ports::ADMIN));
-    let answer = http(ground, &seats.client, to, "/config_dump").await;
-    check
-        .judge(
-            answer.is_empty(),
-            if answer.is_empty() {
-                format!("{to}/config_dump: no answer")
-            } else {
-                format!("{to}/config_dump answered: {}", short(&answer))
-            },
-        )
-        .fix_if_failed(
-            "the ztunnel's admin port must listen on 127.0.0.1 only: remove any \
-             --admin-address override from the ztunnel's settings",
-        )
+    let addresses = ground
+        .ztunnel_addresses(&seats.client.node, seats.family)
+        .await;
+    if addresses.is_empty() {
+        return check.skip("no address of the ztunnel");
+    }
+    let mut seen = Vec::new();
+    for address in addresses {
+        let to = SocketAddr::from((address, ports::ADMIN));
+        let answer = http(ground, &seats.client, to, "/config_dump").await;
+        if !answer.is_empty() {
+            return check
+                .fail(format!("{to}/config_dump answered: {}", short(&answer)))
+                .fix_if_failed(
+                    "the ztunnel's admin port must listen on 127.0.0.1 only: remove any \
+                     --admin-address override from the ztunnel's settings",
+                );
+        }
+        seen.push(format!("{to}/config_dump: no answer"));
+    }
+    check.pass(seen.join("; "))
 }
 
 pub async fn metrics_ports<G: Ground>(ground: &G, seats: &Seats) -> Check {
@@ -42,24 +45,30 @@ pub async fn metrics_ports<G: Ground>(ground: &G, seats: &Seats) -> Check {
         "ztunnel metrics and readiness from a pod",
         "no configuration dump, no key material",
     );
-    let Some(node) = ground.node_ip(&seats.client.node, seats.family) else {
-        return check.skip("no node address");
-    };
+    let addresses = ground
+        .ztunnel_addresses(&seats.client.node, seats.family)
+        .await;
+    if addresses.is_empty() {
+        return check.skip("no address of the ztunnel");
+    }
     let mut seen = Vec::new();
-    for (port, path) in [
-        (ports::METRICS, "/config_dump"),
-        (ports::READINESS, "/config_dump"),
-        (ports::METRICS, "/metrics"),
-    ] {
-        let answer = http(ground, &seats.client, SocketAddr::from((node, port)), path).await;
-        let leaked = answer.contains("PRIVATE KEY") || answer.contains("\"workloads\"");
-        let status = answer.lines().next().unwrap_or("no answer").to_string();
-        if leaked || (path == "/config_dump" && status.contains(" 200")) {
-            return check.fail(format!("{port}{path}: {status}")).fix_if_failed(
-                "this ztunnel serves its configuration on a public port: upgrade it",
-            );
+    for address in addresses {
+        for (port, path) in [
+            (ports::METRICS, "/config_dump"),
+            (ports::READINESS, "/config_dump"),
+            (ports::METRICS, "/metrics"),
+        ] {
+            let to = SocketAddr::from((address, port));
+            let answer = http(ground, &seats.client, to, path).await;
+            let leaked = answer.contains("PRIVATE KEY") || answer.contains("\"workloads\"");
+            let status = answer.lines().next().unwrap_or("no answer").to_string();
+            if leaked || (path == "/config_dump" && status.contains(" 200")) {
+                return check.fail(format!("{to}{path}: {status}")).fix_if_failed(
+                    "this ztunnel serves its configuration on a public port: upgrade it",
+                );
+            }
+            seen.push(format!("{to}{path}: {}", short(&status)));
         }
-        seen.push(format!("{port}{path}: {}", short(&status)));
     }
     check.pass(seen.join("; "))
 }

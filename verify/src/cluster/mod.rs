@@ -120,7 +120,7 @@ impl ClusterGround {
             .ok_or_else(|| {
                 format!(
                     "the mesh is not installed in namespace {ns} (no service {CONTROL_PLANE}): \
-                     helm install kanava deploy/charts/kanava -n {ns} --create-namespace, \
+                     helm install mesh deploy/charts/kanava -n {ns} --create-namespace, \
                      or name its namespace with --namespace"
                 )
             })?;
@@ -200,7 +200,7 @@ impl ClusterGround {
                     .fix_if_failed(format!("kubectl -n {ns} describe pod and its log")),
                 Err(error) => check.fail(error).fix_if_failed(format!(
                     "the ztunnel DaemonSet is missing or does not run there: \
-                     helm upgrade --install kanava deploy/charts/kanava -n {ns}, then \
+                     helm upgrade --install mesh deploy/charts/kanava -n {ns}, then \
                      kanava status --kubeconfig ..."
                 )),
             });
@@ -372,12 +372,29 @@ impl Ground for ClusterGround {
         })
     }
 
-    fn node_ip(&self, node: &str, family: Family) -> Option<IpAddr> {
-        self.node_ips
-            .get(node)?
-            .iter()
+    async fn ztunnel_addresses(&self, node: &str, family: Family) -> Vec<IpAddr> {
+        let mut addresses: Vec<IpAddr> = self
+            .node_ips
+            .get(node)
+            .into_iter()
+            .flatten()
             .copied()
-            .find(|ip| Family::of(*ip) == family)
+            .filter(|ip| Family::of(*ip) == family)
+            .collect();
+        if let Ok(pod) = ztunnel_pod(&self.client, &self.mesh_namespace, node).await {
+            let pod_ips = pod
+                .status
+                .and_then(|s| s.pod_ips)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|ip| ip.ip.parse::<IpAddr>().ok());
+            for ip in pod_ips {
+                if Family::of(ip) == family && !addresses.contains(&ip) {
+                    addresses.push(ip);
+                }
+            }
+        }
+        addresses
     }
 
     fn control_plane(&self) -> SocketAddr {

@@ -653,6 +653,16 @@ fn the_chart_on_a_real_cluster() {
         applied.elapsed()
     );
     std::thread::sleep(Duration::from_secs(5));
+    // The ztunnel of the holder's node (on a cluster of several nodes).
+    let holder_node = kubectl_ok(&[
+        "get",
+        "pod",
+        "-n",
+        SHOP,
+        "holder",
+        "-o",
+        "jsonpath={.spec.nodeName}",
+    ]);
     let old = kubectl_ok(&[
         "get",
         "pods",
@@ -660,6 +670,8 @@ fn the_chart_on_a_real_cluster() {
         SYSTEM,
         "-l",
         "app.kubernetes.io/name=ztunnel",
+        "--field-selector",
+        &format!("spec.nodeName={}", holder_node.trim()),
         "-o",
         "name",
     ]);
@@ -679,7 +691,11 @@ fn the_chart_on_a_real_cluster() {
                 "-o",
                 "jsonpath={.items[*].status.containerStatuses[0].ready}",
             ])
-            .1 == "true"
+            .1
+            .split_whitespace()
+            .fold(None, |all, ready| {
+                Some(all.unwrap_or(true) && ready == "true")
+            }) == Some(true)
                 && !kubectl(&["get", "-n", SYSTEM, old.trim()]).0
         },
     );

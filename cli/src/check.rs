@@ -22,12 +22,8 @@ pub struct CheckArgs {
     /// The namespace Kanava is (or will be) installed in.
     #[arg(long, default_value = kanava_mesh::names::SYSTEM_NAMESPACE)]
     namespace: String,
-    /// The node probes' image (the test app, `labapp`).
-    #[arg(long, default_value = concat!("docker.io/kanava/kanava-testapp:", env!("CARGO_PKG_VERSION")))]
-    image: String,
-    /// The node probes' image pull policy (Never for images loaded by hand).
-    #[arg(long, default_value = "IfNotPresent")]
-    image_pull_policy: String,
+    #[command(flatten)]
+    probe: crate::verify::ProbeImage,
     /// The nodes' CNI configuration directory (the chart's cni.confDir).
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: String,
@@ -57,8 +53,8 @@ struct Located {
 pub fn run(args: &CheckArgs) -> anyhow::Result<i32> {
     let options = Options {
         mesh_namespace: args.namespace.clone(),
-        image: args.image.clone(),
-        pull_policy: args.image_pull_policy.clone(),
+        image: args.probe.image.clone(),
+        pull_policy: args.probe.image_pull_policy.clone(),
         cni_conf_dir: args.cni_conf_dir.clone(),
         cni_bin_dir: args.cni_bin_dir.clone(),
         netns_dir: args.netns_dir.clone(),

@@ -26,12 +26,13 @@ pub struct VerifyArgs {
     /// On a cluster: the namespace Kanava is installed in.
     #[arg(long, default_value = kanava_mesh::names::SYSTEM_NAMESPACE)]
     namespace: String,
-    /// The probe pods' image (the test app, `labapp`).
-    #[arg(long, default_value = concat!("docker.io/kanava/kanava-testapp:", env!("CARGO_PKG_VERSION")))]
-    image: String,
-    /// The probe pods' image pull policy (Never for images loaded by hand).
-    #[arg(long, default_value = "IfNotPresent")]
-    image_pull_policy: String,
+    #[command(flatten)]
+    probe: ProbeImage,
+    /// On a cluster: let a probe pod run on the client's node's own network
+    /// with CAP_NET_RAW, to capture what crosses between the nodes (the
+    /// fabric check; skipped without it).
+    #[arg(long, requires = "kubeconfig")]
+    host_network_capture: bool,
     /// How long the probe pods may take to start.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     ready_timeout: Duration,
@@ -41,6 +42,18 @@ pub struct VerifyArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+/// The image of the probe pods `verify` and `check` place on a cluster.
+#[derive(Args)]
+pub struct ProbeImage {
+    /// On a cluster: the probe pods' image (the test app, `labapp`).
+    #[arg(long, default_value = concat!("docker.io/kanava/kanava-testapp:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+    /// On a cluster: the probe pods' image pull policy (Never for images
+    /// loaded by hand).
+    #[arg(long, default_value = "IfNotPresent")]
+    pub image_pull_policy: String,
 }
 
 pub fn run(args: &VerifyArgs) -> anyhow::Result<i32> {
@@ -63,9 +76,10 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<i32> {
                 kubeconfig: Some(kubeconfig.clone()),
                 context: args.context.clone(),
                 mesh_namespace: args.namespace.clone(),
-                image: args.image.clone(),
-                pull_policy: args.image_pull_policy.clone(),
+                image: args.probe.image.clone(),
+                pull_policy: args.probe.image_pull_policy.clone(),
                 ready_within: args.ready_timeout,
+                host_network_capture: args.host_network_capture,
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -1,7 +1,6 @@
 //! A packet capture of the lab's underlay (tcpdump on the fabric bridge):
 //! what really crossed between the nodes, for tests and `kanava verify`.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,12 +9,7 @@ use std::time::{Duration, Instant};
 use crate::{Error, Lab};
 
 /// A TCP packet seen on the fabric (IPv4 or IPv6).
-#[derive(Debug, Clone)]
-pub struct Packet {
-    pub source: SocketAddr,
-    pub destination: SocketAddr,
-    pub payload: Vec<u8>,
-}
+pub use kanava_verify::packets::Packet;
 
 /// tcpdump on the fabric bridge, writing to a file in the lab's directory
 /// until stopped.
@@ -106,33 +100,15 @@ fn read_pcap(bytes: &[u8]) -> Result<Vec<Packet>, Error> {
     let mut packets = Vec::new();
     while let Some(packet) = reader.next_packet() {
         let packet = packet.map_err(bad)?;
-        let Ok(sliced) = etherparse::SlicedPacket::from_ethernet(&packet.data) else {
-            continue;
-        };
-        let (source, destination): (IpAddr, IpAddr) = match &sliced.net {
-            Some(etherparse::NetSlice::Ipv4(ip)) => (
-                ip.header().source_addr().into(),
-                ip.header().destination_addr().into(),
-            ),
-            Some(etherparse::NetSlice::Ipv6(ip)) => (
-                ip.header().source_addr().into(),
-                ip.header().destination_addr().into(),
-            ),
-            _ => continue,
-        };
-        let Some(etherparse::TransportSlice::Tcp(tcp)) = &sliced.transport else {
-            continue;
-        };
-        packets.push(Packet {
-            source: SocketAddr::new(source, tcp.source_port()),
-            destination: SocketAddr::new(destination, tcp.destination_port()),
-            payload: tcp.payload().to_vec(),
-        });
+        if let Some(segment) = etherparse::SlicedPacket::from_ethernet(&packet.data)
+            .ok()
+            .as_ref()
+            .and_then(kanava_verify::packets::tcp_segment)
+        {
+            packets.push(segment);
+        }
     }
     Ok(packets)
 }
 
-/// Whether `needle` occurs in `haystack`.
-pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
+pub use kanava_verify::packets::contains;

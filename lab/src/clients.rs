@@ -4,8 +4,7 @@
 
 use std::net::{SocketAddr, TcpStream};
 
-use kanava_mesh::{names, ports};
-use kanava_tls::pki_types::ServerName;
+use kanava_mesh::ports;
 
 use crate::{Error, Lab};
 
@@ -39,23 +38,7 @@ pub async fn control_plane_channel(
         ports::CONTROL_PLANE,
     );
     let tcp = tokio_stream_from(lab.connect(from, address, CONNECT_TIMEOUT))?;
-    let tls = kanava_tls::control_plane_client_config(
-        &kanava_tls::TrustBundle::new(mesh_roots(lab)?).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    let name = ServerName::try_from(names::CONTROL_PLANE_SERVER_NAME).map_err(|e| e.to_string())?;
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let mut once = Some(hyper_util::rt::TokioIo::new(stream));
-    tonic::transport::Endpoint::from_static("http://control-plane")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let stream = once.take();
-            async move { stream.ok_or_else(|| std::io::Error::other("connection used")) }
-        }))
-        .await
-        .map_err(|e| e.to_string())
+    kanava_verify::checks::control_plane::channel_over(Box::new(tcp), mesh_roots(lab)?).await
 }
 
 /// `GET path` over HTTP/1.0 from inside `target`'s namespace (the mesh's

@@ -276,11 +276,12 @@ impl Ground for LabGround<'_> {
             crate::process::spawn_in(&pod.netns, &argv, &[], &log).map_err(|e| e.to_string())?;
         let probe = Probe { pid };
         let address = SocketAddr::new(at.ip, PROBE_PORT);
+        // Asked on the pod's loopback, which the capture leaves alone: from
+        // anywhere else the ztunnel would take the connection whether the
+        // listener is up or not.
+        let loopback = SocketAddr::from(([127, 0, 0, 1], PROBE_PORT));
         let deadline = Instant::now() + TIMEOUT;
-        while lab
-            .connect(&format!("node/{}", pod.node), address, TIMEOUT)
-            .is_err()
-        {
+        while lab.connect(&pod.key(), loopback, TIMEOUT).is_err() {
             if Instant::now() > deadline {
                 return Err(format!("the probe listener in {} did not start", at.name));
             }
@@ -322,9 +323,14 @@ impl Ground for LabGround<'_> {
             .map_err(|e| e.to_string())
     }
 
-    fn fabric_capture(&self) -> Result<Box<dyn FabricCapture>, CaptureUnavailable> {
+    type Capture = crate::capture::Capture;
+
+    async fn fabric_capture(
+        &self,
+        _between: [IpAddr; 2],
+    ) -> Result<Self::Capture, CaptureUnavailable> {
+        // tcpdump on the fabric bridge sees every node-to-node packet.
         crate::capture::Capture::start(&self.lab.borrow())
-            .map(|capture| Box::new(capture) as Box<dyn FabricCapture>)
             .map_err(|e| CaptureUnavailable::Failed(format!("tcpdump: {e}")))
     }
 }
@@ -339,20 +345,7 @@ fn connect_spoofed(
 ) -> Result<std::net::TcpStream, crate::Error> {
     let netns = kanava_netns::NetNs::named(&lab.netns(target)?)?;
     netns
-        .run(move || {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(to),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            match source {
-                IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
-                IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
-            }
-            socket.bind(&SocketAddr::new(source, 0).into())?;
-            socket.connect_timeout(&to.into(), Duration::from_secs(2))?;
-            std::io::Result::Ok(std::net::TcpStream::from(socket))
-        })?
+        .run(move || kanava_verify::connect_spoofed(source, to, Duration::from_secs(2)))?
         .map_err(crate::Error::io(format!(
             "connect from {target} as {source}"
         )))
@@ -370,18 +363,7 @@ impl Drop for Probe {
 }
 
 impl FabricCapture for crate::capture::Capture {
-    fn stop(self: Box<Self>) -> Result<Vec<Packet>, String> {
-        crate::capture::Capture::stop(*self)
-            .map(|packets| {
-                packets
-                    .into_iter()
-                    .map(|p| Packet {
-                        source: p.source,
-                        destination: p.destination,
-                        payload: p.payload,
-                    })
-                    .collect()
-            })
-            .map_err(|e| e.to_string())
+    async fn stop(self) -> Result<Vec<Packet>, String> {
+        crate::capture::Capture::stop(self).map_err(|e| e.to_string())
     }
 }

@@ -15,7 +15,7 @@ use k8s_openapi::api::authorization::v1::{
 };
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kanava_mesh::names;
-use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{ListParams, LogParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::time::Instant;
@@ -280,36 +280,10 @@ fn probe_pod(options: &Options, index: usize, node: &str) -> Result<Pod, String>
 
 /// Removes the namespaces of check run `id`, waiting up to `within`.
 pub async fn remove(client: &Client, id: &str, within: Duration) -> Result<(), String> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let selector = ListParams::default().labels(&format!("{RUN_LABEL}={id}"));
-    let deadline = Instant::now() + within;
-    loop {
-        let left = namespaces
-            .list(&selector)
-            .await
-            .map_err(|e| e.to_string())?
-            .items;
-        if left.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("namespace kanava-check-{id} still terminating"));
-        }
-        for namespace in left {
-            if namespace.metadata.deletion_timestamp.is_none()
-                && let Some(name) = namespace.metadata.name
-            {
-                let pods: Api<Pod> = Api::namespaced(client.clone(), &name);
-                let _ = pods
-                    .delete_collection(
-                        &DeleteParams::default().grace_period(0),
-                        &ListParams::default(),
-                    )
-                    .await;
-                let _ = namespaces.delete(&name, &DeleteParams::default()).await;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let selector = format!("{RUN_LABEL}={id}");
+    match crate::cluster::probes::remove_namespaces(client, &selector, within).await? {
+        (_, left) if left.is_empty() => Ok(()),
+        (_, left) => Err(format!("still terminating: {}", left.join(", "))),
     }
 }
 

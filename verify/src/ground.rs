@@ -81,6 +81,28 @@ pub struct Dial {
     pub spoofed_source: Option<IpAddr>,
 }
 
+/// A blocking connection to `to` from `source`, an address of another
+/// host or pod, bound with `IP_TRANSPARENT` (needs `CAP_NET_ADMIN`): what a
+/// pod forging another's address does. Made in the caller's namespace.
+pub fn connect_spoofed(
+    source: IpAddr,
+    to: SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    match source {
+        IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+    }
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    Ok(socket.into())
+}
+
 /// A byte stream from inside a seat to a destination.
 pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
@@ -101,17 +123,10 @@ impl fmt::Debug for Listener {
     }
 }
 
-/// A packet seen between the nodes.
-#[derive(Clone, Debug)]
-pub struct Packet {
-    pub source: SocketAddr,
-    pub destination: SocketAddr,
-    pub payload: Vec<u8>,
-}
-
-/// A capture of the traffic between nodes, running until stopped.
+/// A capture of the traffic between two pods, running until stopped.
+#[allow(async_fn_in_trait)]
 pub trait FabricCapture {
-    fn stop(self: Box<Self>) -> Result<Vec<Packet>, String>;
+    async fn stop(self) -> Result<Vec<crate::Packet>, String>;
 }
 
 /// Why there is no capture of the fabric.
@@ -164,6 +179,11 @@ pub trait Ground {
     async fn apply(&self, yaml: &str) -> Result<(), String>;
     /// Deletes what [`Ground::apply`] applied.
     async fn delete(&self, yaml: &str) -> Result<(), String>;
-    /// Starts capturing the traffic between nodes.
-    fn fabric_capture(&self) -> Result<Box<dyn FabricCapture>, CaptureUnavailable>;
+    /// How this ground captures the fabric.
+    type Capture: FabricCapture;
+    /// Starts capturing the traffic between nodes that `between` exchange.
+    async fn fabric_capture(
+        &self,
+        between: [IpAddr; 2],
+    ) -> Result<Self::Capture, CaptureUnavailable>;
 }

@@ -22,13 +22,15 @@ pub mod checks;
 pub mod cluster;
 mod ground;
 pub mod node_facts;
+pub mod packets;
 
 use std::time::Duration;
 
 pub use ground::{
-    CaptureUnavailable, Dial, Duplex, FabricCapture, Family, Ground, Listener, Packet, Seat, Seats,
-    Stream,
+    CaptureUnavailable, Dial, Duplex, FabricCapture, Family, Ground, Listener, Seat, Seats, Stream,
+    connect_spoofed,
 };
+pub use packets::Packet;
 
 /// Port of the listener (a sink) the traffic checks reach in a server pod.
 pub const PROBE_PORT: u16 = 39_999;

@@ -14,6 +14,7 @@
 //! | `labapp dns --port 53` | DNS server answering every A/AAAA question with 192.0.2.1 / 2001:db8::1 |
 //! | `labapp resolve --server ADDR NAME [--ipv6]` | one DNS lookup over UDP; prints the addresses |
 //! | `labapp pipe --to ADDR [--spoofed-source IP]` | one TCP connection joined to standard input and output (`kanava verify` on a cluster) |
+//! | `labapp capture --seconds S --between IP --between IP` | the TCP packets two addresses exchange, seen on every interface, as JSON (`kanava verify --host-network-capture`) |
 //! | `labapp node-facts` | the node's kernel, mounts and CNI configuration as JSON (`kanava check`) |
 //!
 //! Servers listen on `[::]`, which takes both families; peers are printed
@@ -148,6 +149,14 @@ enum Mode {
         #[arg(long)]
         spoofed_source: Option<std::net::IpAddr>,
     },
+    /// Capture the TCP packets two addresses exchange, on every interface
+    /// of this namespace, for a while; print them as JSON.
+    Capture {
+        #[arg(long, default_value_t = 6)]
+        seconds: u64,
+        #[arg(long, required = true)]
+        between: Vec<std::net::IpAddr>,
+    },
     /// Print the node's kernel features, mounts and CNI configuration as
     /// JSON (run in a pod on the host's network with those paths mounted).
     NodeFacts {
@@ -180,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Dns { port } => udp::dns(port).await,
         Mode::Resolve { server, name, ipv6 } => udp::resolve(server, &name, ipv6).await,
         Mode::Pipe { to, spoofed_source } => probe::pipe(to, spoofed_source).await,
+        Mode::Capture { seconds, between } => probe::capture(seconds, between).await,
         Mode::NodeFacts {
             cni_conf_dir,
             cni_bin_dir,

@@ -14,8 +14,17 @@ async fn channel<G: Ground>(ground: &G, from: &Seat) -> Result<tonic::transport:
     let tcp = ground
         .connect(from, ground.control_plane(), Dial::default())
         .await?;
+    channel_over(tcp, ground.mesh_roots()?).await
+}
+
+/// A gRPC channel to the control plane over `tcp` (a connection to it),
+/// with TLS verified against `roots`.
+pub async fn channel_over(
+    tcp: crate::Stream,
+    roots: kanava_tls::MeshRoots,
+) -> Result<tonic::transport::Channel, String> {
     let tls = kanava_tls::control_plane_client_config(
-        &kanava_tls::TrustBundle::new(ground.mesh_roots()?).map_err(|e| e.to_string())?,
+        &kanava_tls::TrustBundle::new(roots).map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
     let name = ServerName::try_from(names::CONTROL_PLANE_SERVER_NAME).map_err(|e| e.to_string())?;

@@ -10,8 +10,8 @@ use kanava_mesh::ports;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
-    CaptureUnavailable, Check, Dial, Ground, Listener, PROBE_PORT, Seat, Seats, Stream, TIMEOUT,
-    short,
+    CaptureUnavailable, Check, Dial, FabricCapture, Ground, Listener, PROBE_PORT, Seat, Seats,
+    Stream, TIMEOUT, short,
 };
 
 /// How long an access-log line may take to show up after its connection
@@ -253,7 +253,10 @@ async fn fabric_only_tls<G: Ground>(ground: &G, seats: &Seats, listener: &Listen
         "a pod's traffic on the node-to-node fabric",
         "only TLS on port 15008, no plaintext",
     );
-    let capture = match ground.fabric_capture() {
+    let capture = match ground
+        .fabric_capture([seats.client.ip, listener.address.ip()])
+        .await
+    {
         Ok(capture) => capture,
         Err(CaptureUnavailable::NoVantage(why)) => return check.skip(why),
         Err(CaptureUnavailable::Failed(error)) => return check.fail(error),
@@ -266,7 +269,7 @@ async fn fabric_only_tls<G: Ground>(ground: &G, seats: &Seats, listener: &Listen
         echo(&mut stream, marker.repeat(64).as_bytes()).await
     }
     .await;
-    let packets = match capture.stop() {
+    let packets = match capture.stop().await {
         Ok(packets) => packets,
         Err(error) => return check.fail(error),
     };
@@ -286,7 +289,7 @@ async fn fabric_only_tls<G: Ground>(ground: &G, seats: &Seats, listener: &Listen
         .count();
     let in_clear = between
         .iter()
-        .any(|p| contains(&p.payload, marker.as_bytes()));
+        .any(|p| crate::packets::contains(&p.payload, marker.as_bytes()));
     check
         .judge(
             !in_clear && outside_15008 == 0 && !between.is_empty(),
@@ -297,10 +300,6 @@ async fn fabric_only_tls<G: Ground>(ground: &G, seats: &Seats, listener: &Listen
             ),
         )
         .fix_if_failed("pods' bytes cross the fabric outside HBONE: check that both are captured")
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 async fn deny_closes<G: Ground>(

@@ -12,17 +12,30 @@ use tokio::io::AsyncWriteExt;
 use super::{http, read_to_end};
 use crate::{Check, Dial, Ground, Seats, TIMEOUT, short};
 
+/// The addresses of the client's ztunnel, or why there are none.
+async fn addresses<G: Ground>(
+    ground: &G,
+    seats: &Seats,
+) -> Result<Vec<std::net::IpAddr>, &'static str> {
+    let addresses = ground
+        .ztunnel_addresses(&seats.client.node, seats.family)
+        .await;
+    if addresses.is_empty() {
+        Err("no address of the ztunnel")
+    } else {
+        Ok(addresses)
+    }
+}
+
 pub async fn admin_port<G: Ground>(ground: &G, seats: &Seats) -> Check {
     let check = Check::new(
         "ztunnel admin port from a pod",
         "no answer (bound to the ztunnel's localhost)",
     );
-    let addresses = ground
-        .ztunnel_addresses(&seats.client.node, seats.family)
-        .await;
-    if addresses.is_empty() {
-        return check.skip("no address of the ztunnel");
-    }
+    let addresses = match addresses(ground, seats).await {
+        Ok(addresses) => addresses,
+        Err(why) => return check.skip(why),
+    };
     let mut seen = Vec::new();
     for address in addresses {
         let to = SocketAddr::from((address, ports::ADMIN));
@@ -45,12 +58,10 @@ pub async fn metrics_ports<G: Ground>(ground: &G, seats: &Seats) -> Check {
         "ztunnel metrics and readiness from a pod",
         "no configuration dump, no key material",
     );
-    let addresses = ground
-        .ztunnel_addresses(&seats.client.node, seats.family)
-        .await;
-    if addresses.is_empty() {
-        return check.skip("no address of the ztunnel");
-    }
+    let addresses = match addresses(ground, seats).await {
+        Ok(addresses) => addresses,
+        Err(why) => return check.skip(why),
+    };
     let mut seen = Vec::new();
     for address in addresses {
         for (port, path) in [

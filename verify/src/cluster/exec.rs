@@ -98,3 +98,69 @@ pub async fn connect(
         Err(_) => Err(format!("from {name} to {to}: no answer")),
     }
 }
+
+/// How long `labapp capture` listens: long enough for a check's exchange.
+const CAPTURE_SECONDS: u64 = 6;
+
+/// A packet capture running in a probe pod on a node's own network.
+pub struct ExecCapture {
+    from_pod: ReadHalf<SimplexStream>,
+    _session: AttachedProcess,
+}
+
+/// Starts `labapp capture` in pod `name`: the TCP packets `between`
+/// exchange, seen on every interface of its node.
+pub async fn capture(
+    pods: &kube::Api<Pod>,
+    name: &str,
+    between: [std::net::IpAddr; 2],
+) -> Result<ExecCapture, String> {
+    let command = vec![
+        PROBE_PROGRAM.to_string(),
+        "capture".into(),
+        "--seconds".into(),
+        CAPTURE_SECONDS.to_string(),
+        "--between".into(),
+        between[0].to_string(),
+        "--between".into(),
+        between[1].to_string(),
+    ];
+    let params = AttachParams::default()
+        .container(CONTAINER)
+        .stdin(false)
+        .stdout(true)
+        .stderr(false);
+    let mut session = tokio::time::timeout(TIMEOUT * 2, pods.exec(name, command, &params))
+        .await
+        .map_err(|_| format!("exec in {name}: no answer"))?
+        .map_err(|e| format!("exec in {name}: {e}"))?;
+    let Some(mut from_pod) = session.stdout() else {
+        return Err(format!("exec in {name}: no standard output"));
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(TIMEOUT * 2, from_pod.read_exact(&mut first)).await {
+        Ok(Ok(_)) if first[0] == b'+' => Ok(ExecCapture {
+            from_pod,
+            _session: session,
+        }),
+        Ok(Ok(_)) => {
+            let mut reason = String::new();
+            let _ = tokio::time::timeout(TIMEOUT, from_pod.read_to_string(&mut reason)).await;
+            Err(format!("capture in {name}: {}", reason.trim()))
+        }
+        Ok(Err(error)) => Err(format!("capture in {name}: {error}")),
+        Err(_) => Err(format!("capture in {name}: no answer")),
+    }
+}
+
+impl crate::FabricCapture for ExecCapture {
+    async fn stop(mut self) -> Result<Vec<crate::Packet>, String> {
+        let mut report = String::new();
+        let within = std::time::Duration::from_secs(CAPTURE_SECONDS) + TIMEOUT;
+        tokio::time::timeout(within, self.from_pod.read_to_string(&mut report))
+            .await
+            .map_err(|_| "the capture did not end".to_string())?
+            .map_err(|e| format!("the capture: {e}"))?;
+        serde_json::from_str(report.trim()).map_err(|e| format!("the capture's report: {e}"))
+    }
+}

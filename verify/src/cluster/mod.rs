@@ -27,10 +27,10 @@ use kube::api::{DeleteParams, DynamicObject, ListParams, LogParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Api, Client};
 
+use self::exec::ExecCapture;
 use self::probes::{Placement, Role};
 use crate::{
-    CaptureUnavailable, Check, Dial, FabricCapture, Family, Ground, Listener, PROBE_PORT, Seat,
-    Seats, Stream,
+    CaptureUnavailable, Check, Dial, Family, Ground, Listener, PROBE_PORT, Seat, Seats, Stream,
 };
 
 /// Label of the ztunnels' pods (the chart's).
@@ -56,6 +56,9 @@ pub struct Options {
     pub pull_policy: String,
     /// How long probe pods may take to start.
     pub ready_within: Duration,
+    /// Whether a probe pod may run on the client's node's own network with
+    /// `CAP_NET_RAW`, to capture what crosses between the nodes.
+    pub host_network_capture: bool,
 }
 
 /// A client for the cluster named by `kubeconfig` and `context`.
@@ -205,9 +208,10 @@ impl ClusterGround {
                 )),
             });
         }
-        probes::create(&client, id, &placement).await?;
+        let roles = Role::all(options.host_network_capture);
+        probes::create(&client, id, &placement, &roles).await?;
         say("waiting for the probe pods");
-        let probes = probes::wait_ready(&client, id, options.ready_within).await?;
+        let probes = probes::wait_ready(&client, id, &roles, options.ready_within).await?;
         Ok((
             ClusterGround {
                 client,
@@ -235,7 +239,10 @@ impl ClusterGround {
             .filter_map(|ip| ip.ip.parse::<IpAddr>().ok())
             .find(|ip| Family::of(*ip) == family)?;
         let namespace = probes::namespace(&self.id, role);
-        let enrolled = role != Role::Outsider;
+        let enrolled = matches!(
+            role,
+            Role::Client | Role::Server | Role::NearServer | Role::Permissive
+        );
         let account = pod.spec.as_ref()?.service_account_name.clone()?;
         Some(Seat {
             name: format!("{namespace}/{}", role.pod_name()),
@@ -560,11 +567,23 @@ impl Ground for ClusterGround {
         Ok(())
     }
 
-    fn fabric_capture(&self) -> Result<Box<dyn FabricCapture>, CaptureUnavailable> {
-        Err(CaptureUnavailable::NoVantage(
-            "the traffic between nodes is not visible from a pod; the access-log check \
-             shows the bytes arrived over HBONE with the client's identity"
-                .into(),
-        ))
+    type Capture = ExecCapture;
+
+    async fn fabric_capture(
+        &self,
+        between: [IpAddr; 2],
+    ) -> Result<ExecCapture, CaptureUnavailable> {
+        let Some(capture) = self.seat(Role::Capture, Family::of(between[0])) else {
+            return Err(CaptureUnavailable::NoVantage(
+                "the traffic between nodes is not visible from a pod (--host-network-capture \
+                 allows a probe pod on the node's network); the access-log check shows the \
+                 bytes arrived over HBONE with the client's identity"
+                    .into(),
+            ));
+        };
+        let (pods, name) = self.pods_of(&capture);
+        exec::capture(&pods, &name, between)
+            .await
+            .map_err(CaptureUnavailable::Failed)
     }
 }

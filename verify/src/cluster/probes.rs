@@ -37,16 +37,26 @@ pub enum Role {
     Permissive,
     /// Outside the mesh.
     Outsider,
+    /// On the client's node's own network, capturing its traffic (only
+    /// when the operator allows it: `--host-network-capture`).
+    Capture,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
-        Role::Client,
-        Role::Server,
-        Role::NearServer,
-        Role::Permissive,
-        Role::Outsider,
-    ];
+    /// The roles of a run; the capture only when it is allowed.
+    pub fn all(capture: bool) -> Vec<Role> {
+        let mut roles = vec![
+            Role::Client,
+            Role::Server,
+            Role::NearServer,
+            Role::Permissive,
+            Role::Outsider,
+        ];
+        if capture {
+            roles.push(Role::Capture);
+        }
+        roles
+    }
 
     pub fn pod_name(self) -> &'static str {
         match self {
@@ -55,6 +65,7 @@ impl Role {
             Role::NearServer => "near-server",
             Role::Permissive => "web",
             Role::Outsider => "outsider",
+            Role::Capture => "capture",
         }
     }
 
@@ -62,7 +73,7 @@ impl Role {
         match self {
             Role::Client | Role::Server | Role::NearServer => "strict",
             Role::Permissive => "permissive",
-            Role::Outsider => "outside",
+            Role::Outsider | Role::Capture => "outside",
         }
     }
 
@@ -99,7 +110,7 @@ pub struct Placement {
 impl Placement {
     pub fn node(&self, role: Role) -> &str {
         match role {
-            Role::Client | Role::NearServer => &self.near,
+            Role::Client | Role::NearServer | Role::Capture => &self.near,
             _ => &self.far,
         }
     }
@@ -127,17 +138,36 @@ fn namespace_object(id: &str, kind: &str) -> Result<Namespace, String> {
 }
 
 fn pod_object(id: &str, role: Role, placement: &Placement) -> Result<Pod, String> {
-    let mut containers = vec![json!({
+    let mut app = json!({
         "name": CONTAINER,
         "image": placement.image,
         "imagePullPolicy": placement.pull_policy,
         "args": role.args(),
-        "securityContext": if role == Role::Client {
-            json!({"capabilities": {"add": ["NET_ADMIN"]}})
-        } else {
-            json!({})
+        "securityContext": match role {
+            Role::Client => json!({"capabilities": {"add": ["NET_ADMIN"]}}),
+            // A packet socket on the node's network.
+            Role::Capture => json!({"capabilities": {"add": ["NET_RAW", "NET_ADMIN"]}}),
+            _ => json!({}),
         },
-    })];
+    });
+    if role == Role::Capture {
+        // It only waits: each capture is an exec of its own.
+        app["command"] = json!(["sleep"]);
+        app["args"] = json!(["infinity"]);
+    } else {
+        // Ready once its server accepts, asked on the pod's loopback (which
+        // the capture leaves alone: from outside, the ztunnel would accept
+        // for it).
+        let port = match role {
+            Role::Server | Role::NearServer => crate::PROBE_PORT,
+            _ => HTTP_PORT,
+        };
+        app["readinessProbe"] = json!({
+            "exec": {"command": [super::exec::PROBE_PROGRAM, "pipe", "--to", format!("127.0.0.1:{port}")]},
+            "periodSeconds": 1,
+        });
+    }
+    let mut containers = vec![app];
     if role == Role::Client {
         containers.push(json!({
             "name": "udp",
@@ -163,14 +193,21 @@ fn pod_object(id: &str, role: Role, placement: &Placement) -> Result<Pod, String
                 }]}],
             }}},
             "tolerations": [{"operator": "Exists", "effect": "NoSchedule"}],
+            "hostNetwork": role == Role::Capture,
             "containers": containers,
         }
     }))
     .map_err(|e| e.to_string())
 }
 
-/// Creates the namespaces, service accounts and pods of run `id`.
-pub async fn create(client: &Client, id: &str, placement: &Placement) -> Result<(), String> {
+/// Creates the namespaces, service accounts and pods (of `roles`) of run
+/// `id`.
+pub async fn create(
+    client: &Client,
+    id: &str,
+    placement: &Placement,
+    roles: &[Role],
+) -> Result<(), String> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     for kind in ["strict", "permissive", "outside"] {
         namespaces
@@ -178,7 +215,7 @@ pub async fn create(client: &Client, id: &str, placement: &Placement) -> Result<
             .await
             .map_err(|e| format!("create namespace kanava-verify-{id}-{kind}: {e}"))?;
     }
-    for role in Role::ALL {
+    for &role in roles {
         let namespace = namespace(id, role);
         let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
         let account: ServiceAccount = serde_json::from_value(json!({
@@ -205,13 +242,14 @@ pub async fn create(client: &Client, id: &str, placement: &Placement) -> Result<
 pub async fn wait_ready(
     client: &Client,
     id: &str,
+    roles: &[Role],
     within: Duration,
 ) -> Result<BTreeMap<Role, Pod>, String> {
     let deadline = Instant::now() + within;
     loop {
         let mut ready = BTreeMap::new();
         let mut waiting = Vec::new();
-        for role in Role::ALL {
+        for &role in roles {
             let namespace = namespace(id, role);
             let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
             match pods.get_opt(role.pod_name()).await {
@@ -318,18 +356,32 @@ pub async fn remove(
     id: &str,
     within: Duration,
 ) -> Result<(Vec<String>, Vec<String>), String> {
+    remove_namespaces(client, &format!("{RUN_LABEL}={id}"), within).await
+}
+
+/// Deletes the namespaces `selector` matches (their pods at once: their
+/// grace is not a probe's to wait for) and waits up to `within` until
+/// they are gone. The namespaces it found, and those still there.
+pub async fn remove_namespaces(
+    client: &Client,
+    selector: &str,
+    within: Duration,
+) -> Result<(Vec<String>, Vec<String>), String> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let selector = ListParams::default().labels(&format!("{RUN_LABEL}={id}"));
-    let found: Vec<String> = namespaces
-        .list(&selector)
-        .await
-        .map_err(|e| format!("list namespaces of run {id}: {e}"))?
-        .items
-        .into_iter()
-        .filter_map(|n| n.metadata.name)
-        .collect();
+    let list = || async {
+        namespaces
+            .list(&ListParams::default().labels(selector))
+            .await
+            .map_err(|e| format!("list namespaces {selector}: {e}"))
+            .map(|list| {
+                list.items
+                    .into_iter()
+                    .filter_map(|n| n.metadata.name)
+                    .collect::<Vec<String>>()
+            })
+    };
+    let found = list().await?;
     for name in &found {
-        // Pods go at once: their grace is not the probe's to wait for.
         let pods: Api<Pod> = Api::namespaced(client.clone(), name);
         let _ = pods
             .delete_collection(
@@ -345,14 +397,7 @@ pub async fn remove(
     }
     let deadline = Instant::now() + within;
     loop {
-        let left: Vec<String> = namespaces
-            .list(&selector)
-            .await
-            .map_err(|e| format!("list namespaces of run {id}: {e}"))?
-            .items
-            .into_iter()
-            .filter_map(|n| n.metadata.name)
-            .collect();
+        let left = list().await?;
         if left.is_empty() || Instant::now() > deadline {
             return Ok((found, left));
         }

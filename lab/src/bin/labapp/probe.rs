@@ -47,23 +47,76 @@ async fn connect(to: SocketAddr, spoofed_source: Option<IpAddr>) -> std::io::Res
             .map_err(|_| std::io::Error::other(format!("connect to {to}: timed out")))?;
     };
     let socket = tokio::task::spawn_blocking(move || {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(to),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        match source {
-            IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
-            IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
-        }
-        socket.bind(&SocketAddr::new(source, 0).into())?;
-        socket.connect_timeout(&to.into(), CONNECT_TIMEOUT)?;
+        let socket = kanava_verify::connect_spoofed(source, to, CONNECT_TIMEOUT)?;
         socket.set_nonblocking(true)?;
-        std::io::Result::Ok(std::net::TcpStream::from(socket))
+        std::io::Result::Ok(socket)
     })
     .await
     .map_err(std::io::Error::other)??;
     TcpStream::from_std(socket)
+}
+
+/// Captures, on every interface of this network namespace, the TCP
+/// packets exchanged between the addresses `between`, for `seconds`; then
+/// prints them as JSON. Its first byte, `+`, says the capture runs (or `-`
+/// and the reason). Needs `CAP_NET_RAW`.
+pub async fn capture(seconds: u64, between: Vec<IpAddr>) -> anyhow::Result<()> {
+    let mut out = stdout();
+    let socket = match packet_socket() {
+        Ok(socket) => socket,
+        Err(error) => {
+            out.write_all(format!("-a packet socket: {error}\n").as_bytes())
+                .await?;
+            out.flush().await?;
+            std::process::exit(1);
+        }
+    };
+    out.write_all(b"+").await?;
+    out.flush().await?;
+    let packets = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        let mut packets = Vec::new();
+        let mut buffer = vec![0u8; 65_536];
+        while std::time::Instant::now() < deadline && packets.len() < MAX_PACKETS {
+            let Ok(n) = (&socket).read(&mut buffer) else {
+                continue;
+            };
+            let Some(packet) = etherparse::SlicedPacket::from_ip(&buffer[..n])
+                .ok()
+                .as_ref()
+                .and_then(kanava_verify::packets::tcp_segment)
+            else {
+                continue;
+            };
+            if between.contains(&packet.source.ip()) && between.contains(&packet.destination.ip()) {
+                packets.push(packet);
+            }
+        }
+        packets
+    })
+    .await?;
+    out.write_all(serde_json::to_string(&packets)?.as_bytes())
+        .await?;
+    out.flush().await?;
+    Ok(())
+}
+
+/// At most this many packets are kept (a check exchanges a few dozen).
+const MAX_PACKETS: usize = 10_000;
+
+/// A packet socket for every protocol on every interface, giving each
+/// packet from its IP header on (`SOCK_DGRAM`), waking every 100 ms.
+fn packet_socket() -> std::io::Result<socket2::Socket> {
+    // ETH_P_ALL, in network byte order as packet(7) wants it.
+    let every_protocol = i32::from(0x0003u16.to_be());
+    let socket = socket2::Socket::new(
+        socket2::Domain::PACKET,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::from(every_protocol)),
+    )?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    Ok(socket)
 }
 
 /// Prints what `kanava check` needs to know of the node this pod runs on

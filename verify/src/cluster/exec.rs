@@ -70,32 +70,49 @@ pub async fn connect(
     if let Some(source) = dial.spoofed_source {
         command.extend(["--spoofed-source".into(), source.to_string()]);
     }
+    let (mut session, from_pod) = start(pods, name, command, true)
+        .await
+        .map_err(|e| format!("from {name} to {to}: {e}"))?;
+    let to_pod = session
+        .stdin()
+        .ok_or_else(|| format!("exec in {name}: no standard input"))?;
+    Ok(Box::new(Piped {
+        from_pod,
+        to_pod,
+        _session: session,
+    }))
+}
+
+/// Runs `command` (a `labapp` mode that answers `+` once it works, or `-`
+/// and the reason) in pod `name`; the session and its output after the `+`.
+async fn start(
+    pods: &kube::Api<Pod>,
+    name: &str,
+    command: Vec<String>,
+    stdin: bool,
+) -> Result<(AttachedProcess, ReadHalf<SimplexStream>), String> {
     let params = AttachParams::default()
         .container(CONTAINER)
-        .stdin(true)
+        .stdin(stdin)
         .stdout(true)
         .stderr(false);
     let mut session = tokio::time::timeout(TIMEOUT * 2, pods.exec(name, command, &params))
         .await
         .map_err(|_| format!("exec in {name}: no answer"))?
         .map_err(|e| format!("exec in {name}: {e}"))?;
-    let (Some(mut from_pod), Some(to_pod)) = (session.stdout(), session.stdin()) else {
-        return Err(format!("exec in {name}: no standard streams"));
+    let Some(mut from_pod) = session.stdout() else {
+        return Err(format!("exec in {name}: no standard output"));
     };
     let mut first = [0u8; 1];
     match tokio::time::timeout(TIMEOUT * 2, from_pod.read_exact(&mut first)).await {
-        Ok(Ok(_)) if first[0] == b'+' => Ok(Box::new(Piped {
-            from_pod,
-            to_pod,
-            _session: session,
-        })),
+        Ok(Ok(_)) if first[0] == b'+' => Ok((session, from_pod)),
         Ok(Ok(_)) => {
             let mut reason = String::new();
             let _ = tokio::time::timeout(TIMEOUT, from_pod.read_to_string(&mut reason)).await;
             Err(reason.trim().to_string())
         }
-        Ok(Err(error)) => Err(format!("from {name} to {to}: {error}")),
-        Err(_) => Err(format!("from {name} to {to}: no answer")),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("no answer".into()),
     }
 }
 
@@ -125,32 +142,13 @@ pub async fn capture(
         "--between".into(),
         between[1].to_string(),
     ];
-    let params = AttachParams::default()
-        .container(CONTAINER)
-        .stdin(false)
-        .stdout(true)
-        .stderr(false);
-    let mut session = tokio::time::timeout(TIMEOUT * 2, pods.exec(name, command, &params))
+    let (session, from_pod) = start(pods, name, command, false)
         .await
-        .map_err(|_| format!("exec in {name}: no answer"))?
-        .map_err(|e| format!("exec in {name}: {e}"))?;
-    let Some(mut from_pod) = session.stdout() else {
-        return Err(format!("exec in {name}: no standard output"));
-    };
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(TIMEOUT * 2, from_pod.read_exact(&mut first)).await {
-        Ok(Ok(_)) if first[0] == b'+' => Ok(ExecCapture {
-            from_pod,
-            _session: session,
-        }),
-        Ok(Ok(_)) => {
-            let mut reason = String::new();
-            let _ = tokio::time::timeout(TIMEOUT, from_pod.read_to_string(&mut reason)).await;
-            Err(format!("capture in {name}: {}", reason.trim()))
-        }
-        Ok(Err(error)) => Err(format!("capture in {name}: {error}")),
-        Err(_) => Err(format!("capture in {name}: no answer")),
-    }
+        .map_err(|e| format!("capture in {name}: {e}"))?;
+    Ok(ExecCapture {
+        from_pod,
+        _session: session,
+    })
 }
 
 impl crate::FabricCapture for ExecCapture {

@@ -12,10 +12,11 @@
 //! Deployment's rollout (new pods created, as many old ones removed) until
 //! every stream has every new pod; the control plane's memory and CPU.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -41,6 +42,8 @@ pub struct Settings {
     pub changes: usize,
     /// Pods of the rollout (as many created as removed).
     pub rollout: usize,
+    /// Kubelet status updates that change nothing the mesh uses.
+    pub status_updates: usize,
 }
 
 impl Settings {
@@ -55,6 +58,7 @@ impl Settings {
             streams,
             changes: 20,
             rollout: 100,
+            status_updates: 5000.min(pods / 2),
         }
     }
 
@@ -76,6 +80,7 @@ impl Settings {
                 nodes: 50,
                 changes: 3,
                 rollout: 10,
+                status_updates: 100,
                 ..Settings::cluster(pods, streams)
             })
             .collect()
@@ -101,12 +106,14 @@ impl Settings {
         if self.pods >= 100_000 {
             Goals {
                 snapshot: Some(goals::SCALE_SNAPSHOT_TO_EVERY_STREAM),
+                snapshot_bytes: Some(goals::SCALE_SNAPSHOT_BYTES),
                 change_p99: Some(goals::SCALE_POD_CHANGE_TO_EVERY_STREAM_P99),
                 rss: Some(goals::SCALE_CONTROL_PLANE_RSS),
             }
         } else if self.pods == 10_000 {
             Goals {
                 snapshot: Some(goals::SNAPSHOT_TO_EVERY_STREAM),
+                snapshot_bytes: None,
                 change_p99: Some(goals::POD_CHANGE_TO_EVERY_STREAM_P99),
                 rss: Some(goals::CONTROL_PLANE_RSS),
             }
@@ -119,6 +126,7 @@ impl Settings {
 #[derive(Default)]
 struct Goals {
     snapshot: Option<goals::MeasurementGoal>,
+    snapshot_bytes: Option<goals::MeasurementGoal>,
     change_p99: Option<goals::MeasurementGoal>,
     rss: Option<goals::MeasurementGoal>,
 }
@@ -149,24 +157,61 @@ fn namespace_of(app: usize) -> usize {
     app % NAMESPACES
 }
 
-/// A pod of `app` at the `ip_index`-th address.
-fn pod_manifest(name: &str, ip_index: usize, app: usize, node: usize, extra_label: &str) -> String {
+/// 64 well-mixed bits from `seed` (splitmix64): the names and uids of
+/// the pods look random, as a cluster's do, and are the same every run.
+fn mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The uid of the pod at the `ip_index`-th address: a random (version 4)
+/// UUID, as the API server gives, so that compression is judged on the
+/// entropy a real cluster's snapshot carries.
+fn pod_uid(ip_index: usize) -> String {
+    let (a, b) = (mix(ip_index as u64), mix(!(ip_index as u64)));
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: ns-{ns}\n  uid: uid-{name}\n  resourceVersion: \"1\"\n  labels: {{app: app-{app}{extra_label}}}\nspec:\n  nodeName: node-{node}\n  serviceAccountName: sa-{app}\n  containers: [{{name: c, image: app}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+        "{:08x}-{:04x}-4{:03x}-{:x}{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        8 + (b >> 62),
+        (b >> 48) & 0xfff,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// `n` characters of the alphabet Kubernetes names generated parts with.
+fn generated(seed: u64, n: usize) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut bits = mix(seed);
+    (0..n)
+        .map(|_| {
+            let c = ALPHABET[(bits % ALPHABET.len() as u64) as usize];
+            bits /= ALPHABET.len() as u64;
+            c as char
+        })
+        .collect()
+}
+
+/// A pod of `app` (a Deployment's replica: `app-<n>-<template hash>-<5>`,
+/// labelled with its app and template hash) at the `ip_index`-th address,
+/// with the uid [`pod_uid`] gives that address.
+fn pod_manifest(ip_index: usize, app: usize, node: usize, extra_label: &str) -> String {
+    let template = generated(app as u64, 10);
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app-{app}-{template}-{suffix}\n  namespace: ns-{ns}\n  uid: {uid}\n  resourceVersion: \"1\"\n  labels: {{app: app-{app}, pod-template-hash: {template}{extra_label}}}\nspec:\n  nodeName: node-{node}\n  serviceAccountName: sa-{app}\n  containers: [{{name: c, image: app}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+        suffix = generated(!(ip_index as u64), 5),
         ns = namespace_of(app),
+        uid = pod_uid(ip_index),
         ip = pod_ip(ip_index),
     )
 }
 
 /// The `i`-th of the cluster's pods: app `i / 5`.
 fn cluster_pod(i: usize, settings: &Settings, extra_label: &str) -> String {
-    pod_manifest(
-        &format!("pod-{i}"),
-        i,
-        i / REPLICAS,
-        i % settings.nodes,
-        extra_label,
-    )
+    pod_manifest(i, i / REPLICAS, i % settings.nodes, extra_label)
 }
 
 /// The `i`-th pod of the rollout: it replaces the `i`-th cluster pod from
@@ -175,12 +220,26 @@ fn cluster_pod(i: usize, settings: &Settings, extra_label: &str) -> String {
 fn rollout_pod(i: usize, settings: &Settings) -> String {
     let replaced = settings.pods - 1 - i;
     pod_manifest(
-        &format!("rollout-{i}"),
         settings.pods + i,
         replaced / REPLICAS,
         (settings.pods + i) % settings.nodes,
         "",
     )
+}
+
+/// What the followers look for: the uids of the changed pods and of the
+/// rollout's.
+fn watched_uids(settings: &Settings) -> HashMap<String, Watched> {
+    (0..=settings.changes)
+        .map(|n| (pod_uid(n), Watched::Change(n)))
+        .chain((0..settings.rollout).map(|n| (pod_uid(settings.pods + n), Watched::Rollout(n))))
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Watched {
+    Change(usize),
+    Rollout(usize),
 }
 
 fn write_cluster(dir: &Path, settings: &Settings) -> anyhow::Result<()> {
@@ -239,8 +298,13 @@ impl Drop for Running {
 enum Arrival {
     /// The whole snapshot, of this many bytes.
     Snapshot { bytes: usize },
-    /// The `n`-th changed pod, in a response of this many bytes.
-    Change { n: usize, bytes: usize },
+    /// The `n`-th changed pod, in a response of this many bytes and
+    /// resources.
+    Change {
+        n: usize,
+        bytes: usize,
+        resources: usize,
+    },
     /// The `n`-th pod of the rollout.
     Rollout { n: usize },
 }
@@ -289,10 +353,13 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
             .chain(std::iter::once(format!("{ztunnel_node} {ztunnel_token}\n")))
             .collect::<String>(),
     )?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    let free_port = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let address = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let child = Command::new(bins.join("kanava-control-plane"))
         .args(["--manifest-dir"])
         .arg(&manifests)
@@ -305,6 +372,8 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
             &address.to_string(),
             "--server-ips",
             "127.0.0.1",
+            "--readiness-listen",
+            &metrics.to_string(),
         ])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -327,25 +396,30 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
     let cpu_start = procfs::cpu_seconds(pid).unwrap_or(0.0);
 
     // Open every stream at once, as ztunnels reconnecting after a restart.
-    let expected = settings.resources();
+    let watched = Arc::new(watched_uids(settings));
     let (arrivals, mut arrived) = mpsc::unbounded_channel::<(usize, Arrival, Instant)>();
-    let opened = Instant::now();
-    let mut tasks = Vec::new();
-    for (node, token) in tokens.iter().enumerate() {
+    let subscribe = |node: usize, compressed: bool| -> anyhow::Result<_> {
         let channel = kanava_ztunnel::control_plane::channel(
             &address.to_string(),
             kanava_mesh::names::CONTROL_PLANE_SERVER_NAME,
             &roots,
             Duration::from_secs(30),
         )?;
-        let token = token.clone();
-        let arrivals = arrivals.clone();
-        let changes = settings.changes;
-        tasks.push(tokio::spawn(async move {
-            follow(channel, node, token, expected, changes, arrivals).await
-        }));
+        let follower = Follower {
+            node,
+            token: tokens[node].clone(),
+            expected: settings.resources(),
+            watched: watched.clone(),
+            compressed,
+            arrivals: arrivals.clone(),
+        };
+        Ok(tokio::spawn(follow(channel, follower)))
+    };
+    let opened = Instant::now();
+    let mut tasks = Vec::new();
+    for node in 0..settings.streams {
+        tasks.push(subscribe(node, true)?);
     }
-    drop(arrivals);
     let mut snapshot_times = Vec::new();
     let mut snapshot_bytes = 0;
     while snapshot_times.len() < settings.streams {
@@ -386,14 +460,54 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
             cpu - cpu_start,
         );
     }
+    let snapshot_sent = sent_bytes(metrics, "snapshot").await?;
     collector.measure(
         &scenario,
         "full snapshot, bytes to one stream",
         "MB",
         Better::Lower,
+        goals.snapshot_bytes,
+        snapshot_sent / settings.streams as f64 / 1e6,
+    );
+    collector.measure(
+        &scenario,
+        "full snapshot, bytes decoded by one stream",
+        "MB",
+        Better::Lower,
         None,
         snapshot_bytes as f64 / 1e6,
     );
+    // A ztunnel of the previous release (it accepts no compression) beside
+    // them: it is served the snapshot as it was.
+    let earlier = subscribe(0, false)?;
+    let asked = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(120), arrived.recv()).await {
+            Ok(Some((_, Arrival::Snapshot { .. }, at))) => {
+                collector.measure(
+                    &scenario,
+                    "full snapshot to a stream of the previous release (uncompressed), alone",
+                    "ms",
+                    Better::Lower,
+                    None,
+                    at.duration_since(asked).as_secs_f64() * 1000.0,
+                );
+                break;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => bail!("the stream of the previous release got no snapshot"),
+        }
+    }
+    earlier.abort();
+    collector.measure(
+        &scenario,
+        "full snapshot, bytes to a stream of the previous release (uncompressed)",
+        "MB",
+        Better::Lower,
+        None,
+        (sent_bytes(metrics, "snapshot").await? - snapshot_sent) / 1e6,
+    );
+    drop(arrivals);
 
     // One pod at a time changes; every stream must see each change.
     let mut delays = Vec::new();
@@ -405,7 +519,7 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
         let mut seen = 0;
         while seen < settings.streams {
             match tokio::time::timeout(Duration::from_secs(60), arrived.recv()).await {
-                Ok(Some((_, Arrival::Change { n, bytes }, at))) if n == change => {
+                Ok(Some((_, Arrival::Change { n, bytes, .. }, at))) if n == change => {
                     delays.push(at.duration_since(written).as_secs_f64() * 1000.0);
                     change_bytes.push(bytes as f64);
                     seen += 1;
@@ -485,6 +599,15 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
         None,
         rollout_done.as_secs_f64() * 1000.0,
     );
+    pod_status_churn(
+        settings,
+        &manifests,
+        metrics,
+        &mut arrived,
+        &scenario,
+        collector,
+    )
+    .await?;
     if let Some(rss) = procfs::rss_mib(pid) {
         collector.measure(&scenario, "RSS", "MiB", Better::Lower, goals.rss, rss);
     }
@@ -499,12 +622,12 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
         );
     }
     ztunnel_holding_the_cluster(
+        settings,
         bins,
         dir.path(),
         address,
         &ztunnel_node,
         &ztunnel_token,
-        &scenario,
         collector,
     )
     .await?;
@@ -515,19 +638,124 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
     Ok(())
 }
 
+/// Kubelet status updates (a new resourceVersion, a condition's time),
+/// written as fast as the benchmark can, then one real change: when every
+/// stream has that change, every update before it was absorbed. What the
+/// updates cost the streams is what was sent beside that change.
+async fn pod_status_churn(
+    settings: &Settings,
+    manifests: &Path,
+    metrics: SocketAddr,
+    arrived: &mut mpsc::UnboundedReceiver<(usize, Arrival, Instant)>,
+    scenario: &str,
+    collector: &mut Collector,
+) -> anyhow::Result<()> {
+    let updates = settings.status_updates;
+    // Pods that neither changed nor were rolled out.
+    let first = settings.changes + 1;
+    if first + updates > settings.pods - settings.rollout {
+        bail!("the cluster is too small for {updates} status updates");
+    }
+    let sent_before = sent_bytes(metrics, "update").await?;
+    let started = Instant::now();
+    for i in first..first + updates {
+        let text = cluster_pod(i, settings, "")
+            .replace("resourceVersion: \"1\"", "resourceVersion: \"2\"")
+            .replace(
+                "status: \"True\"}",
+                "status: \"True\", lastProbeTime: \"2026-12-06T00:00:00Z\"}",
+            );
+        replace(manifests, &manifests.join(format!("pod_{i}.yaml")), &text)?;
+    }
+    let sentinel = settings.changes;
+    replace(
+        manifests,
+        &manifests.join(format!("pod_{sentinel}.yaml")),
+        &cluster_pod(sentinel, settings, ", changed: last"),
+    )?;
+    let (mut seen, mut sentinel_bytes, mut others) = (0, 0.0, 0);
+    while seen < settings.streams {
+        match tokio::time::timeout(Duration::from_secs(120), arrived.recv()).await {
+            Ok(Some((
+                _,
+                Arrival::Change {
+                    n,
+                    bytes,
+                    resources,
+                },
+                _,
+            ))) if n == sentinel => {
+                seen += 1;
+                // A response with the change alone is the change's cost;
+                // one that carries status updates too counts whole.
+                if resources == 1 {
+                    sentinel_bytes += bytes as f64;
+                }
+            }
+            Ok(Some((_, Arrival::Change { .. }, _))) => others += 1,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => bail!(
+                "the change after the status updates reached {seen} of {} streams",
+                settings.streams
+            ),
+        }
+    }
+    let absorbed = started.elapsed();
+    if others > 0 {
+        bail!("{others} earlier changes arrived again during the status updates");
+    }
+    collector.measure(
+        scenario,
+        "pod status updates absorbed per second",
+        "updates/s",
+        Better::Higher,
+        goals::at_largest(settings.pods, goals::SCALE_STATUS_UPDATES_PER_SECOND),
+        updates as f64 / absorbed.as_secs_f64(),
+    );
+    collector.measure(
+        scenario,
+        &format!("bytes sent to every stream for {updates} pod status updates"),
+        "bytes",
+        Better::Lower,
+        goals::at_largest(settings.pods, goals::SCALE_STATUS_UPDATE_BYTES),
+        (sent_bytes(metrics, "update").await? - sent_before - sentinel_bytes).max(0.0),
+    );
+    Ok(())
+}
+
+/// `kanava_control_plane_discovery_sent_bytes_total` of `kind`, from the
+/// control plane's `/metrics`.
+async fn sent_bytes(metrics: SocketAddr, kind: &str) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(metrics).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: control-plane\r\n\r\n")
+        .await?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer)).await??;
+    let series = format!("kanava_control_plane_discovery_sent_bytes_total{{kind=\"{kind}\"}} ");
+    Ok(answer
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map(str::parse)
+        .transpose()?
+        .unwrap_or(0.0))
+}
+
 /// A real ztunnel process on a node without pods (loopback only: its
 /// admin ports, and no pod to capture), subscribed to the control plane
 /// while the cluster's streams are connected: how long until it holds the
 /// whole cluster (ready), and its memory then.
 async fn ztunnel_holding_the_cluster(
+    settings: &Settings,
     bins: &Path,
     dir: &Path,
     control_plane: SocketAddr,
     node: &str,
     token: &str,
-    scenario: &str,
     collector: &mut Collector,
 ) -> anyhow::Result<()> {
+    let scenario = &settings.scenario();
     let state = dir.join("ztunnel");
     std::fs::create_dir_all(state.join("pods"))?;
     std::fs::create_dir_all(state.join("netns"))?;
@@ -587,7 +815,7 @@ async fn ztunnel_holding_the_cluster(
             "a ztunnel's RSS holding the cluster",
             "MiB",
             Better::Lower,
-            None,
+            goals::at_largest(settings.pods, goals::SCALE_ZTUNNEL_RSS),
             rss,
         );
     }
@@ -687,17 +915,31 @@ struct ResourceName {
     name: String,
 }
 
+/// One subscriber's part in the run.
+struct Follower {
+    node: usize,
+    token: String,
+    /// Resources in the full snapshot.
+    expected: usize,
+    watched: Arc<HashMap<String, Watched>>,
+    /// Whether it accepts compressed responses, as a ztunnel of this
+    /// release does (one of the previous release does not).
+    compressed: bool,
+    arrivals: mpsc::UnboundedSender<(usize, Arrival, Instant)>,
+}
+
 /// Acts as one ztunnel: subscribes, ACKs, and reports when the snapshot,
 /// each changed pod (with the size of the response that carried it) and
 /// each pod of the rollout arrive.
-async fn follow(
-    channel: tonic::transport::Channel,
-    node: usize,
-    token: String,
-    expected: usize,
-    changes: usize,
-    arrivals: mpsc::UnboundedSender<(usize, Arrival, Instant)>,
-) -> anyhow::Result<()> {
+async fn follow(channel: tonic::transport::Channel, follower: Follower) -> anyhow::Result<()> {
+    let Follower {
+        node,
+        token,
+        expected,
+        watched,
+        compressed,
+        arrivals,
+    } = follower;
     use prost::Message;
     let (requests, rx) = mpsc::channel(16);
     requests
@@ -711,6 +953,9 @@ async fn follow(
         .metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
     let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    if compressed {
+        grpc = grpc.accept_compressed(tonic::codec::CompressionEncoding::Zstd);
+    }
     grpc.ready().await?;
     let codec = tonic_prost::ProstCodec::<pb::DiscoveryRequest, ShallowResponse>::default();
     let mut responses = grpc
@@ -735,20 +980,19 @@ async fn follow(
             let bytes = response.encoded_len();
             for resource in &response.resources {
                 let name = ResourceName::decode(resource.clone())?.name;
-                let Some(pod) = name.strip_prefix("workload/uid-") else {
-                    continue;
+                let arrival = match name
+                    .strip_prefix("workload/")
+                    .and_then(|uid| watched.get(uid))
+                {
+                    Some(Watched::Change(n)) => Arrival::Change {
+                        n: *n,
+                        bytes,
+                        resources: response.resources.len() + response.removed.len(),
+                    },
+                    Some(Watched::Rollout(n)) => Arrival::Rollout { n: *n },
+                    None => continue,
                 };
-                let arrival = if let Some(n) = pod.strip_prefix("rollout-") {
-                    n.parse().ok().map(|n| Arrival::Rollout { n })
-                } else {
-                    pod.strip_prefix("pod-")
-                        .and_then(|n| n.parse().ok())
-                        .filter(|&n| n < changes)
-                        .map(|n| Arrival::Change { n, bytes })
-                };
-                if let Some(arrival) = arrival {
-                    let _ = arrivals.send((node, arrival, at));
-                }
+                let _ = arrivals.send((node, arrival, at));
             }
         }
         let _ = requests

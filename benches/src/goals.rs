@@ -24,6 +24,7 @@ pub enum ComparisonGoal {
 pub enum MeasurementGoal {
     AtMost(f64),
     Below(f64),
+    AtLeast(f64),
 }
 
 pub const SINGLE_STREAM_THROUGHPUT: ComparisonGoal = ComparisonGoal::RatioAtLeast(0.45);
@@ -40,9 +41,22 @@ pub const CONTROL_PLANE_RSS: MeasurementGoal = MeasurementGoal::Below(200.0);
 /// At 100,000 pods and 1,000 streams: every stream's snapshot, in ms.
 pub const SCALE_SNAPSHOT_TO_EVERY_STREAM: MeasurementGoal = MeasurementGoal::Below(5000.0);
 /// At 100,000 pods and 1,000 streams: one change to every stream, p99, ms.
-pub const SCALE_POD_CHANGE_TO_EVERY_STREAM_P99: MeasurementGoal = MeasurementGoal::Below(200.0);
+pub const SCALE_POD_CHANGE_TO_EVERY_STREAM_P99: MeasurementGoal = MeasurementGoal::Below(100.0);
 /// At 100,000 pods: the control plane's RSS, in MiB.
-pub const SCALE_CONTROL_PLANE_RSS: MeasurementGoal = MeasurementGoal::Below(1024.0);
+pub const SCALE_CONTROL_PLANE_RSS: MeasurementGoal = MeasurementGoal::Below(512.0);
+/// At 100,000 pods: what one ztunnel is sent before it is ready, in MB.
+pub const SCALE_SNAPSHOT_BYTES: MeasurementGoal = MeasurementGoal::Below(2.0);
+/// At 100,000 pods: a ztunnel's RSS once it holds the cluster, in MiB.
+pub const SCALE_ZTUNNEL_RSS: MeasurementGoal = MeasurementGoal::Below(64.0);
+/// At 100,000 pods: kubelet status updates absorbed, per second.
+pub const SCALE_STATUS_UPDATES_PER_SECOND: MeasurementGoal = MeasurementGoal::AtLeast(1000.0);
+/// At 100,000 pods: bytes status updates cost the streams: none.
+pub const SCALE_STATUS_UPDATE_BYTES: MeasurementGoal = MeasurementGoal::AtMost(0.0);
+
+/// `goal` at the largest size of a full run (100,000 pods), none below.
+pub fn at_largest(pods: usize, goal: MeasurementGoal) -> Option<MeasurementGoal> {
+    (pods >= 100_000).then_some(goal)
+}
 /// One node's hand-over during an upgrade, in ms (10,000 connections).
 pub const HAND_OVER_TIME: MeasurementGoal = MeasurementGoal::Below(2000.0);
 /// None at all: failed connections, descriptors left behind.
@@ -90,6 +104,10 @@ impl MeasurementGoal {
                 text: format!("< {limit} {unit}"),
                 met: median < limit,
             },
+            MeasurementGoal::AtLeast(floor) => Target {
+                text: format!(">= {floor} {unit}"),
+                met: median >= floor,
+            },
         }
     }
 }
@@ -112,5 +130,8 @@ mod tests {
         assert_eq!(target.text, "< 200 MiB");
         assert!(!target.met, "the limit itself is not below the limit");
         assert!(ZTUNNEL_IDLE_RSS.check("MiB", 8.0).met);
+        let target = SCALE_STATUS_UPDATES_PER_SECOND.check("updates/s", 999.0);
+        assert_eq!(target.text, ">= 1000 updates/s");
+        assert!(!target.met);
     }
 }

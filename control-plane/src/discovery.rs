@@ -8,6 +8,11 @@
 //! version — `<version>-full` or `<version>-delta` — which keeps it unique
 //! within a stream. The client's ACKs and NACKs are logged, a NACK with its
 //! reason at warn level, so a ztunnel refusing configuration is visible.
+//!
+//! A ztunnel that says it accepts zstd (`grpc-accept-encoding`) is sent
+//! the compressed form of each snapshot part and of large changes, made
+//! once and shared like the rest; one that does not (an earlier release)
+//! is sent every message as it was, so both work against this server.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -20,12 +25,13 @@ use kanava_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Codec;
+use tonic::metadata::MetadataValue;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
 use crate::metrics::{Metrics, PushLabels};
-use crate::store::Store;
+use crate::store::{Outgoing, Store};
 
 pub struct DiscoveryService {
     store: Arc<Store>,
@@ -41,6 +47,7 @@ impl DiscoveryService {
         request: Request<Streaming<pb::DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let node = auth::node_of(&request)?;
+        let compressed = accepts_zstd(&request);
         let mut requests = request.into_inner();
         let first = requests
             .message()
@@ -53,27 +60,55 @@ impl DiscoveryService {
                 first.node_name
             )));
         }
-        tracing::info!(%node, resumed_from = %first.version_info, "ztunnel subscribed");
+        tracing::info!(%node, resumed_from = %first.version_info, compressed, "ztunnel subscribed");
         let (responses, rx) = mpsc::channel(4);
-        tokio::spawn(serve_stream(self.store.clone(), node, requests, responses));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        tokio::spawn(serve_stream(
+            self.store.clone(),
+            node,
+            compressed,
+            requests,
+            responses,
+        ));
+        let mut response = Response::new(Box::pin(ReceiverStream::new(rx)) as ResponseStream);
+        if compressed {
+            response
+                .metadata_mut()
+                .insert(ENCODING_HEADER, MetadataValue::from_static(ZSTD));
+        }
+        Ok(response)
     }
 }
 
+const ACCEPT_ENCODING_HEADER: &str = "grpc-accept-encoding";
+const ENCODING_HEADER: &str = "grpc-encoding";
+const ZSTD: &str = "zstd";
+
+/// Whether the caller accepts zstd-compressed responses.
+fn accepts_zstd<T>(request: &Request<T>) -> bool {
+    request
+        .metadata()
+        .get(ACCEPT_ENCODING_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.split(',').any(|encoding| encoding.trim() == ZSTD))
+}
+
 /// Encoded `DiscoveryResponse` messages.
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send>>;
+
+type Responses = mpsc::Sender<Result<Outgoing, Status>>;
 
 async fn serve_stream(
     store: Arc<Store>,
     node: String,
+    compressed: bool,
     mut requests: Streaming<pb::DiscoveryRequest>,
-    responses: mpsc::Sender<Result<Bytes, Status>>,
+    responses: Responses,
 ) {
     let (snapshot, mut changes) = store.subscribe().await;
     let metrics = store.metrics();
     let _connected = Connected::count(metrics);
     let mut sent_version = snapshot.version;
-    if !send_snapshot(metrics, &responses, &snapshot).await {
+    if !send_snapshot(metrics, &responses, &snapshot, compressed).await {
         return;
     }
     // Set when the ztunnel refused a full snapshot: resending it would be
@@ -87,8 +122,11 @@ async fn serve_stream(
                     Ok(delta) if delta.version == sent_version + 1 && !resync_on_next_change => {
                         sent_version = delta.version;
                         metrics.push_delay.observe(delta.created.elapsed().as_secs_f64());
-                        metrics.pushes.get_or_create(&PushLabels { kind: "update" }).inc();
-                        responses.send(Ok(delta.encoded())).await.is_ok()
+                        let update = PushLabels { kind: "update" };
+                        metrics.pushes.get_or_create(&update).inc();
+                        let outgoing = delta.outgoing(compressed);
+                        metrics.sent_bytes.get_or_create(&update).inc_by(outgoing.bytes.len() as u64);
+                        responses.send(Ok(outgoing)).await.is_ok()
                     }
                     // A gap (missed changes), a lagging receiver, or a
                     // ztunnel whose state we no longer know: start over from
@@ -98,7 +136,7 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "sending a full snapshot");
-                        send_snapshot(metrics, &responses, &snapshot).await
+                        send_snapshot(metrics, &responses, &snapshot, compressed).await
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
@@ -120,7 +158,7 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "update rejected; resending the full state");
-                        if !send_snapshot(metrics, &responses, &snapshot).await {
+                        if !send_snapshot(metrics, &responses, &snapshot, compressed).await {
                             return;
                         }
                     } else {
@@ -141,7 +179,7 @@ async fn serve_stream(
 }
 
 /// Sends the parts of a snapshot in order; false when the stream is gone.
-async fn send_all(responses: &mpsc::Sender<Result<Bytes, Status>>, parts: &[Bytes]) -> bool {
+async fn send_all(responses: &Responses, parts: &[Outgoing]) -> bool {
     for part in parts {
         if responses.send(Ok(part.clone())).await.is_err() {
             return false;
@@ -168,14 +206,19 @@ impl Drop for Connected<'_> {
 
 async fn send_snapshot(
     metrics: &Metrics,
-    responses: &mpsc::Sender<Result<Bytes, Status>>,
+    responses: &Responses,
     snapshot: &crate::store::Snapshot,
+    compressed: bool,
 ) -> bool {
+    let labels = PushLabels { kind: "snapshot" };
+    metrics.pushes.get_or_create(&labels).inc();
+    let parts = snapshot.encoded(compressed);
+    let bytes: usize = parts.iter().map(|part| part.bytes.len()).sum();
     metrics
-        .pushes
-        .get_or_create(&PushLabels { kind: "snapshot" })
-        .inc();
-    send_all(responses, &snapshot.encoded()).await
+        .sent_bytes
+        .get_or_create(&labels)
+        .inc_by(bytes as u64);
+    send_all(responses, &parts).await
 }
 
 fn log_reply(node: &str, request: &pb::DiscoveryRequest) {
@@ -248,7 +291,8 @@ where
         if request.uri().path() != STREAM_PATH {
             return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
         }
-        // Compressed requests are not accepted (tonic answers the same).
+        // Compressed requests are not accepted (tonic answers the same);
+        // responses are, when the caller says so.
         if let Some(encoding) = request
             .headers()
             .get("grpc-encoding")
@@ -304,7 +348,7 @@ where
 const COPY_BELOW: usize = 4096;
 
 /// The response body: each message framed as gRPC (a 5-byte prefix:
-/// uncompressed, length), then `grpc-status` trailers.
+/// whether it is compressed, its length), then `grpc-status` trailers.
 struct PreEncodedBody {
     responses: ResponseStream,
     max_encoded: usize,
@@ -328,9 +372,12 @@ impl http_body::Body for PreEncodedBody {
             return Poll::Ready(None);
         }
         let ended = match std::task::ready!(self.responses.as_mut().poll_next(cx)) {
-            Some(Ok(message)) => match u32::try_from(message.len()) {
+            Some(Ok(Outgoing {
+                bytes: message,
+                compressed,
+            })) => match u32::try_from(message.len()) {
                 Ok(length) if message.len() <= self.max_encoded => {
-                    let mut prefix = [0u8; 5];
+                    let mut prefix = [u8::from(compressed), 0, 0, 0, 0];
                     prefix[1..].copy_from_slice(&length.to_be_bytes());
                     if message.len() < COPY_BELOW {
                         let mut framed = Vec::with_capacity(5 + message.len());
@@ -375,6 +422,7 @@ mod tests {
     use super::*;
 
     fn body(messages: Vec<Result<Bytes, Status>>, max_encoded: usize) -> PreEncodedBody {
+        let messages = messages.into_iter().map(|m| m.map(Outgoing::plain));
         PreEncodedBody {
             responses: Box::pin(futures::stream::iter(messages)),
             max_encoded,
@@ -403,6 +451,42 @@ mod tests {
         let mut expected = framed(&small);
         expected.extend(framed(&large));
         assert_eq!(collected.to_bytes().to_vec(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_compressed_message_carries_the_compressed_flag() {
+        let message = Bytes::from(vec![3u8; COPY_BELOW * 2]);
+        let body = PreEncodedBody {
+            responses: Box::pin(futures::stream::iter([Ok(Outgoing {
+                bytes: message.clone(),
+                compressed: true,
+            })])),
+            max_encoded: 1 << 20,
+            next: None,
+            done: false,
+        };
+        let sent = body.collect().await.unwrap().to_bytes();
+        let mut expected = framed(&message);
+        expected[0] = 1;
+        assert_eq!(sent.to_vec(), expected);
+    }
+
+    #[test]
+    fn zstd_is_sent_only_to_a_caller_that_accepts_it() {
+        let with = |value: Option<&'static str>| {
+            let mut request = Request::new(());
+            if let Some(value) = value {
+                request
+                    .metadata_mut()
+                    .insert(ACCEPT_ENCODING_HEADER, MetadataValue::from_static(value));
+            }
+            accepts_zstd(&request)
+        };
+        assert!(with(Some("zstd")));
+        assert!(with(Some("gzip, zstd,identity")));
+        assert!(!with(Some("gzip,identity")));
+        assert!(!with(Some("zstdx")));
+        assert!(!with(None), "an earlier ztunnel says nothing");
     }
 
     #[tokio::test]

@@ -6,12 +6,14 @@
 //! | --- | --- | --- | --- |
 //! | `kanava_control_plane_ztunnels_connected` | gauge | | discovery streams open now |
 //! | `kanava_control_plane_discovery_pushes_total` | counter | `kind` (`snapshot`, `update`) | responses sent to ztunnels |
+//! | `kanava_control_plane_discovery_sent_bytes_total` | counter | `kind` (`snapshot`, `update`) | bytes of the responses sent, as sent (compressed for a ztunnel that accepts it) |
 //! | `kanava_control_plane_discovery_push_delay_seconds` | histogram | | from a change entering the store to its update leaving for a ztunnel |
 //! | `kanava_control_plane_discovery_nacks_total` | counter | | responses ztunnels refused |
 //! | `kanava_control_plane_certificate_requests_total` | counter | `result` (`signed`, `refused`), `reason` | signing requests |
 //! | `kanava_control_plane_policies_rejected` | gauge | | AuthorizationPolicies rejected as invalid now |
 //! | `kanava_control_plane_configuration_version` | gauge | | version of the state served |
 //! | `kanava_control_plane_source_synced` | gauge | | 1 once every kind has been read in full |
+//! | `kanava_control_plane_source_resource_version` | gauge | | newest `resourceVersion` read from a manifest directory, once served (the lab waits on it; 0 on Kubernetes) |
 //! | `kanava_control_plane_source_last_change_timestamp_seconds` | gauge | | when the source last delivered a view (age: `time() - this`) |
 //! | `kanava_control_plane_ca_reloads_total` | counter | `result` (`changed`, `refused`) | CA material read again and found changed, or unusable (the CA in force stays) |
 //! | `kanava_control_plane_trust_roots` | gauge | | roots in the trust bundle served (2 during a rotation) |
@@ -47,6 +49,7 @@ pub struct Metrics {
     pub trust_roots: Gauge,
     pub ztunnels_connected: Gauge,
     pub pushes: Family<PushLabels, Counter>,
+    pub sent_bytes: Family<PushLabels, Counter>,
     pub push_delay: Histogram,
     pub nacks: Counter,
     pub certificate_requests: Family<CertificateLabels, Counter>,
@@ -54,6 +57,7 @@ pub struct Metrics {
     pub configuration_version: Gauge,
     pub source_synced: Gauge,
     pub source_last_change: Gauge<f64, AtomicU64>,
+    pub source_resource_version: Gauge,
 }
 
 impl Default for Metrics {
@@ -71,6 +75,7 @@ impl Metrics {
             trust_roots: Gauge::default(),
             ztunnels_connected: Gauge::default(),
             pushes: Family::default(),
+            sent_bytes: Family::default(),
             // 0.5 ms to about 4 s.
             push_delay: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             nacks: Counter::default(),
@@ -79,6 +84,7 @@ impl Metrics {
             configuration_version: Gauge::default(),
             source_synced: Gauge::default(),
             source_last_change: Gauge::default(),
+            source_resource_version: Gauge::default(),
         };
         registry.register(
             "ztunnels_connected",
@@ -89,6 +95,11 @@ impl Metrics {
             "discovery_pushes",
             "Discovery responses sent, by kind (snapshot, update)",
             metrics.pushes.clone(),
+        );
+        registry.register(
+            "discovery_sent_bytes",
+            "Bytes of the discovery responses sent, as sent (compressed for a ztunnel that accepts it), by kind",
+            metrics.sent_bytes.clone(),
         );
         registry.register(
             "discovery_push_delay_seconds",
@@ -124,6 +135,11 @@ impl Metrics {
             "source_last_change_timestamp_seconds",
             "When the source last delivered a view of the cluster (Unix time)",
             metrics.source_last_change.clone(),
+        );
+        registry.register(
+            "source_resource_version",
+            "Newest resourceVersion read from a manifest directory, once served (0 on Kubernetes)",
+            metrics.source_resource_version.clone(),
         );
         registry.register(
             "ca_reloads",

@@ -34,45 +34,92 @@ pub struct Snapshot {
     /// What ztunnels trust; on the first part of every full snapshot.
     pub trust_bundle: Option<pb::TrustBundle>,
     /// The full-snapshot responses (parts), encoded on first use.
-    encoded: OnceLock<Arc<[Bytes]>>,
+    encoded: OnceLock<Arc<[Outgoing]>>,
+    /// The same parts compressed, on first use by a stream that accepts
+    /// compression; made from the resources, so the plain parts are never
+    /// built when no stream needs them.
+    compressed: OnceLock<Arc<[Outgoing]>>,
 }
 
 impl Snapshot {
     /// This snapshot as full `DiscoveryResponse` parts, encoded once and
-    /// shared by every stream.
-    pub fn encoded(&self) -> Arc<[Bytes]> {
-        self.encoded
-            .get_or_init(|| {
-                let resources: Vec<&Arc<pb::Resource>> = self.resources.values().collect();
-                let mut chunks: Vec<&[&Arc<pb::Resource>]> =
-                    resources.chunks(SNAPSHOT_PART).collect();
-                if chunks.is_empty() {
-                    // An empty mesh is still a snapshot: one part, no resources.
-                    chunks.push(&[]);
-                }
-                let last = chunks.len() - 1;
-                chunks
-                    .iter()
-                    .enumerate()
-                    .map(|(part, chunk)| {
-                        let rest = pb::DiscoveryResponse {
-                            version_info: self.version.to_string(),
-                            nonce: format!("{}-full-{part}", self.version),
-                            full_snapshot: true,
-                            resources: Vec::new(),
-                            removed: Vec::new(),
-                            more: part < last,
-                            trust_bundle: if part == 0 {
-                                self.trust_bundle.clone()
-                            } else {
-                                None
-                            },
-                        };
-                        encode(&rest, chunk.iter().map(|r| &***r))
-                    })
-                    .collect()
-            })
-            .clone()
+    /// shared by every stream; compressed ones for streams that accept it
+    /// (compressed once per part, not once per stream).
+    pub fn encoded(&self, compressed: bool) -> Arc<[Outgoing]> {
+        if compressed {
+            self.compressed
+                .get_or_init(|| self.parts().map(|part| Outgoing::compress(&part)).collect())
+                .clone()
+        } else {
+            self.encoded
+                .get_or_init(|| self.parts().map(Outgoing::plain).collect())
+                .clone()
+        }
+    }
+
+    fn parts(&self) -> impl Iterator<Item = Bytes> + '_ {
+        let resources: Vec<&Arc<pb::Resource>> = self.resources.values().collect();
+        let mut chunks: Vec<Vec<&Arc<pb::Resource>>> =
+            resources.chunks(SNAPSHOT_PART).map(<[_]>::to_vec).collect();
+        if chunks.is_empty() {
+            // An empty mesh is still a snapshot: one part, no resources.
+            chunks.push(Vec::new());
+        }
+        let last = chunks.len() - 1;
+        chunks.into_iter().enumerate().map(move |(part, chunk)| {
+            let rest = pb::DiscoveryResponse {
+                version_info: self.version.to_string(),
+                nonce: format!("{}-full-{part}", self.version),
+                full_snapshot: true,
+                resources: Vec::new(),
+                removed: Vec::new(),
+                more: part < last,
+                trust_bundle: if part == 0 {
+                    self.trust_bundle.clone()
+                } else {
+                    None
+                },
+            };
+            encode(&rest, chunk.iter().map(|r| &***r))
+        })
+    }
+}
+
+/// An encoded `DiscoveryResponse` as it leaves for a stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outgoing {
+    pub bytes: Bytes,
+    /// Compressed with zstd: only for a stream that accepts it, which
+    /// gRPC's per-message flag then tells.
+    pub compressed: bool,
+}
+
+/// Below this, compression saves too little to be worth a ztunnel's work.
+const COMPRESS_FROM: usize = 1024;
+/// zstd's level: at 3 (its default) a part of 1,000 resources compresses
+/// in about a millisecond, once, for every stream.
+const COMPRESSION_LEVEL: i32 = 3;
+
+impl Outgoing {
+    pub fn plain(bytes: Bytes) -> Self {
+        Outgoing {
+            bytes,
+            compressed: false,
+        }
+    }
+
+    /// `bytes` compressed, or as they are when small or incompressible.
+    fn compress(bytes: &Bytes) -> Self {
+        if bytes.len() >= COMPRESS_FROM
+            && let Ok(compressed) = zstd::bulk::compress(bytes, COMPRESSION_LEVEL)
+            && compressed.len() < bytes.len()
+        {
+            return Outgoing {
+                bytes: compressed.into(),
+                compressed: true,
+            };
+        }
+        Outgoing::plain(bytes.clone())
     }
 }
 
@@ -114,9 +161,24 @@ pub struct Delta {
     /// sends it: the first version's change (the whole state) and changes
     /// made while no stream listens never are.
     encoded: OnceLock<Bytes>,
+    /// The same, compressed for the streams that accept it.
+    compressed: OnceLock<Outgoing>,
 }
 
 impl Delta {
+    /// This change as an incremental `DiscoveryResponse`, compressed for a
+    /// stream that accepts it (a rollout's or a namespace's change can be
+    /// large; one pod's stays as it is).
+    pub fn outgoing(&self, compressed: bool) -> Outgoing {
+        if compressed {
+            self.compressed
+                .get_or_init(|| Outgoing::compress(&self.encoded()))
+                .clone()
+        } else {
+            Outgoing::plain(self.encoded())
+        }
+    }
+
     /// This change as an incremental `DiscoveryResponse`.
     pub fn encoded(&self) -> Bytes {
         self.encoded
@@ -158,6 +220,7 @@ impl Current {
                     resources: self.resources.clone(),
                     trust_bundle: self.trust_bundle.clone(),
                     encoded: OnceLock::new(),
+                    compressed: OnceLock::new(),
                 })
             })
             .clone()
@@ -214,7 +277,7 @@ impl Made {
             pb::Resource,
             Option<NodeIdentity>,
         ),
-    ) -> Option<(Arc<pb::Resource>, Option<NodeIdentity>)> {
+    ) -> Option<(usize, Arc<pb::Resource>, Option<NodeIdentity>)> {
         let generation = self.generation;
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.seen = generation;
@@ -235,7 +298,27 @@ impl Made {
                 identity: identity.clone(),
             },
         );
-        Some((resource, identity))
+        Some((key, resource, identity))
+    }
+}
+
+/// Whether two workloads are equal but for their `resource_version`. A
+/// pod's version changes with every status update of the kubelet, which
+/// changes nothing a ztunnel does: such an update is no change. (Services
+/// and policies change when their objects do, and those are written by
+/// people.)
+fn same_for_ztunnels(served: &pb::Resource, new: &pb::Resource) -> bool {
+    use pb::resource::Kind;
+    match (&served.kind, &new.kind) {
+        (Some(Kind::Workload(a)), Some(Kind::Workload(b))) => {
+            served.name == new.name
+                && *a
+                    == pb::Workload {
+                        resource_version: a.resource_version.clone(),
+                        ..b.clone()
+                    }
+        }
+        _ => served == new,
     }
 }
 
@@ -359,17 +442,27 @@ impl Store {
         // New first: an item made again (its name still counted by the
         // entry it replaces) is compared with what was served, and its name
         // does not leave with the old entry.
-        for (resource, identity) in new {
+        for (key, resource, identity) in new {
             if let Some(identity) = identity {
                 current.count_identity(identity, 1);
             }
             // A new item may make what was served already (a pod changed in
-            // a way the mesh does not see): not a change.
+            // a way the mesh does not see, such as the kubelet's status
+            // updates, which change only its resourceVersion): not a change,
+            // and the version served stays the one of the last change.
             let previous = current
                 .resources
                 .insert(resource.name.clone(), resource.clone());
-            if previous.as_deref() != Some(&*resource) {
-                upserts.push(resource);
+            match previous {
+                Some(previous) if same_for_ztunnels(&previous, &resource) => {
+                    current
+                        .resources
+                        .insert(resource.name.clone(), previous.clone());
+                    if let Some(entry) = made.entries.get_mut(&key) {
+                        entry.resource = previous;
+                    }
+                }
+                _ => upserts.push(resource),
             }
         }
         let Made {
@@ -465,6 +558,7 @@ impl Store {
             removed,
             trust_bundle,
             encoded: OnceLock::new(),
+            compressed: OnceLock::new(),
         });
         self.metrics
             .configuration_version
@@ -666,11 +760,73 @@ mod tests {
         assert_eq!(decoded, expected);
         assert_eq!(decoded.resources.len(), 2);
 
-        let parts = store.snapshot().encoded();
-        let full = pb::DiscoveryResponse::decode(parts[0].clone()).unwrap();
+        let parts = store.snapshot().encoded(false);
+        assert!(!parts[0].compressed);
+        let full = pb::DiscoveryResponse::decode(parts[0].bytes.clone()).unwrap();
         assert_eq!(full.resources, expected.resources);
         assert_eq!(full.trust_bundle.unwrap().roots, vec!["root".to_string()]);
         assert!(full.full_snapshot && !full.more);
+    }
+
+    #[test]
+    fn compressed_parts_decompress_to_the_plain_ones() {
+        let store = Store::new();
+        let workloads = |extra: Option<&str>| {
+            (0..SNAPSHOT_PART + 10)
+                .map(|i| format!("pod-{i}"))
+                .chain(extra.map(String::from))
+                .map(|uid| workload(&uid, "n1", "web"))
+                .collect()
+        };
+        store.replace(&state(workloads(None))).unwrap();
+        let snapshot = store.snapshot();
+        let plain = snapshot.encoded(false);
+        let compressed = snapshot.encoded(true);
+        assert_eq!(plain.len(), 2, "two parts");
+        assert_eq!(compressed.len(), plain.len());
+        for (plain, compressed) in plain.iter().zip(compressed.iter()) {
+            assert!(compressed.compressed);
+            assert!(
+                compressed.bytes.len() * 4 < plain.bytes.len(),
+                "compressed well"
+            );
+            let inflated = zstd::bulk::decompress(&compressed.bytes, plain.bytes.len()).unwrap();
+            assert_eq!(inflated, plain.bytes);
+        }
+        // Built once, shared by every stream.
+        assert!(Arc::ptr_eq(&compressed, &snapshot.encoded(true)));
+        // One pod's change is small: it goes as it is.
+        let delta = store.replace(&state(workloads(Some("one-more")))).unwrap();
+        assert_eq!(delta.upserts.len(), 1);
+        assert_eq!(delta.outgoing(true), Outgoing::plain(delta.encoded()));
+    }
+
+    #[test]
+    fn a_change_of_the_resource_version_alone_is_no_change() {
+        let store = Store::new();
+        let pod = |version: &str, node: &str| Workload {
+            resource_version: version.into(),
+            ..workload("a", node, "web")
+        };
+        store.replace(&state(vec![pod("5", "n1")])).unwrap();
+        // The kubelet's status updates: a new version, nothing else.
+        assert!(store.replace(&state(vec![pod("6", "n1")])).is_none());
+        assert!(store.replace(&state(vec![pod("7", "n1")])).is_none());
+        let served = store.snapshot();
+        let Some(pb::resource::Kind::Workload(served)) = &served.resources["workload/a"].kind
+        else {
+            panic!("a workload");
+        };
+        assert_eq!(
+            served.resource_version, "5",
+            "the version of the last change"
+        );
+        // A change the mesh sees goes out, with its version.
+        let delta = store.replace(&state(vec![pod("8", "n2")])).unwrap();
+        let Some(pb::resource::Kind::Workload(changed)) = &delta.upserts[0].kind else {
+            panic!("a workload");
+        };
+        assert_eq!(changed.resource_version, "8");
     }
 
     #[tokio::test]

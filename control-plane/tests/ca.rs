@@ -364,7 +364,9 @@ async fn a_ca_directory_is_followed_through_a_rotation() {
     assert_eq!((bundle.roots.len(), bundle.signer), (2, old_signer.clone()));
     assert!(sent.resources.is_empty() && sent.removed.is_empty());
     let snapshot = store.snapshot();
-    let full = kanava_proto::v1::DiscoveryResponse::decode(snapshot.encoded()[0].clone()).unwrap();
+    let full =
+        kanava_proto::v1::DiscoveryResponse::decode(snapshot.encoded(false)[0].bytes.clone())
+            .unwrap();
     assert_eq!(full.trust_bundle.unwrap().roots.len(), 2);
 
     // Half of step 2 (a new key under the old certificate): refused.

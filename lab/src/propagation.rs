@@ -2,6 +2,12 @@
 //! resource version of everything it holds (admin `/config_dump`); a change
 //! has arrived when every ztunnel holds the written version or a later one,
 //! or no longer holds a deleted object.
+//!
+//! A pod written in a way the mesh does not see (marked ready, annotated)
+//! is sent to no ztunnel: the control plane serves the version of its last
+//! change that mattered. Such a write has arrived once the control plane
+//! has read it (its `source_resource_version` metric) and the ztunnel holds
+//! the discovery version the control plane served then.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -52,15 +58,22 @@ impl Expect {
         }
     }
 
-    fn met_by(&self, held: &BTreeMap<String, String>) -> bool {
-        match (self.version, held.get(&self.name)) {
-            (None, held) => held.is_none(),
+    fn met_by(&self, held: &Held, served: Option<&Served>) -> bool {
+        match (self.version, held.versions.get(&self.name)) {
+            (None, version) => version.is_none(),
             (Some(_), None) => false,
-            (Some(wanted), Some(held)) => held
-                .split('/')
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|held| held >= wanted),
+            (Some(wanted), Some(version)) => {
+                version
+                    .split('/')
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|version| version >= wanted)
+                    || (self.name.starts_with("workload/")
+                        && served.is_some_and(|served| {
+                            served.source_version >= wanted
+                                && held.discovery_version >= served.discovery_version
+                        }))
+            }
         }
     }
 }
@@ -85,9 +98,13 @@ pub fn wait(
             return Err(Error::Cancelled);
         }
         unmet.clear();
+        let served = served(state);
         pending.retain(|(node, netns)| {
-            let held = resource_versions(netns).unwrap_or_default();
-            let missing: Vec<_> = expect.iter().filter(|e| !e.met_by(&held)).collect();
+            let held = held(netns).unwrap_or_default();
+            let missing: Vec<_> = expect
+                .iter()
+                .filter(|e| !e.met_by(&held, served.as_ref()))
+                .collect();
             unmet.extend(missing.iter().map(|e| (node.clone(), e.name.clone())));
             !missing.is_empty()
         });
@@ -139,9 +156,71 @@ pub fn wait_for_certificates(
     }
 }
 
+/// What a ztunnel holds.
+#[derive(Debug, Default)]
+struct Held {
+    /// Resource name → version.
+    versions: BTreeMap<String, String>,
+    /// The discovery version it serves from.
+    discovery_version: u64,
+}
+
+fn held(node_netns: &str) -> Option<Held> {
+    let dump = config_dump(node_netns)?;
+    Some(Held {
+        versions: versions_of(&dump)?,
+        discovery_version: dump["version"].as_str()?.parse().unwrap_or_default(),
+    })
+}
+
+/// What the control plane has read and served.
+#[derive(Debug)]
+struct Served {
+    /// The newest resource version it has read from the manifests.
+    source_version: u64,
+    /// The discovery version it served after reading it.
+    discovery_version: u64,
+}
+
+/// The control plane's `Served`, from its metrics (the source's version
+/// is set after the discovery version it leads to, so one reading is
+/// consistent).
+fn served(state: &LabState) -> Option<Served> {
+    let address = std::net::SocketAddr::new(
+        state.control_plane_address().ip(),
+        ports::CONTROL_PLANE_READINESS,
+    );
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &state.fabric_netns,
+            "curl",
+            "-sf",
+            "-m",
+            "2",
+        ])
+        .arg(format!("http://{address}/metrics"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8(output.stdout).ok()?;
+    let gauge = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    };
+    Some(Served {
+        source_version: gauge("kanava_control_plane_source_resource_version")?,
+        discovery_version: gauge("kanava_control_plane_configuration_version")?,
+    })
+}
+
 /// What a node's ztunnel holds: resource name → version.
 pub fn resource_versions(node_netns: &str) -> Option<BTreeMap<String, String>> {
-    let dump = config_dump(node_netns)?;
+    versions_of(&config_dump(node_netns)?)
+}
+
+fn versions_of(dump: &serde_json::Value) -> Option<BTreeMap<String, String>> {
     let versions = dump.get("resourceVersions")?.as_object()?;
     Some(
         versions

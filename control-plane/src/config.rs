@@ -112,6 +112,13 @@ pub struct Config {
     #[arg(long, env = "KANAVA_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// From how many resources (pods, Services and policies) on, a ztunnel
+    /// that can learn workloads on demand is sent only its own node's
+    /// workloads, the Services without endpoints and the policies, and asks
+    /// for the rest when it needs it. Below, every ztunnel holds everything.
+    #[arg(long, env = "KANAVA_ON_DEMAND_ABOVE", default_value_t = 5000)]
+    pub on_demand_above: usize,
+
     /// Log format.
     #[arg(long, env = "KANAVA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

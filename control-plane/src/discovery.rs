@@ -35,11 +35,17 @@ use crate::store::{Outgoing, Store};
 
 pub struct DiscoveryService {
     store: Arc<Store>,
+    on_demand_above: usize,
 }
 
 impl DiscoveryService {
-    pub fn new(store: Arc<Store>) -> Self {
-        DiscoveryService { store }
+    /// `on_demand_above`: from how many resources on a ztunnel that can
+    /// learn on demand is served that way (see [`crate::on_demand`]).
+    pub fn new(store: Arc<Store>, on_demand_above: usize) -> Self {
+        DiscoveryService {
+            store,
+            on_demand_above,
+        }
     }
 
     async fn subscribe(
@@ -60,12 +66,17 @@ impl DiscoveryService {
                 first.node_name
             )));
         }
-        tracing::info!(%node, resumed_from = %first.version_info, compressed, "ztunnel subscribed");
+        let stream = StreamMode {
+            compressed,
+            on_demand: first.on_demand,
+            on_demand_above: self.on_demand_above,
+        };
+        tracing::info!(%node, resumed_from = %first.version_info, compressed, can_learn = first.on_demand, "ztunnel subscribed");
         let (responses, rx) = mpsc::channel(4);
         tokio::spawn(serve_stream(
             self.store.clone(),
             node,
-            compressed,
+            stream,
             requests,
             responses,
         ));
@@ -97,18 +108,43 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send
 
 type Responses = mpsc::Sender<Result<Outgoing, Status>>;
 
+/// How one stream is served.
+#[derive(Clone, Copy, Debug)]
+struct StreamMode {
+    /// The ztunnel accepts zstd.
+    compressed: bool,
+    /// The ztunnel can learn workloads on demand.
+    on_demand: bool,
+    on_demand_above: usize,
+}
+
 async fn serve_stream(
     store: Arc<Store>,
     node: String,
-    compressed: bool,
+    mode: StreamMode,
     mut requests: Streaming<pb::DiscoveryRequest>,
     responses: Responses,
 ) {
     let (snapshot, mut changes) = store.subscribe().await;
     let metrics = store.metrics();
     let _connected = Connected::count(metrics);
+    let compressed = mode.compressed;
+    // Decided once per stream: a ztunnel that can learn on demand, in a
+    // mesh large enough for it to matter.
+    let on_demand = mode.on_demand && snapshot.resources.len() >= mode.on_demand_above;
+    if on_demand {
+        tracing::info!(%node, "serving on demand");
+    }
+    let send_snapshot = async |snapshot: &crate::store::Snapshot| {
+        let parts = if on_demand {
+            snapshot.on_demand(&node, compressed).into()
+        } else {
+            snapshot.encoded(compressed)
+        };
+        send_parts(metrics, &responses, &parts).await
+    };
     let mut sent_version = snapshot.version;
-    if !send_snapshot(metrics, &responses, &snapshot, compressed).await {
+    if !send_snapshot(&snapshot).await {
         return;
     }
     // Set when the ztunnel refused a full snapshot: resending it would be
@@ -136,7 +172,7 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "sending a full snapshot");
-                        send_snapshot(metrics, &responses, &snapshot, compressed).await
+                        send_snapshot(&snapshot).await
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
@@ -145,6 +181,17 @@ async fn serve_stream(
                 }
             }
             request = requests.message() => match request {
+                Ok(Some(request)) if !request.learn.is_empty() => {
+                    // Only an on-demand stream asks; anyone may, and is
+                    // answered from the current state.
+                    let found = store.learn(&request.learn);
+                    metrics.learned.inc_by(request.learn.len() as u64);
+                    let answer = crate::on_demand::encode_answer(sent_version, request.learn, &found, compressed);
+                    metrics.sent_bytes.get_or_create(&PushLabels { kind: "learned" }).inc_by(answer.bytes.len() as u64);
+                    if responses.send(Ok(answer)).await.is_err() {
+                        return;
+                    }
+                }
                 Ok(Some(request)) => {
                     log_reply(&node, &request);
                     if request.error_detail.is_none() {
@@ -158,7 +205,7 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "update rejected; resending the full state");
-                        if !send_snapshot(metrics, &responses, &snapshot, compressed).await {
+                        if !send_snapshot(&snapshot).await {
                             return;
                         }
                     } else {
@@ -204,21 +251,15 @@ impl Drop for Connected<'_> {
     }
 }
 
-async fn send_snapshot(
-    metrics: &Metrics,
-    responses: &Responses,
-    snapshot: &crate::store::Snapshot,
-    compressed: bool,
-) -> bool {
+async fn send_parts(metrics: &Metrics, responses: &Responses, parts: &[Outgoing]) -> bool {
     let labels = PushLabels { kind: "snapshot" };
     metrics.pushes.get_or_create(&labels).inc();
-    let parts = snapshot.encoded(compressed);
     let bytes: usize = parts.iter().map(|part| part.bytes.len()).sum();
     metrics
         .sent_bytes
         .get_or_create(&labels)
         .inc_by(bytes as u64);
-    send_all(responses, &parts).await
+    send_all(responses, parts).await
 }
 
 fn log_reply(node: &str, request: &pb::DiscoveryRequest) {

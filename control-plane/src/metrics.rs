@@ -8,6 +8,7 @@
 //! | `kanava_control_plane_discovery_pushes_total` | counter | `kind` (`snapshot`, `update`) | responses sent to ztunnels |
 //! | `kanava_control_plane_discovery_sent_bytes_total` | counter | `kind` (`snapshot`, `update`) | bytes of the responses sent, as sent (compressed for a ztunnel that accepts it) |
 //! | `kanava_control_plane_discovery_push_delay_seconds` | histogram | | from a change entering the store to its update leaving for a ztunnel |
+//! | `kanava_control_plane_discovery_learned_total` | counter | | addresses and names on-demand ztunnels asked for (`kind="learned"` in the sent bytes is their answers) |
 //! | `kanava_control_plane_discovery_nacks_total` | counter | | responses ztunnels refused |
 //! | `kanava_control_plane_certificate_requests_total` | counter | `result` (`signed`, `refused`), `reason` | signing requests |
 //! | `kanava_control_plane_policies_rejected` | gauge | | AuthorizationPolicies rejected as invalid now |
@@ -52,6 +53,7 @@ pub struct Metrics {
     pub sent_bytes: Family<PushLabels, Counter>,
     pub push_delay: Histogram,
     pub nacks: Counter,
+    pub learned: Counter,
     pub certificate_requests: Family<CertificateLabels, Counter>,
     pub policies_rejected: Gauge,
     pub configuration_version: Gauge,
@@ -79,6 +81,7 @@ impl Metrics {
             // 0.5 ms to about 4 s.
             push_delay: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             nacks: Counter::default(),
+            learned: Counter::default(),
             certificate_requests: Family::default(),
             policies_rejected: Gauge::default(),
             configuration_version: Gauge::default(),
@@ -110,6 +113,11 @@ impl Metrics {
             "discovery_nacks",
             "Discovery responses ztunnels refused",
             metrics.nacks.clone(),
+        );
+        registry.register(
+            "discovery_learned",
+            "Addresses and names on-demand ztunnels asked for",
+            metrics.learned.clone(),
         );
         registry.register(
             "certificate_requests",

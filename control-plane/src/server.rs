@@ -76,7 +76,10 @@ impl Server {
         let incoming = accept_tls(listener, TlsAcceptor::from(tls), shutdown.clone());
         let max = self.config.max_message_bytes;
         let discovery = Authenticated::new(
-            DiscoveryServer::new(DiscoveryService::new(self.store.clone()), max),
+            DiscoveryServer::new(
+                DiscoveryService::new(self.store.clone(), self.config.on_demand_above),
+                max,
+            ),
             self.auth.clone(),
         );
         let certificates = certificates::server(

@@ -17,12 +17,14 @@ use tokio::sync::{broadcast, watch};
 
 use kanava_cluster::MeshState;
 
+use crate::on_demand::{AddressIndex, OnDemandParts};
+
 /// How many changes a slow stream may fall behind before it is sent a fresh
 /// snapshot instead.
 const CHANGE_BACKLOG: usize = 256;
 /// Resources per part of a full snapshot: small enough that a hundred
 /// streams sending at once hold megabytes, not gigabytes.
-const SNAPSHOT_PART: usize = 1000;
+pub(crate) const SNAPSHOT_PART: usize = 1000;
 
 /// All resources at one version. Made when a stream first needs it after
 /// a change (a copy of the store's map, resources shared), so that changes
@@ -39,6 +41,8 @@ pub struct Snapshot {
     /// compression; made from the resources, so the plain parts are never
     /// built when no stream needs them.
     compressed: OnceLock<Arc<[Outgoing]>>,
+    /// What on-demand streams are sent of it.
+    pub(crate) on_demand: OnDemandParts,
 }
 
 impl Snapshot {
@@ -79,6 +83,7 @@ impl Snapshot {
                 } else {
                     None
                 },
+                ..Default::default()
             };
             encode(&rest, chunk.iter().map(|r| &***r))
         })
@@ -109,7 +114,7 @@ impl Outgoing {
     }
 
     /// `bytes` compressed, or as they are when small or incompressible.
-    fn compress(bytes: &Bytes) -> Self {
+    pub(crate) fn compress(bytes: &Bytes) -> Self {
         if bytes.len() >= COMPRESS_FROM
             && let Ok(compressed) = zstd::bulk::compress(bytes, COMPRESSION_LEVEL)
             && compressed.len() < bytes.len()
@@ -131,7 +136,7 @@ const RESOURCES_FIELD: u32 = 4;
 /// resources into responses only to encode them would hold the state twice
 /// for a moment. Protobuf decoders take fields in any order and join the
 /// occurrences of a repeated field, so the resources follow the rest.
-fn encode<'a>(
+pub(crate) fn encode<'a>(
     rest: &pb::DiscoveryResponse,
     resources: impl Iterator<Item = &'a pb::Resource> + Clone,
 ) -> Bytes {
@@ -191,6 +196,7 @@ impl Delta {
                     removed: self.removed.clone(),
                     more: false,
                     trust_bundle: self.trust_bundle.clone(),
+                    ..Default::default()
                 };
                 encode(&rest, self.upserts.iter().map(|r| &**r))
             })
@@ -209,6 +215,8 @@ struct Current {
     identities_by_node: HashMap<String, HashMap<Identity, usize>>,
     /// The snapshot of this version, once a stream asked for it.
     snapshot: Option<Arc<Snapshot>>,
+    /// The resources by address, to answer on-demand streams.
+    addresses: AddressIndex,
 }
 
 impl Current {
@@ -221,9 +229,27 @@ impl Current {
                     trust_bundle: self.trust_bundle.clone(),
                     encoded: OnceLock::new(),
                     compressed: OnceLock::new(),
+                    on_demand: OnDemandParts::default(),
                 })
             })
             .clone()
+    }
+
+    /// Serves `resource` under its name, in place of what was.
+    fn serve(&mut self, resource: Arc<pb::Resource>) {
+        if let Some(previous) = self
+            .resources
+            .insert(resource.name.clone(), resource.clone())
+        {
+            self.addresses.remove(&previous);
+        }
+        self.addresses.add(&resource);
+    }
+
+    fn withdraw(&mut self, name: &str) {
+        if let Some(previous) = self.resources.remove(name) {
+            self.addresses.remove(&previous);
+        }
     }
 
     fn count_identity(&mut self, (node, identity): NodeIdentity, pods: isize) {
@@ -370,6 +396,17 @@ impl Store {
         self.lock().snapshot()
     }
 
+    /// Resources served now (the mesh's size).
+    pub fn resource_count(&self) -> usize {
+        self.lock().resources.len()
+    }
+
+    /// What answers an on-demand stream's `learn` of `keys` now.
+    pub fn learn(&self, keys: &[String]) -> Vec<Arc<pb::Resource>> {
+        let current = self.lock();
+        crate::on_demand::answer(keys, &current.resources, &current.addresses)
+    }
+
     /// Whether an enrolled pod with `identity` is scheduled on `node` now.
     pub fn node_runs(&self, node: &str, identity: &Identity) -> bool {
         self.lock()
@@ -450,19 +487,16 @@ impl Store {
             // a way the mesh does not see, such as the kubelet's status
             // updates, which change only its resourceVersion): not a change,
             // and the version served stays the one of the last change.
-            let previous = current
-                .resources
-                .insert(resource.name.clone(), resource.clone());
-            match previous {
-                Some(previous) if same_for_ztunnels(&previous, &resource) => {
-                    current
-                        .resources
-                        .insert(resource.name.clone(), previous.clone());
+            match current.resources.get(&resource.name) {
+                Some(previous) if same_for_ztunnels(previous, &resource) => {
                     if let Some(entry) = made.entries.get_mut(&key) {
-                        entry.resource = previous;
+                        entry.resource = previous.clone();
                     }
                 }
-                _ => upserts.push(resource),
+                _ => {
+                    current.serve(resource.clone());
+                    upserts.push(resource);
+                }
             }
         }
         let Made {
@@ -477,7 +511,7 @@ impl Store {
             match of_name.last().and_then(|maker| entries.get(maker)) {
                 None => {
                     makers.remove(&resource.name);
-                    current.resources.remove(&resource.name);
+                    current.withdraw(&resource.name);
                     removed.push(resource.name.clone());
                 }
                 // The name stays; if the gone entry's resource was the one
@@ -486,9 +520,7 @@ impl Store {
                     let served = current.resources.get(&resource.name);
                     if served.is_some_and(|served| Arc::ptr_eq(served, &resource)) {
                         let replacement = remaining.resource.clone();
-                        current
-                            .resources
-                            .insert(resource.name.clone(), replacement.clone());
+                        current.serve(replacement.clone());
                         if *replacement != *resource {
                             upserts.retain(|u: &Arc<pb::Resource>| u.name != resource.name);
                             upserts.push(replacement);
@@ -756,6 +788,7 @@ mod tests {
             removed: Vec::new(),
             more: false,
             trust_bundle: None,
+            ..Default::default()
         };
         assert_eq!(decoded, expected);
         assert_eq!(decoded.resources.len(), 2);

@@ -125,6 +125,7 @@ fn write_seed_corpus() {
         removed: vec![],
         more: false,
         trust_bundle: None,
+        ..Default::default()
     };
     write("discovery", "snapshot", &snapshot.encode_to_vec());
     let delta = pb::DiscoveryResponse {
@@ -135,6 +136,7 @@ fn write_seed_corpus() {
         removed: vec![service.resource_name()],
         more: false,
         trust_bundle: None,
+        ..Default::default()
     };
     write("discovery", "delta", &delta.encode_to_vec());
 

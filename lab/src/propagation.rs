@@ -61,18 +61,20 @@ impl Expect {
     fn met_by(&self, held: &Held, served: Option<&Served>) -> bool {
         match (self.version, held.versions.get(&self.name)) {
             (None, version) => version.is_none(),
-            (Some(_), None) => false,
             (Some(wanted), Some(version)) => {
                 version
                     .split('/')
                     .next()
                     .and_then(|v| v.parse::<u64>().ok())
                     .is_some_and(|version| version >= wanted)
-                    || (self.name.starts_with("workload/")
-                        && served.is_some_and(|served| {
-                            served.source_version >= wanted
-                                && held.discovery_version >= served.discovery_version
-                        }))
+                    || (self.name.starts_with("workload/") && held.has_read(wanted, served))
+            }
+            // An on-demand ztunnel holds other nodes' workloads only once
+            // it needed them.
+            (Some(wanted), None) => {
+                held.on_demand
+                    && self.name.starts_with("workload/")
+                    && held.has_read(wanted, served)
             }
         }
     }
@@ -163,6 +165,18 @@ struct Held {
     versions: BTreeMap<String, String>,
     /// The discovery version it serves from.
     discovery_version: u64,
+    /// It holds this node's share of the mesh, and learns the rest.
+    on_demand: bool,
+}
+
+impl Held {
+    /// Whether this ztunnel holds what the control plane served once it
+    /// had read the manifests up to `version`.
+    fn has_read(&self, version: u64, served: Option<&Served>) -> bool {
+        served.is_some_and(|served| {
+            served.source_version >= version && self.discovery_version >= served.discovery_version
+        })
+    }
 }
 
 fn held(node_netns: &str) -> Option<Held> {
@@ -170,6 +184,7 @@ fn held(node_netns: &str) -> Option<Held> {
     Some(Held {
         versions: versions_of(&dump)?,
         discovery_version: dump["version"].as_str()?.parse().unwrap_or_default(),
+        on_demand: dump["onDemand"].as_bool().unwrap_or(false),
     })
 }
 

@@ -37,6 +37,9 @@ pub struct LabState {
     /// Extra command-line flags of every ztunnel.
     #[serde(default)]
     pub ztunnel_args: Vec<String>,
+    /// Extra command-line flags of the control plane.
+    #[serde(default)]
+    pub control_plane_args: Vec<String>,
     /// The ztunnel executable, when not the one beside the other binaries
     /// (an A/B benchmark runs another build's ztunnel in one of its labs).
     #[serde(default)]
@@ -176,6 +179,7 @@ impl LabState {
             cert_ttl: None,
             log_filter: "info".into(),
             ztunnel_args: Vec::new(),
+            control_plane_args: Vec::new(),
             ztunnel_binary: None,
         }
     }

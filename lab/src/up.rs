@@ -42,6 +42,9 @@ pub struct UpOptions {
     /// Extra command-line flags for every ztunnel (e.g. lower limits in a
     /// test).
     pub ztunnel_args: Vec<String>,
+    /// Extra command-line flags for the control plane (e.g. serving on
+    /// demand in a small lab).
+    pub control_plane_args: Vec<String>,
     /// Run this ztunnel executable instead of the one in `bin_dir`: another
     /// build's, for an A/B benchmark. Settings that older builds do not know
     /// reach it only through the environment, which they ignore.
@@ -62,6 +65,7 @@ impl UpOptions {
             step_timeout: Duration::from_secs(30),
             log_filter: "info".into(),
             ztunnel_args: Vec::new(),
+            control_plane_args: Vec::new(),
             ztunnel_binary: None,
             ca_files: Vec::new(),
         }
@@ -120,6 +124,7 @@ pub(crate) fn build(spec: &LabSpec, options: &UpOptions) -> Result<(LabState, Re
         .map(|t| humantime::format_duration(t).to_string());
     state.log_filter = options.log_filter.clone();
     state.ztunnel_args = options.ztunnel_args.clone();
+    state.control_plane_args = options.control_plane_args.clone();
     state.ztunnel_binary = options.ztunnel_binary.clone();
     state.save()?;
 
@@ -285,6 +290,7 @@ pub fn start_control_plane(state: &mut LabState, env: &Context) -> Result<(), Er
     if let Some(ttl) = &state.cert_ttl {
         argv.extend(["--cert-ttl".into(), ttl.clone()]);
     }
+    argv.extend(state.control_plane_args.iter().cloned());
     let vars = [("RUST_LOG".to_string(), state.log_filter.clone())];
     let status = layout.log_dir().join("control-plane.status.json");
     spawn_supervised(

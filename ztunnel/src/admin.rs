@@ -229,6 +229,7 @@ fn config_dump(state: &State) -> serde_json::Value {
         "node": state.node,
         "ready": state.proxy.workloads.is_ready(),
         "version": state.proxy.workloads.version(),
+        "onDemand": state.proxy.workloads.is_on_demand(),
         "capturedPods": pods,
         "workloads": workloads,
         "services": services,

@@ -38,9 +38,14 @@ pub async fn run(
     // within about a second and a half; a refused connection costs the
     // control plane next to nothing meanwhile.
     let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_CAP);
+    // Taken once: a second client of the same store would ask nothing.
+    let Some(mut questions) = store.learning().take_requests() else {
+        tracing::error!("a second discovery client for one store");
+        return;
+    };
     loop {
         let result = tokio::select! {
-            result = session(&control_plane, &store, &trust, &metrics, &node, &mut backoff) => result,
+            result = session(&control_plane, &store, &trust, &metrics, &node, &mut backoff, &mut questions) => result,
             _ = shutdown.cancelled() => return,
         };
         let delay = backoff.next_delay();
@@ -66,15 +71,27 @@ async fn session(
     metrics: &Metrics,
     node: &str,
     backoff: &mut Backoff,
+    questions: &mut mpsc::UnboundedReceiver<String>,
 ) -> Result<(), Error> {
     let (requests, rx) = mpsc::channel(8);
     let subscribe = pb::DiscoveryRequest {
         node_name: node.to_string(),
         version_info: store.version(),
+        on_demand: true,
         ..Default::default()
     };
     // The channel has room; the receiver is alive until the call ends.
     let _ = requests.send(subscribe).await;
+    // Questions the last stream left unanswered are asked on this one.
+    let unanswered = store.learning().pending();
+    if !unanswered.is_empty() {
+        let _ = requests
+            .send(pb::DiscoveryRequest {
+                learn: unanswered,
+                ..Default::default()
+            })
+            .await;
+    }
     let mut responses = control_plane
         .discovery()
         .stream(control_plane.request(ReceiverStream::new(rx)))
@@ -82,8 +99,36 @@ async fn session(
         .into_inner();
     // Parts of a full snapshot received so far.
     let mut parts: Option<pb::DiscoveryResponse> = None;
-    while let Some(response) = responses.message().await? {
+    loop {
+        let response = tokio::select! {
+            response = responses.message() => match response? {
+                Some(response) => response,
+                None => break,
+            },
+            Some(first) = questions.recv() => {
+                let mut learn = vec![first];
+                while let Ok(more) = questions.try_recv() {
+                    learn.push(more);
+                }
+                if requests.send(pb::DiscoveryRequest { learn, ..Default::default() }).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
         backoff.reset();
+        if !response.learned.is_empty() {
+            learned(store, metrics, &response);
+            let ack = pb::DiscoveryRequest {
+                response_nonce: response.nonce,
+                version_info: store.version(),
+                ..Default::default()
+            };
+            if requests.send(ack).await.is_err() {
+                break;
+            }
+            continue;
+        }
         let response = if response.full_snapshot {
             let more = response.more;
             let assembled = match parts.take() {
@@ -91,6 +136,7 @@ async fn session(
                     so_far.resources.extend(response.resources);
                     so_far.nonce = response.nonce;
                     so_far.trust_bundle = so_far.trust_bundle.or(response.trust_bundle);
+                    so_far.on_demand &= response.on_demand;
                     so_far
                 }
                 // A new snapshot starts; an unfinished one is dropped.
@@ -171,4 +217,19 @@ async fn session(
         }
     }
     Ok(())
+}
+
+/// Applies the answer to questions; an answer that does not apply is
+/// logged and its questions count as unanswered (asked again on the next
+/// stream; the connections that wait for them are refused at their bound).
+fn learned(store: &WorkloadStore, metrics: &Metrics, response: &pb::DiscoveryResponse) {
+    match store.apply(response) {
+        Ok(()) => {
+            metrics.learned.inc_by(response.learned.len() as u64);
+            tracing::debug!(asked = ?response.learned, resources = response.resources.len(), "learned");
+        }
+        Err(reason) => {
+            tracing::warn!(asked = ?response.learned, %reason, "an answer from the control plane did not apply")
+        }
+    }
 }

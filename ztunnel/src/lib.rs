@@ -22,6 +22,7 @@ mod config;
 pub mod control_plane;
 pub mod discovery;
 mod error;
+pub mod learning;
 pub mod metrics;
 pub mod pods;
 pub mod proxy;
@@ -66,7 +67,7 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
     let metrics = Arc::new(metrics::Metrics::new());
     let trust = Arc::new(trust::Trust::new(roots, &metrics)?);
     let control_plane = control_plane::ControlPlane::new(&config, &trust.bundle)?;
-    let workloads = Arc::new(workloads::WorkloadStore::new());
+    let workloads = Arc::new(workloads::WorkloadStore::for_node(&config.node_name));
     let certs = Arc::new(certs::CertManager::new(
         control_plane.clone(),
         config.cert_ttl,

@@ -168,6 +168,8 @@ pub struct Metrics {
     pub certificate_requests: Family<ResultLabels, Counter>,
     /// Discovery responses, by result (`ack`, `nack`).
     pub discovery_responses: Family<ResultLabels, Counter>,
+    /// Addresses and names learned on demand.
+    pub learned: Counter,
     /// Pods captured now.
     pub pods_captured: Gauge,
     /// UDP and SCTP packets from outside a STRICT pod dropped before its
@@ -216,6 +218,7 @@ impl Metrics {
             resumes: Family::default(),
             certificate_requests: Family::default(),
             discovery_responses: Family::default(),
+            learned: Counter::default(),
             pods_captured: Gauge::default(),
             non_tcp_dropped: Family::default(),
             certificate_expiry: Family::default(),
@@ -339,6 +342,11 @@ impl Metrics {
             "discovery_responses",
             "Discovery responses by result (ack, nack)",
             metrics.discovery_responses.clone(),
+        );
+        registry.register(
+            "discovery_learned",
+            "Addresses and names learned from the control plane on demand (a first connection to each waited for it)",
+            metrics.learned.clone(),
         );
         registry.register(
             "pods_captured",

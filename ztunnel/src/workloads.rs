@@ -6,15 +6,26 @@
 //! full snapshot rebuilds the indexes, an incremental update changes only
 //! the entries it names (in a cluster of 100,000 pods, one pod's change
 //! must not cost a scan of all of them, nor hold the lock that long).
+//!
+//! On demand (when the control plane serves this ztunnel so): the snapshot
+//! holds this node's workloads, the Services without endpoints and the
+//! policies; a destination not known yet is learned before its connection
+//! is routed ([`WorkloadStore::learn`]), and changes are kept only for what
+//! is held. An address the control plane said it knows nothing of is
+//! remembered as such (a destination outside the mesh), until a workload
+//! takes it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use kanava_mesh::policy::{Policy, PolicySet};
 use kanava_mesh::{Service, Workload};
 use kanava_proto::v1 as pb;
 use tokio::sync::watch;
+
+use crate::learning::Learning;
 
 #[derive(Clone)]
 enum Entry {
@@ -44,6 +55,12 @@ struct Inner {
     policy_entries: HashMap<String, Arc<Policy>>,
     policies: Arc<PolicySet>,
     version: String,
+    /// The state is this node's share, completed on demand.
+    on_demand: bool,
+    /// Services whose endpoints are held (learned), by resource name.
+    resolved: HashSet<String>,
+    /// Addresses the control plane knows nothing of.
+    absent: HashSet<IpAddr>,
 }
 
 /// An index by address that an incremental update keeps exact. Two
@@ -110,6 +127,9 @@ pub struct WorkloadStore {
     /// Counts applied updates; 0 until the first snapshot. Watchers use it
     /// to react to changes (policy re-evaluation) and to wait for readiness.
     updates: watch::Sender<u64>,
+    /// This ztunnel's node: its workloads are kept on demand.
+    node: String,
+    learning: Learning,
 }
 
 impl Default for WorkloadStore {
@@ -120,10 +140,66 @@ impl Default for WorkloadStore {
 
 impl WorkloadStore {
     pub fn new() -> Self {
+        Self::for_node("")
+    }
+
+    /// The store of the ztunnel of `node`.
+    pub fn for_node(node: &str) -> Self {
         WorkloadStore {
             inner: RwLock::new(Inner::default()),
             updates: watch::channel(0).0,
+            node: node.to_string(),
+            learning: Learning::default(),
         }
+    }
+
+    /// The questions to the control plane ([`Learning`]).
+    pub fn learning(&self) -> &Learning {
+        &self.learning
+    }
+
+    /// Whether the state is this node's share, completed on demand.
+    pub fn is_on_demand(&self) -> bool {
+        self.read().on_demand
+    }
+
+    /// Whether a connection to `ip` must wait for the control plane to
+    /// say what it is: on demand, an address neither held (a workload, a
+    /// Service with its endpoints) nor known to be outside the mesh.
+    pub fn needs_learning(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let inner = self.read();
+        inner.on_demand
+            && !ip.is_loopback()
+            && !ip.is_unspecified()
+            && inner.workloads_by_ip.get(&ip).is_none()
+            && !inner.absent.contains(&ip)
+            && !inner
+                .services_by_ip
+                .get(&ip)
+                .is_some_and(|service| inner.resolved.contains(&service.resource_name()))
+    }
+
+    /// Asks the control plane what `ip` is and waits, at most `within`,
+    /// for the answer. False when none came: the caller refuses the
+    /// connection rather than guess (an unknown address may be a pod of the
+    /// mesh that must not be reached in plaintext).
+    pub async fn learn(&self, ip: IpAddr, within: Duration) -> bool {
+        let mut updates = self.updates.subscribe();
+        if !self.needs_learning(ip) {
+            return true;
+        }
+        self.learning.ask(ip.to_canonical().to_string());
+        tokio::time::timeout(within, async {
+            while self.needs_learning(ip) {
+                if updates.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// The workload that owns `ip`, if the mesh knows one.
@@ -235,14 +311,38 @@ impl WorkloadStore {
             return Err("a full snapshot cannot remove resources".into());
         }
 
+        // The answer to a question: it adds to the state, at no new version.
+        let learned = !response.learned.is_empty();
         let mut inner = self.write();
+        let mut to_learn = Vec::new();
         if response.full_snapshot {
             inner.entries.clear();
             inner.entries.extend(upserts);
+            inner.on_demand = response.on_demand;
+            inner.resolved.clear();
+            inner.absent.clear();
             inner.reindex();
         } else {
+            if learned {
+                // A Service learned comes with its endpoints.
+                for (name, entry) in &upserts {
+                    if let Entry::Service(_) = entry {
+                        inner.resolved.insert(name.clone());
+                    }
+                }
+            } else if inner.on_demand {
+                upserts = inner.keep_held(upserts, &self.node);
+            }
+            let resolved_now: Vec<String> = upserts
+                .iter()
+                .filter(|(name, entry)| {
+                    matches!(entry, Entry::Service(_)) && inner.resolved.contains(name)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
             let mut policies_changed = false;
             for name in &response.removed {
+                inner.resolved.remove(name);
                 if let Some(entry) = inner.entries.remove(name) {
                     policies_changed |= inner.unindex(name, &entry);
                 }
@@ -257,9 +357,38 @@ impl WorkloadStore {
             if policies_changed {
                 inner.rebuild_policies();
             }
+            if learned {
+                // What holds no address the control plane knows is outside
+                // the mesh.
+                for ip in response
+                    .learned
+                    .iter()
+                    .filter_map(|key| key.parse::<IpAddr>().ok())
+                {
+                    let ip = ip.to_canonical();
+                    if inner.workloads_by_ip.get(&ip).is_none()
+                        && inner.services_by_ip.get(&ip).is_none()
+                    {
+                        inner.absent.insert(ip);
+                    }
+                }
+            }
+            // An endpoint of a held Service that is not held yet (a pod that
+            // became ready, its workload unchanged) is learned at once.
+            if inner.on_demand {
+                to_learn = inner.unknown_endpoints(&resolved_now);
+            }
         }
-        inner.version = response.version_info.clone();
+        if !learned {
+            inner.version = response.version_info.clone();
+        }
         drop(inner);
+        if learned {
+            self.learning.answered(&response.learned);
+        }
+        for name in to_learn {
+            self.learning.ask(name);
+        }
         self.updates.send_modify(|count| *count += 1);
         Ok(())
     }
@@ -295,6 +424,63 @@ impl View<'_> {
 }
 
 impl Inner {
+    /// On demand: what of a change this node holds. Its own workloads, the
+    /// workloads it held already, the endpoints of the Services it holds
+    /// whole, a workload at an address known to be empty until now, every
+    /// policy; every Service, without its endpoints unless held whole.
+    fn keep_held(&mut self, upserts: Vec<(String, Entry)>, node: &str) -> Vec<(String, Entry)> {
+        let endpoints: HashSet<String> = upserts
+            .iter()
+            .filter_map(|(name, entry)| match entry {
+                Entry::Service(service) if self.resolved.contains(name) => Some(service),
+                _ => None,
+            })
+            .flat_map(|service| service.endpoints.iter().map(|e| e.workload_uid.clone()))
+            .collect();
+        let mut kept = Vec::with_capacity(upserts.len());
+        for (name, entry) in upserts {
+            let keep = match &entry {
+                Entry::Service(service) if !self.resolved.contains(&name) => {
+                    let bare = Service {
+                        endpoints: Vec::new(),
+                        ..(**service).clone()
+                    };
+                    kept.push((name, Entry::Service(Arc::new(bare))));
+                    continue;
+                }
+                Entry::Workload(workload) => {
+                    let mut took_an_empty_address = false;
+                    for ip in &workload.ips {
+                        took_an_empty_address |= self.absent.remove(&ip.to_canonical());
+                    }
+                    workload.node == node
+                        || self.entries.contains_key(&name)
+                        || endpoints.contains(&workload.uid)
+                        || took_an_empty_address
+                }
+                Entry::Service(_) | Entry::Policy(_) => true,
+            };
+            if keep {
+                kept.push((name, entry));
+            }
+        }
+        kept
+    }
+
+    /// `workload/<uid>` of the endpoints of `services` not held.
+    fn unknown_endpoints(&self, services: &[String]) -> Vec<String> {
+        services
+            .iter()
+            .filter_map(|name| match self.entries.get(name) {
+                Some(Entry::Service(service)) => Some(service),
+                _ => None,
+            })
+            .flat_map(|service| &service.endpoints)
+            .filter(|endpoint| !self.workloads_by_uid.contains_key(&endpoint.workload_uid))
+            .map(|endpoint| format!("workload/{}", endpoint.workload_uid))
+            .collect()
+    }
+
     /// Rebuilds every index from the entries (after a full snapshot).
     fn reindex(&mut self) {
         self.workloads_by_ip.clear();
@@ -421,6 +607,116 @@ mod tests {
                 resource_version: "2".into(),
             })),
         }
+    }
+
+    /// `resource` on another node than the store's ("n").
+    fn remote(uid: &str, ip: &str) -> pb::Resource {
+        let mut r = resource(uid, ip);
+        if let Some(pb::resource::Kind::Workload(w)) = &mut r.kind {
+            w.node = "m".into();
+        }
+        r
+    }
+
+    #[test]
+    fn on_demand_holds_the_node_and_what_it_learned() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let store = WorkloadStore::for_node("n");
+        store
+            .apply(&pb::DiscoveryResponse {
+                version_info: "1".into(),
+                full_snapshot: true,
+                on_demand: true,
+                resources: vec![
+                    resource("own", "10.0.0.1"),
+                    // As the snapshot carries it: no endpoints.
+                    pb::Resource {
+                        kind: match service("api", "10.96.0.1", "far").kind {
+                            Some(pb::resource::Kind::Service(s)) => {
+                                Some(pb::resource::Kind::Service(pb::Service {
+                                    endpoints: Vec::new(),
+                                    ..s
+                                }))
+                            }
+                            other => other,
+                        },
+                        ..service("api", "10.96.0.1", "far")
+                    },
+                ],
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(store.is_on_demand());
+        assert!(!store.needs_learning(ip("10.0.0.1")), "its own pod");
+        assert!(store.needs_learning(ip("10.0.0.2")));
+        assert!(
+            store.needs_learning(ip("10.96.0.1")),
+            "a Service without its endpoints"
+        );
+
+        // A change of a workload it does not hold is not kept; one of its
+        // node is.
+        store
+            .apply(&delta(
+                "2",
+                vec![remote("other", "10.0.0.2"), resource("own2", "10.0.0.3")],
+                &[],
+            ))
+            .unwrap();
+        assert!(store.find_by_uid("other").is_none());
+        assert!(store.find_by_uid("own2").is_some());
+        assert_eq!(store.version(), "2");
+
+        // The answers: a workload, a Service with its endpoint, an empty
+        // address.
+        store.learning().ask("10.0.0.2".into());
+        store
+            .apply(&pb::DiscoveryResponse {
+                version_info: "2".into(),
+                learned: vec!["10.0.0.2".into(), "10.96.0.1".into(), "10.0.0.9".into()],
+                resources: vec![
+                    remote("other", "10.0.0.2"),
+                    service("api", "10.96.0.1", "far"),
+                    remote("far", "10.0.0.4"),
+                ],
+                ..Default::default()
+            })
+            .unwrap();
+        for learned in ["10.0.0.2", "10.96.0.1", "10.0.0.9"] {
+            assert!(!store.needs_learning(ip(learned)), "{learned}");
+        }
+        assert!(store.learning().pending().is_empty(), "answered");
+        assert!(store.find_by_uid("far").is_some(), "the Service's endpoint");
+        assert_eq!(store.version(), "2", "an answer is no new version");
+
+        // Held now, so its changes are kept; a pod that takes the empty
+        // address is held too.
+        store
+            .apply(&delta(
+                "3",
+                vec![remote("other", "10.0.0.5"), remote("new", "10.0.0.9")],
+                &[],
+            ))
+            .unwrap();
+        assert_eq!(
+            store.find_by_uid("other").unwrap().ips,
+            vec![ip("10.0.0.5")]
+        );
+        assert!(store.find_by_uid("new").is_some());
+        // The held Service gains an endpoint whose workload did not change:
+        // it is asked for.
+        let mut api = service("api", "10.96.0.1", "far");
+        if let Some(pb::resource::Kind::Service(s)) = &mut api.kind {
+            s.endpoints.push(pb::Endpoint {
+                workload_uid: "ready-now".into(),
+                ports: [(80, 8080)].into(),
+            });
+        }
+        store.apply(&delta("4", vec![api], &[])).unwrap();
+        assert_eq!(
+            store.learning().pending(),
+            vec!["workload/ready-now".to_string()]
+        );
     }
 
     #[test]

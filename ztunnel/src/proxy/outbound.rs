@@ -187,6 +187,19 @@ async fn establish(
         )
         .code("not_configured"));
     }
+    // On demand, a destination not known yet is asked for first; without
+    // an answer the connection is refused, not sent as if outside the mesh.
+    if proxy.workloads.needs_learning(destination.ip())
+        && !proxy
+            .workloads
+            .learn(destination.ip(), proxy.config.connect_timeout)
+            .await
+    {
+        return Err(Ending::failed(
+            "the control plane has not said what this address is (is it reachable from this node?)",
+        )
+        .code("not_learned"));
+    }
     let route = route(&proxy.workloads, &pod.info, destination);
     log.route(&route);
     match route {

@@ -95,11 +95,6 @@ impl Settings {
         )
     }
 
-    /// Resources in a full snapshot.
-    fn resources(&self) -> usize {
-        self.pods + self.services + self.policies
-    }
-
     /// The targets hold at the largest size; the earlier ones at
     /// 10,000 pods.
     fn goals(&self) -> Goals {
@@ -398,7 +393,7 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
     // Open every stream at once, as ztunnels reconnecting after a restart.
     let watched = Arc::new(watched_uids(settings));
     let (arrivals, mut arrived) = mpsc::unbounded_channel::<(usize, Arrival, Instant)>();
-    let subscribe = |node: usize, compressed: bool| -> anyhow::Result<_> {
+    let subscribe = |node: usize, this_release: bool| -> anyhow::Result<_> {
         let channel = kanava_ztunnel::control_plane::channel(
             &address.to_string(),
             kanava_mesh::names::CONTROL_PLANE_SERVER_NAME,
@@ -408,9 +403,8 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
         let follower = Follower {
             node,
             token: tokens[node].clone(),
-            expected: settings.resources(),
             watched: watched.clone(),
-            compressed,
+            this_release,
             arrivals: arrivals.clone(),
         };
         Ok(tokio::spawn(follow(channel, follower)))
@@ -507,6 +501,30 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
         None,
         (sent_bytes(metrics, "snapshot").await? - snapshot_sent) / 1e6,
     );
+    let channel = kanava_ztunnel::control_plane::channel(
+        &address.to_string(),
+        kanava_mesh::names::CONTROL_PLANE_SERVER_NAME,
+        &roots,
+        Duration::from_secs(30),
+    )?;
+    let mut round_trips = learn_round_trips(channel, &tokens[0], settings).await?;
+    for (name, q, goal) in [
+        ("p50", 0.5, None),
+        (
+            "p99",
+            0.99,
+            goals::at_largest(settings.pods, goals::SCALE_LEARN_P99),
+        ),
+    ] {
+        collector.measure(
+            &scenario,
+            &format!("learning an address on demand (added to a first connection) {name}"),
+            "us",
+            Better::Lower,
+            goal,
+            quantile(&mut round_trips, q),
+        );
+    }
     drop(arrivals);
 
     // One pod at a time changes; every stream must see each change.
@@ -742,6 +760,86 @@ async fn sent_bytes(metrics: SocketAddr, kind: &str) -> anyhow::Result<f64> {
         .unwrap_or(0.0))
 }
 
+/// Addresses asked, one after another, on a stream of its own.
+const LEARNED_ADDRESSES: usize = 300;
+
+/// What a first connection to an address a ztunnel does not hold waits
+/// for: a question on its discovery stream (node 0's second stream, on
+/// demand, while every other stream is connected) and the answer, timed
+/// for pods all over the cluster.
+async fn learn_round_trips(
+    channel: tonic::transport::Channel,
+    token: &str,
+    settings: &Settings,
+) -> anyhow::Result<Vec<f64>> {
+    let (requests, rx) = mpsc::channel(16);
+    requests
+        .send(pb::DiscoveryRequest {
+            node_name: "node-0".into(),
+            on_demand: true,
+            ..Default::default()
+        })
+        .await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let mut grpc = tonic::client::Grpc::new(channel)
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
+    grpc.ready().await?;
+    let codec = tonic_prost::ProstCodec::<pb::DiscoveryRequest, ShallowResponse>::default();
+    let mut responses = grpc
+        .streaming(
+            request,
+            http::uri::PathAndQuery::from_static("/kanava.v1.Discovery/Stream"),
+            codec,
+        )
+        .await?
+        .into_inner();
+    // The snapshot first.
+    while let Some(response) = responses.message().await? {
+        if response.full_snapshot && !response.more {
+            break;
+        }
+    }
+    let mut round_trips = Vec::with_capacity(LEARNED_ADDRESSES);
+    for i in 0..LEARNED_ADDRESSES {
+        // Pods spread over the cluster, none on node 0.
+        let pod = (i * 7919 + 1) % settings.pods;
+        let pod = if pod.is_multiple_of(settings.nodes) {
+            pod + 1
+        } else {
+            pod
+        };
+        let asked = Instant::now();
+        requests
+            .send(pb::DiscoveryRequest {
+                learn: vec![pod_ip(pod)],
+                ..Default::default()
+            })
+            .await?;
+        loop {
+            let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
+                .await
+                .context("no answer within 10 s")??
+                .context("the stream ended")?;
+            if !response.learned.is_empty() {
+                if response.resources.len() != 1 {
+                    bail!(
+                        "{} answered with {} resources",
+                        pod_ip(pod),
+                        response.resources.len()
+                    );
+                }
+                round_trips.push(asked.elapsed().as_secs_f64() * 1e6);
+                break;
+            }
+        }
+    }
+    Ok(round_trips)
+}
+
 /// A real ztunnel process on a node without pods (loopback only: its
 /// admin ports, and no pod to capture), subscribed to the control plane
 /// while the cluster's streams are connected: how long until it holds the
@@ -801,7 +899,7 @@ async fn ztunnel_holding_the_cluster(
     }
     collector.measure(
         scenario,
-        "a ztunnel's start until it holds the cluster",
+        "a ztunnel's start until ready",
         "ms",
         Better::Lower,
         None,
@@ -812,7 +910,7 @@ async fn ztunnel_holding_the_cluster(
     if let Some(rss) = procfs::rss_mib(pid) {
         collector.measure(
             scenario,
-            "a ztunnel's RSS holding the cluster",
+            "a ztunnel's RSS once ready",
             "MiB",
             Better::Lower,
             goals::at_largest(settings.pods, goals::SCALE_ZTUNNEL_RSS),
@@ -906,6 +1004,10 @@ struct ShallowResponse {
     /// Kept as bytes: it counts in the size of a response.
     #[prost(bytes = "bytes", optional, tag = "7")]
     trust_bundle: Option<bytes::Bytes>,
+    #[prost(bool, tag = "8")]
+    on_demand: bool,
+    #[prost(string, repeated, tag = "9")]
+    learned: Vec<String>,
 }
 
 /// The name of a `Resource`, skipping its content.
@@ -919,12 +1021,10 @@ struct ResourceName {
 struct Follower {
     node: usize,
     token: String,
-    /// Resources in the full snapshot.
-    expected: usize,
     watched: Arc<HashMap<String, Watched>>,
-    /// Whether it accepts compressed responses, as a ztunnel of this
-    /// release does (one of the previous release does not).
-    compressed: bool,
+    /// Whether it acts as a ztunnel of this release (it accepts compressed
+    /// responses and can learn on demand) or of the previous one (neither).
+    this_release: bool,
     arrivals: mpsc::UnboundedSender<(usize, Arrival, Instant)>,
 }
 
@@ -935,9 +1035,8 @@ async fn follow(channel: tonic::transport::Channel, follower: Follower) -> anyho
     let Follower {
         node,
         token,
-        expected,
         watched,
-        compressed,
+        this_release,
         arrivals,
     } = follower;
     use prost::Message;
@@ -945,6 +1044,7 @@ async fn follow(channel: tonic::transport::Channel, follower: Follower) -> anyho
     requests
         .send(pb::DiscoveryRequest {
             node_name: format!("node-{node}"),
+            on_demand: this_release,
             ..Default::default()
         })
         .await?;
@@ -953,7 +1053,7 @@ async fn follow(channel: tonic::transport::Channel, follower: Follower) -> anyho
         .metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
     let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(256 * 1024 * 1024);
-    if compressed {
+    if this_release {
         grpc = grpc.accept_compressed(tonic::codec::CompressionEncoding::Zstd);
     }
     grpc.ready().await?;
@@ -966,13 +1066,12 @@ async fn follow(channel: tonic::transport::Channel, follower: Follower) -> anyho
         )
         .await?
         .into_inner();
-    let (mut holding, mut snapshot_bytes) = (0, 0);
+    let mut snapshot_bytes = 0;
     while let Some(response) = responses.message().await? {
         let at = Instant::now();
         if response.full_snapshot {
-            holding += response.resources.len();
             snapshot_bytes += response.encoded_len();
-            if !response.more && holding >= expected {
+            if !response.more {
                 let bytes = std::mem::take(&mut snapshot_bytes);
                 let _ = arrivals.send((node, Arrival::Snapshot { bytes }, at));
             }

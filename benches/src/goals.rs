@@ -53,6 +53,10 @@ pub const SCALE_STATUS_UPDATES_PER_SECOND: MeasurementGoal = MeasurementGoal::At
 /// At 100,000 pods: bytes status updates cost the streams: none.
 pub const SCALE_STATUS_UPDATE_BYTES: MeasurementGoal = MeasurementGoal::AtMost(0.0);
 
+/// At 100,000 pods: what learning an address adds to a first connection,
+/// p99, in µs.
+pub const SCALE_LEARN_P99: MeasurementGoal = MeasurementGoal::AtMost(1000.0);
+
 /// `goal` at the largest size of a full run (100,000 pods), none below.
 pub fn at_largest(pods: usize, goal: MeasurementGoal) -> Option<MeasurementGoal> {
     (pods >= 100_000).then_some(goal)

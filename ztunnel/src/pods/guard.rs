@@ -18,7 +18,8 @@
 //! installed is an error, not a pod left open over IPv6.
 //!
 //! The packets dropped are read back from the DROP rules' counters
-//! ([`dropped`]) for the per-pod metric.
+//! ([`dropped`]) for the per-pod metric, over netlink where the rules live
+//! in nf_tables, so that reading them starts no process.
 
 use kanava_mesh::{OpenPort, PortProtocol};
 use kanava_netns::NetNs;
@@ -120,7 +121,18 @@ pub struct Dropped {
     pub sctp: u64,
 }
 
+/// Read from nf_tables inside the pod's namespace, without starting a
+/// process ([`super::nft_counters`]); from `iptables-save -c` on the legacy
+/// backend.
 pub fn dropped(netns: &NetNs) -> Result<Dropped, Error> {
+    match netns.run(|| super::nft_counters::dropped(CHAIN)) {
+        Ok(Ok(Some(dropped))) => return Ok(dropped),
+        Ok(Ok(None)) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "nf_tables counters unreadable; asking iptables-save")
+        }
+        Err(error) => return Err(error.into()),
+    }
     let mut total = Dropped::default();
     for save in ["iptables-save", "ip6tables-save"] {
         match run(netns, save, &["-c", "-t", "filter"], None) {

@@ -24,6 +24,7 @@ pub mod capture;
 pub mod discover;
 pub mod guard;
 pub mod handoff;
+pub mod nft_counters;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;

@@ -2,6 +2,8 @@
 //! without starting a process: checked against counters the kernel holds,
 //! set with `iptables-restore -c` in a network namespace of the test's own.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::{Command, Stdio};
 
 use kanava_netns::NetNs;

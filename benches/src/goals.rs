@@ -57,6 +57,14 @@ pub const SCALE_STATUS_UPDATE_BYTES: MeasurementGoal = MeasurementGoal::AtMost(0
 /// p99, in µs.
 pub const SCALE_LEARN_P99: MeasurementGoal = MeasurementGoal::AtMost(1000.0);
 
+/// A node of 110 enrolled pods: its ztunnel's CPU while idle, % of a core.
+pub const FULL_NODE_IDLE_CPU: MeasurementGoal = MeasurementGoal::Below(1.0);
+/// A node of 110 enrolled pods: processes the mesh starts while idle.
+pub const FULL_NODE_IDLE_PROCESSES: MeasurementGoal = MeasurementGoal::AtMost(0.0);
+/// A node of 110 enrolled pods: one more pod, from its capture to its
+/// first meshed byte, p99, ms.
+pub const FULL_NODE_CAPTURE_TO_FIRST_BYTE_P99: MeasurementGoal = MeasurementGoal::Below(200.0);
+
 /// `goal` at the largest size of a full run (100,000 pods), none below.
 pub fn at_largest(pods: usize, goal: MeasurementGoal) -> Option<MeasurementGoal> {
     (pods >= 100_000).then_some(goal)

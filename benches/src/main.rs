@@ -14,6 +14,8 @@
 
 mod ab;
 mod control_plane;
+mod execs;
+mod full_node;
 mod goals;
 mod mesh;
 mod procfs;
@@ -52,6 +54,9 @@ struct Args {
     /// the IPv4 scenarios).
     #[arg(long)]
     no_ipv6: bool,
+    /// Skip the full node (110 enrolled pods on one node).
+    #[arg(long)]
+    no_full_node: bool,
     /// Skip the control plane scenario.
     #[arg(long)]
     no_control_plane: bool,
@@ -182,6 +187,18 @@ fn main() -> anyhow::Result<()> {
     }
     // Scenarios that failed without stopping the others.
     let mut failed: Vec<anyhow::Error> = Vec::new();
+    if !args.no_full_node && !args.upgrade_only {
+        let settings = if args.quick {
+            full_node::Settings::quick()
+        } else {
+            full_node::Settings::full()
+        };
+        eprintln!("full node: {settings:?}");
+        if let Err(error) = full_node::run(&settings, &bins, &mut collector) {
+            eprintln!("{error:#}");
+            failed.push(error.context("full node"));
+        }
+    }
     if !args.no_control_plane {
         let sizes = if args.quick {
             control_plane::Settings::quick()

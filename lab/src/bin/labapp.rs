@@ -16,6 +16,7 @@
 //! | `labapp pipe --to ADDR [--spoofed-source IP]` | one TCP connection joined to standard input and output (`kanava verify` on a cluster) |
 //! | `labapp capture --seconds S --between IP --between IP` | the TCP packets two addresses exchange, seen on every interface, as JSON (`kanava verify --host-network-capture`) |
 //! | `labapp node-facts` | the node's kernel, mounts and CNI configuration as JSON (`kanava check`) |
+//! | `labapp first-byte --to ADDR` | connects to an echo server until a byte comes back (at most 10 s); prints when, in Unix nanoseconds (JSON) |
 //!
 //! Servers listen on `[::]`, which takes both families; peers are printed
 //! as their own family spells them (`10.0.0.1`, never `::ffff:10.0.0.1`).
@@ -167,6 +168,12 @@ enum Mode {
         #[arg(long, default_value = "/host/var/run/netns")]
         netns_dir: String,
     },
+    /// Connect to an echo server, over and over, until a byte comes
+    /// back; print when (a new pod's first byte through the mesh).
+    FirstByte {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Look a name up at a DNS server.
     Resolve {
         #[arg(long)]
@@ -189,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Dns { port } => udp::dns(port).await,
         Mode::Resolve { server, name, ipv6 } => udp::resolve(server, &name, ipv6).await,
         Mode::Pipe { to, spoofed_source } => probe::pipe(to, spoofed_source).await,
+        Mode::FirstByte { to } => probe::first_byte(to).await,
         Mode::Capture { seconds, between } => probe::capture(seconds, between).await,
         Mode::NodeFacts {
             cni_conf_dir,

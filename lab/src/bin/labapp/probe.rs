@@ -16,6 +16,34 @@ use tokio::net::TcpStream;
 /// How long a connection may take to be made.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Connects to the echo server at `to` until a byte sent comes back,
+/// trying every 2 ms for at most 10 s; prints `{"unix_ns": …}` of that
+/// moment.
+pub async fn first_byte(to: SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect(to).await?;
+            stream.write_all(b"x").await?;
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), attempt).await {
+            let unix_ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos();
+            println!("{}", serde_json::json!({ "unix_ns": unix_ns.to_string() }));
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("no byte back from {to} within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 pub async fn pipe(to: SocketAddr, spoofed_source: Option<IpAddr>) -> anyhow::Result<()> {
     let mut out = stdout();
     let stream = match connect(to, spoofed_source).await {

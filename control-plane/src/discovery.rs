@@ -40,7 +40,7 @@ pub struct DiscoveryService {
 
 impl DiscoveryService {
     /// `on_demand_above`: from how many resources on a ztunnel that can
-    /// learn on demand is served that way (see [`crate::on_demand`]).
+    /// learn on demand is served that way (see [`crate::store::on_demand`]).
     pub fn new(store: Arc<Store>, on_demand_above: usize) -> Self {
         DiscoveryService {
             store,
@@ -186,7 +186,7 @@ async fn serve_stream(
                     // answered from the current state.
                     let found = store.learn(&request.learn);
                     metrics.learned.inc_by(request.learn.len() as u64);
-                    let answer = crate::on_demand::encode_answer(sent_version, request.learn, &found, compressed);
+                    let answer = crate::store::on_demand::encode_answer(sent_version, request.learn, &found, compressed);
                     metrics.sent_bytes.get_or_create(&PushLabels { kind: "learned" }).inc_by(answer.bytes.len() as u64);
                     if responses.send(Ok(answer)).await.is_err() {
                         return;

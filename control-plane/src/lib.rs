@@ -27,7 +27,6 @@ pub mod config;
 pub mod discovery;
 mod error;
 pub mod metrics;
-pub mod on_demand;
 pub mod policy_status;
 pub mod readiness;
 pub mod server;

@@ -113,13 +113,7 @@ pub fn remove(netns: &NetNs) {
     }
 }
 
-/// Packets dropped so far by the pod's guard, per protocol, both families
-/// together.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Dropped {
-    pub udp: u64,
-    pub sctp: u64,
-}
+pub use super::nft_counters::Dropped;
 
 /// Read from nf_tables inside the pod's namespace, without starting a
 /// process ([`super::nft_counters`]); from `iptables-save -c` on the legacy

@@ -13,7 +13,13 @@
 
 use std::os::fd::OwnedFd;
 
-use super::guard::Dropped;
+/// Packets dropped so far by the pod's guard, per protocol, both families
+/// together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub udp: u64,
+    pub sctp: u64,
+}
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETRULE: u16 = 7;

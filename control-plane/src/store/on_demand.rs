@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use kanava_proto::v1 as pb;
 
-use crate::store::{Outgoing, SNAPSHOT_PART, Snapshot, encode};
+use super::{Outgoing, SNAPSHOT_PART, Snapshot, encode};
 
 /// The parts of a snapshot that every on-demand stream shares, and the
 /// workloads of each node, made on first use.

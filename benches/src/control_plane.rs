@@ -399,13 +399,16 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
     // Open every stream at once, as ztunnels reconnecting after a restart.
     let watched = Arc::new(watched_uids(settings));
     let (arrivals, mut arrived) = mpsc::unbounded_channel::<(usize, Arrival, Instant)>();
-    let subscribe = |node: usize, this_release: bool| -> anyhow::Result<_> {
-        let channel = kanava_ztunnel::control_plane::channel(
+    let channel = || {
+        kanava_ztunnel::control_plane::channel(
             &address.to_string(),
             kanava_mesh::names::CONTROL_PLANE_SERVER_NAME,
             &roots,
             Duration::from_secs(30),
-        )?;
+        )
+    };
+    let subscribe = |node: usize, this_release: bool| -> anyhow::Result<_> {
+        let channel = channel()?;
         let follower = Follower {
             node,
             token: tokens[node].clone(),
@@ -507,13 +510,7 @@ async fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> any
         None,
         (sent_bytes(metrics, "snapshot").await? - snapshot_sent) / 1e6,
     );
-    let channel = kanava_ztunnel::control_plane::channel(
-        &address.to_string(),
-        kanava_mesh::names::CONTROL_PLANE_SERVER_NAME,
-        &roots,
-        Duration::from_secs(30),
-    )?;
-    let mut round_trips = learn_round_trips(channel, &tokens[0], settings).await?;
+    let mut round_trips = learn_round_trips(channel()?, &tokens[0], settings).await?;
     for (name, q, goal) in [
         ("p50", 0.5, None),
         (
@@ -693,7 +690,7 @@ fn replace(dir: &Path, path: &Path, text: &str) -> anyhow::Result<Instant> {
 }
 
 /// The `q` quantile of `samples` (sorted in place); 0 when there are none.
-fn quantile(samples: &mut [f64], q: f64) -> f64 {
+pub(crate) fn quantile(samples: &mut [f64], q: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
     if samples.is_empty() {
         return 0.0;

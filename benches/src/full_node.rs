@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use kanava_lab::{Lab, LabSpec, UpOptions};
 
+use crate::control_plane::quantile;
 use crate::goals;
 use crate::procfs;
 use crate::stats::{Better, Collector};
@@ -142,7 +143,7 @@ pub fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> anyho
         "ms",
         Better::Lower,
         None,
-        median(&mut status_ms),
+        quantile(&mut status_ms, 0.5),
     );
 
     // Discovery changes elsewhere (the server relabelled): what each costs
@@ -187,7 +188,7 @@ pub fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> anyho
         "ms",
         Better::Lower,
         None,
-        percentile(&mut created_to_byte, 0.99),
+        quantile(&mut created_to_byte, 0.99),
     );
     collector.measure(
         &scenario,
@@ -195,7 +196,7 @@ pub fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> anyho
         "ms",
         Better::Lower,
         Some(goals::FULL_NODE_CAPTURE_TO_FIRST_BYTE_P99),
-        percentile(&mut captured_to_byte, 0.99),
+        quantile(&mut captured_to_byte, 0.99),
     );
     collector.measure(
         &scenario,
@@ -203,7 +204,7 @@ pub fn run(settings: &Settings, bins: &Path, collector: &mut Collector) -> anyho
         "ms",
         Better::Lower,
         None,
-        percentile(&mut captured_to_byte, 0.5),
+        quantile(&mut captured_to_byte, 0.5),
     );
     drop(lab);
     Ok(())
@@ -248,17 +249,4 @@ fn since(from: SystemTime, to: SystemTime) -> f64 {
     to.duration_since(from)
         .map(|d| d.as_secs_f64() * 1000.0)
         .unwrap_or(0.0)
-}
-
-fn median(samples: &mut [f64]) -> f64 {
-    percentile(samples, 0.5)
-}
-
-fn percentile(samples: &mut [f64], q: f64) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    if samples.is_empty() {
-        return 0.0;
-    }
-    let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
-    samples[index]
 }

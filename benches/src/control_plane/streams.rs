@@ -32,23 +32,7 @@ pub(super) async fn learn_round_trips(
             ..Default::default()
         })
         .await?;
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    let mut grpc = tonic::client::Grpc::new(channel)
-        .max_decoding_message_size(256 * 1024 * 1024)
-        .accept_compressed(tonic::codec::CompressionEncoding::Zstd);
-    grpc.ready().await?;
-    let codec = tonic_prost::ProstCodec::<pb::DiscoveryRequest, ShallowResponse>::default();
-    let mut responses = grpc
-        .streaming(
-            request,
-            http::uri::PathAndQuery::from_static("/kanava.v1.Discovery/Stream"),
-            codec,
-        )
-        .await?
-        .into_inner();
+    let mut responses = open(channel, token, rx, true).await?;
     // The snapshot first.
     while let Some(response) = responses.message().await? {
         if response.full_snapshot && !response.more {
@@ -160,24 +144,7 @@ pub(super) async fn follow(
             ..Default::default()
         })
         .await?;
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(256 * 1024 * 1024);
-    if this_release {
-        grpc = grpc.accept_compressed(tonic::codec::CompressionEncoding::Zstd);
-    }
-    grpc.ready().await?;
-    let codec = tonic_prost::ProstCodec::<pb::DiscoveryRequest, ShallowResponse>::default();
-    let mut responses = grpc
-        .streaming(
-            request,
-            http::uri::PathAndQuery::from_static("/kanava.v1.Discovery/Stream"),
-            codec,
-        )
-        .await?
-        .into_inner();
+    let mut responses = open(channel, &token, rx, this_release).await?;
     let mut snapshot_bytes = 0;
     while let Some(response) = responses.message().await? {
         let at = Instant::now();
@@ -215,4 +182,32 @@ pub(super) async fn follow(
             .await;
     }
     Ok(())
+}
+
+/// A discovery stream as node `token` holds, sending what `requests`
+/// gives; `compressed`: it accepts zstd, as a ztunnel of this release does.
+async fn open(
+    channel: tonic::transport::Channel,
+    token: &str,
+    requests: mpsc::Receiver<pb::DiscoveryRequest>,
+    compressed: bool,
+) -> anyhow::Result<tonic::Streaming<ShallowResponse>> {
+    let mut request = tonic::Request::new(ReceiverStream::new(requests));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    if compressed {
+        grpc = grpc.accept_compressed(tonic::codec::CompressionEncoding::Zstd);
+    }
+    grpc.ready().await?;
+    let codec = tonic_prost::ProstCodec::<pb::DiscoveryRequest, ShallowResponse>::default();
+    Ok(grpc
+        .streaming(
+            request,
+            http::uri::PathAndQuery::from_static("/kanava.v1.Discovery/Stream"),
+            codec,
+        )
+        .await?
+        .into_inner())
 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::backoff::Backoff;
 use crate::control_plane::ControlPlane;
+use crate::learning::MAX_PER_REQUEST;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::trust::Trust;
 use crate::workloads::WorkloadStore;
@@ -82,21 +83,22 @@ async fn session(
     };
     // The channel has room; the receiver is alive until the call ends.
     let _ = requests.send(subscribe).await;
-    // Questions the last stream left unanswered are asked on this one.
-    let unanswered = store.learning().pending();
-    if !unanswered.is_empty() {
-        let _ = requests
-            .send(pb::DiscoveryRequest {
-                learn: unanswered,
-                ..Default::default()
-            })
-            .await;
-    }
     let mut responses = control_plane
         .discovery()
         .stream(control_plane.request(ReceiverStream::new(rx)))
         .await?
         .into_inner();
+    // Questions the last stream left unanswered are asked on this one
+    // (once it is open: the channel holds only a few requests).
+    for learn in store.learning().pending().chunks(MAX_PER_REQUEST) {
+        let question = pb::DiscoveryRequest {
+            learn: learn.to_vec(),
+            ..Default::default()
+        };
+        if requests.send(question).await.is_err() {
+            break;
+        }
+    }
     // Parts of a full snapshot received so far.
     let mut parts: Option<pb::DiscoveryResponse> = None;
     loop {
@@ -107,7 +109,7 @@ async fn session(
             },
             Some(first) = questions.recv() => {
                 let mut learn = vec![first];
-                while let Ok(more) = questions.try_recv() {
+                while learn.len() < MAX_PER_REQUEST && let Ok(more) = questions.try_recv() {
                     learn.push(more);
                 }
                 if requests.send(pb::DiscoveryRequest { learn, ..Default::default() }).await.is_err() {

@@ -27,6 +27,9 @@ use tokio::sync::watch;
 
 use crate::learning::Learning;
 
+/// Addresses remembered as outside the mesh, at most.
+const MAX_ABSENT: usize = 65_536;
+
 #[derive(Clone)]
 enum Entry {
     Workload(Arc<Workload>),
@@ -189,7 +192,9 @@ impl WorkloadStore {
         if !self.needs_learning(ip) {
             return true;
         }
-        self.learning.ask(ip.to_canonical().to_string());
+        if !self.learning.ask(ip.to_canonical().to_string()) {
+            return false;
+        }
         tokio::time::timeout(within, async {
             while self.needs_learning(ip) {
                 if updates.changed().await.is_err() {
@@ -369,6 +374,12 @@ impl WorkloadStore {
                     if inner.workloads_by_ip.get(&ip).is_none()
                         && inner.services_by_ip.get(&ip).is_none()
                     {
+                        // Bounded: a pod scanning addresses must not grow
+                        // this without end. Forgotten, an address is asked
+                        // about again.
+                        if inner.absent.len() >= MAX_ABSENT {
+                            inner.absent.clear();
+                        }
                         inner.absent.insert(ip);
                     }
                 }
@@ -387,7 +398,9 @@ impl WorkloadStore {
             self.learning.answered(&response.learned);
         }
         for name in to_learn {
-            self.learning.ask(name);
+            // Unasked when too many questions are outstanding: a
+            // connection to the Service asks again.
+            let _ = self.learning.ask(name);
         }
         self.updates.send_modify(|count| *count += 1);
         Ok(())

@@ -106,6 +106,22 @@ spec:
   - {name: c, command: [labapp, sink, --port, "9000"], readinessProbe: {tcpSocket: {port: 9000}}}
 "#;
 
+/// Kills the lab's control plane, its supervisor first (or it would start
+/// it again at once); returns the control plane's pid. It stays down until
+/// `Lab::restart_control_plane`.
+pub fn kill_control_plane(lab: &Lab) -> u32 {
+    let control_plane = lab.state().control_plane.clone();
+    let pid = control_plane.pid.unwrap();
+    for victim in [control_plane.supervisor.unwrap(), pid] {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(victim as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+    }
+    pid
+}
+
 /// Fails the test unless it runs as root.
 pub fn require_root() {
     assert!(

@@ -193,16 +193,7 @@ fn traffic_survives_the_control_plane_going_away_and_changes_flow_after_it_retur
             )
         });
         std::thread::sleep(Duration::from_secs(1));
-        // Its supervisor first, or it would start it again at once.
-        let control_plane = lab.state().control_plane.clone();
-        let pid = control_plane.pid.unwrap();
-        for victim in [control_plane.supervisor.unwrap(), pid] {
-            rustix::process::kill_process(
-                rustix::process::Pid::from_raw(victim as i32).unwrap(),
-                rustix::process::Signal::KILL,
-            )
-            .unwrap();
-        }
+        let pid = kanava_e2e::kill_control_plane(lab);
         std::thread::sleep(Duration::from_secs(4));
         assert!(
             !kanava_lab::process::alive(pid),

@@ -6,7 +6,9 @@
 
 use std::net::SocketAddr;
 
-use kanava_e2e::{http_get, log_line, pod_ip, require_root, runtime, unique_name, wait_for};
+use kanava_e2e::{
+    http_get, kill_control_plane, log_line, pod_ip, require_root, runtime, unique_name, wait_for,
+};
 use kanava_lab::{Lab, LabSpec, UpOptions};
 
 const LAB: &str = r#"
@@ -144,21 +146,10 @@ fn a_ztunnel_learns_what_it_reaches_and_refuses_what_it_cannot_learn() {
     let body = rt.block_on(http_get(&lab, "shop/client", plain)).unwrap();
     assert!(body.contains("legacy/plain-web"), "{body}");
 
-    // The control plane goes away (its supervisor first, or it would start
-    // it again at once).
-    let control_plane = lab.state().control_plane.clone();
-    for victim in [
-        control_plane.supervisor.unwrap(),
-        control_plane.pid.unwrap(),
-    ] {
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(victim as i32).unwrap(),
-            rustix::process::Signal::KILL,
-        )
-        .unwrap();
-    }
+    // The control plane goes away.
+    let control_plane = kill_control_plane(&lab);
     wait_for("the control plane to be gone", || {
-        !kanava_lab::process::alive(control_plane.pid.unwrap())
+        !kanava_lab::process::alive(control_plane)
     });
     // What was learned is still served; what was not is refused: nothing
     // reaches `later`, in plaintext or at all.

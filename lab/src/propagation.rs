@@ -100,7 +100,12 @@ pub fn wait(
             return Err(Error::Cancelled);
         }
         unmet.clear();
-        let served = served(state);
+        // Only a workload may be met by what the control plane served.
+        let served = expect
+            .iter()
+            .any(|e| e.version.is_some() && e.name.starts_with("workload/"))
+            .then(|| served(state))
+            .flatten();
         pending.retain(|(node, netns)| {
             let held = held(netns).unwrap_or_default();
             let missing: Vec<_> = expect

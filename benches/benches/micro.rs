@@ -87,7 +87,7 @@ fn cluster(workloads: u32) -> Vec<pb::Resource> {
         ips: vec![ip(i)],
         identity: Identity::new("cluster.local", format!("ns-{}", i % 100), "default").unwrap(),
         protocol: TunnelProtocol::Hbone,
-        labels: [("app".to_string(), format!("app-{}", i / 5))].into(),
+        labels: std::sync::Arc::new([("app".to_string(), format!("app-{}", i / 5))].into()),
         mtls_mode: Default::default(),
         resource_version: "1".into(),
         plaintext_inbound_ports: Vec::new(),

@@ -9,42 +9,33 @@
 //! with and without slimming and expects the same mesh, so a field the
 //! translation starts to read but this module drops fails it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Namespace, Pod, PodCondition, PodSpec, PodStatus, Service,
-    ServicePort, ServiceSpec,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kanava_mesh::Labels;
 
 use crate::crd::AuthorizationPolicy;
-use crate::objects::Object;
 
 /// Annotations the mesh reads start with this.
 const MESH_ANNOTATIONS: &str = "kanava.io/";
 
-impl Object {
-    /// This object with only what the mesh reads of it.
-    pub fn slimmed(self) -> Object {
-        match self {
-            Object::Namespace(o) => Object::Namespace(namespace(Arc::unwrap_or_clone(o)).into()),
-            Object::Pod(o) => Object::Pod(pod(Arc::unwrap_or_clone(o)).into()),
-            Object::Service(o) => Object::Service(service(Arc::unwrap_or_clone(o)).into()),
-            Object::AuthorizationPolicy(o) => {
-                Object::AuthorizationPolicy(policy(Arc::unwrap_or_clone(o)).into())
-            }
-        }
-    }
+/// The annotations the mesh reads, or `None` when there are none.
+fn mesh_annotations(
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Option<BTreeMap<String, String>> {
+    let kept: BTreeMap<String, String> = annotations?
+        .iter()
+        .filter(|(key, _)| key.starts_with(MESH_ANNOTATIONS))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    (!kept.is_empty()).then_some(kept)
 }
 
 /// Identity, labels, the mesh's annotations, versions.
 fn metadata(meta: ObjectMeta) -> ObjectMeta {
-    let annotations = meta.annotations.map(|annotations| {
-        annotations
-            .into_iter()
-            .filter(|(key, _)| key.starts_with(MESH_ANNOTATIONS))
-            .collect()
-    });
+    let annotations = mesh_annotations(meta.annotations.as_ref());
     ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
@@ -52,66 +43,97 @@ fn metadata(meta: ObjectMeta) -> ObjectMeta {
         resource_version: meta.resource_version,
         generation: meta.generation,
         labels: meta.labels,
-        annotations: annotations.filter(|a: &std::collections::BTreeMap<_, _>| !a.is_empty()),
+        annotations,
         deletion_timestamp: meta.deletion_timestamp,
         ..ObjectMeta::default()
     }
 }
 
-/// Where it runs, as whom, its addresses, readiness and named ports.
+/// A Pod as the mesh reads it: where it runs, as whom, its addresses,
+/// readiness, labels and named ports.
 ///
-/// A `Container` is 2 KiB before any of its content: the named ports of all
-/// containers move into one, in order (a Service's named `targetPort` is
-/// looked up across them), and a pod without named ports keeps none.
-pub fn pod(pod: Pod) -> Pod {
-    Pod {
-        metadata: metadata(pod.metadata),
-        spec: pod.spec.map(|spec| {
-            let named_ports: Vec<ContainerPort> = spec
-                .containers
+/// Not the API's `Pod` type with fields left empty: that is 2 KiB inline
+/// before any content, which at 100,000 pods was most of the control
+/// plane's memory. The labels are shared ([`Labels`]): with the workload
+/// translated from the pod, and with the pod's siblings of one ReplicaSet
+/// ([`ClusterObjects`](crate::ClusterObjects) reuses a neighbour's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshPod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    pub labels: Labels,
+    /// The mesh's own annotations (`kanava.io/...`); usually none.
+    pub annotations: Option<Box<BTreeMap<String, String>>>,
+    /// Whether the Pod has a spec at all (one without cannot be translated).
+    pub has_spec: bool,
+    pub node_name: Option<String>,
+    pub service_account_name: Option<String>,
+    pub host_network: bool,
+    /// Succeeded or Failed: its address may already be someone else's.
+    pub finished: bool,
+    /// `status.podIPs`, or `status.podIP` when that is all there is.
+    pub ips: Vec<String>,
+    /// Its `Ready` condition is `True`.
+    pub ready: bool,
+    /// The named ports of all its containers, in order (a Service's named
+    /// `targetPort` is looked up across them).
+    pub named_ports: Vec<(String, i32)>,
+}
+
+impl MeshPod {
+    /// The port called `name`, as a container declares it.
+    pub fn named_port(&self, name: &str) -> Option<i32> {
+        self.named_ports
+            .iter()
+            .find(|(port, _)| port == name)
+            .map(|&(_, number)| number)
+    }
+}
+
+impl From<&Pod> for MeshPod {
+    fn from(pod: &Pod) -> Self {
+        let meta = &pod.metadata;
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let mut ips: Vec<String> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
+            .unwrap_or_default();
+        if let (true, Some(ip)) = (ips.is_empty(), status.and_then(|s| s.pod_ip.clone())) {
+            ips.push(ip);
+        }
+        MeshPod {
+            name: meta.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            labels: Arc::new(meta.labels.clone().unwrap_or_default()),
+            annotations: mesh_annotations(meta.annotations.as_ref()).map(Box::new),
+            has_spec: spec.is_some(),
+            node_name: spec.and_then(|s| s.node_name.clone()),
+            service_account_name: spec.and_then(|s| s.service_account_name.clone()),
+            host_network: spec.and_then(|s| s.host_network) == Some(true),
+            finished: matches!(
+                status.and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ),
+            ips,
+            ready: status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|conditions| {
+                    conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                }),
+            named_ports: spec
                 .into_iter()
-                .flat_map(|container| container.ports.unwrap_or_default())
-                .filter(|port| port.name.is_some())
-                .map(|port| ContainerPort {
-                    name: port.name,
-                    container_port: port.container_port,
-                    protocol: port.protocol,
-                    ..ContainerPort::default()
-                })
-                .collect();
-            PodSpec {
-                node_name: spec.node_name,
-                service_account_name: spec.service_account_name,
-                host_network: spec.host_network,
-                containers: if named_ports.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![Container {
-                        ports: Some(named_ports),
-                        ..Container::default()
-                    }]
-                },
-                ..PodSpec::default()
-            }
-        }),
-        status: pod.status.map(|status| PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            // Only readiness is read (and its times change without it).
-            conditions: status.conditions.map(|conditions| {
-                conditions
-                    .into_iter()
-                    .filter(|condition| condition.type_ == "Ready")
-                    .map(|condition| PodCondition {
-                        type_: condition.type_,
-                        status: condition.status,
-                        ..PodCondition::default()
-                    })
-                    .collect()
-            }),
-            ..PodStatus::default()
-        }),
+                .flat_map(|s| &s.containers)
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+                .collect(),
+        }
     }
 }
 

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 pub use config::{Config, Source};
 pub use error::Error;
-use kanava_cluster::{ClusterObjects, translate};
+use kanava_cluster::{SlimObjects, translate};
 use tokio_util::sync::CancellationToken;
 
 /// Runs the control plane until `shutdown` is cancelled.
@@ -103,7 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 config.ztunnel_service_account.clone(),
             );
             // The ztunnels' pods, for checking locally verified tokens.
-            let translate = move |objects: &ClusterObjects| {
+            let translate = move |objects: &SlimObjects| {
                 // Objects are keyed by (namespace, name): only the
                 // control plane's namespace is read, not the whole cluster.
                 let in_namespace = objects
@@ -147,17 +147,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// The newest numeric `resourceVersion` among `objects`: after it is
 /// served, a change up to that version has reached the store, whether it
 /// changed what ztunnels hold or not (the lab waits on it).
-fn newest_resource_version(objects: &ClusterObjects) -> i64 {
+fn newest_resource_version(objects: &SlimObjects) -> i64 {
     let versions = objects
         .namespaces
         .values()
         .map(|o| o.metadata.resource_version.as_deref())
-        .chain(
-            objects
-                .pods
-                .values()
-                .map(|o| o.metadata.resource_version.as_deref()),
-        )
+        .chain(objects.pods.values().map(|o| o.resource_version.as_deref()))
         .chain(
             objects
                 .services
@@ -181,7 +176,7 @@ pub fn translate_into(
     config: &Config,
     store: Arc<store::Store>,
     statuses: Option<policy_status::StatusWriter>,
-) -> impl FnMut(&ClusterObjects) + Send + 'static {
+) -> impl FnMut(&SlimObjects) + Send + 'static {
     let mut translator = translate::Translator::new(translate::TranslateConfig {
         trust_domain: config.trust_domain.clone(),
         root_namespace: config.root_namespace.clone(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kanava_cluster::crd::{AuthorizationPolicy, PolicyCondition};
-use kanava_cluster::{ClusterObjects, ObjectKey, PolicyVerdict};
+use kanava_cluster::{ObjectKey, PolicyVerdict, SlimObjects};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource};
@@ -49,7 +49,7 @@ pub fn condition_of(verdict: &PolicyVerdict) -> PolicyCondition {
 }
 
 /// The verdicts whose condition differs from the one the object carries.
-pub fn updates(objects: &ClusterObjects, verdicts: &[PolicyVerdict]) -> Vec<StatusUpdate> {
+pub fn updates(objects: &SlimObjects, verdicts: &[PolicyVerdict]) -> Vec<StatusUpdate> {
     verdicts
         .iter()
         .filter_map(|verdict| {
@@ -199,7 +199,7 @@ mod tests {
 
     use super::*;
 
-    fn objects_with(status: Option<AuthorizationPolicyStatus>) -> ClusterObjects {
+    fn objects_with(status: Option<AuthorizationPolicyStatus>) -> SlimObjects {
         let mut policy: AuthorizationPolicy = serde_json::from_value(serde_json::json!({
             "apiVersion": "security.kanava.io/v1alpha1", "kind": "AuthorizationPolicy",
             "metadata": {"name": "p", "namespace": "shop", "generation": 2, "uid": "u"},
@@ -207,7 +207,7 @@ mod tests {
         }))
         .unwrap();
         policy.status = status;
-        let mut objects = ClusterObjects::default();
+        let mut objects = SlimObjects::default();
         objects
             .policies
             .insert(("shop".into(), "p".into()), Arc::new(policy));

@@ -192,9 +192,10 @@ pub fn manifests(data: &[u8]) {
     let Ok((objects, _)) = kanava_cluster::parse_manifests(text) else {
         return;
     };
-    let mut cluster = kanava_cluster::ClusterObjects::default();
+    // As the control plane holds them.
+    let mut cluster = kanava_cluster::SlimObjects::default();
     for object in objects {
-        cluster.insert(object);
+        cluster.insert(object.slimmed());
     }
     let mut translator = kanava_cluster::Translator::new(kanava_cluster::TranslateConfig {
         trust_domain: DEFAULT_TRUST_DOMAIN.into(),

@@ -32,7 +32,7 @@ fn workload() -> Workload {
         ips: vec!["10.244.2.3".parse().expect("IP")],
         identity: identity("web"),
         protocol: TunnelProtocol::Hbone,
-        labels: [("app".to_string(), "web".to_string())].into(),
+        labels: std::sync::Arc::new([("app".to_string(), "web".to_string())].into()),
         mtls_mode: MtlsMode::Strict,
         resource_version: "7".into(),
         plaintext_inbound_ports: Vec::new(),

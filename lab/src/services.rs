@@ -32,7 +32,7 @@ pub fn services(state: &LabState) -> Result<Vec<ServiceStatus>, Error> {
         trust_domain: kanava_mesh::DEFAULT_TRUST_DOMAIN.into(),
         root_namespace: kanava_mesh::names::ROOT_NAMESPACE.into(),
     })
-    .translate(&objects);
+    .translate(&objects.with_mesh_pods());
     let pod_of = |uid: &str| {
         state
             .pods

@@ -23,7 +23,7 @@ pub use error::Error;
 pub use identity::{DEFAULT_TRUST_DOMAIN, Identity};
 pub use open_port::{OpenPort, PLAINTEXT_INBOUND_PORTS_ANNOTATION, PortProtocol};
 pub use service::{Endpoint, Service, ServicePort};
-pub use workload::{MtlsMode, TunnelProtocol, Workload};
+pub use workload::{Labels, MtlsMode, TunnelProtocol, Workload};
 
 /// Labels and other names users see.
 pub mod names {

@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use kanava_proto::v1 as pb;
 
@@ -24,6 +25,10 @@ pub enum MtlsMode {
     Permissive,
 }
 
+/// A pod's labels. Shared: a control plane holds the same map for the pod,
+/// its workload and the pod's ReplicaSet siblings.
+pub type Labels = Arc<BTreeMap<String, String>>;
+
 /// A pod, as the data plane needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -35,7 +40,7 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     pub identity: Identity,
     pub protocol: TunnelProtocol,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     pub mtls_mode: MtlsMode,
     /// `metadata.resourceVersion` of the pod.
     pub resource_version: String,
@@ -143,11 +148,12 @@ impl Workload {
             ips,
             identity: w.identity.parse()?,
             protocol,
-            labels: w
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            labels: Arc::new(
+                w.labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
             mtls_mode,
             resource_version: w.resource_version.clone(),
             plaintext_inbound_ports: w
@@ -173,7 +179,7 @@ mod tests {
             ips: vec!["10.244.1.2".parse().unwrap()],
             identity: Identity::new("cluster.local", "shop", "web").unwrap(),
             protocol: TunnelProtocol::Hbone,
-            labels: [("app".to_string(), "web".to_string())].into(),
+            labels: Arc::new([("app".to_string(), "web".to_string())].into()),
             mtls_mode: MtlsMode::Permissive,
             resource_version: "12".into(),
             plaintext_inbound_ports: OpenPort::parse_list("udp/53,sctp/3868").unwrap(),

@@ -22,17 +22,17 @@ mod workloads;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
+use k8s_openapi::api::core::v1::{Namespace, Service as KubeService};
 use kanava_mesh::policy::Policy;
 use kanava_mesh::{Service, Workload};
 
 pub use policies::{policy_of, refuse_all_of};
 pub use services::{NamespaceWorkloads, service_of};
-use workloads::is_ready;
 pub use workloads::workload_of;
 
 use crate::crd::AuthorizationPolicy;
-use crate::objects::{ClusterObjects, ObjectKey};
+use crate::objects::{ObjectKey, SlimObjects};
+use crate::slim::MeshPod;
 
 #[derive(Clone, Debug)]
 pub struct TranslateConfig {
@@ -93,7 +93,7 @@ pub struct Translator {
 #[derive(Debug)]
 struct Translated {
     seen: u64,
-    pod: Arc<Pod>,
+    pod: Arc<MeshPod>,
     workload: Result<Option<Arc<Workload>>, String>,
     /// What was ignored in a pod that still translated (an unreadable
     /// annotation), reported with every translation like a problem.
@@ -142,7 +142,7 @@ impl Translator {
         }
     }
 
-    pub fn translate(&mut self, objects: &ClusterObjects) -> MeshState {
+    pub fn translate(&mut self, objects: &SlimObjects) -> MeshState {
         let mut state = MeshState::default();
         self.generation += 1;
         let generation = self.generation;
@@ -210,8 +210,7 @@ impl Translator {
         self.pods.retain(|_, translated| {
             let seen = translated.seen == generation;
             if !seen {
-                let namespace = translated.pod.metadata.namespace.as_deref();
-                changed_namespaces.insert(namespace.unwrap_or("default").to_string());
+                changed_namespaces.insert(translated.pod.namespace.clone());
             }
             seen
         });
@@ -261,7 +260,7 @@ impl Translator {
     /// translated again only when it changed or its namespace's pods did.
     fn services(
         &mut self,
-        objects: &ClusterObjects,
+        objects: &SlimObjects,
         changed_namespaces: &HashSet<String>,
     ) -> Vec<Arc<Service>> {
         let generation = self.generation;
@@ -295,7 +294,7 @@ impl Translator {
                         workload: Ok(Some(workload)),
                         ..
                     }) = self.pods.get(&address(pod))
-                        && is_ready(pod)
+                        && pod.ready
                     {
                         candidates.add(workload, pod);
                     }
@@ -393,8 +392,14 @@ mod tests {
     use super::*;
     use crate::manifests::parse_manifests;
 
-    fn objects(text: &str) -> ClusterObjects {
-        let mut objects = ClusterObjects::default();
+    /// The objects of `text`, as the translation reads them.
+    fn objects(text: &str) -> SlimObjects {
+        full_objects(text).with_mesh_pods()
+    }
+
+    /// The objects of `text` as they were written.
+    fn full_objects(text: &str) -> crate::ClusterObjects {
+        let mut objects = crate::ClusterObjects::default();
         for object in parse_manifests(text).unwrap().0 {
             objects.insert(object);
         }
@@ -762,12 +767,13 @@ status:
     #[test]
     fn slimmed_objects_translate_to_the_same_mesh() {
         let rich = format!("{CLUSTER}---{RICH_POD}");
+        // Namespaces, Services and policies as they were written; pods as
+        // the mesh reads them in both.
         let full = objects(&rich);
-        let mut slim = ClusterObjects::default();
+        let mut slim = SlimObjects::default();
         for object in parse_manifests(&rich).unwrap().0 {
             slim.insert(object.slimmed());
         }
-        assert_ne!(full, slim, "slimming dropped something");
         let (from_full, from_slim) = (translator().translate(&full), translator().translate(&slim));
         assert!(
             from_full.workloads.iter().any(|w| w.name == "rich"),
@@ -776,30 +782,31 @@ status:
         );
         assert_eq!(format!("{from_full:?}"), format!("{from_slim:?}"));
         let pod = &slim.pods[&("shop".to_string(), "rich".to_string())];
-        let kept: Vec<&String> = pod
-            .metadata
-            .annotations
-            .iter()
-            .flatten()
-            .map(|(k, _)| k)
-            .collect();
+        let kept: Vec<&String> = pod.annotations.iter().flat_map(|a| a.keys()).collect();
         assert_eq!(kept, ["kanava.io/plaintext-inbound-ports"]);
-        let spec = pod.spec.as_ref().unwrap();
-        assert!(spec.volumes.is_none());
-        let named: Vec<_> = spec
-            .containers
-            .iter()
-            .flat_map(|c| c.ports.iter().flatten())
-            .map(|p| (p.name.as_deref(), p.container_port))
-            .collect();
+        assert!(pod.ready);
+        assert_eq!(pod.ips, ["10.244.3.5", "fd00:244:3::5"]);
         assert_eq!(
-            named,
+            pod.named_ports,
             [
-                (Some("http"), 8080),
-                (Some("admin"), 9001),
-                (Some("metrics"), 9100)
+                ("http".to_string(), 8080),
+                ("admin".to_string(), 9001),
+                ("metrics".to_string(), 9100)
             ]
         );
+    }
+
+    #[test]
+    fn a_workload_shares_its_pods_labels() {
+        let objects = objects(CLUSTER);
+        let state = translator().translate(&objects);
+        let workload = state
+            .workloads
+            .iter()
+            .find(|w| w.name == "web-7d9f")
+            .unwrap();
+        let pod = &objects.pods[&("shop".to_string(), "web-7d9f".to_string())];
+        assert!(Arc::ptr_eq(&workload.labels, &pod.labels));
     }
 
     #[test]
@@ -840,15 +847,7 @@ status:
         // other namespace's Service and every policy stay as they were.
         let key = ("shop".to_string(), "web-unready".to_string());
         let mut ready = (*objects.pods[&key]).clone();
-        for condition in ready
-            .status
-            .as_mut()
-            .and_then(|s| s.conditions.as_mut())
-            .into_iter()
-            .flatten()
-        {
-            condition.status = "True".into();
-        }
+        ready.ready = true;
         objects.pods.insert(key.clone(), Arc::new(ready));
         let changed = translator.translate(&objects);
         assert_eq!(service(&changed, "web").endpoints.len(), 2);

@@ -4,23 +4,25 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kanava_mesh::{Endpoint, Service, ServicePort, Workload};
+
+use crate::slim::MeshPod;
 
 /// The ready workloads of one namespace, indexed by label so that a
 /// selector looks at the pods carrying its rarest label, not at all pods.
 #[derive(Default)]
 pub struct NamespaceWorkloads<'a> {
-    workloads: Vec<(&'a Workload, &'a Pod)>,
+    workloads: Vec<(&'a Workload, &'a MeshPod)>,
     by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
 }
 
 impl<'a> NamespaceWorkloads<'a> {
-    pub fn add(&mut self, workload: &'a Workload, pod: &'a Pod) {
+    pub fn add(&mut self, workload: &'a Workload, pod: &'a MeshPod) {
         let index = self.workloads.len();
         self.workloads.push((workload, pod));
-        for (key, value) in &workload.labels {
+        for (key, value) in workload.labels.iter() {
             self.by_label
                 .entry((key.as_str(), value.as_str()))
                 .or_default()
@@ -32,7 +34,7 @@ impl<'a> NamespaceWorkloads<'a> {
     pub fn select<'s>(
         &'s self,
         selector: &'s BTreeMap<String, String>,
-    ) -> impl Iterator<Item = (&'a Workload, &'a Pod)> + 's {
+    ) -> impl Iterator<Item = (&'a Workload, &'a MeshPod)> + 's {
         let rarest = selector
             .iter()
             .map(|(k, v)| {
@@ -149,12 +151,7 @@ pub fn service_of(
 }
 
 /// The number of a pod's container port called `name`.
-fn named_port(pod: &Pod, name: &str) -> Option<u16> {
-    pod.spec
-        .as_ref()?
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .find(|p| p.name.as_deref() == Some(name))
-        .and_then(|p| u16::try_from(p.container_port).ok())
+fn named_port(pod: &MeshPod, name: &str) -> Option<u16> {
+    pod.named_port(name)
+        .and_then(|number| u16::try_from(number).ok())
 }

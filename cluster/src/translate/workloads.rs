@@ -2,62 +2,49 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use kanava_mesh::{
     Identity, MtlsMode, OpenPort, PLAINTEXT_INBOUND_PORTS_ANNOTATION, TunnelProtocol, Workload,
     is_enrolled, names,
 };
 
 use super::TranslateConfig;
+use crate::slim::MeshPod;
 
 /// The workload a pod stands for, or `None` when the pod is not (yet) part
 /// of the data plane: not scheduled, no IP, finished, or on the host network.
 pub fn workload_of(
-    pod: &Pod,
+    pod: &MeshPod,
     namespace: Option<&Namespace>,
     config: &TranslateConfig,
 ) -> Result<Option<Workload>, String> {
-    let meta = &pod.metadata;
-    let Some(spec) = pod.spec.as_ref() else {
+    if !pod.has_spec {
         return Err("missing spec".into());
-    };
-    if spec.host_network == Some(true) {
+    }
+    if pod.host_network || pod.finished {
         return Ok(None);
     }
-    let status = pod.status.as_ref();
-    if matches!(
-        status.and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    ) {
-        return Ok(None);
-    }
-    let Some(node) = spec.node_name.clone() else {
+    let Some(node) = pod.node_name.clone() else {
         return Ok(None);
     };
-    let mut ip_texts: Vec<&str> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .map(|ips| ips.iter().map(|ip| ip.ip.as_str()).collect())
-        .unwrap_or_default();
-    if let (true, Some(ip)) = (
-        ip_texts.is_empty(),
-        status.and_then(|s| s.pod_ip.as_deref()),
-    ) {
-        ip_texts.push(ip);
-    }
-    if ip_texts.is_empty() {
+    if pod.ips.is_empty() {
         return Ok(None);
     }
-    let ips = ip_texts
+    let ips = pod
+        .ips
         .iter()
         .map(|text| {
             text.parse::<IpAddr>()
                 .map_err(|_| format!("status.podIP {text:?} is not an IP address"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let uid = meta.uid.clone().ok_or("missing metadata.uid")?;
-    let name = meta.name.clone().ok_or("missing metadata.name")?;
-    let namespace_name = meta.namespace.clone().unwrap_or_else(|| "default".into());
-    let service_account = spec
+    let uid = pod.uid.clone().ok_or("missing metadata.uid")?;
+    if pod.name.is_empty() {
+        return Err("missing metadata.name".into());
+    }
+    let name = pod.name.clone();
+    let namespace_name = pod.namespace.clone();
+    let service_account = pod
         .service_account_name
         .clone()
         .filter(|sa| !sa.is_empty())
@@ -65,7 +52,7 @@ pub fn workload_of(
     let identity = Identity::new(&config.trust_domain, &namespace_name, &service_account)
         .map_err(|e| e.to_string())?;
     let namespace_labels = namespace.and_then(|ns| ns.metadata.labels.as_ref());
-    let enrolled = is_enrolled(namespace_labels, meta.labels.as_ref());
+    let enrolled = is_enrolled(namespace_labels, Some(&pod.labels));
     let mtls_mode = match namespace_labels
         .and_then(|l| l.get(names::MTLS_MODE_LABEL))
         .map(String::as_str)
@@ -88,11 +75,11 @@ pub fn workload_of(
         } else {
             TunnelProtocol::None
         },
-        labels: meta.labels.clone().unwrap_or_default(),
+        labels: pod.labels.clone(),
         mtls_mode,
         plaintext_inbound_ports: plaintext_inbound_ports(pod, namespace).unwrap_or_default(),
         resource_version: newest_version(
-            meta.resource_version.as_deref(),
+            pod.resource_version.as_deref(),
             namespace.and_then(|ns| ns.metadata.resource_version.as_deref()),
         ),
     }))
@@ -103,12 +90,12 @@ pub fn workload_of(
 /// not parse opens nothing (and is reported by
 /// [`plaintext_inbound_ports_problem`]): a typo must not open a port.
 fn plaintext_inbound_ports(
-    pod: &Pod,
+    pod: &MeshPod,
     namespace: Option<&Namespace>,
 ) -> Result<Vec<OpenPort>, String> {
     let mut ports = Vec::new();
     for (what, annotations) in [
-        ("Pod", pod.metadata.annotations.as_ref()),
+        ("Pod", pod.annotations.as_deref()),
         (
             "Namespace",
             namespace.and_then(|ns| ns.metadata.annotations.as_ref()),
@@ -128,7 +115,10 @@ fn plaintext_inbound_ports(
 }
 
 /// Why the pod's or its namespace's open-ports annotation was ignored.
-pub fn plaintext_inbound_ports_problem(pod: &Pod, namespace: Option<&Namespace>) -> Option<String> {
+pub fn plaintext_inbound_ports_problem(
+    pod: &MeshPod,
+    namespace: Option<&Namespace>,
+) -> Option<String> {
     plaintext_inbound_ports(pod, namespace).err()
 }
 
@@ -141,15 +131,4 @@ fn newest_version(pod: Option<&str>, namespace: Option<&str>) -> String {
         (Some(Ok(pod)), Some(Ok(namespace))) => pod.max(namespace).to_string(),
         _ => pod.unwrap_or_default().to_string(),
     }
-}
-
-pub(super) fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|conditions| {
-            conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        })
 }

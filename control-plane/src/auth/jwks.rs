@@ -302,23 +302,21 @@ impl ZtunnelPods {
         &self,
         namespace: &str,
         service_account: &str,
-        pods: impl Iterator<Item = &'a k8s_openapi::api::core::v1::Pod>,
+        pods: impl Iterator<Item = &'a kanava_cluster::MeshPod>,
     ) {
         let known: HashMap<String, KnownPod> = pods
-            .filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace))
+            .filter(|pod| pod.namespace == namespace && !pod.name.is_empty())
             .filter_map(|pod| {
-                let spec = pod.spec.as_ref()?;
-                if spec.service_account_name.as_deref() != Some(service_account) {
+                if !pod.has_spec || pod.service_account_name.as_deref() != Some(service_account) {
                     return None;
                 }
-                let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
                 Some((
-                    pod.metadata.name.clone()?,
+                    pod.name.clone(),
                     KnownPod {
-                        uid: pod.metadata.uid.clone()?,
+                        uid: pod.uid.clone()?,
                         service_account: service_account.to_string(),
-                        node: spec.node_name.clone().filter(|n| !n.is_empty()),
-                        finished: matches!(phase, Some("Succeeded" | "Failed")),
+                        node: pod.node_name.clone().filter(|n| !n.is_empty()),
+                        finished: pod.finished,
                     },
                 ))
             })

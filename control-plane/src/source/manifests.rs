@@ -14,13 +14,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 use crate::Error;
-use kanava_cluster::{ClusterObjects, Object, ObjectId, parse_manifests};
+use kanava_cluster::{Object, ObjectId, SlimObject, SlimObjects, parse_manifests};
 
 /// How long the directory must be quiet before changed files are read.
 const SETTLE: Duration = Duration::from_millis(10);
@@ -41,7 +42,7 @@ impl Drop for Watch {
 /// `on_change` (on the watch's task; it should not block for long).
 pub fn watch<F>(dir: PathBuf, mut on_change: F) -> Result<Watch, Error>
 where
-    F: FnMut(&ClusterObjects) + Send + 'static,
+    F: FnMut(&SlimObjects) + Send + 'static,
 {
     let watch_error = |reason: String| Error::Watch {
         path: dir.clone(),
@@ -106,15 +107,16 @@ where
 /// Reads a manifest directory, remembering each file's last good content.
 #[derive(Default)]
 pub struct DirectoryReader {
-    files: BTreeMap<PathBuf, Vec<Object>>,
-    /// Which files define each object.
-    definers: HashMap<ObjectId, BTreeSet<PathBuf>>,
-    objects: ClusterObjects,
+    files: BTreeMap<Arc<Path>, Vec<SlimObject>>,
+    /// Which files define each object, in name order (the last one wins).
+    /// Nearly always one: a set would cost a tree node per object.
+    definers: HashMap<ObjectId, Vec<Arc<Path>>>,
+    objects: SlimObjects,
 }
 
 impl DirectoryReader {
     /// The current view.
-    pub fn objects(&self) -> &ClusterObjects {
+    pub fn objects(&self) -> &SlimObjects {
         &self.objects
     }
 
@@ -129,7 +131,7 @@ impl DirectoryReader {
         };
         let mut paths: BTreeSet<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         // Files that disappeared are changes too.
-        paths.extend(self.files.keys().cloned());
+        paths.extend(self.files.keys().map(|path| path.to_path_buf()));
         self.update(paths)
     }
 
@@ -149,7 +151,7 @@ impl DirectoryReader {
                         tracing::error!(
                             file = %path.display(),
                             %reason,
-                            kept_objects = self.files.get(&path).map_or(0, Vec::len),
+                            kept_objects = self.files.get(path.as_path()).map_or(0, Vec::len),
                             "invalid manifest; its last good content stays in force"
                         );
                         continue;
@@ -157,6 +159,11 @@ impl DirectoryReader {
                 }
             } else {
                 Vec::new()
+            };
+            // One copy of the path, shared by the file and its objects.
+            let path: Arc<Path> = match self.files.get_key_value(path.as_path()) {
+                Some((known, _)) => known.clone(),
+                None => Arc::from(path),
             };
             let old = if !exists {
                 self.files.remove(&path)
@@ -169,29 +176,34 @@ impl DirectoryReader {
             for object in old.iter().flatten() {
                 let id = object.id();
                 if let Some(definers) = self.definers.get_mut(&id) {
-                    definers.remove(&path);
+                    definers.retain(|definer| *definer != path);
                 }
                 touched.insert(id);
             }
             for object in &new {
                 let id = object.id();
-                self.definers
-                    .entry(id.clone())
-                    .or_default()
-                    .insert(path.clone());
+                let definers = self.definers.entry(id.clone()).or_default();
+                if let Err(at) = definers.binary_search(&path) {
+                    definers.insert(at, path.clone());
+                }
                 touched.insert(id);
             }
         }
         let changed = !touched.is_empty();
+        // In name order, so a pod finds its siblings already in place to
+        // share with (held only by its file, it is changed, not copied).
         for id in touched {
             let winner = self
                 .definers
                 .get(&id)
-                .and_then(|files| files.iter().next_back())
-                .and_then(|file| self.files.get(file))
-                .and_then(|objects| objects.iter().rev().find(|o| o.id() == id));
+                .and_then(|files| files.last())
+                .and_then(|file| self.files.get_mut(file))
+                .and_then(|objects| objects.iter_mut().rev().find(|o| o.id() == id));
             match winner {
                 Some(object) => {
+                    if let SlimObject::Pod(pod) = object {
+                        self.objects.share_with_neighbours(pod);
+                    }
                     if self.definers.get(&id).is_some_and(|d| d.len() > 1) {
                         tracing::warn!(object = %object.describe(), "object defined in more than one file; the last file wins");
                     }
@@ -224,7 +236,7 @@ fn changes_content(kind: &notify::EventKind) -> bool {
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<Object>, String> {
+fn read_file(path: &Path) -> Result<Vec<SlimObject>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     let (objects, others) = parse_manifests(&text).map_err(|e| e.to_string())?;
     for other in others {
@@ -298,9 +310,6 @@ mod tests {
                 .values()
                 .next()
                 .unwrap()
-                .spec
-                .as_ref()
-                .unwrap()
                 .node_name
                 .clone()
                 .unwrap()
@@ -312,8 +321,8 @@ mod tests {
     }
 
     /// A watch whose views arrive on a channel.
-    fn watched(dir: &Path) -> (Watch, tokio::sync::watch::Receiver<ClusterObjects>) {
-        let (tx, rx) = tokio::sync::watch::channel(ClusterObjects::default());
+    fn watched(dir: &Path) -> (Watch, tokio::sync::watch::Receiver<SlimObjects>) {
+        let (tx, rx) = tokio::sync::watch::channel(SlimObjects::default());
         let watch = watch(dir.to_path_buf(), move |objects| {
             tx.send_replace(objects.clone());
         })

@@ -12,4 +12,4 @@
 pub mod kubernetes;
 pub mod manifests;
 
-pub use kanava_cluster::ClusterObjects;
+pub use kanava_cluster::SlimObjects;

@@ -43,7 +43,7 @@ pub fn authorize(
         };
     }
     let no_labels = BTreeMap::new();
-    let labels = workload.as_ref().map(|w| &w.labels).unwrap_or(&no_labels);
+    let labels = workload.as_ref().map(|w| &*w.labels).unwrap_or(&no_labels);
     policies.evaluate(
         &pod.namespace,
         labels,

@@ -1,7 +1,6 @@
 //! Mesh state for the data path's unit tests, fed through the same
 //! discovery path a ztunnel uses.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -31,7 +30,7 @@ pub fn workload(name: &str, address: &str) -> Workload {
         ips: vec![ip(address)],
         identity: identity("shop", name),
         protocol: TunnelProtocol::Hbone,
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         mtls_mode: MtlsMode::Strict,
         resource_version: "1".into(),
         plaintext_inbound_ports: Vec::new(),

@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kanava_cluster::crd::AuthorizationPolicy;
-use kanava_cluster::{ClusterObjects, Kind, Object};
+use kanava_cluster::{Kind, Object, SlimObject, SlimObjects};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -87,7 +87,7 @@ impl Watched for AuthorizationPolicy {
 }
 
 /// One kind's watch event, or its watch's error.
-type KindEvent = (Kind, Result<watcher::Event<Object>, watcher::Error>);
+type KindEvent = (Kind, Result<watcher::Event<SlimObject>, watcher::Error>);
 
 fn watch_kind<K: Watched>(client: &Client) -> impl Stream<Item = KindEvent> + Send + use<K> {
     let config = watcher::Config::default().page_size(LIST_PAGE);
@@ -102,7 +102,10 @@ fn watch_kind<K: Watched>(client: &Client) -> impl Stream<Item = KindEvent> + Se
         })
 }
 
-fn map_event<K>(event: watcher::Event<K>, f: impl Fn(K) -> Object) -> watcher::Event<Object> {
+fn map_event<K>(
+    event: watcher::Event<K>,
+    f: impl Fn(K) -> SlimObject,
+) -> watcher::Event<SlimObject> {
     match event {
         watcher::Event::Apply(object) => watcher::Event::Apply(f(object)),
         watcher::Event::Delete(object) => watcher::Event::Delete(f(object)),
@@ -116,7 +119,7 @@ fn map_event<K>(event: watcher::Event<K>, f: impl Fn(K) -> Object) -> watcher::E
 /// `on_change` (on the watch's task; it should not block for long).
 pub fn watch<F>(client: Client, mut on_change: F) -> Watch
 where
-    F: FnMut(&ClusterObjects) + Send + 'static,
+    F: FnMut(&SlimObjects) + Send + 'static,
 {
     let mut events = futures::stream::select_all([
         watch_kind::<Namespace>(&client).boxed(),

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kanava_cluster::{ClusterObjects, Kind, Object};
+use kanava_cluster::{Kind, SlimObject, SlimObjects};
 use kube::runtime::watcher;
 
 /// Every kind the control plane watches; the view is complete once each of
@@ -21,18 +21,18 @@ pub const WATCHED: [Kind; 4] = [
 /// The cluster as the watches have shown it.
 #[derive(Debug, Default)]
 pub struct ClusterView {
-    objects: ClusterObjects,
+    objects: SlimObjects,
     /// Kinds whose initial list has completed at least once.
     listed: BTreeSet<Kind>,
     /// Objects of a (re)list in progress, per kind. They replace that kind's
     /// objects only when the list is complete, so a relist after `410 Gone`
     /// or a dropped connection never shows a half-empty cluster.
-    relisting: BTreeMap<Kind, Vec<Object>>,
+    relisting: BTreeMap<Kind, Vec<SlimObject>>,
 }
 
 impl ClusterView {
     /// The objects seen so far.
-    pub fn objects(&self) -> &ClusterObjects {
+    pub fn objects(&self) -> &SlimObjects {
         &self.objects
     }
 
@@ -52,7 +52,7 @@ impl ClusterView {
 
     /// Applies one event of `kind`'s watch. Returns whether the objects
     /// changed.
-    pub fn apply(&mut self, kind: Kind, event: watcher::Event<Object>) -> bool {
+    pub fn apply(&mut self, kind: Kind, event: watcher::Event<SlimObject>) -> bool {
         match event {
             watcher::Event::Init => {
                 self.relisting.insert(kind, Vec::new());
@@ -85,28 +85,32 @@ impl ClusterView {
         }
     }
 
-    fn get(&self, id: &kanava_cluster::ObjectId) -> Option<Object> {
+    fn get(&self, id: &kanava_cluster::ObjectId) -> Option<SlimObject> {
         let objects = &self.objects;
         match id.kind {
             Kind::Namespace => objects
                 .namespaces
                 .get(&id.key.1)
                 .cloned()
-                .map(Object::Namespace),
-            Kind::Pod => objects.pods.get(&id.key).cloned().map(Object::Pod),
-            Kind::Service => objects.services.get(&id.key).cloned().map(Object::Service),
+                .map(SlimObject::Namespace),
+            Kind::Pod => objects.pods.get(&id.key).cloned().map(SlimObject::Pod),
+            Kind::Service => objects
+                .services
+                .get(&id.key)
+                .cloned()
+                .map(SlimObject::Service),
             Kind::AuthorizationPolicy => objects
                 .policies
                 .get(&id.key)
                 .cloned()
-                .map(Object::AuthorizationPolicy),
+                .map(SlimObject::AuthorizationPolicy),
         }
     }
 
     /// Makes `listed` the whole of `kind`. Objects equal to the ones held
     /// keep their shared copy, so the translation of an unchanged pod is
     /// reused after a relist.
-    fn replace_kind(&mut self, kind: Kind, listed: Vec<Object>) -> bool {
+    fn replace_kind(&mut self, kind: Kind, listed: Vec<SlimObject>) -> bool {
         let before: BTreeSet<_> = self.ids_of(kind);
         let mut changed = false;
         let mut after = BTreeSet::new();
@@ -151,7 +155,7 @@ mod tests {
 
     use super::*;
 
-    fn pod(name: &str, version: &str) -> Object {
+    fn pod(name: &str, version: &str) -> SlimObject {
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": "shop", "uid": name, "resourceVersion": version},
@@ -159,7 +163,7 @@ mod tests {
             "status": {"podIP": "10.0.0.1"}
         }))
         .unwrap();
-        Object::Pod(Arc::new(pod))
+        kanava_cluster::Object::Pod(Arc::new(pod)).slimmed()
     }
 
     fn list_all_but_pods(view: &mut ClusterView) {

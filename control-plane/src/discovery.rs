@@ -135,7 +135,9 @@ async fn serve_stream(
     if on_demand {
         tracing::info!(%node, "serving on demand");
     }
-    let send_snapshot = async |snapshot: &crate::store::Snapshot| {
+    // Takes the snapshot: a stream lives for days, and keeping the one it
+    // started from would pin that version's copy of every resource.
+    let send_snapshot = async |snapshot: Arc<crate::store::Snapshot>| {
         let parts = if on_demand {
             snapshot.on_demand(&node, compressed).into()
         } else {
@@ -144,7 +146,7 @@ async fn serve_stream(
         send_parts(metrics, &responses, &parts).await
     };
     let mut sent_version = snapshot.version;
-    if !send_snapshot(&snapshot).await {
+    if !send_snapshot(snapshot).await {
         return;
     }
     // Set when the ztunnel refused a full snapshot: resending it would be
@@ -172,7 +174,7 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "sending a full snapshot");
-                        send_snapshot(&snapshot).await
+                        send_snapshot(snapshot).await
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
@@ -205,7 +207,7 @@ async fn serve_stream(
                         let snapshot = store.snapshot();
                         sent_version = snapshot.version;
                         tracing::info!(%node, version = sent_version, "update rejected; resending the full state");
-                        if !send_snapshot(&snapshot).await {
+                        if !send_snapshot(snapshot).await {
                             return;
                         }
                     } else {

@@ -176,7 +176,7 @@ impl Object {
             Object::Namespace(o) => {
                 SlimObject::Namespace(slim::namespace(Arc::unwrap_or_clone(o)).into())
             }
-            Object::Pod(o) => SlimObject::Pod(Arc::new(MeshPod::from(&*o))),
+            Object::Pod(o) => SlimObject::Pod(Arc::new(MeshPod::from(Arc::unwrap_or_clone(o)))),
             Object::Service(o) => {
                 SlimObject::Service(slim::service(Arc::unwrap_or_clone(o)).into())
             }
@@ -198,8 +198,9 @@ impl<P: PodForm> ClusterObjects<P> {
                 self.namespaces.insert(name, ns).is_some()
             }
             ObjectOf::Pod(mut pod) => {
-                self.share_with_neighbours(&mut pod);
-                self.pods.insert(pod.key(), pod).is_some()
+                let key = pod.key();
+                self.share_at(&key, &mut pod);
+                self.pods.insert(key, pod).is_some()
             }
             ObjectOf::Service(svc) => {
                 let key = key_of(&svc.metadata);
@@ -216,11 +217,17 @@ impl<P: PodForm> ClusterObjects<P> {
     /// Lets `pod` share what it has in common with the pods held next to
     /// it ([`PodForm::share_with`]), before it is stored anywhere.
     pub fn share_with_neighbours(&self, pod: &mut P) {
-        let key = pod.key();
-        let before = self.pods.range(..key.clone()).next_back();
+        self.share_at(&pod.key(), pod);
+    }
+
+    fn share_at(&self, key: &ObjectKey, pod: &mut P) {
+        let before = self
+            .pods
+            .range::<ObjectKey, _>((Bound::Unbounded, Bound::Excluded(key)))
+            .next_back();
         let after = self
             .pods
-            .range((Bound::Excluded(key), Bound::Unbounded))
+            .range::<ObjectKey, _>((Bound::Excluded(key), Bound::Unbounded))
             .next();
         for (_, neighbour) in before.into_iter().chain(after) {
             pod.share_with(neighbour);
@@ -257,7 +264,7 @@ impl ClusterObjects {
             ..SlimObjects::default()
         };
         for pod in self.pods.values() {
-            slim.insert(ObjectOf::Pod(Arc::new(MeshPod::from(&**pod))));
+            slim.insert(ObjectOf::Pod(Arc::new(MeshPod::from((**pod).clone()))));
         }
         slim
     }

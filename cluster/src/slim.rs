@@ -92,46 +92,46 @@ impl MeshPod {
     }
 }
 
-impl From<&Pod> for MeshPod {
-    fn from(pod: &Pod) -> Self {
-        let meta = &pod.metadata;
-        let spec = pod.spec.as_ref();
-        let status = pod.status.as_ref();
+/// Takes the pod apart: what the mesh reads is moved, not copied, as
+/// every pod of the cluster arrives this way.
+impl From<Pod> for MeshPod {
+    fn from(pod: Pod) -> Self {
+        let meta = pod.metadata;
+        let has_spec = pod.spec.is_some();
+        let spec = pod.spec.unwrap_or_default();
+        let status = pod.status.unwrap_or_default();
         let mut ips: Vec<String> = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
-            .unwrap_or_default();
-        if let (true, Some(ip)) = (ips.is_empty(), status.and_then(|s| s.pod_ip.clone())) {
+            .pod_ips
+            .unwrap_or_default()
+            .into_iter()
+            .map(|ip| ip.ip)
+            .collect();
+        if let (true, Some(ip)) = (ips.is_empty(), status.pod_ip) {
             ips.push(ip);
         }
         MeshPod {
-            name: meta.name.clone().unwrap_or_default(),
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            uid: meta.uid.clone(),
-            resource_version: meta.resource_version.clone(),
-            labels: Arc::new(meta.labels.clone().unwrap_or_default()),
+            name: meta.name.unwrap_or_default(),
+            namespace: meta.namespace.unwrap_or_else(|| "default".into()),
+            uid: meta.uid,
+            resource_version: meta.resource_version,
+            labels: Arc::new(meta.labels.unwrap_or_default()),
             annotations: mesh_annotations(meta.annotations.as_ref()).map(Box::new),
-            has_spec: spec.is_some(),
-            node_name: spec.and_then(|s| s.node_name.clone()),
-            service_account_name: spec.and_then(|s| s.service_account_name.clone()),
-            host_network: spec.and_then(|s| s.host_network) == Some(true),
-            finished: matches!(
-                status.and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            ),
+            has_spec,
+            node_name: spec.node_name,
+            service_account_name: spec.service_account_name,
+            host_network: spec.host_network == Some(true),
+            finished: matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")),
             ips,
-            ready: status
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|conditions| {
-                    conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                }),
+            ready: status.conditions.is_some_and(|conditions| {
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            }),
             named_ports: spec
+                .containers
                 .into_iter()
-                .flat_map(|s| &s.containers)
-                .flat_map(|c| c.ports.iter().flatten())
-                .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+                .flat_map(|c| c.ports.unwrap_or_default())
+                .filter_map(|p| Some((p.name?, p.container_port)))
                 .collect(),
         }
     }

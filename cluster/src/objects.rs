@@ -47,6 +47,9 @@ pub trait PodForm: Clone + fmt::Debug + PartialEq {
     /// `namespace/name`.
     fn key(&self) -> ObjectKey;
 
+    /// `metadata.resourceVersion`.
+    fn resource_version(&self) -> Option<&str>;
+
     /// Shares what this pod has in common with `neighbour`, the pod next to
     /// it in name order (a sibling of the same ReplicaSet, usually). Only a
     /// pod held nowhere else changes: one that is would be copied.
@@ -57,11 +60,19 @@ impl PodForm for Arc<Pod> {
     fn key(&self) -> ObjectKey {
         key_of(&self.metadata)
     }
+
+    fn resource_version(&self) -> Option<&str> {
+        self.metadata.resource_version.as_deref()
+    }
 }
 
 impl PodForm for Arc<MeshPod> {
     fn key(&self) -> ObjectKey {
         (self.namespace.clone(), self.name.clone())
+    }
+
+    fn resource_version(&self) -> Option<&str> {
+        self.resource_version.as_deref()
     }
 
     /// The pods of one ReplicaSet carry the same labels, and their names
@@ -135,6 +146,16 @@ impl<P: PodForm> ObjectOf<P> {
         ObjectId {
             kind: self.kind(),
             key,
+        }
+    }
+
+    /// `metadata.resourceVersion`, as written.
+    pub fn resource_version(&self) -> Option<&str> {
+        match self {
+            ObjectOf::Namespace(o) => o.metadata.resource_version.as_deref(),
+            ObjectOf::Pod(o) => o.resource_version(),
+            ObjectOf::Service(o) => o.metadata.resource_version.as_deref(),
+            ObjectOf::AuthorizationPolicy(o) => o.metadata.resource_version.as_deref(),
         }
     }
 

@@ -62,12 +62,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             )?);
             let mut translate = translate_into(&config, store.clone(), None);
             let translated = store.clone();
-            let watch = source::manifests::watch(dir.clone(), move |objects| {
-                translate(objects);
+            let watch = source::manifests::watch(dir.clone(), move |reader| {
+                translate(reader.objects());
                 translated
                     .metrics()
                     .source_resource_version
-                    .set(newest_resource_version(objects));
+                    .set(reader.newest_resource_version());
             })?;
             let material = ca::MaterialSource::Files(ca_dir.clone());
             (ca, material, auth, Box::new(watch) as Box<dyn Send>)
@@ -144,34 +144,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// source keeps it (no copy of a large cluster per change). Every source
 /// feeds this one function. With a `statuses` writer, policies' statuses
 /// follow their verdicts.
-/// The newest numeric `resourceVersion` among `objects`: after it is
-/// served, a change up to that version has reached the store, whether it
-/// changed what ztunnels hold or not (the lab waits on it).
-fn newest_resource_version(objects: &SlimObjects) -> i64 {
-    let versions = objects
-        .namespaces
-        .values()
-        .map(|o| o.metadata.resource_version.as_deref())
-        .chain(objects.pods.values().map(|o| o.resource_version.as_deref()))
-        .chain(
-            objects
-                .services
-                .values()
-                .map(|o| o.metadata.resource_version.as_deref()),
-        )
-        .chain(
-            objects
-                .policies
-                .values()
-                .map(|o| o.metadata.resource_version.as_deref()),
-        );
-    versions
-        .flatten()
-        .filter_map(|v| v.parse::<i64>().ok())
-        .max()
-        .unwrap_or_default()
-}
-
 pub fn translate_into(
     config: &Config,
     store: Arc<store::Store>,

@@ -69,10 +69,10 @@ async fn both_sources_give_ztunnels_the_same_snapshot() {
         std::fs::write(dir.path().join(format!("{n}.json")), object.to_string()).unwrap();
     }
     let from_files = Arc::new(Store::new());
-    let _files = source::manifests::watch(
-        dir.path().to_path_buf(),
-        translate_into(&config(), from_files.clone(), None),
-    )
+    let mut translate = translate_into(&config(), from_files.clone(), None);
+    let _files = source::manifests::watch(dir.path().to_path_buf(), move |reader| {
+        translate(reader.objects())
+    })
     .unwrap();
 
     eventually("both sources loaded", || {

@@ -83,7 +83,8 @@ pub struct Translator {
     pods: HashMap<usize, Translated, FastHash>,
     /// The Namespace objects of the last translation, to tell which changed.
     namespaces: BTreeMap<String, Arc<Namespace>>,
-    services: HashMap<ObjectKey, Made<KubeService, ServiceOutcome>, FastHash>,
+    /// Keyed by the address of the shared Service object, like `pods`.
+    services: HashMap<usize, Made<KubeService, ServiceOutcome>, FastHash>,
     policies: HashMap<ObjectKey, Made<AuthorizationPolicy, PolicyOutcome>, FastHash>,
     /// Counts translations; entries not seen in the latest are dropped.
     generation: u64,
@@ -143,7 +144,10 @@ impl Translator {
     }
 
     pub fn translate(&mut self, objects: &SlimObjects) -> MeshState {
-        let mut state = MeshState::default();
+        let mut state = MeshState {
+            workloads: Vec::with_capacity(self.pods.len()),
+            ..MeshState::default()
+        };
         self.generation += 1;
         let generation = self.generation;
         // Namespaces whose object changed: all their pods are translated
@@ -164,8 +168,9 @@ impl Translator {
             }
         }
         // Namespaces where a pod appeared, changed or left: their Services'
-        // endpoints must be looked at again.
-        let mut changed_namespaces: HashSet<String> = HashSet::new();
+        // endpoints must be looked at again. Few, and asked about for every
+        // Service: a short ordered set, no hashing of each Service's name.
+        let mut changed_namespaces: BTreeSet<String> = BTreeSet::new();
         for (key, pod) in &objects.pods {
             let renamespaced = !renamespaced.is_empty() && renamespaced.contains(key.0.as_str());
             let translated = match self.pods.get_mut(&address(pod)) {
@@ -215,18 +220,7 @@ impl Translator {
             seen
         });
         self.namespaces = objects.namespaces.clone();
-        state.services = self.services(objects, &changed_namespaces);
-        for key in objects.services.keys() {
-            if let Some(Made {
-                result: Err(problem),
-                ..
-            }) = self.services.get(key)
-            {
-                state
-                    .problems
-                    .push(format!("Service {}/{}: {problem}", key.0, key.1));
-            }
-        }
+        state.services = self.services(objects, &changed_namespaces, &mut state.problems);
         for (key, object) in &objects.policies {
             let outcome = match self.policies.get_mut(key) {
                 Some(made) if Arc::ptr_eq(&made.object, object) => {
@@ -261,16 +255,26 @@ impl Translator {
     fn services(
         &mut self,
         objects: &SlimObjects,
-        changed_namespaces: &HashSet<String>,
+        changed_namespaces: &BTreeSet<String>,
+        problems: &mut Vec<String>,
     ) -> Vec<Arc<Service>> {
         let generation = self.generation;
+        // The Services of the namespaces whose pods changed: each namespace
+        // is one range of the map, so no Service's namespace is compared.
+        let reselect: HashSet<usize, FastHash> = changed_namespaces
+            .iter()
+            .flat_map(|namespace| {
+                objects
+                    .services
+                    .range((namespace.clone(), String::new())..)
+                    .take_while(move |((ns, _), _)| ns == namespace)
+                    .map(|(_, service)| address(service))
+            })
+            .collect();
         let mut stale = Vec::new();
         for (key, service) in &objects.services {
-            match self.services.get_mut(key) {
-                Some(made)
-                    if Arc::ptr_eq(&made.object, service)
-                        && !changed_namespaces.contains(&key.0) =>
-                {
+            match self.services.get_mut(&address(service)) {
+                Some(made) if reselect.is_empty() || !reselect.contains(&address(service)) => {
                     made.seen = generation;
                 }
                 _ => stale.push((key, service)),
@@ -305,7 +309,7 @@ impl Translator {
                 let candidates = by_namespace.get(key.0.as_str()).unwrap_or(&empty);
                 let result = service_of(service, candidates).map(|s| s.map(Arc::new));
                 self.services.insert(
-                    key.clone(),
+                    address(service),
                     Made {
                         seen: generation,
                         object: service.clone(),
@@ -315,17 +319,21 @@ impl Translator {
             }
         }
         self.services.retain(|_, made| made.seen == generation);
-        objects
-            .services
-            .keys()
-            .filter_map(|key| match self.services.get(key) {
-                Some(Made {
-                    result: Ok(Some(service)),
-                    ..
-                }) => Some(service.clone()),
-                _ => None,
-            })
-            .collect()
+        let mut services = Vec::with_capacity(objects.services.len());
+        for (key, service) in &objects.services {
+            match self
+                .services
+                .get(&address(service))
+                .map(|made| &made.result)
+            {
+                Some(Ok(Some(service))) => services.push(service.clone()),
+                Some(Err(problem)) => {
+                    problems.push(format!("Service {}/{}: {problem}", key.0, key.1));
+                }
+                Some(Ok(None)) | None => {}
+            }
+        }
+        services
     }
 
     /// Validates a new or changed policy object.

@@ -38,11 +38,12 @@ impl Drop for Watch {
     }
 }
 
-/// Reads `dir` now and after every change, and hands each new view to
-/// `on_change` (on the watch's task; it should not block for long).
+/// Reads `dir` now and after every change, and hands the reader with each
+/// new view to `on_change` (on the watch's task; it should not block for
+/// long).
 pub fn watch<F>(dir: PathBuf, mut on_change: F) -> Result<Watch, Error>
 where
-    F: FnMut(&SlimObjects) + Send + 'static,
+    F: FnMut(&DirectoryReader) + Send + 'static,
 {
     let watch_error = |reason: String| Error::Watch {
         path: dir.clone(),
@@ -66,7 +67,7 @@ where
     let mut reader = DirectoryReader::default();
     reader.read_all(&dir);
     let task = tokio::spawn(async move {
-        on_change(&reader.objects);
+        on_change(&reader);
         while let Some(event) = events_rx.recv().await {
             let mut changed = BTreeSet::new();
             let mut rescan = false;
@@ -94,7 +95,7 @@ where
                 reader.update(changed)
             };
             if modified {
-                on_change(&reader.objects);
+                on_change(&reader);
             }
         }
     });
@@ -112,12 +113,24 @@ pub struct DirectoryReader {
     /// Nearly always one: a set would cost a tree node per object.
     definers: HashMap<ObjectId, Vec<Arc<Path>>>,
     objects: SlimObjects,
+    /// The newest numeric `resourceVersion` read so far, kept as objects
+    /// come in: finding it among 100,000 objects on every change cost a
+    /// fifth of the change.
+    newest_resource_version: i64,
 }
 
 impl DirectoryReader {
     /// The current view.
     pub fn objects(&self) -> &SlimObjects {
         &self.objects
+    }
+
+    /// The newest numeric `resourceVersion` of any object read so far
+    /// (removed ones included): once the view is served, every write up
+    /// to that version has reached the store, whether it changed what
+    /// ztunnels hold or not (the lab waits on it). 0 before any.
+    pub fn newest_resource_version(&self) -> i64 {
+        self.newest_resource_version
     }
 
     /// Reads every file of `dir`. Returns whether anything changed.
@@ -203,6 +216,9 @@ impl DirectoryReader {
                 Some(object) => {
                     if let SlimObject::Pod(pod) = object {
                         self.objects.share_with_neighbours(pod);
+                    }
+                    if let Some(version) = object.resource_version().and_then(|v| v.parse().ok()) {
+                        self.newest_resource_version = self.newest_resource_version.max(version);
                     }
                     if self.definers.get(&id).is_some_and(|d| d.len() > 1) {
                         tracing::warn!(object = %object.describe(), "object defined in more than one file; the last file wins");
@@ -320,11 +336,39 @@ mod tests {
         assert_eq!(node(&reader), "from-a");
     }
 
+    #[test]
+    fn remembers_the_newest_resource_version_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let versioned = |version: &str| {
+            POD.replace(
+                "namespace: shop}",
+                &format!("namespace: shop, resourceVersion: \"{version}\"}}"),
+            )
+        };
+        let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+        std::fs::write(&a, versioned("7")).unwrap();
+        let mut reader = DirectoryReader::default();
+        assert_eq!(reader.newest_resource_version(), 0);
+        reader.read_all(dir.path());
+        assert_eq!(reader.newest_resource_version(), 7);
+        // A version that is no number (a hand-written manifest's) is not one.
+        std::fs::write(&b, versioned("draft").replace("web", "api")).unwrap();
+        reader.update([b.clone()]);
+        assert_eq!(reader.newest_resource_version(), 7);
+        std::fs::write(&b, versioned("12").replace("web", "api")).unwrap();
+        reader.update([b.clone()]);
+        assert_eq!(reader.newest_resource_version(), 12);
+        // A deletion was read too: the version does not go back.
+        std::fs::remove_file(&b).unwrap();
+        reader.update([b]);
+        assert_eq!(reader.newest_resource_version(), 12);
+    }
+
     /// A watch whose views arrive on a channel.
     fn watched(dir: &Path) -> (Watch, tokio::sync::watch::Receiver<SlimObjects>) {
         let (tx, rx) = tokio::sync::watch::channel(SlimObjects::default());
-        let watch = watch(dir.to_path_buf(), move |objects| {
-            tx.send_replace(objects.clone());
+        let watch = watch(dir.to_path_buf(), move |reader| {
+            tx.send_replace(reader.objects().clone());
         })
         .unwrap();
         (watch, rx)

@@ -19,7 +19,7 @@ packages=(
   curl                         # HTTP client in pods; readiness and metrics checks
   iperf3                       # throughput benchmark
   procps                       # sysctl
-  gcc libc6-dev                # C parts of the TLS library (aws-lc)
+  gcc libc6-dev make           # C parts of the TLS library (aws-lc) and of the control plane's allocator (jemalloc)
   unzip                        # fetching helm (below)
   prometheus                   # the dashboard test scrapes a lab with it
 )

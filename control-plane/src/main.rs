@@ -20,11 +20,13 @@ const STOP_WITHIN: Duration = Duration::from_secs(1);
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read before `main` (the `_RJEM_MALLOC_CONF`
-/// environment variable can still change them): a background thread
-/// purges free pages that stayed unused for a second; by default they wait
-/// ten, and only while the process allocates.
+/// environment variable can still change them): free pages go back to the
+/// kernel at once, and a background thread does what purging is left; by
+/// default they wait ten seconds, and only while the process allocates.
+/// At 100,000 pods and 1,000 streams, purging at once held 479 MiB against
+/// 507 after a second (runs one after the other), at no more CPU.
 const ALLOCATOR_OPTIONS: &std::ffi::CStr =
-    c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0";
+    c"background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0";
 
 // jemalloc reads its compiled-in options from this C string pointer (a weak
 // symbol of its own, which this definition replaces).

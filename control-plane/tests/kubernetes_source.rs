@@ -84,7 +84,7 @@ async fn both_sources_give_ztunnels_the_same_snapshot() {
         api.resources, files.resources,
         "one translation, one snapshot"
     );
-    let names: Vec<&str> = api.resources.keys().map(String::as_str).collect();
+    let names: Vec<&str> = api.resources.keys().map(|name| &**name).collect();
     // Running pods are workloads (the host-network ztunnel, the pod without
     // a node and the finished job are not); the Service resolves its named
     // port; the valid policy and the rejected one (refusing all) are there.

@@ -74,6 +74,12 @@ impl Identity {
     pub fn principal(&self) -> &str {
         &self.0.uri["spiffe://".len()..]
     }
+
+    /// Whether this is the only copy of the identity (clones share one):
+    /// a cache of identities drops what only it still holds.
+    pub fn is_only_copy(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
+    }
 }
 
 impl fmt::Debug for Identity {

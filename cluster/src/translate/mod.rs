@@ -88,6 +88,7 @@ pub struct Translator {
     policies: HashMap<ObjectKey, Made<AuthorizationPolicy, PolicyOutcome>, FastHash>,
     /// Counts translations; entries not seen in the latest are dropped.
     generation: u64,
+    identities: workloads::Identities,
 }
 
 /// A pod's translation and the objects it was made from.
@@ -140,6 +141,7 @@ impl Translator {
             services: HashMap::default(),
             policies: HashMap::default(),
             generation: 0,
+            identities: workloads::Identities::default(),
         }
     }
 
@@ -186,8 +188,13 @@ impl Translator {
                     let translated = Translated {
                         seen: generation,
                         pod: pod.clone(),
-                        workload: workload_of(pod, namespace.map(|ns| &**ns), &self.config)
-                            .map(|w| w.map(Arc::new)),
+                        workload: workload_of(
+                            pod,
+                            namespace.map(|ns| &**ns),
+                            &self.config,
+                            &mut self.identities,
+                        )
+                        .map(|w| w.map(Arc::new)),
                         warning: workloads::plaintext_inbound_ports_problem(
                             pod,
                             namespace.map(|ns| &**ns),
@@ -212,6 +219,7 @@ impl Translator {
                     .push(format!("Pod {}/{}: {problem}", key.0, key.1)),
             }
         }
+        let pods_before = self.pods.len();
         self.pods.retain(|_, translated| {
             let seen = translated.seen == generation;
             if !seen {
@@ -219,6 +227,9 @@ impl Translator {
             }
             seen
         });
+        if self.pods.len() < pods_before {
+            self.identities.forget_unused();
+        }
         self.namespaces = objects.namespaces.clone();
         state.services = self.services(objects, &changed_namespaces, &mut state.problems);
         for (key, object) in &objects.policies {

@@ -140,6 +140,8 @@ pub fn service_of(
             }
         }
     }
+    // Held for as long as the Service is: without the room to grow.
+    endpoints.shrink_to_fit();
     Ok(Some(Service {
         namespace,
         name,

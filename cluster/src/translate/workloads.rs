@@ -1,5 +1,6 @@
 //! A Pod (with its Namespace) → the workload the data plane knows.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -17,6 +18,7 @@ pub fn workload_of(
     pod: &MeshPod,
     namespace: Option<&Namespace>,
     config: &TranslateConfig,
+    identities: &mut Identities,
 ) -> Result<Option<Workload>, String> {
     if !pod.has_spec {
         return Err("missing spec".into());
@@ -49,7 +51,8 @@ pub fn workload_of(
         .clone()
         .filter(|sa| !sa.is_empty())
         .unwrap_or_else(|| names::DEFAULT_SERVICE_ACCOUNT.into());
-    let identity = Identity::new(&config.trust_domain, &namespace_name, &service_account)
+    let identity = identities
+        .get(&config.trust_domain, &namespace_name, &service_account)
         .map_err(|e| e.to_string())?;
     let namespace_labels = namespace.and_then(|ns| ns.metadata.labels.as_ref());
     let enrolled = is_enrolled(namespace_labels, Some(&pod.labels));
@@ -83,6 +86,46 @@ pub fn workload_of(
             namespace.and_then(|ns| ns.metadata.resource_version.as_deref()),
         ),
     }))
+}
+
+/// The identities of the pods translated, one copy shared by all pods of a
+/// namespace and service account (the replicas of a Deployment, usually):
+/// each pod held a copy of its own, a fifth of the translator's memory.
+#[derive(Debug, Default)]
+pub struct Identities {
+    by_namespace: HashMap<String, HashMap<String, Identity>>,
+}
+
+impl Identities {
+    /// The identity of `service_account` in `namespace`, shared.
+    fn get(
+        &mut self,
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Identity, kanava_mesh::Error> {
+        if let Some(known) = self
+            .by_namespace
+            .get(namespace)
+            .and_then(|accounts| accounts.get(service_account))
+        {
+            return Ok(known.clone());
+        }
+        let identity = Identity::new(trust_domain, namespace, service_account)?;
+        self.by_namespace
+            .entry(namespace.to_string())
+            .or_default()
+            .insert(service_account.to_string(), identity.clone());
+        Ok(identity)
+    }
+
+    /// Forgets the identities no workload holds any more.
+    pub fn forget_unused(&mut self) {
+        self.by_namespace.retain(|_, accounts| {
+            accounts.retain(|_, identity| !identity.is_only_copy());
+            !accounts.is_empty()
+        });
+    }
 }
 
 /// The non-TCP ports the pod and its namespace open
@@ -130,5 +173,28 @@ fn newest_version(pod: Option<&str>, namespace: Option<&str>) -> String {
     match (pod.map(str::parse::<u64>), namespace.map(str::parse::<u64>)) {
         (Some(Ok(pod)), Some(Ok(namespace))) => pod.max(namespace).to_string(),
         _ => pod.unwrap_or_default().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_of_one_service_account_share_one_identity() {
+        let mut identities = Identities::default();
+        let web = identities.get("cluster.local", "shop", "web").unwrap();
+        let web_again = identities.get("cluster.local", "shop", "web").unwrap();
+        let db = identities.get("cluster.local", "shop", "db").unwrap();
+        assert_eq!(web.as_str(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert!(identities.get("cluster.local", "shop", "No/Good").is_err());
+
+        drop(db);
+        identities.forget_unused();
+        assert_eq!(identities.by_namespace["shop"].len(), 1, "db is forgotten");
+        drop(identities);
+        assert!(!web.is_only_copy(), "one copy, shared by both pods");
+        drop(web_again);
+        assert!(web.is_only_copy());
     }
 }

@@ -13,11 +13,13 @@
 //! two files define the same object, the one whose name sorts last wins.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher as _};
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 
 use crate::Error;
@@ -106,12 +108,18 @@ where
 }
 
 /// Reads a manifest directory, remembering each file's last good content.
-#[derive(Default)]
-pub struct DirectoryReader {
-    files: BTreeMap<Arc<Path>, Vec<SlimObject>>,
-    /// Which files define each object, in name order (the last one wins).
-    /// Nearly always one: a set would cost a tree node per object.
-    definers: HashMap<ObjectId, Vec<Arc<Path>>>,
+/// `H` hashes object names (tests choose one whose hashes collide).
+pub struct DirectoryReader<H = foldhash::fast::RandomState> {
+    /// Each file's objects; nearly always one, held inline.
+    files: BTreeMap<Arc<Path>, FileObjects>,
+    /// The files that define objects, by a hash of the object's kind and
+    /// name, in name order (of the files that define an object, the last
+    /// wins): once per object a file defines with that hash. Keyed by the
+    /// hash, not the name, so that 100,000 names are not held once more;
+    /// which of the files define an object is read from the files
+    /// themselves ([`Self::definers`]). Nearly always one file, inline.
+    definers: HashMap<u64, SmallVec<[Arc<Path>; 1]>>,
+    hasher: H,
     objects: SlimObjects,
     /// The newest numeric `resourceVersion` read so far, kept as objects
     /// come in: finding it among 100,000 objects on every change cost a
@@ -119,7 +127,23 @@ pub struct DirectoryReader {
     newest_resource_version: i64,
 }
 
-impl DirectoryReader {
+impl Default for DirectoryReader {
+    fn default() -> Self {
+        DirectoryReader::with_hasher(foldhash::fast::RandomState::default())
+    }
+}
+
+impl<H: BuildHasher> DirectoryReader<H> {
+    fn with_hasher(hasher: H) -> Self {
+        DirectoryReader {
+            files: BTreeMap::new(),
+            definers: HashMap::new(),
+            hasher,
+            objects: SlimObjects::default(),
+            newest_resource_version: 0,
+        }
+    }
+
     /// The current view.
     pub fn objects(&self) -> &SlimObjects {
         &self.objects
@@ -164,14 +188,14 @@ impl DirectoryReader {
                         tracing::error!(
                             file = %path.display(),
                             %reason,
-                            kept_objects = self.files.get(path.as_path()).map_or(0, Vec::len),
+                            kept_objects = self.files.get(path.as_path()).map_or(0, |objects| objects.len()),
                             "invalid manifest; its last good content stays in force"
                         );
                         continue;
                     }
                 }
             } else {
-                Vec::new()
+                FileObjects::new()
             };
             // One copy of the path, shared by the file and its objects.
             let path: Arc<Path> = match self.files.get_key_value(path.as_path()) {
@@ -188,17 +212,22 @@ impl DirectoryReader {
             }
             for object in old.iter().flatten() {
                 let id = object.id();
-                if let Some(definers) = self.definers.get_mut(&id) {
-                    definers.retain(|definer| *definer != path);
+                let hash = self.hasher.hash_one(&id);
+                if let Some(definers) = self.definers.get_mut(&hash) {
+                    if let Ok(at) = definers.binary_search(&path) {
+                        definers.remove(at);
+                    }
+                    if definers.is_empty() {
+                        self.definers.remove(&hash);
+                    }
                 }
                 touched.insert(id);
             }
             for object in &new {
                 let id = object.id();
-                let definers = self.definers.entry(id.clone()).or_default();
-                if let Err(at) = definers.binary_search(&path) {
-                    definers.insert(at, path.clone());
-                }
+                let definers = self.definers.entry(self.hasher.hash_one(&id)).or_default();
+                let (Ok(at) | Err(at)) = definers.binary_search(&path);
+                definers.insert(at, path.clone());
                 touched.insert(id);
             }
         }
@@ -206,11 +235,11 @@ impl DirectoryReader {
         // In name order, so a pod finds its siblings already in place to
         // share with (held only by its file, it is changed, not copied).
         for id in touched {
-            let winner = self
-                .definers
-                .get(&id)
-                .and_then(|files| files.last())
-                .and_then(|file| self.files.get_mut(file))
+            let definers = self.definers(&id);
+            let winner = definers
+                .last()
+                .cloned()
+                .and_then(|file| self.files.get_mut(&file))
                 .and_then(|objects| objects.iter_mut().rev().find(|o| o.id() == id));
             match winner {
                 Some(object) => {
@@ -220,18 +249,37 @@ impl DirectoryReader {
                     if let Some(version) = object.resource_version().and_then(|v| v.parse().ok()) {
                         self.newest_resource_version = self.newest_resource_version.max(version);
                     }
-                    if self.definers.get(&id).is_some_and(|d| d.len() > 1) {
+                    if definers.len() > 1 {
                         tracing::warn!(object = %object.describe(), "object defined in more than one file; the last file wins");
                     }
                     self.objects.insert(object.clone());
                 }
                 None => {
-                    self.definers.remove(&id);
                     self.objects.remove(&id);
                 }
             }
         }
         changed
+    }
+
+    /// The files that define `id`, in name order.
+    fn definers(&self, id: &ObjectId) -> SmallVec<[Arc<Path>; 1]> {
+        let mut definers: SmallVec<[Arc<Path>; 1]> = SmallVec::new();
+        for file in self
+            .definers
+            .get(&self.hasher.hash_one(id))
+            .into_iter()
+            .flatten()
+        {
+            let defines = self
+                .files
+                .get(file)
+                .is_some_and(|objects| objects.iter().any(|object| object.id() == *id));
+            if defines && definers.last() != Some(file) {
+                definers.push(file.clone());
+            }
+        }
+        definers
     }
 }
 
@@ -252,7 +300,10 @@ fn changes_content(kind: &notify::EventKind) -> bool {
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<SlimObject>, String> {
+/// The objects of one file.
+type FileObjects = SmallVec<[SlimObject; 1]>;
+
+fn read_file(path: &Path) -> Result<FileObjects, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     let (objects, others) = parse_manifests(&text).map_err(|e| e.to_string())?;
     for other in others {
@@ -334,6 +385,64 @@ mod tests {
         std::fs::remove_file(&b).unwrap();
         reader.update([b]);
         assert_eq!(node(&reader), "from-a");
+    }
+
+    /// Every object name hashes alike: which files define an object is
+    /// still told by the files themselves.
+    #[test]
+    fn objects_whose_names_hash_alike_stay_apart() {
+        #[derive(Default)]
+        struct Constant;
+        impl std::hash::Hasher for Constant {
+            fn finish(&self) -> u64 {
+                7
+            }
+            fn write(&mut self, _: &[u8]) {}
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let write = |file: &str, pods: &[(&str, &str)]| {
+            let text: Vec<String> = pods
+                .iter()
+                .map(|(name, node)| {
+                    POD.replace("name: web", &format!("name: {name}")).replace(
+                        "containers: []",
+                        &format!("containers: [], nodeName: {node}"),
+                    )
+                })
+                .collect();
+            std::fs::write(dir.path().join(file), text.join("---\n")).unwrap();
+            dir.path().join(file)
+        };
+        let mut reader =
+            DirectoryReader::with_hasher(std::hash::BuildHasherDefault::<Constant>::default());
+        let nodes = |reader: &DirectoryReader<_>| -> Vec<(String, String)> {
+            reader
+                .objects()
+                .pods
+                .values()
+                .map(|pod| (pod.name.clone(), pod.node_name.clone().unwrap()))
+                .collect()
+        };
+        let pair = |name: &str, node: &str| (name.to_string(), node.to_string());
+        write("a.yaml", &[("one", "a"), ("two", "a")]);
+        let b = write("b.yaml", &[("two", "b"), ("three", "b")]);
+        reader.read_all(dir.path());
+        assert_eq!(
+            nodes(&reader),
+            [pair("one", "a"), pair("three", "b"), pair("two", "b")]
+        );
+        // b.yaml no longer defines `two`: a.yaml's takes over; `three` goes.
+        write("b.yaml", &[("four", "b")]);
+        reader.update([b.clone()]);
+        assert_eq!(
+            nodes(&reader),
+            [pair("four", "b"), pair("one", "a"), pair("two", "a")]
+        );
+        std::fs::remove_file(&b).unwrap();
+        reader.update([b]);
+        assert_eq!(nodes(&reader), [pair("one", "a"), pair("two", "a")]);
+        assert_eq!(reader.definers.len(), 1, "one hash");
+        assert_eq!(reader.definers[&7].len(), 2, "a.yaml, once per object");
     }
 
     #[test]

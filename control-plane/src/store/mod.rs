@@ -4,12 +4,12 @@
 //! A change is computed once, when the state is replaced, and shared by every
 //! discovery stream; streams never diff state themselves.
 
-use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use prost::Message;
+use smallvec::SmallVec;
 
 use kanava_mesh::Identity;
 use kanava_proto::v1 as pb;
@@ -18,8 +18,10 @@ use tokio::sync::{broadcast, watch};
 use kanava_cluster::MeshState;
 
 pub mod on_demand;
+mod served;
 
 use on_demand::{AddressIndex, OnDemandParts};
+pub use served::{Item, Served};
 
 /// How many changes a slow stream may fall behind before it is sent a fresh
 /// snapshot instead.
@@ -34,7 +36,7 @@ pub(crate) const SNAPSHOT_PART: usize = 1000;
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub version: u64,
-    pub resources: BTreeMap<String, Arc<pb::Resource>>,
+    pub resources: BTreeMap<Arc<str>, Arc<Served>>,
     /// What ztunnels trust; on the first part of every full snapshot.
     pub trust_bundle: Option<pb::TrustBundle>,
     /// The full-snapshot responses (parts), encoded on first use.
@@ -64,8 +66,8 @@ impl Snapshot {
     }
 
     fn parts(&self) -> impl Iterator<Item = Bytes> + '_ {
-        let resources: Vec<&Arc<pb::Resource>> = self.resources.values().collect();
-        let mut chunks: Vec<Vec<&Arc<pb::Resource>>> =
+        let resources: Vec<&Arc<Served>> = self.resources.values().collect();
+        let mut chunks: Vec<Vec<&Arc<Served>>> =
             resources.chunks(SNAPSHOT_PART).map(<[_]>::to_vec).collect();
         if chunks.is_empty() {
             // An empty mesh is still a snapshot: one part, no resources.
@@ -87,7 +89,7 @@ impl Snapshot {
                 },
                 ..Default::default()
             };
-            encode(&rest, chunk.iter().map(|r| &***r))
+            encode(&rest, chunk.iter().map(|r| &r.encoded()[..]))
         })
     }
 }
@@ -133,24 +135,27 @@ impl Outgoing {
 /// `DiscoveryResponse.resources`.
 const RESOURCES_FIELD: u32 = 4;
 
-/// Encodes `rest` with `resources` as its resources, without copying them
-/// into it. prost encodes a message from owned fields; cloning 122,000
-/// resources into responses only to encode them would hold the state twice
-/// for a moment. Protobuf decoders take fields in any order and join the
-/// occurrences of a repeated field, so the resources follow the rest.
+/// Encodes `rest` with `resources` (each an encoded `pb::Resource`) as its
+/// resources. The store keeps resources encoded ([`Served`]), so a
+/// response is their bytes, each behind its field's key and length, after
+/// the rest: protobuf decoders take fields in any order and join the
+/// occurrences of a repeated field.
 pub(crate) fn encode<'a>(
     rest: &pb::DiscoveryResponse,
-    resources: impl Iterator<Item = &'a pb::Resource> + Clone,
+    resources: impl Iterator<Item = &'a [u8]> + Clone,
 ) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
     let length = rest.encoded_len()
         + resources
             .clone()
-            .map(|r| prost::encoding::message::encoded_len(RESOURCES_FIELD, r))
+            .map(|r| key_len(RESOURCES_FIELD) + encoded_len_varint(r.len() as u64) + r.len())
             .sum::<usize>();
     let mut buffer = Vec::with_capacity(length);
     rest.encode_raw(&mut buffer);
     for resource in resources {
-        prost::encoding::message::encode(RESOURCES_FIELD, resource, &mut buffer);
+        encode_key(RESOURCES_FIELD, WireType::LengthDelimited, &mut buffer);
+        encode_varint(resource.len() as u64, &mut buffer);
+        buffer.extend_from_slice(resource);
     }
     Bytes::from(buffer)
 }
@@ -161,7 +166,7 @@ pub struct Delta {
     pub version: u64,
     /// When it entered the store (for the push delay).
     pub created: std::time::Instant,
-    pub upserts: Vec<Arc<pb::Resource>>,
+    pub upserts: Vec<Arc<Served>>,
     pub removed: Vec<String>,
     trust_bundle: Option<pb::TrustBundle>,
     /// The incremental `DiscoveryResponse`, encoded once, when a stream first
@@ -200,7 +205,7 @@ impl Delta {
                     trust_bundle: self.trust_bundle.clone(),
                     ..Default::default()
                 };
-                encode(&rest, self.upserts.iter().map(|r| &**r))
+                encode(&rest, self.upserts.iter().map(|r| &r.encoded()[..]))
             })
             .clone()
     }
@@ -210,7 +215,7 @@ impl Delta {
 #[derive(Default)]
 struct Current {
     version: u64,
-    resources: BTreeMap<String, Arc<pb::Resource>>,
+    resources: BTreeMap<Arc<str>, Arc<Served>>,
     trust_bundle: Option<pb::TrustBundle>,
     /// Identities of the enrolled pods scheduled on each node (for the CA),
     /// each counted once per pod.
@@ -238,10 +243,10 @@ impl Current {
     }
 
     /// Serves `resource` under its name, in place of what was.
-    fn serve(&mut self, resource: Arc<pb::Resource>) {
+    fn serve(&mut self, resource: Arc<Served>) {
         if let Some(previous) = self
             .resources
-            .insert(resource.name.clone(), resource.clone())
+            .insert(resource.shared_name().clone(), resource.clone())
         {
             self.addresses.remove(&previous);
         }
@@ -254,21 +259,28 @@ impl Current {
         }
     }
 
-    fn count_identity(&mut self, (node, identity): NodeIdentity, pods: isize) {
-        let on_node = self.identities_by_node.entry(node.clone()).or_default();
-        let count = on_node.entry(identity.clone()).or_default();
+    /// Counts the pods of `resource` (an enrolled workload) on its node.
+    fn count_identity(&mut self, resource: &Served, pods: isize) {
+        let Some((node, identity)) = resource.runs_as() else {
+            return;
+        };
+        let on_node = match self.identities_by_node.get_mut(node) {
+            Some(on_node) => on_node,
+            None => self.identities_by_node.entry(node.to_string()).or_default(),
+        };
+        let count = match on_node.get_mut(identity) {
+            Some(count) => count,
+            None => on_node.entry(identity.clone()).or_default(),
+        };
         *count = count.saturating_add_signed(pods);
         if *count == 0 {
-            on_node.remove(&identity);
+            on_node.remove(identity);
             if on_node.is_empty() {
-                self.identities_by_node.remove(&node);
+                self.identities_by_node.remove(node);
             }
         }
     }
 }
-
-/// A node's name and the identity of an enrolled pod on it.
-type NodeIdentity = (String, Identity);
 
 /// What the mesh state's items (workloads, services, policies) were made
 /// into. Keyed by the address of the shared item: the translator hands the
@@ -281,40 +293,33 @@ struct Made {
     entries: HashMap<usize, MadeEntry, foldhash::fast::RandomState>,
     /// The entries that make each resource name, oldest first (two pods may
     /// claim one uid): the latest is served; when it goes, the one before it
-    /// is served again, and the name leaves only with the last.
-    makers: HashMap<String, Vec<usize>, foldhash::fast::RandomState>,
+    /// is served again, and the name leaves only with the last. Nearly
+    /// always one, held inline.
+    makers: HashMap<Arc<str>, SmallVec<[usize; 1]>, foldhash::fast::RandomState>,
 }
 
 struct MadeEntry {
     seen: u64,
     /// Held only to keep the item's address its own.
-    _item: Arc<dyn Any + Send + Sync>,
-    resource: Arc<pb::Resource>,
-    /// Where an enrolled workload runs, and as whom.
-    identity: Option<NodeIdentity>,
+    _item: Item,
+    /// What it makes: its own resource, or an equal one served before it
+    /// (see [`Served::same_for_ztunnels`]).
+    resource: Arc<Served>,
 }
 
 impl Made {
-    /// Marks the entry made from `key` as seen, or makes it with `make`
+    /// Marks the entry made from `item` as seen, or makes its resource
     /// (then it is returned, as new).
-    fn visit(
-        &mut self,
-        key: usize,
-        make: impl FnOnce() -> (
-            Arc<dyn Any + Send + Sync>,
-            pb::Resource,
-            Option<NodeIdentity>,
-        ),
-    ) -> Option<(usize, Arc<pb::Resource>, Option<NodeIdentity>)> {
+    fn visit(&mut self, item: Item) -> Option<(usize, Arc<Served>)> {
         let generation = self.generation;
+        let key = item.address();
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.seen = generation;
             return None;
         }
-        let (item, resource, identity) = make();
-        let resource = Arc::new(resource);
+        let resource = Arc::new(Served::new(item.clone()));
         self.makers
-            .entry(resource.name.clone())
+            .entry(resource.shared_name().clone())
             .or_default()
             .push(key);
         self.entries.insert(
@@ -323,35 +328,10 @@ impl Made {
                 seen: generation,
                 _item: item,
                 resource: resource.clone(),
-                identity: identity.clone(),
             },
         );
-        Some((key, resource, identity))
+        Some((key, resource))
     }
-}
-
-/// Whether two workloads are equal but for their `resource_version`. A
-/// pod's version changes with every status update of the kubelet, which
-/// changes nothing a ztunnel does: such an update is no change. (Services
-/// and policies change when their objects do, and those are written by
-/// people.)
-fn same_for_ztunnels(served: &pb::Resource, new: &pb::Resource) -> bool {
-    use pb::resource::Kind;
-    match (&served.kind, &new.kind) {
-        (Some(Kind::Workload(a)), Some(Kind::Workload(b))) => {
-            served.name == new.name
-                && *a
-                    == pb::Workload {
-                        resource_version: a.resource_version.clone(),
-                        ..b.clone()
-                    }
-        }
-        _ => served == new,
-    }
-}
-
-fn address<T>(item: &Arc<T>) -> usize {
-    Arc::as_ptr(item) as *const () as usize
 }
 
 pub struct Store {
@@ -404,7 +384,7 @@ impl Store {
     }
 
     /// What answers an on-demand stream's `learn` of `keys` now.
-    pub fn learn(&self, keys: &[String]) -> Vec<Arc<pb::Resource>> {
+    pub fn learn(&self, keys: &[String]) -> Vec<Arc<Served>> {
         let current = self.lock();
         on_demand::answer(keys, &current.resources, &current.addresses)
     }
@@ -433,44 +413,15 @@ impl Store {
         let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
         made.generation += 1;
         let generation = made.generation;
-        let mut new = Vec::new();
-        for workload in &state.workloads {
-            new.extend(made.visit(address(workload), || {
-                // Only a pod in the mesh makes its identity requestable: a
-                // pod outside it has no use for a certificate.
-                let identity = workload
-                    .in_mesh()
-                    .then(|| (workload.node.clone(), workload.identity.clone()));
-                let resource = pb::Resource {
-                    name: workload.resource_name(),
-                    kind: Some(pb::resource::Kind::Workload(workload.to_proto())),
-                };
-                (workload.clone(), resource, identity)
-            }));
-        }
-        for service in &state.services {
-            new.extend(made.visit(address(service), || {
-                let resource = pb::Resource {
-                    name: service.resource_name(),
-                    kind: Some(pb::resource::Kind::Service(service.to_proto())),
-                };
-                (service.clone(), resource, None)
-            }));
-        }
-        for policy in &state.policies {
-            new.extend(made.visit(address(policy), || {
-                let resource = pb::Resource {
-                    name: policy.resource_name(),
-                    kind: Some(pb::resource::Kind::Policy(policy.to_proto())),
-                };
-                (policy.clone(), resource, None)
-            }));
-        }
+        let items = (state.workloads.iter().map(|w| Item::Workload(w.clone())))
+            .chain(state.services.iter().map(|s| Item::Service(s.clone())))
+            .chain(state.policies.iter().map(|p| Item::Policy(p.clone())));
+        let new: Vec<(usize, Arc<Served>)> = items.filter_map(|item| made.visit(item)).collect();
         let mut gone = Vec::new();
         made.entries.retain(|key, entry| {
             let seen = entry.seen == generation;
             if !seen {
-                gone.push((*key, entry.resource.clone(), entry.identity.take()));
+                gone.push((*key, entry.resource.clone()));
             }
             seen
         });
@@ -481,16 +432,14 @@ impl Store {
         // New first: an item made again (its name still counted by the
         // entry it replaces) is compared with what was served, and its name
         // does not leave with the old entry.
-        for (key, resource, identity) in new {
-            if let Some(identity) = identity {
-                current.count_identity(identity, 1);
-            }
+        for (key, resource) in new {
+            current.count_identity(&resource, 1);
             // A new item may make what was served already (a pod changed in
             // a way the mesh does not see, such as the kubelet's status
             // updates, which change only its resourceVersion): not a change,
             // and the version served stays the one of the last change.
-            match current.resources.get(&resource.name) {
-                Some(previous) if same_for_ztunnels(previous, &resource) => {
+            match current.resources.get(resource.name()) {
+                Some(previous) if previous.same_for_ztunnels(&resource) => {
                     if let Some(entry) = made.entries.get_mut(&key) {
                         entry.resource = previous.clone();
                     }
@@ -504,27 +453,28 @@ impl Store {
         let Made {
             entries, makers, ..
         } = &mut *made;
-        for (key, resource, identity) in gone {
-            if let Some(identity) = identity {
-                current.count_identity(identity, -1);
-            }
-            let of_name = makers.entry(resource.name.clone()).or_default();
-            of_name.retain(|maker| *maker != key);
-            match of_name.last().and_then(|maker| entries.get(maker)) {
+        for (key, resource) in gone {
+            current.count_identity(&resource, -1);
+            let name = resource.name();
+            let remaining = makers.get_mut(name).and_then(|of_name| {
+                of_name.retain(|maker| *maker != key);
+                of_name.last().and_then(|maker| entries.get(maker))
+            });
+            match remaining {
                 None => {
-                    makers.remove(&resource.name);
-                    current.withdraw(&resource.name);
-                    removed.push(resource.name.clone());
+                    makers.remove(name);
+                    current.withdraw(name);
+                    removed.push(name.to_string());
                 }
                 // The name stays; if the gone entry's resource was the one
                 // served, the latest remaining maker's is served instead.
                 Some(remaining) => {
-                    let served = current.resources.get(&resource.name);
+                    let served = current.resources.get(name);
                     if served.is_some_and(|served| Arc::ptr_eq(served, &resource)) {
                         let replacement = remaining.resource.clone();
                         current.serve(replacement.clone());
                         if *replacement != *resource {
-                            upserts.retain(|u: &Arc<pb::Resource>| u.name != resource.name);
+                            upserts.retain(|u: &Arc<Served>| u.name() != name);
                             upserts.push(replacement);
                         }
                     }
@@ -537,7 +487,7 @@ impl Store {
         if upserts.is_empty() && removed.is_empty() && current.version > 0 {
             return None;
         }
-        upserts.sort_by(|a, b| a.name.cmp(&b.name));
+        upserts.sort_by(|a, b| a.name().cmp(b.name()));
         removed.sort();
         current.version += 1;
         current.snapshot = None;
@@ -580,7 +530,7 @@ impl Store {
     fn publish(
         &self,
         current: &mut Current,
-        upserts: Vec<Arc<pb::Resource>>,
+        upserts: Vec<Arc<Served>>,
         removed: Vec<String>,
         trust_bundle: Option<pb::TrustBundle>,
     ) -> Arc<Delta> {

@@ -20,8 +20,10 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use kanava_proto::v1 as pb;
+use prost::Message;
+use smallvec::SmallVec;
 
-use super::{Outgoing, SNAPSHOT_PART, Snapshot, encode};
+use super::{Item, Outgoing, SNAPSHOT_PART, Served, Snapshot, encode};
 
 /// The parts of a snapshot that every on-demand stream shares, and the
 /// workloads of each node, made on first use.
@@ -29,7 +31,7 @@ use super::{Outgoing, SNAPSHOT_PART, Snapshot, encode};
 pub struct OnDemandParts {
     shared: OnceLock<Arc<[Outgoing]>>,
     shared_compressed: OnceLock<Arc<[Outgoing]>>,
-    by_node: OnceLock<HashMap<String, Vec<Arc<pb::Resource>>>>,
+    by_node: OnceLock<HashMap<String, Vec<Arc<Served>>>>,
 }
 
 impl Snapshot {
@@ -38,9 +40,9 @@ impl Snapshot {
     /// encoded once for every stream.
     pub fn on_demand(&self, node: &str, compressed: bool) -> Vec<Outgoing> {
         let by_node = self.on_demand.by_node.get_or_init(|| {
-            let mut by_node: HashMap<String, Vec<Arc<pb::Resource>>> = HashMap::new();
+            let mut by_node: HashMap<String, Vec<Arc<Served>>> = HashMap::new();
             for resource in self.resources.values() {
-                if let Some(pb::resource::Kind::Workload(workload)) = &resource.kind {
+                if let Item::Workload(workload) = resource.item() {
                     by_node
                         .entry(workload.node.clone())
                         .or_default()
@@ -59,7 +61,7 @@ impl Snapshot {
             on_demand: true,
             ..Default::default()
         };
-        let first = encode(&first, own.iter().map(|r| &**r));
+        let first = encode(&first, own.iter().map(|r| &r.encoded()[..]));
         let shared = if compressed {
             self.on_demand.shared_compressed.get_or_init(|| {
                 self.shared_parts()
@@ -83,22 +85,25 @@ impl Snapshot {
 
     /// Every Service, without its endpoints, and every policy.
     fn shared_parts(&self) -> impl Iterator<Item = Bytes> + '_ {
-        let resources: Vec<pb::Resource> = self
+        let resources: Vec<Bytes> = self
             .resources
             .values()
-            .filter_map(|resource| match &resource.kind {
-                Some(pb::resource::Kind::Workload(_)) => None,
-                Some(pb::resource::Kind::Service(service)) => Some(pb::Resource {
-                    name: resource.name.clone(),
-                    kind: Some(pb::resource::Kind::Service(pb::Service {
-                        endpoints: Vec::new(),
-                        ..service.clone()
-                    })),
-                }),
-                _ => Some((**resource).clone()),
+            .filter_map(|resource| match resource.item() {
+                Item::Workload(_) => None,
+                Item::Service(service) => Some(Bytes::from(
+                    pb::Resource {
+                        name: resource.name().to_string(),
+                        kind: Some(pb::resource::Kind::Service(pb::Service {
+                            endpoints: Vec::new(),
+                            ..service.to_proto()
+                        })),
+                    }
+                    .encode_to_vec(),
+                )),
+                Item::Policy(_) => Some(resource.encoded().clone()),
             })
             .collect();
-        let chunks: Vec<Vec<pb::Resource>> = if resources.is_empty() {
+        let chunks: Vec<Vec<Bytes>> = if resources.is_empty() {
             vec![Vec::new()]
         } else {
             resources.chunks(SNAPSHOT_PART).map(<[_]>::to_vec).collect()
@@ -114,33 +119,34 @@ impl Snapshot {
                 on_demand: true,
                 ..Default::default()
             };
-            encode(&rest, chunk.iter())
+            encode(&rest, chunk.iter().map(|r| &r[..]))
         })
     }
 }
 
 /// The resources served, by the addresses they hold (a workload's IPs, a
 /// Service's virtual IPs): how a `learn` by address is answered. Two may
-/// hold one address for a while (a pod gone, its address reused).
+/// hold one address for a while (a pod gone, its address reused); nearly
+/// always one does, and its name is held inline.
 #[derive(Debug, Default)]
 pub struct AddressIndex {
-    by_ip: HashMap<IpAddr, Vec<String>>,
+    by_ip: HashMap<IpAddr, SmallVec<[Arc<str>; 1]>>,
 }
 
 impl AddressIndex {
-    pub fn add(&mut self, resource: &pb::Resource) {
-        for ip in addresses(resource) {
+    pub fn add(&mut self, resource: &Served) {
+        for ip in resource.addresses() {
             let names = self.by_ip.entry(ip).or_default();
-            if !names.contains(&resource.name) {
-                names.push(resource.name.clone());
+            if !names.iter().any(|name| **name == *resource.name()) {
+                names.push(resource.shared_name().clone());
             }
         }
     }
 
-    pub fn remove(&mut self, resource: &pb::Resource) {
-        for ip in addresses(resource) {
+    pub fn remove(&mut self, resource: &Served) {
+        for ip in resource.addresses() {
             if let Some(names) = self.by_ip.get_mut(&ip) {
-                names.retain(|name| *name != resource.name);
+                names.retain(|name| **name != *resource.name());
                 if names.is_empty() {
                     self.by_ip.remove(&ip);
                 }
@@ -149,33 +155,24 @@ impl AddressIndex {
     }
 
     /// Names of the resources at `ip`.
-    pub fn at(&self, ip: IpAddr) -> &[String] {
-        self.by_ip.get(&ip).map(Vec::as_slice).unwrap_or_default()
+    pub fn at(&self, ip: IpAddr) -> &[Arc<str>] {
+        self.by_ip
+            .get(&ip)
+            .map(|names| &names[..])
+            .unwrap_or_default()
     }
-}
-
-fn addresses(resource: &pb::Resource) -> impl Iterator<Item = IpAddr> + '_ {
-    let texts: &[String] = match &resource.kind {
-        Some(pb::resource::Kind::Workload(workload)) => &workload.ips,
-        Some(pb::resource::Kind::Service(service)) => &service.addresses,
-        _ => &[],
-    };
-    texts
-        .iter()
-        .filter_map(|text| text.parse::<IpAddr>().ok())
-        .map(|ip| ip.to_canonical())
 }
 
 /// What answers `keys` (addresses or resource names) in `resources`: each
 /// resource found, and for a Service the workloads of its endpoints.
 pub fn answer(
     keys: &[String],
-    resources: &std::collections::BTreeMap<String, Arc<pb::Resource>>,
+    resources: &std::collections::BTreeMap<Arc<str>, Arc<Served>>,
     index: &AddressIndex,
-) -> Vec<Arc<pb::Resource>> {
-    let mut found: Vec<Arc<pb::Resource>> = Vec::new();
-    let add = |name: &str, found: &mut Vec<Arc<pb::Resource>>| {
-        if found.iter().any(|r| r.name == name) {
+) -> Vec<Arc<Served>> {
+    let mut found: Vec<Arc<Served>> = Vec::new();
+    let add = |name: &str, found: &mut Vec<Arc<Served>>| {
+        if found.iter().any(|r| r.name() == name) {
             return;
         }
         if let Some(resource) = resources.get(name) {
@@ -194,8 +191,8 @@ pub fn answer(
     }
     let endpoints: Vec<String> = found
         .iter()
-        .filter_map(|resource| match &resource.kind {
-            Some(pb::resource::Kind::Service(service)) => Some(service),
+        .filter_map(|resource| match resource.item() {
+            Item::Service(service) => Some(service),
             _ => None,
         })
         .flat_map(|service| &service.endpoints)
@@ -211,7 +208,7 @@ pub fn answer(
 pub fn encode_answer(
     version: u64,
     keys: Vec<String>,
-    found: &[Arc<pb::Resource>],
+    found: &[Arc<Served>],
     compressed: bool,
 ) -> Outgoing {
     let rest = pb::DiscoveryResponse {
@@ -220,7 +217,7 @@ pub fn encode_answer(
         learned: keys,
         ..Default::default()
     };
-    let encoded = encode(&rest, found.iter().map(|r| &**r));
+    let encoded = encode(&rest, found.iter().map(|r| &r.encoded()[..]));
     if compressed {
         Outgoing::compress(&encoded)
     } else {

@@ -164,7 +164,7 @@ fn responses_encoded_without_copies_decode_as_the_whole_message() {
         version_info: "1".into(),
         nonce: "1-delta".into(),
         full_snapshot: false,
-        resources: delta.upserts.iter().map(|r| (**r).clone()).collect(),
+        resources: delta.upserts.iter().map(|r| r.decode().unwrap()).collect(),
         removed: Vec::new(),
         more: false,
         trust_bundle: None,
@@ -226,7 +226,9 @@ fn a_change_of_the_resource_version_alone_is_no_change() {
     assert!(store.replace(&state(vec![pod("6", "n1")])).is_none());
     assert!(store.replace(&state(vec![pod("7", "n1")])).is_none());
     let served = store.snapshot();
-    let Some(pb::resource::Kind::Workload(served)) = &served.resources["workload/a"].kind else {
+    let Some(pb::resource::Kind::Workload(served)) =
+        served.resources["workload/a"].decode().unwrap().kind
+    else {
         panic!("a workload");
     };
     assert_eq!(
@@ -235,7 +237,8 @@ fn a_change_of_the_resource_version_alone_is_no_change() {
     );
     // A change the mesh sees goes out, with its version.
     let delta = store.replace(&state(vec![pod("8", "n2")])).unwrap();
-    let Some(pb::resource::Kind::Workload(changed)) = &delta.upserts[0].kind else {
+    let Some(pb::resource::Kind::Workload(changed)) = delta.upserts[0].decode().unwrap().kind
+    else {
         panic!("a workload");
     };
     assert_eq!(changed.resource_version, "8");

@@ -18,6 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
+        // Maps as ordered maps: a message then encodes to the same bytes
+        // every time (a hash map's order is random per map), which the
+        // control plane relies on when it compares resources by their
+        // encoding. The wire format is the same.
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -260,3 +260,35 @@ async fn subscribers_wait_for_the_first_load() {
         "an empty but loaded mesh is version 1"
     );
 }
+
+/// Resources are compared by their bytes (what ztunnels are sent), so
+/// equal items must encode alike: maps in a fixed order.
+#[test]
+fn equal_items_encode_to_the_same_bytes() {
+    let labelled = || {
+        let labels: std::collections::BTreeMap<String, String> = (0..16)
+            .map(|i| (format!("label-{i}"), format!("value-{i}")))
+            .collect();
+        Item::Workload(Arc::new(Workload {
+            labels: Arc::new(labels),
+            ..workload("a", "n1", "web")
+        }))
+    };
+    let service = || {
+        Item::Service(Arc::new(kanava_mesh::Service {
+            namespace: "shop".into(),
+            name: "api".into(),
+            addresses: vec!["10.96.0.1".parse().unwrap()],
+            ports: Vec::new(),
+            endpoints: vec![kanava_mesh::Endpoint {
+                workload_uid: "a".into(),
+                ports: (1..16).map(|p| (p, p + 1000)).collect(),
+            }],
+            resource_version: "1".into(),
+        }))
+    };
+    for _ in 0..8 {
+        assert_eq!(Served::new(labelled()), Served::new(labelled()));
+        assert_eq!(Served::new(service()), Served::new(service()));
+    }
+}

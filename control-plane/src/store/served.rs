@@ -108,13 +108,7 @@ impl Served {
     /// those are written by people.)
     pub fn same_for_ztunnels(&self, new: &Served) -> bool {
         match (&self.item, &new.item) {
-            (Item::Workload(served), Item::Workload(new)) => {
-                **served
-                    == Workload {
-                        resource_version: served.resource_version.clone(),
-                        ..(**new).clone()
-                    }
-            }
+            (Item::Workload(served), Item::Workload(new)) => same_but_version(served, new),
             _ => self == new,
         }
     }
@@ -140,6 +134,37 @@ impl Served {
         };
         ips.iter().map(|ip| ip.to_canonical())
     }
+}
+
+/// Whether two workloads are equal but for their `resource_version`,
+/// without copying either (every status update of a pod asks). Every
+/// field is named, so a field added to `Workload` must be decided here.
+fn same_but_version(a: &Workload, b: &Workload) -> bool {
+    let Workload {
+        uid,
+        name,
+        namespace,
+        service_account,
+        node,
+        ips,
+        identity,
+        protocol,
+        labels,
+        mtls_mode,
+        resource_version: _,
+        plaintext_inbound_ports,
+    } = a;
+    *uid == b.uid
+        && *name == b.name
+        && *namespace == b.namespace
+        && *service_account == b.service_account
+        && *node == b.node
+        && *ips == b.ips
+        && *identity == b.identity
+        && *protocol == b.protocol
+        && *labels == b.labels
+        && *mtls_mode == b.mtls_mode
+        && *plaintext_inbound_ports == b.plaintext_inbound_ports
 }
 
 /// Two resources are equal when ztunnels are sent the same bytes.

@@ -15,6 +15,7 @@
 mod ab;
 mod control_plane;
 mod execs;
+mod floor;
 mod full_node;
 mod goals;
 mod mesh;

@@ -102,6 +102,25 @@ spec:
     text
 }
 
+/// CPU seconds (in the proxy's code and in the kernel) and context switches
+/// of a side's proxies.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProxyCounters {
+    user: f64,
+    system: f64,
+    switches: f64,
+}
+
+impl ProxyCounters {
+    fn since(&self, before: &ProxyCounters) -> ProxyCounters {
+        ProxyCounters {
+            user: self.user - before.user,
+            system: self.system - before.system,
+            switches: self.switches - before.switches,
+        }
+    }
+}
+
 /// The client pod of the first-connection scenario's repetition.
 fn first_pod(repetition: usize, namespace: &str) -> String {
     format!(
@@ -436,6 +455,16 @@ impl MeshBench {
                 self.churn(mode, collector)?;
                 self.first_connection(mode, repetition, collector)?;
             }
+            // The floor's crypto part, once a repetition, in the same
+            // minutes as the proxies' numbers.
+            collector.measure(
+                "proxy cost",
+                crate::report::AEAD_METRIC,
+                "CPU s/GiB",
+                Better::Lower,
+                None,
+                crate::floor::aead_seconds_per_gib()?,
+            );
         }
         Ok(())
     }
@@ -475,11 +504,7 @@ impl MeshBench {
             ("1 stream", "1", goals::SINGLE_STREAM_THROUGHPUT),
             ("8 streams", "8", goals::EIGHT_STREAM_THROUGHPUT),
         ] {
-            let cpu_before: f64 = self
-                .ztunnel_pids(mode)
-                .iter()
-                .filter_map(|&p| procfs::cpu_seconds(p))
-                .sum();
+            let before = self.proxy_counters(mode);
             let mut argv = vec![
                 "iperf3", "-c", &host, "-p", "5201", "-t", &seconds, "-P", streams, "-J",
             ];
@@ -488,11 +513,7 @@ impl MeshBench {
                 argv.extend(["-O", "1"]);
             }
             let result = self.run_json(mode, &Self::client(mode), &argv)?;
-            let cpu_after: f64 = self
-                .ztunnel_pids(mode)
-                .iter()
-                .filter_map(|&p| procfs::cpu_seconds(p))
-                .sum();
+            let after = self.proxy_counters(mode);
             let received = &result["end"]["sum_received"];
             let bits = received["bits_per_second"]
                 .as_f64()
@@ -509,19 +530,47 @@ impl MeshBench {
             if mode != Mode::Direct {
                 let gib = received["bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
                 if gib > 0.0 {
-                    collector.measure_for(
-                        mode,
-                        &self.named("proxy cost"),
-                        &format!("ztunnel CPU per GiB ({metric})"),
-                        "CPU s/GiB",
-                        Better::Lower,
-                        None,
-                        (cpu_after - cpu_before) / gib,
-                    );
+                    let spent = after.since(&before);
+                    for (name, unit, value) in [
+                        (
+                            "ztunnel CPU per GiB",
+                            "CPU s/GiB",
+                            spent.user + spent.system,
+                        ),
+                        ("ztunnel kernel CPU per GiB", "CPU s/GiB", spent.system),
+                        (
+                            "ztunnel context switches per GiB",
+                            "switches/GiB",
+                            spent.switches,
+                        ),
+                    ] {
+                        collector.measure_for(
+                            mode,
+                            &self.named("proxy cost"),
+                            &format!("{name} ({metric})"),
+                            unit,
+                            Better::Lower,
+                            None,
+                            value / gib,
+                        );
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// What `mode`'s proxies (both nodes') have spent so far.
+    fn proxy_counters(&self, mode: Mode) -> ProxyCounters {
+        let mut counters = ProxyCounters::default();
+        for pid in self.ztunnel_pids(mode) {
+            if let Some(times) = procfs::cpu_times(pid) {
+                counters.user += times.user;
+                counters.system += times.system;
+            }
+            counters.switches += procfs::context_switches(pid).unwrap_or(0) as f64;
+        }
+        counters
     }
 
     fn latency(&self, mode: Mode, collector: &mut Collector) -> anyhow::Result<()> {

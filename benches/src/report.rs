@@ -101,6 +101,82 @@ fn target(t: &Option<crate::stats::Target>) -> String {
     }
 }
 
+/// The metric [`crate::floor`] records.
+pub const AEAD_METRIC: &str = "AES-256-GCM seal + open per GiB";
+
+/// The least a proxy can spend per GiB on this machine (the lowest kernel
+/// share any side's proxies had, plus sealing and opening every byte once),
+/// and how far above it each side is: `None` when the run measured neither.
+fn floor_section(results: &Results) -> Option<String> {
+    let find = |metric: &str| {
+        results
+            .measurements
+            .iter()
+            .find(|m| m.scenario == "proxy cost" && m.metric == metric)
+    };
+    let aead = find(AEAD_METRIC)?.stats.median;
+    type Side = (&'static str, fn(&Measurement) -> Option<f64>);
+    let sides: Vec<Side> = vec![
+        ("this build", |m| Some(m.stats.median)),
+        ("peer", |m| m.peer.as_ref().map(|s| s.median)),
+        ("baseline", |m| m.baseline.as_ref().map(|s| s.median)),
+    ];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## The physical floor\n\nWhat no proxy in user space avoids on this machine, per GiB carried between two nodes: the kernel's share (TCP, netfilter, veth, the copies between kernel and user space on both nodes: the lowest kernel CPU per GiB of any side's proxies in this run) plus sealing every byte once and opening it once (AES-256-GCM in full 16 KiB records, measured here: {} CPU s/GiB). Each side's CPU per GiB, and its ratio to the floor:\n",
+        number(aead)
+    );
+    let _ = writeln!(
+        out,
+        "| streams | kernel share (lowest) | floor (CPU s/GiB) | {} |",
+        sides
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(out, "| --- | --- | --- |{}", " --- |".repeat(sides.len()));
+    let mut rows = 0;
+    for streams in ["1 stream", "8 streams"] {
+        let (Some(kernel), Some(total)) = (
+            find(&format!("ztunnel kernel CPU per GiB ({streams})")),
+            find(&format!("ztunnel CPU per GiB ({streams})")),
+        ) else {
+            continue;
+        };
+        let lowest = sides
+            .iter()
+            .filter_map(|(_, of)| of(kernel))
+            .fold(f64::INFINITY, f64::min);
+        if !lowest.is_finite() {
+            continue;
+        }
+        let floor = lowest + aead;
+        let cells: Vec<String> = sides
+            .iter()
+            .map(|(_, of)| match (of(total), of(kernel)) {
+                (Some(total), Some(kernel)) => format!(
+                    "{} (kernel {}), {}x",
+                    number(total),
+                    number(kernel),
+                    number(total / floor)
+                ),
+                _ => "–".to_string(),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {streams} | {} | {} | {} |",
+            number(lowest),
+            number(floor),
+            cells.join(" | ")
+        );
+        rows += 1;
+    }
+    (rows > 0).then_some(out)
+}
+
 /// The Markdown report; `analysis` (hand-written) is appended as it is.
 pub fn markdown(results: &Results, analysis: &str) -> String {
     let mut out = String::new();
@@ -158,6 +234,9 @@ pub fn markdown(results: &Results, analysis: &str) -> String {
             );
         }
         let _ = writeln!(out);
+    }
+    if let Some(floor) = floor_section(results) {
+        let _ = writeln!(out, "{floor}");
     }
     let _ = writeln!(out, "## Mesh against direct\n");
     let _ = writeln!(

@@ -148,7 +148,9 @@ pub struct Config {
     #[arg(long, env = "KANAVA_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
-    /// Runtime worker threads.
+    /// Data-path worker threads, each with a runtime of its own that
+    /// carries its connections from accept to end (the control path runs
+    /// on the main thread).
     #[arg(long, env = "KANAVA_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
 

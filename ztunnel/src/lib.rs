@@ -28,6 +28,7 @@ pub mod pods;
 pub mod proxy;
 pub mod trust;
 pub mod upgrade;
+pub mod workers;
 pub mod workloads;
 
 use std::sync::Arc;

@@ -8,9 +8,10 @@ fn main() -> anyhow::Result<()> {
     let open_files = kanava_runtime::raise_fd_limit();
     tracing::info!(?config, ?open_files, "ztunnel starting");
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads.max(1))
-        .thread_name("ztunnel-worker")
+    // The control path (discovery, certificates, admin, pods coming and
+    // going) runs here, on the main thread; connections run on the data
+    // path's own workers (`--worker-threads`, see `workers`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {

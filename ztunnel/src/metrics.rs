@@ -140,8 +140,15 @@ pub struct IdentityLabels {
     pub identity: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Connections running on each data-path worker thread.
+    pub worker_connections: Family<WorkerLabels, Gauge>,
     /// Proxied connections, counted when they end.
     pub connections: Family<ConnectionLabels, Counter>,
     /// Proxied connections open now.
@@ -206,6 +213,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("kanava");
         let metrics = Metrics {
+            worker_connections: Family::default(),
             connections: Family::default(),
             connections_open: Family::default(),
             bytes_sent: Family::default(),
@@ -233,6 +241,11 @@ impl Metrics {
             tcp_duration: Family::new_with_constructor(duration_histogram),
             registry: Registry::default(),
         };
+        registry.register(
+            "worker_connections",
+            "Connections running on each data-path worker thread (a new one goes to the worker with the fewest)",
+            metrics.worker_connections.clone(),
+        );
         registry.register(
             "certificate_expiry_timestamp_seconds",
             "When each identity's current workload certificate expires (Unix time)",

@@ -193,10 +193,13 @@ impl PodRegistry {
             connections: Default::default(),
         });
         let stop = CancellationToken::new();
-        if let Err(error) = self.proxy.serve_pod(pod.clone(), listeners, stop.clone()) {
-            self.proxy.certs.untrack(&identity);
-            return Err(error);
-        }
+        let worker = match self.proxy.serve_pod(pod.clone(), listeners, stop.clone()) {
+            Ok(worker) => worker,
+            Err(error) => {
+                self.proxy.certs.untrack(&identity);
+                return Err(error);
+            }
+        };
         self.lock().insert(
             uid,
             Entry {
@@ -209,7 +212,9 @@ impl PodRegistry {
         );
         self.proxy.metrics.pods_captured.inc();
         tracing::info!(pod = %pod.info.display_name(), %identity, ips = ?pod.info.ips, "pod captured");
-        tokio::spawn(crate::proxy::outbound::warm_up(
+        // On the pod's worker: its first connection most likely runs there,
+        // and finds the connections warmed there.
+        worker.spawn(crate::proxy::outbound::warm_up(
             self.proxy.clone(),
             pod,
             stop,

@@ -42,6 +42,9 @@ pub struct ChunkReader {
     size: usize,
     /// The buffer of a busy connection; empty (no memory) while it is quiet.
     buffer: BytesMut,
+    /// The last read took less than it asked for: the peer most likely
+    /// has nothing more to send right now.
+    caught_up: bool,
 }
 
 impl ChunkReader {
@@ -49,7 +52,15 @@ impl ChunkReader {
         ChunkReader {
             size: FIRST_READ,
             buffer: BytesMut::new(),
+            caught_up: false,
         }
+    }
+
+    /// Whether the last chunk was all the peer had sent (the read took
+    /// less than it asked for): the next read would most likely find
+    /// nothing.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up
     }
 
     /// The next bytes the peer sent; empty once it has finished sending.
@@ -85,6 +96,7 @@ impl ChunkReader {
             // the next, and the loop finds the socket not ready.
             match tokio_util::io::poll_read_buf(Pin::new(&mut *from), cx, &mut self.buffer) {
                 Poll::Ready(Ok(read)) => {
+                    self.caught_up = read < self.size;
                     if read >= self.size {
                         self.size = (self.size * 2).min(LARGEST_READ);
                     }

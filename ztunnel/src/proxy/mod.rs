@@ -47,11 +47,13 @@ use kanava_mesh::Identity;
 use kanava_netns::{NetNs, NetNsSwitch};
 use kanava_tls::rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::CertManager;
 use crate::metrics::Metrics;
 use crate::upgrade::departure::Departure;
+use crate::workers::Workers;
 use crate::workloads::WorkloadStore;
 use crate::{Config, Error};
 
@@ -111,6 +113,8 @@ pub struct Proxy {
     pub resumptions: resumptions::Resumptions,
     /// Whether this ztunnel is handing its connections to a successor.
     pub departure: Arc<Departure>,
+    /// The threads connections run on ([`crate::workers`]).
+    pub workers: Arc<Workers>,
     handshakes: handshakes::Handshakes,
 }
 
@@ -135,6 +139,10 @@ impl Proxy {
             open: authz::OpenConnections::default(),
             resumptions: resumptions::Resumptions::default(),
             departure: Arc::new(Departure::default()),
+            workers: Arc::new(Workers::start(
+                config.worker_threads,
+                &metrics.worker_connections,
+            )?),
             netns: NetNsSwitch::new()?,
             config,
             workloads,
@@ -144,14 +152,19 @@ impl Proxy {
         })
     }
 
-    /// Starts accepting on a pod's listeners until `stop` is cancelled.
-    /// Connections already accepted run to completion.
+    /// Starts accepting on a pod's listeners until `stop` is cancelled, on
+    /// one of the workers, and returns that worker's runtime: what else the
+    /// pod starts (its warm-up) belongs there too. Connections already
+    /// accepted run to completion.
     pub fn serve_pod(
         self: &Arc<Self>,
         pod: Arc<CapturedPod>,
         listeners: PodListeners,
         stop: CancellationToken,
-    ) -> Result<(), Error> {
+    ) -> Result<Handle, Error> {
+        let worker = self.workers.for_listeners().clone();
+        // Registered with that worker's epoll, so that it is the one woken.
+        let _on_worker = worker.enter();
         let listen = |listener: std::net::TcpListener| {
             TcpListener::from_std(listener).map_err(Error::io("register pod listener"))
         };
@@ -163,28 +176,31 @@ impl Proxy {
         let for_pod = pod.clone();
         // The outbound listener's callers are the pod's own applications;
         // the other two listeners' callers come over the network.
-        tokio::spawn(accept_loop(
+        worker.spawn(accept_loop(
             outbound,
             Peer::Local,
+            self.workers.clone(),
             stop.clone(),
             move |stream, peer| outbound::handle(proxy.clone(), for_pod.clone(), stream, peer),
         ));
         let proxy = self.clone();
         let for_pod = pod.clone();
-        tokio::spawn(accept_loop(
+        worker.spawn(accept_loop(
             plaintext,
             Peer::Remote,
+            self.workers.clone(),
             stop.clone(),
             move |stream, peer| plaintext::handle(proxy.clone(), for_pod.clone(), stream, peer),
         ));
         let proxy = self.clone();
-        tokio::spawn(accept_loop(
+        worker.spawn(accept_loop(
             hbone,
             Peer::Remote,
+            self.workers.clone(),
             stop,
             move |stream, peer| inbound::handle(proxy.clone(), pod.clone(), stream, peer),
         ));
-        Ok(())
+        Ok(worker.clone())
     }
 
     /// Re-judges open inbound connections after every configuration update.
@@ -230,11 +246,17 @@ impl Proxy {
 
 use socket::Peer;
 
-async fn accept_loop<F, Fut>(listener: TcpListener, peers: Peer, stop: CancellationToken, handle: F)
-where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    peers: Peer,
+    workers: Arc<Workers>,
+    stop: CancellationToken,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let handle = Arc::new(handle);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -246,7 +268,9 @@ where
                 if peers == Peer::Remote {
                     socket::keep_alive(&stream);
                 }
-                tokio::spawn(handle(stream, socket::canonical(peer)));
+                let peer = socket::canonical(peer);
+                let handle = handle.clone();
+                workers.serve_connection(stream, move |stream| handle(stream, peer));
             }
             Err(error) => {
                 // Out of descriptors and the like: back off instead of spinning.

@@ -69,12 +69,7 @@ async fn warm_up_until_done(proxy: &Arc<Proxy>, pod: &Arc<CapturedPod>) {
         }
     };
     let warmed = destinations.into_iter().map(|(destination, address)| {
-        let key = PoolKey {
-            source_pod: pod.info.uid.clone(),
-            source: pod.info.identity.clone(),
-            destination,
-            address,
-        };
+        let key = PoolKey::from_here(&pod.info, destination, address);
         let cert = cert.clone();
         async move {
             let opened = tokio::time::timeout(
@@ -293,12 +288,11 @@ struct Lane {
 impl Lane {
     /// The pool key of this lane's connections from `pod`.
     fn key(&self, pod: &CapturedPod) -> PoolKey {
-        PoolKey {
-            source_pod: pod.info.uid.clone(),
-            source: pod.info.identity.clone(),
-            destination: self.destination.clone(),
-            address: SocketAddr::new(self.target.ip(), ports::HBONE),
-        }
+        PoolKey::from_here(
+            &pod.info,
+            self.destination.clone(),
+            SocketAddr::new(self.target.ip(), ports::HBONE),
+        )
     }
 }
 
@@ -314,12 +308,11 @@ async fn connect(
         Hop::Hbone { address, workload } => {
             let timeout = proxy.config.connect_timeout;
             let cert = proxy.certs.get(&pod.info.identity, timeout).await?;
-            let key = PoolKey {
-                source_pod: pod.info.uid.clone(),
-                source: pod.info.identity.clone(),
-                destination: workload.identity.clone(),
-                address: SocketAddr::new(address.ip(), ports::HBONE),
-            };
+            let key = PoolKey::from_here(
+                &pod.info,
+                workload.identity.clone(),
+                SocketAddr::new(address.ip(), ports::HBONE),
+            );
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -717,12 +710,11 @@ pub async fn resume_handed_over(
             proxy.workloads.find_by_uid(&pod.info.uid),
             proxy.workloads.find_by_ip(moved.target.ip()),
         );
-    let key = PoolKey {
-        source_pod: pod.info.uid.clone(),
-        source: pod.info.identity.clone(),
+    let key = PoolKey::from_here(
+        &pod.info,
         destination,
-        address: SocketAddr::new(moved.target.ip(), ports::HBONE),
-    };
+        SocketAddr::new(moved.target.ip(), ports::HBONE),
+    );
     let (slot, stream) = match resume_stream(&proxy, &pod, &key, moved.target, token).await {
         Ok(resumed) => resumed,
         Err(error) => {

@@ -8,6 +8,11 @@
 //! connection is opened. Opening is serialised per key, so a burst of new
 //! streams waits for one handshake instead of starting a hundred. Connections
 //! without streams for `pool_idle_timeout` are closed.
+//!
+//! Each worker thread keeps its own connections (the key names the
+//! worker): a connection's HTTP/2 driver then runs on the worker of the
+//! streams it carries, and no DATA frame wakes another thread
+//! ([`crate::workers`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +25,8 @@ use h2::client::SendRequest;
 use kanava_mesh::Identity;
 
 use crate::Error;
+use crate::proxy::PodInfo;
+use crate::workers::Workers;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -28,6 +35,22 @@ pub struct PoolKey {
     pub source: Identity,
     pub destination: Identity,
     pub address: SocketAddr,
+    /// The worker whose streams ride on it ([`Workers::current`]).
+    pub worker: Option<usize>,
+}
+
+impl PoolKey {
+    /// The key of connections from `pod` to `destination` at `address`,
+    /// for the streams of the worker this runs on.
+    pub fn from_here(pod: &PodInfo, destination: Identity, address: SocketAddr) -> PoolKey {
+        PoolKey {
+            source_pod: pod.uid.clone(),
+            source: pod.identity.clone(),
+            destination,
+            address,
+            worker: Workers::current(),
+        }
+    }
 }
 
 /// One HTTP/2 connection and its bookkeeping.
@@ -320,6 +343,7 @@ mod tests {
             source: identity("client"),
             destination: identity("web"),
             address: address.parse().expect("address"),
+            worker: None,
         }
     }
 

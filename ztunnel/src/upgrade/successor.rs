@@ -195,7 +195,7 @@ impl Successor {
             return;
         };
         let proxy = self.proxy.clone();
-        self.runtime.spawn(async move {
+        self.proxy.workers.spawn_connection(async move {
             match tokio::net::TcpStream::from_std(tcp) {
                 Ok(tcp) => {
                     crate::proxy::outbound::resume_handed_over(proxy, pod, moved, tcp).await;

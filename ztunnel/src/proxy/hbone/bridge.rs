@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -260,13 +260,29 @@ where
                 .as_ref()
                 .is_some_and(|r| r.len >= REPLAY_LIMIT)
         };
+        // A send that fails before the destination answered fails because
+        // it refused the stream (or never processed it): the answer, which
+        // the other direction waits for, says which, and the bytes are in
+        // the replay. This direction then just ends, so that the answer is
+        // what the bridge reports, whichever direction learns first.
+        let unanswered = || flags.load(Ordering::Acquire) & ACCEPTED == 0;
         let to_h2 = async {
             for chunk in replayed {
                 sent += chunk.len() as u64;
-                send_chunk(&mut send, chunk).await?;
+                if let Err(error) = send_chunk(&mut send, chunk).await {
+                    return if unanswered() {
+                        Ok(DirectionEnd::Ended)
+                    } else {
+                        Err(error)
+                    };
+                }
             }
             if from_tcp_ended || replay_ended {
-                send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                if let Err(error) = send.send_data(Bytes::new(), true)
+                    && !unanswered()
+                {
+                    return Err(h2_io(error));
+                }
                 unguard();
                 return Ok::<_, BridgeError>(DirectionEnd::Ended);
             }
@@ -293,14 +309,32 @@ where
                     replay.from_tcp_ended = chunk.is_empty();
                 }
                 if chunk.is_empty() {
-                    send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                    if let Err(error) = send.send_data(Bytes::new(), true)
+                        && !unanswered()
+                    {
+                        return Err(h2_io(error));
+                    }
                     // With our direction ended we can no longer start a
                     // move: a leaving ztunnel drains this one.
                     unguard();
                     return Ok(DirectionEnd::Ended);
                 }
                 sent += chunk.len() as u64;
-                send_chunk(&mut send, chunk).await?;
+                if let Err(error) = send_chunk(&mut send, chunk).await {
+                    return if unanswered() {
+                        Ok(DirectionEnd::Ended)
+                    } else {
+                        Err(error)
+                    };
+                }
+                if reader.caught_up() {
+                    // A request, not a bulk transfer: the HTTP/2 driver
+                    // (woken by the send, on this same worker) writes it to
+                    // TLS first, and only then does this task try the
+                    // socket again, which would most likely find nothing.
+                    // A round trip saves that read's time at every hop.
+                    tokio::task::yield_now().await;
+                }
             }
             // Moving: everything read from TCP is sent; the rest stays in
             // the kernel for whoever holds the socket next.
@@ -317,8 +351,8 @@ where
             if replayable {
                 // Processed: nothing will be sent again.
                 replay.lock().unwrap_or_else(|e| e.into_inner()).take();
-                signal(&flags, ACCEPTED).await;
             }
+            signal(&flags, ACCEPTED).await;
             match (&movable, granted_token) {
                 (Some(_), Some(granted)) => {
                     let _ = token.set(granted);
@@ -360,8 +394,33 @@ where
                 };
                 let Some(data) = data else { break };
                 let data = data.map_err(h2_io)?;
-                let len = data.len();
-                tcp_write.write_all(&data).await.map_err(BridgeError::Io)?;
+                // The DATA frames already here go out in the same system
+                // call (polled once each, without waiting for more; what
+                // ends the gathering, the stream's end, an error or nothing
+                // more yet, the next `data()` says again). The list exists
+                // only while a batch is written: a quiet connection keeps
+                // nothing of it.
+                let len = match ready_data(&mut stream) {
+                    None => {
+                        tcp_write.write_all(&data).await.map_err(BridgeError::Io)?;
+                        data.len()
+                    }
+                    Some(next) => {
+                        let mut gathered = Vec::with_capacity(MAX_GATHERED);
+                        gathered.extend([data, next]);
+                        while gathered.len() < MAX_GATHERED {
+                            match ready_data(&mut stream) {
+                                Some(more) => gathered.push(more),
+                                None => break,
+                            }
+                        }
+                        // Boxed: only a batch pays for its state, not
+                        // every quiet connection's task.
+                        Box::pin(write_gathered(&mut tcp_write, gathered))
+                            .await
+                            .map_err(BridgeError::Io)?
+                    }
+                };
                 received += len as u64;
                 // Err only when the stream is already gone; the next data() says so.
                 let _ = stream.flow_control().release_capacity(len);
@@ -473,6 +532,62 @@ const WE_MOVED: u8 = 4;
 /// The destination accepted the stream.
 const ACCEPTED: u8 = 8;
 
+/// Most DATA frames written to TCP in one system call.
+const MAX_GATHERED: usize = 16;
+
+/// A DATA frame the stream already holds, if any, taken without waiting.
+fn ready_data(stream: &mut RecvStream) -> Option<Bytes> {
+    let mut now = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_data(&mut now) {
+        std::task::Poll::Ready(Some(Ok(data))) => Some(data),
+        _ => None,
+    }
+}
+
+/// Writes all of `chunks` with as few `writev` calls as the socket allows
+/// and returns how many bytes went.
+async fn write_gathered(
+    tcp: &mut OwnedWriteHalf,
+    mut chunks: Vec<Bytes>,
+) -> std::io::Result<usize> {
+    let total = chunks.iter().map(Bytes::len).sum();
+    let mut first = 0;
+    loop {
+        // An empty frame (one that only ended the stream) writes nothing.
+        while chunks.get(first).is_some_and(Bytes::is_empty) {
+            first += 1;
+        }
+        if first == chunks.len() {
+            return Ok(total);
+        }
+        // The slices are made in each poll, so that the connection's task
+        // does not keep them while it waits for the socket.
+        let pending = &chunks[first..];
+        let mut written = poll_fn(|cx| {
+            let mut slices = [std::io::IoSlice::new(&[]); MAX_GATHERED];
+            let count = pending.len().min(MAX_GATHERED);
+            for (slice, chunk) in slices.iter_mut().zip(pending) {
+                *slice = std::io::IoSlice::new(chunk);
+            }
+            std::pin::Pin::new(&mut *tcp).poll_write_vectored(cx, &slices[..count])
+        })
+        .await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let chunk = &mut chunks[first];
+            if written >= chunk.len() {
+                written -= chunk.len();
+                first += 1;
+            } else {
+                bytes::Buf::advance(chunk, written);
+                written = 0;
+            }
+        }
+    }
+}
+
 /// Sends `chunk` on the stream as the peer's window admits it.
 async fn send_chunk(send: &mut SendStream<Bytes>, mut chunk: Bytes) -> Result<(), BridgeError> {
     while !chunk.is_empty() {
@@ -562,6 +677,45 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
         (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Gathered frames arrive whole and in order, even when the socket
+    /// takes them a part at a time (a small send buffer and a slow reader
+    /// force partial writes across frame boundaries), and an empty frame
+    /// among them writes nothing.
+    #[tokio::test]
+    async fn gathered_frames_arrive_whole_and_in_order_through_partial_writes() {
+        let (writer, mut reader) = tcp_pair().await;
+        socket2::SockRef::from(&writer)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let frames: Vec<Bytes> = (0..5u8)
+            .map(|i| match i {
+                2 => Bytes::new(),
+                _ => Bytes::from(vec![i; 300_000 + usize::from(i) * 7]),
+            })
+            .collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        let (_read, mut write) = writer.into_split();
+        let read = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1000];
+            loop {
+                // Slowly: the writer meets a full buffer again and again.
+                tokio::task::yield_now().await;
+                let n = reader.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        });
+        let written = super::write_gathered(&mut write, frames).await.unwrap();
+        assert_eq!(written, expected.len());
+        drop(write);
+        let got = read.await.unwrap();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "the bytes arrived out of order");
     }
 
     /// The server side of an HTTP/2 connection: its first stream's body and

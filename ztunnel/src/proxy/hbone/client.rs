@@ -50,13 +50,14 @@ pub async fn connect(
     let tls =
         kanava_tls::hbone_client_config(&cert, &proxy.trust.bundle.roots(), &key.destination)?;
     let server_name = ServerName::IpAddress(peer.ip().into());
-    let stream = tokio::time::timeout(timeout, TlsConnector::from(tls).connect(server_name, tcp))
-        .await
-        .map_err(|_| Error::HandshakeTimeout {
-            peer,
-            after: timeout,
-        })?
-        .map_err(|source| Error::Handshake { peer, source })?;
+    let mut stream =
+        tokio::time::timeout(timeout, TlsConnector::from(tls).connect(server_name, tcp))
+            .await
+            .map_err(|_| Error::HandshakeTimeout {
+                peer,
+                after: timeout,
+            })?
+            .map_err(|source| Error::Handshake { peer, source })?;
     // The verifier already checked the server's identity; its certificate
     // also bounds how long new streams may ride on this connection.
     let server_cert = kanava_tls::peer_certificate(stream.get_ref().1)
@@ -66,6 +67,10 @@ pub async fn connect(
         return Err(Error::CertificateLapsed { peer });
     }
     let secured = started.elapsed();
+    stream
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(super::TLS_WRITE_BATCH));
 
     let (sender, connection) = super::client_builder(&proxy.config)
         .handshake::<_, Bytes>(stream)

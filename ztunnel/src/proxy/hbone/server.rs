@@ -48,10 +48,13 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Result<Accepted, Error> {
-    let tls = TlsAcceptor::from(tls)
+    let mut tls = TlsAcceptor::from(tls)
         .accept(tcp)
         .await
         .map_err(|source| Error::Handshake { peer, source })?;
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(super::TLS_WRITE_BATCH));
     let client = kanava_tls::peer_certificate(tls.get_ref().1)
         .map_err(|source| Error::PeerCertificate { peer, source })?;
     let connection = super::server_builder(config)

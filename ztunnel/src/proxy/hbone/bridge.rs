@@ -265,23 +265,25 @@ where
         // the other direction waits for, says which, and the bytes are in
         // the replay. This direction then just ends, so that the answer is
         // what the bridge reports, whichever direction learns first.
-        let unanswered = || flags.load(Ordering::Acquire) & ACCEPTED == 0;
+        // Either way this direction can no longer move: its guard goes.
+        let send_failed = |error: BridgeError| {
+            unguard();
+            if flags.load(Ordering::Acquire) & ACCEPTED == 0 {
+                Ok(DirectionEnd::Ended)
+            } else {
+                Err(error)
+            }
+        };
         let to_h2 = async {
             for chunk in replayed {
                 sent += chunk.len() as u64;
                 if let Err(error) = send_chunk(&mut send, chunk).await {
-                    return if unanswered() {
-                        Ok(DirectionEnd::Ended)
-                    } else {
-                        Err(error)
-                    };
+                    return send_failed(error);
                 }
             }
             if from_tcp_ended || replay_ended {
-                if let Err(error) = send.send_data(Bytes::new(), true)
-                    && !unanswered()
-                {
-                    return Err(h2_io(error));
+                if let Err(error) = send.send_data(Bytes::new(), true) {
+                    return send_failed(h2_io(error));
                 }
                 unguard();
                 return Ok::<_, BridgeError>(DirectionEnd::Ended);
@@ -309,10 +311,8 @@ where
                     replay.from_tcp_ended = chunk.is_empty();
                 }
                 if chunk.is_empty() {
-                    if let Err(error) = send.send_data(Bytes::new(), true)
-                        && !unanswered()
-                    {
-                        return Err(h2_io(error));
+                    if let Err(error) = send.send_data(Bytes::new(), true) {
+                        return send_failed(h2_io(error));
                     }
                     // With our direction ended we can no longer start a
                     // move: a leaving ztunnel drains this one.
@@ -321,11 +321,7 @@ where
                 }
                 sent += chunk.len() as u64;
                 if let Err(error) = send_chunk(&mut send, chunk).await {
-                    return if unanswered() {
-                        Ok(DirectionEnd::Ended)
-                    } else {
-                        Err(error)
-                    };
+                    return send_failed(error);
                 }
                 if reader.caught_up() {
                     // A request, not a bulk transfer: the HTTP/2 driver

@@ -22,6 +22,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use futures::FutureExt;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -103,26 +104,27 @@ impl Workers {
             Some(here) if self.load(here) == self.load(least) => here,
             _ => least,
         };
-        if here == Some(chosen) {
-            self.spawn_counted(chosen, serve(tcp));
-            return;
-        }
-        // The socket is registered with this thread's epoll: it is taken out
-        // and registered again by the chosen worker, so that it is the one
-        // woken.
-        let tcp = match tcp.into_std() {
-            Ok(tcp) => tcp,
-            Err(error) => {
-                tracing::warn!(%error, "cannot move an accepted connection to a worker");
-                return;
+        let tcp = if here == Some(chosen) {
+            tcp
+        } else {
+            // The socket is registered with this thread's epoll: it is taken
+            // out and registered again with the chosen worker's, so that it
+            // is the one woken. Done here rather than in the task, which
+            // would then hold the socket and `serve` beside the connection's
+            // future for as long as the connection lives.
+            let moved = tcp.into_std().and_then(|tcp| {
+                let _on_worker = self.workers[chosen].handle.enter();
+                TcpStream::from_std(tcp)
+            });
+            match moved {
+                Ok(tcp) => tcp,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot move an accepted connection to a worker");
+                    return;
+                }
             }
         };
-        self.spawn_counted(chosen, async move {
-            match TcpStream::from_std(tcp) {
-                Ok(tcp) => serve(tcp).await,
-                Err(error) => tracing::warn!(%error, "accepted connection unusable on its worker"),
-            }
-        });
+        self.spawn_counted(chosen, serve(tcp));
     }
 
     /// Runs `task` on the worker with the fewest connections, counted as
@@ -140,11 +142,9 @@ impl Workers {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let worker = &self.workers[index];
-        let counted = Counted::new(worker.connections.clone());
-        worker.handle.spawn(async move {
-            let _counted = counted;
-            task.await;
-        });
+        worker
+            .handle
+            .spawn(counted(task, Counted::new(worker.connections.clone())));
     }
 
     /// The worker with the fewest connections (the first of them on a tie).
@@ -194,6 +194,19 @@ impl Worker {
             _stop: stop,
         })
     }
+}
+
+/// `task`, holding `count` until it ends (or is dropped).
+///
+/// Not an `async move { let _count = count; task.await }`: a future that an
+/// async block captures and then awaits is stored twice in the block's
+/// state (once as the captured value, once as the awaited one), and the
+/// connection's future is most of the memory an idle connection costs.
+fn counted<Fut>(task: Fut, count: Counted) -> impl Future<Output = ()>
+where
+    Fut: Future<Output = ()>,
+{
+    task.map(move |()| drop(count))
 }
 
 /// Counts a connection on its worker while it runs.
@@ -272,5 +285,24 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("still counted: {:?}", workers.connections());
+    }
+
+    /// Counting a connection costs its task the count alone: the
+    /// connection's future is not stored a second time.
+    #[test]
+    fn counting_does_not_store_the_connection_twice() {
+        let connection = async {
+            let state = [7u8; 4096];
+            tokio::task::yield_now().await;
+            std::hint::black_box(&state);
+        };
+        let alone = std::mem::size_of_val(&connection);
+        let count = Counted::new(Gauge::default());
+        let wrapped = counted(connection, count);
+        let overhead = std::mem::size_of_val(&wrapped) - alone;
+        assert!(
+            overhead <= 2 * std::mem::size_of::<Counted>(),
+            "a {alone}-byte connection costs {overhead} bytes more when counted"
+        );
     }
 }

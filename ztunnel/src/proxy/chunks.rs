@@ -28,8 +28,8 @@ use super::access_log::Transferred;
 /// Bytes read at a time: small for a connection that trickles, doubling
 /// while reads fill the buffer, up to the most worth reading at once in a
 /// bulk transfer.
-const FIRST_READ: usize = 4 * 1024;
-const LARGEST_READ: usize = 256 * 1024;
+const FIRST_READ: u32 = 4 * 1024;
+const LARGEST_READ: u32 = 256 * 1024;
 
 /// Reads one connection chunk by chunk.
 ///
@@ -39,7 +39,9 @@ const LARGEST_READ: usize = 256 * 1024;
 /// 360 bytes. Polling leaves nothing behind but the waker the socket keeps
 /// anyway.
 pub struct ChunkReader {
-    size: usize,
+    /// Bytes to ask for next (32 bits: the reader lives in the task of
+    /// every connection, and beside the flag below fits in one word).
+    size: u32,
     /// The buffer of a busy connection; empty (no memory) while it is quiet.
     buffer: BytesMut,
     /// The last read took less than it asked for: the peer most likely
@@ -90,14 +92,15 @@ impl ChunkReader {
                 }
             }
             // Reclaims the memory of earlier chunks once they are gone.
-            self.buffer.reserve(self.size);
+            self.buffer.reserve(self.size as usize);
             // Readiness can come without data (a freshly accepted socket
             // often reports it): the read then clears it and registers for
             // the next, and the loop finds the socket not ready.
             match tokio_util::io::poll_read_buf(Pin::new(&mut *from), cx, &mut self.buffer) {
                 Poll::Ready(Ok(read)) => {
-                    self.caught_up = read < self.size;
-                    if read >= self.size {
+                    let asked = self.size as usize;
+                    self.caught_up = read < asked;
+                    if read >= asked {
                         self.size = (self.size * 2).min(LARGEST_READ);
                     }
                     return Poll::Ready(Ok(self.buffer.split().freeze()));

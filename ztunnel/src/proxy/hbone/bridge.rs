@@ -275,11 +275,12 @@ where
             }
         };
         let to_h2 = async {
-            for chunk in replayed {
-                sent += chunk.len() as u64;
-                if let Err(error) = send_chunk(&mut send, chunk).await {
-                    return send_failed(error);
-                }
+            // Boxed: only a resumed stream replays, and the task of every
+            // connection would otherwise carry the loop's state.
+            if !replayed.is_empty()
+                && let Err(error) = Box::pin(send_all(&mut send, replayed, &mut sent)).await
+            {
+                return send_failed(error);
             }
             if from_tcp_ended || replay_ended {
                 if let Err(error) = send.send_data(Bytes::new(), true) {
@@ -390,33 +391,9 @@ where
                 };
                 let Some(data) = data else { break };
                 let data = data.map_err(h2_io)?;
-                // The DATA frames already here go out in the same system
-                // call (polled once each, without waiting for more; what
-                // ends the gathering, the stream's end, an error or nothing
-                // more yet, the next `data()` says again). The list exists
-                // only while a batch is written: a quiet connection keeps
-                // nothing of it.
-                let len = match ready_data(&mut stream) {
-                    None => {
-                        tcp_write.write_all(&data).await.map_err(BridgeError::Io)?;
-                        data.len()
-                    }
-                    Some(next) => {
-                        let mut gathered = Vec::with_capacity(MAX_GATHERED);
-                        gathered.extend([data, next]);
-                        while gathered.len() < MAX_GATHERED {
-                            match ready_data(&mut stream) {
-                                Some(more) => gathered.push(more),
-                                None => break,
-                            }
-                        }
-                        // Boxed: only a batch pays for its state, not
-                        // every quiet connection's task.
-                        Box::pin(write_gathered(&mut tcp_write, gathered))
-                            .await
-                            .map_err(BridgeError::Io)?
-                    }
-                };
+                let len = write_frames(&mut tcp_write, &mut stream, data)
+                    .await
+                    .map_err(BridgeError::Io)?;
                 received += len as u64;
                 // Err only when the stream is already gone; the next data() says so.
                 let _ = stream.flow_control().release_capacity(len);
@@ -537,6 +514,54 @@ fn ready_data(stream: &mut RecvStream) -> Option<Bytes> {
     match stream.poll_data(&mut now) {
         std::task::Poll::Ready(Some(Ok(data))) => Some(data),
         _ => None,
+    }
+}
+
+/// Sends each of `chunks` in turn, counting them in `sent` as they go.
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    chunks: Vec<Bytes>,
+    sent: &mut u64,
+) -> Result<(), BridgeError> {
+    for chunk in chunks {
+        *sent += chunk.len() as u64;
+        send_chunk(send, chunk).await?;
+    }
+    Ok(())
+}
+
+/// Writes the DATA frame `first` to TCP, together with the frames the
+/// stream already holds behind it, in the same system call (each polled
+/// once, without waiting for more; what ends the gathering, the stream's
+/// end, an error or nothing more yet, the next `data()` says again).
+/// Returns how many bytes went.
+///
+/// One future for both cases, and the list of frames exists only while a
+/// batch is written: the bridge of a quiet connection keeps none of it.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice in the task (rust-lang/rust#62958)"
+)]
+fn write_frames<'a>(
+    tcp: &'a mut OwnedWriteHalf,
+    stream: &'a mut RecvStream,
+    first: Bytes,
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    async move {
+        let Some(next) = ready_data(stream) else {
+            tcp.write_all(&first).await?;
+            return Ok(first.len());
+        };
+        let mut gathered = Vec::with_capacity(MAX_GATHERED);
+        gathered.extend([first, next]);
+        while gathered.len() < MAX_GATHERED {
+            match ready_data(stream) {
+                Some(more) => gathered.push(more),
+                None => break,
+            }
+        }
+        // Boxed: only a batch pays for its state.
+        Box::pin(write_gathered(tcp, gathered)).await
     }
 }
 

@@ -95,7 +95,7 @@ impl Workers {
     /// (then the socket stays registered where it is).
     pub fn serve_connection<F, Fut>(&self, tcp: TcpStream, serve: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let here = Self::current();

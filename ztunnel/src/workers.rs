@@ -20,6 +20,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::FutureExt;
@@ -104,36 +105,49 @@ impl Workers {
             Some(here) if self.load(here) == self.load(least) => here,
             _ => least,
         };
-        let tcp = if here == Some(chosen) {
-            tcp
-        } else {
-            // The socket is registered with this thread's epoll: it is taken
-            // out and registered again with the chosen worker's, so that it
-            // is the one woken. Done here rather than in the task, which
-            // would then hold the socket and `serve` beside the connection's
-            // future for as long as the connection lives.
-            let moved = tcp.into_std().and_then(|tcp| {
-                let _on_worker = self.workers[chosen].handle.enter();
-                TcpStream::from_std(tcp)
-            });
-            match moved {
-                Ok(tcp) => tcp,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot move an accepted connection to a worker");
-                    return;
-                }
-            }
-        };
-        self.spawn_counted(chosen, serve(tcp));
+        if here == Some(chosen) {
+            // Registered with this thread's epoll already.
+            self.spawn_counted(chosen, serve(tcp));
+            return;
+        }
+        // Taken out of this thread's epoll, to be registered with the
+        // chosen worker's, so that it is the one woken.
+        let moved = tcp
+            .into_std()
+            .and_then(|tcp| self.serve_on(chosen, tcp, serve));
+        if let Err(error) = moved {
+            tracing::warn!(%error, "cannot move an accepted connection to a worker");
+        }
     }
 
-    /// Runs `task` on the worker with the fewest connections, counted as
-    /// one of them (a connection handed over by a predecessor).
-    pub fn spawn_connection<Fut>(&self, task: Fut)
+    /// Runs `serve(tcp)` for a connection handed over by a predecessor, on
+    /// the worker with the fewest connections.
+    pub fn serve_handed_over<F, Fut>(&self, tcp: std::net::TcpStream, serve: F) -> io::Result<()>
     where
+        F: FnOnce(TcpStream) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.spawn_counted(self.least_loaded(), task);
+        // A predecessor's sockets are non-blocking already; made sure of,
+        // since tokio cannot drive a blocking one.
+        tcp.set_nonblocking(true)?;
+        self.serve_on(self.least_loaded(), tcp, serve)
+    }
+
+    /// Registers `tcp` with worker `index`'s epoll and runs `serve(tcp)`
+    /// there. Registered here rather than in the task, which would then
+    /// hold the socket and `serve` beside the connection's future for as
+    /// long as the connection lives.
+    fn serve_on<F, Fut>(&self, index: usize, tcp: std::net::TcpStream, serve: F) -> io::Result<()>
+    where
+        F: FnOnce(TcpStream) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let tcp = {
+            let _on_worker = self.workers[index].handle.enter();
+            TcpStream::from_std(tcp)?
+        };
+        self.spawn_counted(index, serve(tcp));
+        Ok(())
     }
 
     /// Runs `task` on worker `index`, counted as one of its connections.
@@ -272,10 +286,15 @@ mod tests {
     #[tokio::test]
     async fn a_finished_connection_is_no_longer_counted() {
         let workers = Workers::start(2, &Family::default()).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (handed_over, _) = listener.accept().unwrap();
         let (done, done_rx) = oneshot::channel();
-        workers.spawn_connection(async move {
-            let _ = done.send(());
-        });
+        workers
+            .serve_handed_over(handed_over, move |_tcp| async move {
+                let _ = done.send(());
+            })
+            .unwrap();
         done_rx.await.unwrap();
         // The count drops once the task (and its guard) is gone.
         for _ in 0..100 {

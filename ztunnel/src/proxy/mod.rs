@@ -253,10 +253,9 @@ async fn accept_loop<F, Fut>(
     stop: CancellationToken,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let handle = Arc::new(handle);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -269,8 +268,7 @@ async fn accept_loop<F, Fut>(
                     socket::keep_alive(&stream);
                 }
                 let peer = socket::canonical(peer);
-                let handle = handle.clone();
-                workers.serve_connection(stream, move |stream| handle(stream, peer));
+                workers.serve_connection(stream, |stream| handle(stream, peer));
             }
             Err(error) => {
                 // Out of descriptors and the like: back off instead of spinning.

@@ -195,14 +195,12 @@ impl Successor {
             return;
         };
         let proxy = self.proxy.clone();
-        self.proxy.workers.spawn_connection(async move {
-            match tokio::net::TcpStream::from_std(tcp) {
-                Ok(tcp) => {
-                    crate::proxy::outbound::resume_handed_over(proxy, pod, moved, tcp).await;
-                }
-                Err(error) => tracing::warn!(%error, "handed-over socket unusable"),
-            }
+        let served = self.proxy.workers.serve_handed_over(tcp, move |tcp| {
+            crate::proxy::outbound::resume_handed_over(proxy, pod, moved, tcp)
         });
+        if let Err(error) = served {
+            tracing::warn!(%error, "handed-over socket unusable");
+        }
     }
 
     fn park_server(&self, moved: &MovedServer, fd: Option<OwnedFd>) -> Result<(), String> {

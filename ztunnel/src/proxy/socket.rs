@@ -163,16 +163,31 @@ fn new_socket(destination: SocketAddr, source: Option<IpAddr>) -> io::Result<Soc
 /// By hand: neither socket2 nor rustix exposes this option.
 fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: the descriptor is a live socket borrowed for the call, and the
-    // option value is a c_int whose size is passed with it.
+    set_int_option(
+        socket.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        1,
+    )
+}
+
+/// Sets a socket option whose value is a C `int`, for the options neither
+/// socket2 nor rustix exposes.
+pub fn set_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the caller's descriptor is a live socket it holds for the
+    // call, and the option value is a c_int whose size is passed with it.
     #[allow(unsafe_code)]
     let result = unsafe {
         libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

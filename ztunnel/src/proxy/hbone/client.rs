@@ -73,7 +73,7 @@ pub async fn connect(
         .set_buffer_limit(Some(super::TLS_WRITE_BATCH));
 
     let (sender, connection) = super::client_builder(&proxy.config)
-        .handshake::<_, Bytes>(stream)
+        .handshake::<_, Bytes>(super::FrameWait::client(stream))
         .await
         .map_err(|source| Error::Http2 {
             stage: "handshake",

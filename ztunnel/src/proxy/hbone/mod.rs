@@ -8,13 +8,16 @@
 //! - [`Refusal`]: the reply-code contract, written and read in one place;
 //! - [`bridge`]: the bytes between a TCP connection and a stream;
 //! - [`resume`]: the negotiated extension that moves a stream to another
-//!   `CONNECT` during an upgrade.
+//!   `CONNECT` during an upgrade;
+//! - [`frame_wait`]: the transport below HTTP/2 that sleeps until the frame
+//!   being received can complete.
 //!
 //! Settings and status codes follow Istio's ztunnel so the two interoperate:
 //! 4 MiB stream window, 16 MiB connection window, 1 MiB frames.
 
 mod bridge;
 pub mod client;
+mod frame_wait;
 pub mod resume;
 pub mod server;
 
@@ -24,6 +27,7 @@ pub use bridge::{
     Accepted, BridgeError, Copied, Finish, Movable, MovedTcp, Replay, Unprocessed, bridge,
     bridge_replayable,
 };
+pub use frame_wait::FrameWait;
 use http::StatusCode;
 
 use crate::Config;

@@ -15,12 +15,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use super::Refusal;
+use super::{FrameWait, Refusal};
 use crate::{Config, Error};
 
 /// An accepted HBONE connection, with the client it authenticated.
 pub struct Accepted {
-    pub connection: Connection<TlsStream<TcpStream>, Bytes>,
+    pub connection: Connection<FrameWait<TlsStream<TcpStream>>, Bytes>,
     pub client: PeerCertificate,
 }
 
@@ -58,7 +58,7 @@ async fn handshake(
     let client = kanava_tls::peer_certificate(tls.get_ref().1)
         .map_err(|source| Error::PeerCertificate { peer, source })?;
     let connection = super::server_builder(config)
-        .handshake::<_, Bytes>(tls)
+        .handshake::<_, Bytes>(FrameWait::server(tls))
         .await
         .map_err(|source| Error::Http2 {
             stage: "handshake",

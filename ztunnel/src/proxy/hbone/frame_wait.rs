@@ -1,0 +1,396 @@
+//! Sleep until the HTTP/2 frame being received can complete.
+//!
+//! HTTP/2 hands a DATA frame to its stream only once the whole frame has
+//! arrived, and a bulk sender's frames are up to 256 KiB (one read from its
+//! app). The kernel, though, wakes a reader for every few segments, so the
+//! receiving ztunnel used to wake, decrypt a record or four, find the frame
+//! still incomplete and sleep again, ten times a frame: on the receiving
+//! node of one bulk stream that was most of its context switches.
+//!
+//! [`FrameWait`] sits between TLS and HTTP/2 and follows the frame headers
+//! in the plaintext that HTTP/2 reads. Before the connection sleeps, it sets
+//! the socket's `SO_RCVLOWAT` to what must still arrive before the current
+//! frame can complete, less what TLS may already hold of it; nothing could
+//! be delivered before then anyway, so no byte waits longer. Between frames,
+//! and for small frames, it is 1, the default: a request of a few bytes is
+//! read at once. The kernel still wakes the reader early when its receive
+//! buffer fills or the window closes, and at a FIN or an error.
+//!
+//! This changes nothing on the wire.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The most of a frame TLS may hold read but not yet decrypted: one record
+/// on the wire (16 KiB of plaintext, its padding allowance, its header).
+const TLS_HELD: usize = 16 * 1024 + 2048 + 5;
+
+/// Below this, waking once more costs less than a system call each sleep.
+const WORTH_WAITING_FOR: usize = 32 * 1024;
+
+/// At most this: the kernel sizes its receive buffer to twice the mark, so
+/// a larger one would grow a connection's buffer beyond need.
+const MOST: usize = 256 * 1024;
+
+/// The client's connection preface (RFC 9113, 3.4): what a server reads
+/// before the first frame header.
+const PREFACE_LEN: usize = 24;
+
+const HEADER_LEN: usize = 9;
+
+/// Where the byte stream is in HTTP/2's framing.
+#[derive(Debug)]
+struct Frames {
+    /// Bytes of the client's preface still to skip.
+    preface: usize,
+    /// The next frame's header, as far as it has been read.
+    header: [u8; HEADER_LEN],
+    header_read: usize,
+    /// Bytes of the current frame's payload still to come.
+    payload: usize,
+}
+
+impl Frames {
+    fn new(preface: usize) -> Frames {
+        Frames {
+            preface,
+            header: [0; HEADER_LEN],
+            header_read: 0,
+            payload: 0,
+        }
+    }
+
+    /// Follows `bytes`, the next ones read.
+    fn observe(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.preface > 0 {
+                let skip = self.preface.min(bytes.len());
+                self.preface -= skip;
+                bytes = &bytes[skip..];
+            } else if self.payload > 0 {
+                let skip = self.payload.min(bytes.len());
+                self.payload -= skip;
+                bytes = &bytes[skip..];
+            } else {
+                let take = (HEADER_LEN - self.header_read).min(bytes.len());
+                self.header[self.header_read..self.header_read + take]
+                    .copy_from_slice(&bytes[..take]);
+                self.header_read += take;
+                bytes = &bytes[take..];
+                if self.header_read == HEADER_LEN {
+                    self.header_read = 0;
+                    self.payload = usize::from(self.header[0]) << 16
+                        | usize::from(self.header[1]) << 8
+                        | usize::from(self.header[2]);
+                }
+            }
+        }
+    }
+
+    /// The low-water mark to sleep with: what must still reach the socket
+    /// before the current frame can complete, or 1.
+    fn low_water(&self) -> usize {
+        let waiting = self.payload.saturating_sub(TLS_HELD).min(MOST);
+        if waiting >= WORTH_WAITING_FOR {
+            waiting
+        } else {
+            1
+        }
+    }
+}
+
+/// A transport whose TCP socket can be reached.
+pub trait OverTcp {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl OverTcp for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+/// An HBONE connection's transport (TLS over TCP) that, read by HTTP/2,
+/// sleeps until the frame being received can complete.
+#[derive(Debug)]
+pub struct FrameWait<T> {
+    inner: T,
+    frames: Frames,
+    /// The socket's `SO_RCVLOWAT` as last set (1, the kernel's default, at
+    /// first).
+    low_water: usize,
+}
+
+impl<T: OverTcp> FrameWait<T> {
+    /// The client's end: frames start at once.
+    pub fn client(inner: T) -> FrameWait<T> {
+        FrameWait::new(inner, 0)
+    }
+
+    /// The server's end: frames start after the client's preface.
+    pub fn server(inner: T) -> FrameWait<T> {
+        FrameWait::new(inner, PREFACE_LEN)
+    }
+
+    fn new(inner: T, preface: usize) -> FrameWait<T> {
+        FrameWait {
+            inner,
+            frames: Frames::new(preface),
+            low_water: 1,
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// Sets the socket's low-water mark for the sleep ahead. Setting it
+    /// signals the reader at once if the socket already holds that much,
+    /// so no wake-up is lost between the read that found too little and
+    /// this.
+    fn before_sleep(&mut self) {
+        let wanted = self.frames.low_water();
+        if wanted != self.low_water {
+            // If the option cannot be set the connection merely wakes as
+            // often as it did without it.
+            if set_receive_low_water(self.inner.tcp(), wanted).is_ok() {
+                self.low_water = wanted;
+            }
+        }
+    }
+}
+
+/// `SO_RCVLOWAT`. By hand: neither socket2 nor rustix exposes it.
+fn set_receive_low_water(tcp: &TcpStream, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    super::super::socket::set_int_option(
+        tcp.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVLOWAT,
+        value,
+    )
+}
+
+impl<T: AsyncRead + OverTcp + Unpin> AsyncRead for FrameWait<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.frames.observe(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                this.before_sleep();
+                Poll::Pending
+            }
+            failed => failed,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWait<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(length: usize, kind: u8) -> Vec<u8> {
+        let mut header = vec![
+            (length >> 16) as u8,
+            (length >> 8) as u8,
+            length as u8,
+            kind,
+            0,
+        ];
+        header.extend_from_slice(&1u32.to_be_bytes());
+        header
+    }
+
+    #[test]
+    fn a_large_frame_is_waited_for_whole_and_a_small_one_not() {
+        let mut frames = Frames::new(0);
+        assert_eq!(frames.low_water(), 1, "between frames");
+        frames.observe(&header(256 * 1024, 0));
+        assert_eq!(frames.low_water(), 256 * 1024 - TLS_HELD);
+        frames.observe(&[0; 100 * 1024]);
+        assert_eq!(frames.low_water(), 156 * 1024 - TLS_HELD);
+        frames.observe(&vec![0; 156 * 1024 - 20 * 1024]);
+        assert_eq!(frames.low_water(), 1, "what is left TLS may hold");
+        frames.observe(&[0; 20 * 1024]);
+        assert_eq!(frames.low_water(), 1, "the frame is complete");
+        frames.observe(&header(40, 0));
+        assert_eq!(frames.low_water(), 1, "a small frame");
+    }
+
+    #[test]
+    fn the_mark_is_bounded() {
+        let mut frames = Frames::new(0);
+        frames.observe(&header(1 << 20, 0));
+        assert_eq!(frames.low_water(), MOST);
+    }
+
+    #[test]
+    fn headers_split_across_reads_and_frames_sharing_one_are_followed() {
+        let mut stream = header(4, 8); // WINDOW_UPDATE
+        stream.extend_from_slice(&[0, 0, 1, 0]);
+        stream.extend(header(100 * 1024, 0));
+        stream.extend_from_slice(&[7; 10]);
+        let mut frames = Frames::new(0);
+        for byte in &stream {
+            frames.observe(std::slice::from_ref(byte));
+        }
+        assert_eq!(frames.payload, 100 * 1024 - 10);
+        let mut at_once = Frames::new(0);
+        at_once.observe(&stream);
+        assert_eq!(at_once.payload, frames.payload);
+    }
+
+    #[test]
+    fn a_server_skips_the_clients_preface() {
+        let mut frames = Frames::new(PREFACE_LEN);
+        let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        assert_eq!(stream.len(), PREFACE_LEN);
+        stream.extend(header(64 * 1024, 0));
+        frames.observe(&stream);
+        assert_eq!(frames.payload, 64 * 1024);
+    }
+
+    /// The socket's `SO_RCVLOWAT`, read back from the kernel.
+    fn kernel_low_water(tcp: &TcpStream) -> usize {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a live socket, and a c_int with its size to read into.
+        #[allow(unsafe_code)]
+        let result = unsafe {
+            libc::getsockopt(
+                tcp.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(result, 0);
+        usize::try_from(value).unwrap()
+    }
+
+    /// Reads what the socket holds until a read would sleep; returns the
+    /// bytes read.
+    fn drain(receiver: &mut FrameWait<TcpStream>) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0; 64 * 1024];
+        let mut total = 0;
+        loop {
+            match futures::FutureExt::now_or_never(receiver.read(&mut buf)) {
+                Some(read) => {
+                    let read = read.unwrap();
+                    assert!(read > 0, "the sender did not close");
+                    total += read;
+                }
+                None => return total,
+            }
+        }
+    }
+
+    /// Over a real socket: the mark is raised while a large frame is short
+    /// of its end, a few more bytes of it do not wake the reader, the rest
+    /// does, and the mark is back at 1 between frames, where one byte
+    /// wakes the reader.
+    #[tokio::test]
+    async fn the_reader_sleeps_until_the_frame_can_complete() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (receiver, _) = listener.accept().await.unwrap();
+        let mut receiver = FrameWait::client(receiver);
+        let mut buf = vec![0; 64 * 1024];
+
+        let length = 200 * 1024;
+        sender.write_all(&header(length, 0)).await.unwrap();
+        sender.write_all(&[1; 1024]).await.unwrap();
+        let mut read = receiver.read(&mut buf).await.unwrap();
+        read += drain(&mut receiver);
+        assert_eq!(read, HEADER_LEN + 1024);
+        assert_eq!(receiver.low_water, length - 1024 - TLS_HELD);
+        assert_eq!(kernel_low_water(receiver.get_ref()), receiver.low_water);
+
+        sender.write_all(&[1; 8 * 1024]).await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(200), receiver.read(&mut buf)).await;
+        assert!(early.is_err(), "woken before the frame could complete");
+
+        sender.write_all(&vec![1; length - 9 * 1024]).await.unwrap();
+        sender.write_all(&header(4, 8)).await.unwrap();
+        sender.write_all(&[0, 0, 1, 0]).await.unwrap();
+        let mut rest = 0;
+        while rest < length - 1024 + HEADER_LEN + 4 {
+            rest += tokio::time::timeout(Duration::from_secs(5), receiver.read(&mut buf))
+                .await
+                .expect("woken once the frame could complete")
+                .unwrap();
+        }
+        assert_eq!(drain(&mut receiver), 0);
+        assert_eq!(receiver.frames.payload, 0);
+        assert_eq!(receiver.low_water, 1);
+        assert_eq!(kernel_low_water(receiver.get_ref()), 1);
+
+        sender.write_all(&[0]).await.unwrap();
+        let small = tokio::time::timeout(Duration::from_secs(5), receiver.read(&mut buf))
+            .await
+            .expect("one byte wakes the reader between frames")
+            .unwrap();
+        assert_eq!(small, 1);
+    }
+}

@@ -166,7 +166,13 @@ impl<T: OverTcp> FrameWait<T> {
     /// so no wake-up is lost between the read that found too little and
     /// this.
     fn before_sleep(&mut self) {
-        let wanted = self.frames.low_water();
+        let mut wanted = self.frames.low_water();
+        if wanted > 1 && wanted != self.low_water {
+            let buffer = socket2::SockRef::from(self.inner.tcp())
+                .recv_buffer_size()
+                .unwrap_or(0);
+            wanted = within_receive_buffer(wanted, buffer);
+        }
         if wanted != self.low_water {
             // If the option cannot be set the connection merely wakes as
             // often as it did without it.
@@ -174,6 +180,25 @@ impl<T: OverTcp> FrameWait<T> {
                 self.low_water = wanted;
             }
         }
+    }
+}
+
+/// The mark `wanted`, kept within what the socket's receive buffer
+/// (`SO_RCVBUF`, `buffer` bytes) already holds. A mark beyond it makes the
+/// kernel grow the buffer and clamp the receive window to the mark, and
+/// autotuning, which grows the window only as the reader takes more per
+/// round trip, may then keep a long path below its bandwidth. A quarter of
+/// the buffer is a window's worth at any ratio of payload to buffer
+/// overhead the kernel assumes; a bulk connection's buffer grows to
+/// megabytes within its first round trips, and its mark with it.
+fn within_receive_buffer(wanted: usize, buffer: usize) -> usize {
+    let room = buffer / 4;
+    if wanted <= room {
+        wanted
+    } else if room >= WORTH_WAITING_FOR {
+        room
+    } else {
+        1
     }
 }
 
@@ -273,6 +298,17 @@ mod tests {
     }
 
     #[test]
+    fn the_mark_stays_within_the_receive_buffer() {
+        assert_eq!(within_receive_buffer(200 * 1024, 4 << 20), 200 * 1024);
+        assert_eq!(within_receive_buffer(200 * 1024, 400 * 1024), 100 * 1024);
+        assert_eq!(
+            within_receive_buffer(200 * 1024, 64 * 1024),
+            1,
+            "a fresh socket's buffer leaves no room worth waiting for"
+        );
+    }
+
+    #[test]
     fn the_mark_is_bounded() {
         let mut frames = Frames::new(0);
         frames.observe(&header(1 << 20, 0));
@@ -355,10 +391,16 @@ mod tests {
             .await
             .unwrap();
         let (receiver, _) = listener.accept().await.unwrap();
+        // A buffer of its own, so the mark is not bounded by what
+        // autotuning happened to give a fresh socket (the kernel doubles
+        // the 200 KiB asked for: room for a mark of 100 KiB).
+        socket2::SockRef::from(&receiver)
+            .set_recv_buffer_size(200 * 1024)
+            .unwrap();
         let mut receiver = FrameWait::client(receiver);
         let mut buf = vec![0; 64 * 1024];
 
-        let length = 200 * 1024;
+        let length = 100 * 1024;
         sender.write_all(&header(length, 0)).await.unwrap();
         sender.write_all(&[1; 1024]).await.unwrap();
         let mut read = receiver.read(&mut buf).await.unwrap();

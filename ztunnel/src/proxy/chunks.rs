@@ -40,13 +40,10 @@ const LARGEST_READ: u32 = 256 * 1024;
 /// anyway.
 pub struct ChunkReader {
     /// Bytes to ask for next (32 bits: the reader lives in the task of
-    /// every connection, and beside the flag below fits in one word).
+    /// every connection).
     size: u32,
     /// The buffer of a busy connection; empty (no memory) while it is quiet.
     buffer: BytesMut,
-    /// The last read took less than it asked for: the peer most likely
-    /// has nothing more to send right now.
-    caught_up: bool,
 }
 
 impl ChunkReader {
@@ -54,15 +51,7 @@ impl ChunkReader {
         ChunkReader {
             size: FIRST_READ,
             buffer: BytesMut::new(),
-            caught_up: false,
         }
-    }
-
-    /// Whether the last chunk was all the peer had sent (the read took
-    /// less than it asked for): the next read would most likely find
-    /// nothing.
-    pub fn caught_up(&self) -> bool {
-        self.caught_up
     }
 
     /// The next bytes the peer sent; empty once it has finished sending.
@@ -98,9 +87,7 @@ impl ChunkReader {
             // the next, and the loop finds the socket not ready.
             match tokio_util::io::poll_read_buf(Pin::new(&mut *from), cx, &mut self.buffer) {
                 Poll::Ready(Ok(read)) => {
-                    let asked = self.size as usize;
-                    self.caught_up = read < asked;
-                    if read >= asked {
+                    if read >= self.size as usize {
                         self.size = (self.size * 2).min(LARGEST_READ);
                     }
                     return Poll::Ready(Ok(self.buffer.split().freeze()));

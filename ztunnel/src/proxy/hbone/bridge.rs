@@ -321,16 +321,13 @@ where
                     return Ok(DirectionEnd::Ended);
                 }
                 sent += chunk.len() as u64;
+                // No yield after the send: a read that took less than it
+                // asked for has tokio forget the socket's readiness, so the
+                // next read sleeps without a system call, and the HTTP/2
+                // driver the send woke (on this worker) writes the bytes
+                // first. A yield cost each request an `epoll_wait` more.
                 if let Err(error) = send_chunk(&mut send, chunk).await {
                     return send_failed(error);
-                }
-                if reader.caught_up() {
-                    // A request, not a bulk transfer: the HTTP/2 driver
-                    // (woken by the send, on this same worker) writes it to
-                    // TLS first, and only then does this task try the
-                    // socket again, which would most likely find nothing.
-                    // A round trip saves that read's time at every hop.
-                    tokio::task::yield_now().await;
                 }
             }
             // Moving: everything read from TCP is sent; the rest stays in

@@ -16,13 +16,24 @@
 //! read at once. The kernel still wakes the reader early when its receive
 //! buffer fills or the window closes, and at a FIN or an error.
 //!
-//! This changes nothing on the wire.
+//! It also hands HTTP/2 at most one HEADERS frame per poll of the
+//! connection. HTTP/2 keeps each stream whose request (or response) it has
+//! read but not yet handed over in a buffer that grows to the largest such
+//! burst and never shrinks: read whole, a burst of new streams (a client
+//! opening a hundred connections at once) cost every HBONE connection tens
+//! of KiB for the rest of its life. Handed one at a time, each stream is
+//! taken by its task before the next is read; what was read past the
+//! frame waits in a small buffer of its own, held only until the next
+//! read.
+//!
+//! Neither changes anything on the wire.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -43,6 +54,9 @@ const PREFACE_LEN: usize = 24;
 
 const HEADER_LEN: usize = 9;
 
+/// The type of a HEADERS frame (RFC 9113, 6.2).
+const HEADERS: u8 = 0x1;
+
 /// Where the byte stream is in HTTP/2's framing.
 #[derive(Debug)]
 struct Frames {
@@ -53,6 +67,8 @@ struct Frames {
     header_read: usize,
     /// Bytes of the current frame's payload still to come.
     payload: usize,
+    /// The current frame's type.
+    kind: u8,
 }
 
 impl Frames {
@@ -62,34 +78,47 @@ impl Frames {
             header: [0; HEADER_LEN],
             header_read: 0,
             payload: 0,
+            kind: 0,
         }
     }
 
-    /// Follows `bytes`, the next ones read.
-    fn observe(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
+    /// Follows `bytes`, the next ones read, up to the end of the first
+    /// HEADERS frame that ends among them, and returns how many bytes that
+    /// took; `None` if it followed all of them.
+    fn observe(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut at = 0;
+        while at < bytes.len() {
+            let rest = &bytes[at..];
             if self.preface > 0 {
-                let skip = self.preface.min(bytes.len());
+                let skip = self.preface.min(rest.len());
                 self.preface -= skip;
-                bytes = &bytes[skip..];
-            } else if self.payload > 0 {
-                let skip = self.payload.min(bytes.len());
+                at += skip;
+                continue;
+            }
+            if self.payload > 0 {
+                let skip = self.payload.min(rest.len());
                 self.payload -= skip;
-                bytes = &bytes[skip..];
+                at += skip;
             } else {
-                let take = (HEADER_LEN - self.header_read).min(bytes.len());
+                let take = (HEADER_LEN - self.header_read).min(rest.len());
                 self.header[self.header_read..self.header_read + take]
-                    .copy_from_slice(&bytes[..take]);
+                    .copy_from_slice(&rest[..take]);
                 self.header_read += take;
-                bytes = &bytes[take..];
-                if self.header_read == HEADER_LEN {
-                    self.header_read = 0;
-                    self.payload = usize::from(self.header[0]) << 16
-                        | usize::from(self.header[1]) << 8
-                        | usize::from(self.header[2]);
+                at += take;
+                if self.header_read < HEADER_LEN {
+                    continue;
                 }
+                self.header_read = 0;
+                self.payload = usize::from(self.header[0]) << 16
+                    | usize::from(self.header[1]) << 8
+                    | usize::from(self.header[2]);
+                self.kind = self.header[3];
+            }
+            if self.payload == 0 && self.kind == HEADERS {
+                return Some(at);
             }
         }
+        None
     }
 
     /// The low-water mark to sleep with: what must still reach the socket
@@ -136,6 +165,11 @@ pub struct FrameWait<T> {
     /// The socket's `SO_RCVLOWAT` as last set (1, the kernel's default, at
     /// first).
     low_water: usize,
+    /// Read past a HEADERS frame: handed to HTTP/2 at its next read but one.
+    /// Empty, holding no memory, almost always.
+    held: BytesMut,
+    /// The next read yields: HTTP/2 has just been handed a HEADERS frame.
+    yield_next: bool,
 }
 
 impl<T: OverTcp> FrameWait<T> {
@@ -154,6 +188,8 @@ impl<T: OverTcp> FrameWait<T> {
             inner,
             frames: Frames::new(preface),
             low_water: 1,
+            held: BytesMut::new(),
+            yield_next: false,
         }
     }
 
@@ -220,10 +256,35 @@ impl<T: AsyncRead + OverTcp + Unpin> AsyncRead for FrameWait<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.yield_next {
+            // HTTP/2 returns to the task, which takes the stream it just
+            // read; the task runs again at once.
+            this.yield_next = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        if !this.held.is_empty() {
+            let offered = this.held.len().min(buf.remaining());
+            let stop = this.frames.observe(&this.held[..offered]);
+            let handed = stop.unwrap_or(offered);
+            buf.put_slice(&this.held[..handed]);
+            if handed == this.held.len() {
+                this.held = BytesMut::new();
+            } else {
+                this.held.advance(handed);
+            }
+            this.yield_next = stop.is_some();
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.frames.observe(&buf.filled()[before..]);
+                let read = &buf.filled()[before..];
+                if let Some(end) = this.frames.observe(read) {
+                    this.held.extend_from_slice(&read[end..]);
+                    buf.set_filled(before + end);
+                    this.yield_next = true;
+                }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
@@ -339,6 +400,153 @@ mod tests {
         stream.extend(header(64 * 1024, 0));
         frames.observe(&stream);
         assert_eq!(frames.payload, 64 * 1024);
+    }
+
+    #[test]
+    fn each_headers_frame_ends_what_is_followed_at_once() {
+        let mut stream = header(4, 8); // WINDOW_UPDATE
+        stream.extend_from_slice(&[0, 0, 1, 0]);
+        stream.extend(header(20, HEADERS));
+        stream.extend_from_slice(&[1; 20]);
+        let first = stream.len();
+        stream.extend(header(10, 0));
+        stream.extend_from_slice(&[2; 10]);
+        stream.extend(header(0, HEADERS));
+        let second = stream.len() - first;
+        stream.extend(header(5, 0));
+        stream.extend_from_slice(&[3; 5]);
+        let mut frames = Frames::new(0);
+        assert_eq!(frames.observe(&stream), Some(first));
+        assert_eq!(frames.observe(&stream[first..]), Some(second));
+        assert_eq!(frames.observe(&stream[first + second..]), None);
+        assert_eq!(frames.payload, 0);
+
+        let mut split = Frames::new(0);
+        let mut stops = Vec::new();
+        for (at, byte) in stream.iter().enumerate() {
+            if split.observe(std::slice::from_ref(byte)).is_some() {
+                stops.push(at + 1);
+            }
+        }
+        assert_eq!(stops, [first, first + second], "one byte at a time");
+    }
+
+    /// A waker that counts its wakes.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl futures::task::ArcWake for Wakes {
+        fn wake_by_ref(arc_self: &std::sync::Arc<Self>) {
+            arc_self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Two requests and some data read at once: HTTP/2 gets the first
+    /// request, then a yield that wakes the task at once, then the second,
+    /// another yield, then the rest; the bytes held in between are given
+    /// back.
+    #[tokio::test]
+    async fn http2_reads_one_headers_frame_per_poll() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (receiver, _) = listener.accept().await.unwrap();
+        let mut sent = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        sent.extend(header(30, HEADERS));
+        sent.extend_from_slice(&[1; 30]);
+        let first = sent.len();
+        sent.extend(header(40, HEADERS));
+        sent.extend_from_slice(&[2; 40]);
+        let second = sent.len();
+        sent.extend(header(50, 0));
+        sent.extend_from_slice(&[3; 50]);
+        sender.write_all(&sent).await.unwrap();
+        receiver.readable().await.unwrap();
+        let mut receiver = FrameWait::server(receiver);
+
+        let wakes = std::sync::Arc::new(Wakes(0.into()));
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut storage = vec![0; 64 * 1024];
+        let mut read = || {
+            let mut buf = ReadBuf::new(&mut storage);
+            match Pin::new(&mut receiver).poll_read(&mut cx, &mut buf) {
+                Poll::Ready(result) => {
+                    result.unwrap();
+                    Some(buf.filled().to_vec())
+                }
+                Poll::Pending => None,
+            }
+        };
+        let woken = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        // The first read may come before all the bytes have.
+        let mut got = read().expect("bytes waiting");
+        while got.len() < first {
+            got.extend(read().expect("bytes waiting"));
+        }
+        assert_eq!(got, sent[..first], "up to the end of the first request");
+        assert_eq!(read(), None, "a yield");
+        assert_eq!(woken(), 1, "that wakes the task at once");
+        let mut rest = read().expect("the bytes held");
+        while rest.len() < second - first {
+            rest.extend(read().expect("bytes waiting"));
+        }
+        assert_eq!(rest, sent[first..second], "the second request");
+        assert_eq!(read(), None, "a yield");
+        assert_eq!(woken(), 2);
+        let mut data = Vec::new();
+        while data.len() < sent.len() - second {
+            data.extend(read().expect("bytes waiting"));
+        }
+        assert_eq!(data, sent[second..]);
+        assert_eq!(read(), None, "nothing more was sent");
+        assert_eq!(woken(), 2, "a real sleep is not a yield");
+        assert_eq!(receiver.held.capacity(), 0, "nothing held");
+    }
+
+    /// With HTTP/2 on both ends: a burst of requests read at once is
+    /// accepted whole, one stream at a time.
+    #[tokio::test]
+    async fn a_burst_of_streams_is_accepted_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        const STREAMS: usize = 100;
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(FrameWait::server(tcp)).await.unwrap();
+            let mut accepted = 0;
+            while let Some(stream) = connection.accept().await {
+                let (_request, mut respond) = stream.unwrap();
+                respond
+                    .send_response(http::Response::new(()), true)
+                    .unwrap();
+                accepted += 1;
+            }
+            accepted
+        });
+        let tcp = TcpStream::connect(address).await.unwrap();
+        let (client, connection) = h2::client::handshake(FrameWait::client(tcp)).await.unwrap();
+        let driver = tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let mut responses = Vec::new();
+        // Sent before any is answered: the server reads them in bursts.
+        for _ in 0..STREAMS {
+            let request = http::Request::get("http://x/").body(()).unwrap();
+            let (response, _) = client.send_request(request, true).unwrap();
+            responses.push(response);
+            client = client.ready().await.unwrap();
+        }
+        for response in responses {
+            assert_eq!(response.await.unwrap().status(), 200);
+        }
+        drop(client);
+        let accepted = tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the server ends with the client")
+            .unwrap();
+        assert_eq!(accepted, STREAMS);
+        driver.await.unwrap().unwrap();
     }
 
     /// The socket's `SO_RCVLOWAT`, read back from the kernel.

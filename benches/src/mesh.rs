@@ -119,7 +119,17 @@ impl ProxyCounters {
             switches: self.switches - before.switches,
         }
     }
+
+    fn add(&mut self, other: &ProxyCounters) {
+        self.user += other.user;
+        self.system += other.system;
+        self.switches += other.switches;
+    }
 }
+
+/// The nodes of the throughput scenario by their part in it, in node order:
+/// the client pod (node 1) sends, the server pod (node 2) receives.
+const NODE_PARTS: [&str; 2] = ["sending node", "receiving node"];
 
 /// The client pod of the first-connection scenario's repetition.
 fn first_pod(repetition: usize, namespace: &str) -> String {
@@ -504,7 +514,7 @@ impl MeshBench {
             ("1 stream", "1", goals::SINGLE_STREAM_THROUGHPUT),
             ("8 streams", "8", goals::EIGHT_STREAM_THROUGHPUT),
         ] {
-            let before = self.proxy_counters(mode);
+            let before = self.proxy_counters_by_node(mode);
             let mut argv = vec![
                 "iperf3", "-c", &host, "-p", "5201", "-t", &seconds, "-P", streams, "-J",
             ];
@@ -513,7 +523,7 @@ impl MeshBench {
                 argv.extend(["-O", "1"]);
             }
             let result = self.run_json(mode, &Self::client(mode), &argv)?;
-            let after = self.proxy_counters(mode);
+            let after = self.proxy_counters_by_node(mode);
             let received = &result["end"]["sum_received"];
             let bits = received["bits_per_second"]
                 .as_f64()
@@ -530,7 +540,12 @@ impl MeshBench {
             if mode != Mode::Direct {
                 let gib = received["bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
                 if gib > 0.0 {
-                    let spent = after.since(&before);
+                    let by_node: Vec<ProxyCounters> =
+                        after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
+                    let mut spent = ProxyCounters::default();
+                    for node in &by_node {
+                        spent.add(node);
+                    }
                     for (name, unit, value) in [
                         (
                             "ztunnel CPU per GiB",
@@ -554,23 +569,47 @@ impl MeshBench {
                             value / gib,
                         );
                     }
+                    // Each node's share: a total can hide one node's
+                    // excess behind the other's thrift.
+                    for (node, part) in by_node.iter().zip(NODE_PARTS) {
+                        for (name, unit, value) in [
+                            ("ztunnel CPU per GiB", "CPU s/GiB", node.user + node.system),
+                            (
+                                "ztunnel context switches per GiB",
+                                "switches/GiB",
+                                node.switches,
+                            ),
+                        ] {
+                            collector.measure_for(
+                                mode,
+                                &self.named("proxy cost"),
+                                &format!("{name}, {part} ({metric})"),
+                                unit,
+                                Better::Lower,
+                                None,
+                                value / gib,
+                            );
+                        }
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// What `mode`'s proxies (both nodes') have spent so far.
-    fn proxy_counters(&self, mode: Mode) -> ProxyCounters {
-        let mut counters = ProxyCounters::default();
-        for pid in self.ztunnel_pids(mode) {
-            if let Some(times) = procfs::cpu_times(pid) {
-                counters.user += times.user;
-                counters.system += times.system;
-            }
-            counters.switches += procfs::context_switches(pid).unwrap_or(0) as f64;
-        }
-        counters
+    /// What each of `mode`'s proxies has spent so far, in node order.
+    fn proxy_counters_by_node(&self, mode: Mode) -> Vec<ProxyCounters> {
+        self.ztunnel_pids(mode)
+            .into_iter()
+            .map(|pid| {
+                let times = procfs::cpu_times(pid);
+                ProxyCounters {
+                    user: times.as_ref().map_or(0.0, |t| t.user),
+                    system: times.as_ref().map_or(0.0, |t| t.system),
+                    switches: procfs::context_switches(pid).unwrap_or(0) as f64,
+                }
+            })
+            .collect()
     }
 
     fn latency(&self, mode: Mode, collector: &mut Collector) -> anyhow::Result<()> {

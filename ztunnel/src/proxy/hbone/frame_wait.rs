@@ -431,6 +431,16 @@ mod tests {
         assert_eq!(stops, [first, first + second], "one byte at a time");
     }
 
+    /// Both ends of a TCP connection over loopback: (sender, receiver).
+    async fn connected_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sender = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (receiver, _) = listener.accept().await.unwrap();
+        (sender, receiver)
+    }
+
     /// A waker that counts its wakes.
     struct Wakes(std::sync::atomic::AtomicUsize);
 
@@ -447,11 +457,7 @@ mod tests {
     #[tokio::test]
     async fn http2_reads_one_headers_frame_per_poll() {
         use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (receiver, _) = listener.accept().await.unwrap();
+        let (mut sender, receiver) = connected_pair().await;
         let mut sent = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         sent.extend(header(30, HEADERS));
         sent.extend_from_slice(&[1; 30]);
@@ -594,11 +600,7 @@ mod tests {
     async fn the_reader_sleeps_until_the_frame_can_complete() {
         use std::time::Duration;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (receiver, _) = listener.accept().await.unwrap();
+        let (mut sender, receiver) = connected_pair().await;
         // A buffer of its own, so the mark is not bounded by what
         // autotuning happened to give a fresh socket (the kernel doubles
         // the 200 KiB asked for: room for a mark of 100 KiB).

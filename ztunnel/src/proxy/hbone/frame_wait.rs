@@ -23,8 +23,8 @@
 //! opening a hundred connections at once) cost every HBONE connection tens
 //! of KiB for the rest of its life. Handed one at a time, each stream is
 //! taken by its task before the next is read; what was read past the
-//! frame waits in a small buffer of its own, held only until the next
-//! read.
+//! frame (at most one read from TLS, about one record) waits in a buffer
+//! of its own until HTTP/2 reads again after the yield.
 //!
 //! Neither changes anything on the wire.
 
@@ -150,6 +150,8 @@ impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
+/// Plain TCP, for the tests: HBONE always runs over TLS.
+#[cfg(test)]
 impl OverTcp for TcpStream {
     fn tcp(&self) -> &TcpStream {
         self
@@ -157,7 +159,8 @@ impl OverTcp for TcpStream {
 }
 
 /// An HBONE connection's transport (TLS over TCP) that, read by HTTP/2,
-/// sleeps until the frame being received can complete.
+/// sleeps until the frame being received can complete and hands over one
+/// HEADERS frame per poll.
 #[derive(Debug)]
 pub struct FrameWait<T> {
     inner: T,

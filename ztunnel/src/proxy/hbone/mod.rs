@@ -10,7 +10,8 @@
 //! - [`resume`]: the negotiated extension that moves a stream to another
 //!   `CONNECT` during an upgrade;
 //! - [`frame_wait`]: the transport below HTTP/2 that sleeps until the frame
-//!   being received can complete.
+//!   being received can complete, and hands HTTP/2 one new stream at a
+//!   time.
 //!
 //! Settings and status codes follow Istio's ztunnel so the two interoperate:
 //! 4 MiB stream window, 16 MiB connection window, 1 MiB frames.

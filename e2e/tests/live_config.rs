@@ -247,7 +247,7 @@ fn traffic_survives_the_control_plane_going_away_and_changes_flow_after_it_retur
 
 #[test]
 fn certificates_rotate_under_continuous_traffic() {
-    let lab = up(&LAB.replace("nodes: 2", "nodes: 2\ncertificateTTL: 60s"));
+    let lab = up(&LAB.replace("nodes: 2", "nodes: 2\ncertificateTTL: 20s"));
     let web = SocketAddr::from((pod_ip(&lab, "shop/web"), 80));
     let stop = AtomicBool::new(false);
     let (ok, failures) = traffic(
@@ -256,9 +256,9 @@ fn certificates_rotate_under_continuous_traffic() {
         web,
         Duration::from_millis(250),
         &stop,
-        Duration::from_secs(180),
+        Duration::from_secs(60),
     );
-    assert!(ok > 400, "{ok} connections in 3 minutes");
+    assert!(ok > 150, "{ok} connections in a minute");
     assert!(
         failures.is_empty(),
         "{} failed connections: {failures:?}",
@@ -277,8 +277,8 @@ fn certificates_rotate_under_continuous_traffic() {
             })
             .count();
         assert!(
-            issued >= 3,
-            "{identity}: {issued} certificates issued in 3 minutes (first + renewals)"
+            issued >= 4,
+            "{identity}: {issued} certificates issued in a minute (first + renewals every 10 s)"
         );
     }
 }

@@ -19,7 +19,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -29,7 +29,7 @@ use super::access_log::Transferred;
 /// while reads fill the buffer, up to the most worth reading at once in a
 /// bulk transfer.
 const FIRST_READ: u32 = 4 * 1024;
-const LARGEST_READ: u32 = 256 * 1024;
+pub(crate) const LARGEST_READ: u32 = 256 * 1024;
 
 /// Reads one connection chunk by chunk.
 ///
@@ -42,15 +42,36 @@ pub struct ChunkReader {
     /// Bytes to ask for next (32 bits: the reader lives in the task of
     /// every connection).
     size: u32,
+    /// Left out of the largest reads for the framing sent in front of
+    /// each chunk.
+    headroom: u32,
     /// The buffer of a busy connection; empty (no memory) while it is quiet.
     buffer: BytesMut,
 }
 
 impl ChunkReader {
     pub fn new() -> Self {
+        ChunkReader::with_headroom(0)
+    }
+
+    /// A reader whose chunks each go out behind `headroom` bytes of
+    /// framing. In a bulk transfer a chunk and its framing together are then
+    /// the largest read exactly, a whole number of TLS records; smaller
+    /// reads stay powers of two, the sizes applications write in.
+    pub fn with_headroom(headroom: u32) -> Self {
         ChunkReader {
             size: FIRST_READ,
+            headroom: headroom.min(LARGEST_READ / 2),
             buffer: BytesMut::new(),
+        }
+    }
+
+    /// Bytes the next read asks for.
+    fn read_size(&self) -> usize {
+        if self.size == LARGEST_READ {
+            (LARGEST_READ - self.headroom) as usize
+        } else {
+            self.size as usize
         }
     }
 
@@ -80,14 +101,16 @@ impl ChunkReader {
                     return Poll::Pending;
                 }
             }
+            let asked = self.read_size();
             // Reclaims the memory of earlier chunks once they are gone.
-            self.buffer.reserve(self.size as usize);
+            self.buffer.reserve(asked);
             // Readiness can come without data (a freshly accepted socket
             // often reports it): the read then clears it and registers for
             // the next, and the loop finds the socket not ready.
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *from), cx, &mut self.buffer) {
+            let mut room = (&mut self.buffer).limit(asked);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *from), cx, &mut room) {
                 Poll::Ready(Ok(read)) => {
-                    if read >= self.size as usize {
+                    if read >= asked {
                         self.size = (self.size * 2).min(LARGEST_READ);
                     }
                     return Poll::Ready(Ok(self.buffer.split().freeze()));
@@ -148,7 +171,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::{ChunkReader, Transferred, copy_tcp};
+    use super::{ChunkReader, LARGEST_READ, Transferred, copy_tcp};
 
     /// Both ends of a loopback TCP connection.
     async fn pair() -> (TcpStream, TcpStream) {
@@ -225,6 +248,27 @@ mod tests {
                 to_source: 0
             }
         );
+    }
+
+    #[test]
+    fn bulk_chunks_leave_room_for_their_frame_header() {
+        let mut reader = ChunkReader::with_headroom(9);
+        let mut sizes = Vec::new();
+        for _ in 0..10 {
+            sizes.push(reader.read_size());
+            reader.size = (reader.size * 2).min(LARGEST_READ);
+        }
+        assert_eq!(
+            sizes[..7],
+            [4096, 8192, 16384, 32768, 65536, 131072, 262135],
+            "powers of two, the sizes applications write in, until the largest"
+        );
+        assert!(sizes[6..].iter().all(|&size| size == 262135));
+        assert_eq!((262135 + 9) % (16 * 1024), 0, "whole TLS records");
+        assert_eq!(ChunkReader::new().read_size(), 4096);
+        reader = ChunkReader::new();
+        reader.size = LARGEST_READ;
+        assert_eq!(reader.read_size(), 256 * 1024, "plain TCP has no framing");
     }
 
     /// A task that has used up its runtime budget is told to wait by the

@@ -289,7 +289,7 @@ where
                 unguard();
                 return Ok::<_, BridgeError>(DirectionEnd::Ended);
             }
-            let mut reader = ChunkReader::new();
+            let mut reader = ChunkReader::with_headroom(super::DATA_FRAME_HEADER);
             loop {
                 let seen = flags.load(Ordering::Acquire);
                 if seen & PEER_MOVED != 0 {

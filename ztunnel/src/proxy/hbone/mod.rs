@@ -44,6 +44,19 @@ const MAX_FRAME: u32 = 1024 * 1024;
 /// pays nothing for it.
 pub const TLS_WRITE_BATCH: usize = 256 * 1024;
 
+/// An HTTP/2 frame header (RFC 9113, 4.1): what a DATA frame adds to the
+/// chunk it carries. The bridge's largest reads from the app leave room for
+/// it, so that a bulk DATA frame with its header is [`TLS_WRITE_BATCH`]
+/// exactly: sixteen full TLS records, taken by TLS in one piece. A 256 KiB
+/// chunk behind its header left 9 bytes over, which became a TLS record, a
+/// `writev` and a packet of their own for every frame.
+const DATA_FRAME_HEADER: u32 = 9;
+
+const _: () = assert!(
+    crate::proxy::chunks::LARGEST_READ as usize == TLS_WRITE_BATCH,
+    "a bulk DATA frame fills one TLS write batch"
+);
+
 /// HTTP/2 client settings of an HBONE connection.
 pub fn client_builder(config: &Config) -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();

@@ -186,7 +186,30 @@ pub struct AbRow {
     pub current: f64,
     /// `current / other`.
     pub ratio: f64,
+    /// The same ratio within each repetition (this build's sample over the
+    /// other side's of the same repetition): steadier than the ratio of
+    /// the medians on a noisy machine, and its spread shows how far one
+    /// run's ratio can be trusted. `None` when the sides' samples do not
+    /// pair up.
+    #[serde(default)]
+    pub per_repetition: Option<Stats>,
     pub target: Option<Target>,
+}
+
+/// Each repetition's `current / other` (for `Of::Added`, what each side
+/// added to that repetition's direct path), when every side has one sample
+/// per repetition.
+fn per_repetition(of: Of, direct: &[f64], theirs: &[f64], current: &[f64]) -> Option<Stats> {
+    if theirs.len() != current.len() || (of == Of::Added && direct.len() != current.len()) {
+        return None;
+    }
+    let ratios: Vec<f64> = (0..current.len())
+        .map(|i| match of {
+            Of::Median => current[i] / theirs[i],
+            Of::Added => (current[i] - direct[i]) / (theirs[i] - direct[i]),
+        })
+        .collect();
+    Stats::of(&ratios)
 }
 
 impl AbGoal {
@@ -211,35 +234,38 @@ impl AbGoal {
     }
 }
 
+/// One number as both sides measured it: scenario, metric, unit, the
+/// direct path (for compared numbers), the other side, this build.
+type Sides<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<&'a Stats>,
+    &'a Stats,
+    &'a Stats,
+);
+
 /// The A/B rows against `other`: every held metric (checked), then every
 /// other number both sides produced (for reference). Empty when the run
 /// did not measure that side.
 pub fn rows(other: Other, comparisons: &[Comparison], measurements: &[Measurement]) -> Vec<AbRow> {
     let mut rows = Vec::new();
-    // (scenario, metric, unit, direct median, other side's median, this build's median)
-    let pairs: Vec<(&str, &str, &str, f64, f64, f64)> = comparisons
+    let pairs: Vec<Sides> = comparisons
         .iter()
         .filter_map(|c| {
-            let theirs = other.of_comparison(c)?.median;
+            let theirs = other.of_comparison(c)?;
             Some((
                 &*c.scenario,
                 &*c.metric,
                 &*c.unit,
-                c.direct.median,
+                Some(&c.direct),
                 theirs,
-                c.mesh.median,
+                &c.mesh,
             ))
         })
         .chain(measurements.iter().filter_map(|m| {
-            let theirs = other.of_measurement(m)?.median;
-            Some((
-                &*m.scenario,
-                &*m.metric,
-                &*m.unit,
-                f64::NAN,
-                theirs,
-                m.stats.median,
-            ))
+            let theirs = other.of_measurement(m)?;
+            Some((&*m.scenario, &*m.metric, &*m.unit, None, theirs, &m.stats))
         }))
         .collect();
     if pairs.is_empty() {
@@ -258,6 +284,7 @@ pub fn rows(other: Other, comparisons: &[Comparison], measurements: &[Measuremen
                 other: f64::NAN,
                 current: f64::NAN,
                 ratio: f64::NAN,
+                per_repetition: None,
                 target: Some(Target {
                     text: "not measured".into(),
                     met: false,
@@ -265,9 +292,16 @@ pub fn rows(other: Other, comparisons: &[Comparison], measurements: &[Measuremen
             });
             continue;
         };
+        let direct_samples = direct.map_or(&[][..], |d| &d.samples[..]);
+        let paired = per_repetition(goal.of(), direct_samples, &theirs.samples, &current.samples);
+        let direct = direct.map_or(f64::NAN, |d| d.median);
         let (metric, theirs, current) = match goal.of() {
-            Of::Median => (metric.to_string(), theirs, current),
-            Of::Added => (format!("added {metric}"), theirs - direct, current - direct),
+            Of::Median => (metric.to_string(), theirs.median, current.median),
+            Of::Added => (
+                format!("added {metric}"),
+                theirs.median - direct,
+                current.median - direct,
+            ),
         };
         let ratio = current / theirs;
         rows.push(AbRow {
@@ -277,6 +311,7 @@ pub fn rows(other: Other, comparisons: &[Comparison], measurements: &[Measuremen
             other: theirs,
             current,
             ratio,
+            per_repetition: paired,
             target: Some(goal.check(ratio, other)),
         });
     }
@@ -291,9 +326,10 @@ pub fn rows(other: Other, comparisons: &[Comparison], measurements: &[Measuremen
             scenario: scenario.into(),
             metric: metric.into(),
             unit: unit.into(),
-            other: theirs,
-            current,
-            ratio: current / theirs,
+            other: theirs.median,
+            current: current.median,
+            ratio: current.median / theirs.median,
+            per_repetition: per_repetition(Of::Median, &[], &theirs.samples, &current.samples),
             target: None,
         });
     }
@@ -402,6 +438,44 @@ mod tests {
             .expect("throughput row");
         assert_eq!(throughput.other, 4.0);
         assert!(!throughput.target.as_ref().expect("held").met, "0.8 < 1.5");
+    }
+
+    #[test]
+    fn each_repetition_is_compared_with_its_own() {
+        // The medians' ratio is 1 (2 over 2); within each repetition the
+        // ratios are 0.5, 2 and 1.
+        let paired =
+            per_repetition(Of::Median, &[], &[2.0, 1.0, 3.0], &[1.0, 2.0, 3.0]).expect("paired");
+        assert_eq!((paired.median, paired.min, paired.max), (1.0, 0.5, 2.0));
+        // Added: each side less that repetition's direct path.
+        let added =
+            per_repetition(Of::Added, &[10.0, 20.0], &[30.0, 60.0], &[20.0, 50.0]).expect("paired");
+        assert_eq!((added.min, added.max), (0.5, 0.75));
+        assert!(
+            per_repetition(Of::Median, &[], &[1.0, 2.0], &[1.0]).is_none(),
+            "a repetition without its pair pairs nothing"
+        );
+
+        let mut collector = Collector::default();
+        for (peer, mesh) in [(2.0, 1.0), (1.0, 2.0), (3.0, 3.0)] {
+            compared(
+                &mut collector,
+                ("throughput", "1 stream", "Gbit/s", Better::Higher),
+                &[(Mode::Direct, 10.0), (Mode::Peer, peer), (Mode::Mesh, mesh)],
+            );
+        }
+        let rows = rows(
+            Other::Peer,
+            &collector.comparisons(),
+            &collector.measurements(),
+        );
+        let throughput = rows
+            .iter()
+            .find(|r| r.metric == "1 stream")
+            .expect("throughput row");
+        assert_eq!(throughput.ratio, 1.0);
+        let paired = throughput.per_repetition.as_ref().expect("paired");
+        assert_eq!((paired.min, paired.max), (0.5, 2.0));
     }
 
     #[test]

@@ -177,6 +177,9 @@ fn floor_section(results: &Results) -> Option<String> {
     (rows > 0).then_some(out)
 }
 
+/// What the A/B tables' column of per-repetition ratios is.
+const EACH_REPETITION: &str = "\"Each repetition\" is the same ratio taken within every repetition, this build's sample over the other side's (its median and range): how far the ratio of the medians can move between runs. The targets hold the ratio of the medians.";
+
 /// The Markdown report; `analysis` (hand-written) is appended as it is.
 pub fn markdown(results: &Results, analysis: &str) -> String {
     let mut out = String::new();
@@ -199,11 +202,11 @@ pub fn markdown(results: &Results, analysis: &str) -> String {
         m.cpu, m.cores, m.memory_gib, m.kernel, results.repetitions
     );
     let peer_intro = format!(
-        "## Kanava against {peer}\n\nPeer: {peer}. It runs in a lab of its own of the same shape, on the same pods; direct, the peer and this build take turns within every repetition. Latency targets compare what each proxy adds to the direct path.\n",
+        "## Kanava against {peer}\n\nPeer: {peer}. It runs in a lab of its own of the same shape, on the same pods; direct, the peer and this build take turns within every repetition. Latency targets compare what each proxy adds to the direct path. {EACH_REPETITION}\n",
         peer = results.peer.as_deref().unwrap_or("the peer"),
     );
     let baseline_intro = format!(
-        "## This build against the baseline\n\nBaseline: {}. Its mesh runs in a second lab of the same shape; direct, baseline and this build take turns within every repetition.\n",
+        "## This build against the baseline\n\nBaseline: {}. Its mesh runs in a second lab of the same shape; direct, baseline and this build take turns within every repetition. {EACH_REPETITION}\n",
         results.baseline.as_deref().unwrap_or("another build")
     );
     for (other, intro, column) in [
@@ -217,19 +220,23 @@ pub fn markdown(results: &Results, analysis: &str) -> String {
         let _ = writeln!(out, "{intro}");
         let _ = writeln!(
             out,
-            "| scenario | metric | {column} | this build | this/{column} | target |"
+            "| scenario | metric | {column} | this build | this/{column} | each repetition [min–max] | target |"
         );
-        let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
+        let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |");
         for row in &rows {
+            let paired = row.per_repetition.as_ref().map_or(String::new(), |p| {
+                format!("{} [{}–{}]", number(p.median), number(p.min), number(p.max))
+            });
             let _ = writeln!(
                 out,
-                "| {} | {} ({}) | {} | {} | {} | {} |",
+                "| {} | {} ({}) | {} | {} | {} | {} | {} |",
                 row.scenario,
                 row.metric,
                 row.unit,
                 number(row.other),
                 number(row.current),
                 number(row.ratio),
+                paired,
                 target(&row.target)
             );
         }

@@ -341,6 +341,13 @@ mod tests {
     use super::*;
     use crate::stats::{Better, Collector, Mode};
 
+    /// The row of `metric`, which the test expects to be there.
+    fn row<'a>(rows: &'a [AbRow], metric: &str) -> &'a AbRow {
+        rows.iter()
+            .find(|r| r.metric == metric)
+            .unwrap_or_else(|| panic!("no row {metric}"))
+    }
+
     /// Records one sample per side of a compared metric
     /// (scenario, metric, unit, which way is better).
     fn compared(
@@ -381,24 +388,15 @@ mod tests {
             &collector.comparisons(),
             &collector.measurements(),
         );
-        let cpu = rows
-            .iter()
-            .find(|r| r.metric == "ztunnel CPU per GiB (1 stream)")
-            .expect("cpu row");
+        let cpu = row(&rows, "ztunnel CPU per GiB (1 stream)");
         assert_eq!(cpu.ratio, 2.2 / 4.0);
         assert!(!cpu.target.as_ref().expect("held").met, "0.55 > 0.5");
-        let latency = rows
-            .iter()
-            .find(|r| r.metric == "added p50")
-            .expect("latency row");
+        let latency = row(&rows, "added p50");
         // (170 − 50) / (250 − 50)
         assert_eq!(latency.ratio, 0.6);
         assert!(latency.target.as_ref().expect("held").met);
         // Held but never measured: said so, not dropped.
-        let missing = rows
-            .iter()
-            .find(|r| r.metric == "8 streams")
-            .expect("throughput row");
+        let missing = row(&rows, "8 streams");
         assert_eq!(
             missing.target.as_ref().map(|t| t.text.as_str()),
             Some("not measured")
@@ -420,10 +418,7 @@ mod tests {
         );
         let (comparisons, measurements) = (collector.comparisons(), collector.measurements());
         let against_peer = rows(Other::Peer, &comparisons, &measurements);
-        let throughput = against_peer
-            .iter()
-            .find(|r| r.metric == "1 stream")
-            .expect("throughput row");
+        let throughput = row(&against_peer, "1 stream");
         assert_eq!(throughput.other, 2.5);
         assert_eq!(throughput.ratio, 3.2 / 2.5);
         let target = throughput.target.as_ref().expect("held");
@@ -432,10 +427,7 @@ mod tests {
         // The same number against the baseline is held to the baseline's
         // goal, from the baseline's samples.
         let against_baseline = rows(Other::Baseline, &comparisons, &measurements);
-        let throughput = against_baseline
-            .iter()
-            .find(|r| r.metric == "1 stream")
-            .expect("throughput row");
+        let throughput = row(&against_baseline, "1 stream");
         assert_eq!(throughput.other, 4.0);
         assert!(!throughput.target.as_ref().expect("held").met, "0.8 < 1.5");
     }
@@ -469,10 +461,7 @@ mod tests {
             &collector.comparisons(),
             &collector.measurements(),
         );
-        let throughput = rows
-            .iter()
-            .find(|r| r.metric == "1 stream")
-            .expect("throughput row");
+        let throughput = row(&rows, "1 stream");
         assert_eq!(throughput.ratio, 1.0);
         let paired = throughput.per_repetition.as_ref().expect("paired");
         assert_eq!((paired.min, paired.max), (0.5, 2.0));

@@ -8,6 +8,8 @@
 #
 # New inputs that reach new code are added to fuzz/corpus/<target>/; commit
 # them (after `cargo +nightly fuzz cmin TARGET` to keep the corpus small).
+# The smoke run starts from the same corpus but keeps what it finds in a
+# temporary directory, so a checkout is left as it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,8 +49,18 @@ for target in "${targets[@]}"; do
   # every target builds and runs under libFuzzer, and an optimised build
   # took 11 of CI's 30 minutes, against 5. Sanitizer: address (the default).
   log=$(mktemp)
+  corpus=()
+  found=""
+  if [ -n "$seconds" ]; then
+    # libFuzzer adds new inputs to the first corpus directory it is given.
+    found=$(mktemp -d)
+    corpus=("$found" "fuzz/corpus/$target")
+  fi
   status=0
-  cargo +nightly fuzz run "${build[@]}" "$target" -- "${limit[@]}" -print_final_stats=1 >"$log" 2>&1 || status=$?
+  cargo +nightly fuzz run "${build[@]}" "$target" "${corpus[@]}" -- "${limit[@]}" -print_final_stats=1 >"$log" 2>&1 || status=$?
+  if [ -n "$found" ]; then
+    rm -rf "$found"
+  fi
   grep -E "^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb|==[0-9]+==ERROR|SUMMARY)" "$log" || true
   if [ "$status" -ne 0 ]; then
     tail -n 40 "$log" >&2

@@ -329,3 +329,197 @@ fn a_peer_that_does_not_answer_the_move_gets_a_drain_and_the_connection_lives_on
     round_trip(&mut tcp, b"after");
     lab.refresh().unwrap();
 }
+
+/// A leaving ztunnel tells each HBONE client to go away and closes the
+/// connection once the client has answered and its last requests have had
+/// their answers. A client slow to read (its task busy, its CPU shared)
+/// may still be sending requests then. The ztunnel must neither exit nor
+/// close under them: the kernel would reset the connection, and the client
+/// would fail its streams with a broken connection, which it cannot retry
+/// since it cannot tell whether they were served. Its requests get answers.
+#[test]
+fn a_client_slow_to_read_the_goaway_gets_answers_not_a_reset() {
+    let lab = up(MESH_LAB);
+    let identity: kanava_mesh::Identity =
+        "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
+    let echo = SocketAddr::new(pod_ip(&lab, "shop/echo"), 7000);
+    let rt = runtime();
+    let (ears, mut sender) = rt.block_on(async {
+        let tls = kanava_e2e::tls_to_echo_hbone(
+            &lab,
+            &kanava_e2e::mesh_cert(&lab, &identity),
+            &kanava_e2e::mesh_roots(&lab),
+        )
+        .await
+        .unwrap();
+        let ears = Arc::new(Ears::default());
+        let (sender, connection) = h2::client::handshake(Deafenable {
+            inner: tls,
+            ears: ears.clone(),
+        })
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        (ears, sender.ready().await.unwrap())
+    });
+    ears.state.lock().unwrap().armed = true;
+    let name = lab.name().to_string();
+    let upgrading = std::thread::spawn(move || {
+        kanava_lab::Lab::attach(Some(&name))
+            .unwrap()
+            .upgrade(&UpgradeOptions {
+                nodes: vec!["node-2".into()],
+                ..Default::default()
+            })
+    });
+    let outcomes = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), ears.deaf.notified())
+            .await
+            .expect("the leaving ztunnel sent a GOAWAY");
+        // Everything else of the hand-over is done well within this.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Two requests, sent as a client that has not read the GOAWAY
+        // would: against a closed socket the first would meet a reset and
+        // the second a broken pipe.
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            let request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(echo.to_string())
+                .body(())
+                .unwrap();
+            let (response, send) = sender.send_request(request, false).unwrap();
+            streams.push((tokio::spawn(response), send));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        ears.hear();
+        let mut outcomes = Vec::new();
+        for (response, _send) in streams {
+            let outcome = tokio::time::timeout(Duration::from_secs(10), response)
+                .await
+                .expect("an outcome")
+                .unwrap();
+            outcomes.push(outcome.map(|response| response.status()));
+        }
+        outcomes
+    });
+    for outcome in outcomes {
+        assert!(
+            outcome.is_ok(),
+            "an answer, not a broken connection: {outcome:?}"
+        );
+    }
+    let upgraded = upgrading.join().unwrap().expect("upgrade");
+    assert_eq!(upgraded.len(), 1, "{upgraded:?}");
+}
+
+/// What [`Deafenable`] hears, shared with the test.
+#[derive(Default)]
+struct Ears {
+    state: std::sync::Mutex<EarsState>,
+    /// Told once a GOAWAY arrived and is held back.
+    deaf: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct EarsState {
+    /// Go deaf at the next GOAWAY.
+    armed: bool,
+    deaf: bool,
+    /// Read from the server but not handed to HTTP/2 yet.
+    held: Vec<u8>,
+    waker: Option<std::task::Waker>,
+}
+
+impl Ears {
+    /// Hands HTTP/2 what was held back, and what comes after.
+    fn hear(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.deaf = false;
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// An HBONE client's transport that, once armed, stops handing HTTP/2 what
+/// it reads from the server's next GOAWAY on, as a client that is slow to
+/// read would, while its writes still go out.
+struct Deafenable<T> {
+    inner: T,
+    ears: Arc<Ears>,
+}
+
+/// Where a GOAWAY frame (RFC 9113, 6.8) without debug data, as HTTP/2
+/// servers send to shut down gracefully, starts in `bytes`.
+fn goaway(bytes: &[u8]) -> Option<usize> {
+    const HEADER: [u8; 9] = [0, 0, 8, 7, 0, 0, 0, 0, 0];
+    bytes
+        .windows(HEADER.len())
+        .position(|frame| frame == HEADER)
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Deafenable<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        {
+            let mut state = this.ears.state.lock().unwrap();
+            if state.deaf {
+                state.waker = Some(cx.waker().clone());
+                return std::task::Poll::Pending;
+            }
+            if !state.held.is_empty() {
+                let handed = state.held.len().min(buf.remaining());
+                buf.put_slice(&state.held[..handed]);
+                state.held.drain(..handed);
+                return std::task::Poll::Ready(Ok(()));
+            }
+        }
+        let before = buf.filled().len();
+        std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let mut state = this.ears.state.lock().unwrap();
+        if state.armed
+            && let Some(at) = goaway(&buf.filled()[before..])
+        {
+            state.held = buf.filled()[before + at..].to_vec();
+            buf.set_filled(before + at);
+            state.armed = false;
+            state.deaf = true;
+            this.ears.deaf.notify_one();
+            if at == 0 {
+                // An empty read would say the server finished.
+                state.waker = Some(cx.waker().clone());
+                return std::task::Poll::Pending;
+            }
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Deafenable<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

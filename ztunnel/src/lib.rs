@@ -269,6 +269,21 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
             }
         }
     }
+    // HBONE connections told to go away close once their clients have
+    // answered, and keep their sockets open a moment after
+    // (`proxy::inbound::linger`): exiting before would reset them under
+    // requests whose answers are still on their way.
+    let closing = proxy
+        .departure
+        .closed(std::time::Instant::now() + proxy::inbound::CLOSE_WITHIN)
+        .await;
+    if closing > 0 {
+        tracing::warn!(
+            closing,
+            within = ?proxy::inbound::CLOSE_WITHIN,
+            "HBONE connections still closing are reset"
+        );
+    }
     // Messages still queued for the successor carry sockets (and the
     // summary): they go out before this process exits.
     if !proxy.departure.close_outbox(FLUSH_WITHIN).await {

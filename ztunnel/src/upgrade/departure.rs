@@ -30,6 +30,9 @@ pub struct Departure {
     movable: AtomicUsize,
     /// Proxied connections whose task runs.
     open: AtomicUsize,
+    /// Inbound HBONE connections told to go away that have not closed yet
+    /// (their lingering included, [`crate::proxy::inbound::CLOSE_LINGER`]).
+    closing: AtomicUsize,
     moved: AtomicU64,
     changed: Notify,
 }
@@ -46,6 +49,9 @@ impl std::fmt::Debug for MovableGuard {
 
 /// One proxied connection's task.
 pub struct OpenGuard(Arc<Departure>);
+
+/// One inbound HBONE connection told to go away, until its socket closes.
+pub struct ClosingGuard(Arc<Departure>);
 
 impl Departure {
     /// Cancelled when this ztunnel starts handing its connections over.
@@ -92,6 +98,11 @@ impl Departure {
     pub fn open_connection(self: &Arc<Self>) -> OpenGuard {
         self.open.fetch_add(1, Ordering::AcqRel);
         OpenGuard(self.clone())
+    }
+
+    pub fn closing_connection(self: &Arc<Self>) -> ClosingGuard {
+        self.closing.fetch_add(1, Ordering::AcqRel);
+        ClosingGuard(self.clone())
     }
 
     /// Connections whose task still runs here.
@@ -157,6 +168,12 @@ impl Departure {
         self.wait_for(&self.open, deadline).await
     }
 
+    /// Waits until every HBONE connection told to go away has closed, or
+    /// until `deadline`. Returns how many had not.
+    pub async fn closed(&self, deadline: Instant) -> usize {
+        self.wait_for(&self.closing, deadline).await
+    }
+
     async fn wait_for(&self, count: &AtomicUsize, deadline: Instant) -> usize {
         loop {
             let changed = self.changed.notified();
@@ -194,6 +211,13 @@ impl Drop for MovableGuard {
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.counted();
+    }
+}
+
+impl Drop for ClosingGuard {
+    fn drop(&mut self) {
+        self.0.closing.fetch_sub(1, Ordering::AcqRel);
         self.0.counted();
     }
 }

@@ -271,7 +271,7 @@ pub async fn run(config: Config, terminate: CancellationToken) -> Result<(), Err
     }
     // HBONE connections told to go away close once their clients have
     // answered, and keep their sockets open a moment after
-    // (`proxy::inbound::linger`): exiting before would reset them under
+    // (`proxy::inbound::CLOSE_LINGER`): exiting before would reset them under
     // requests whose answers are still on their way.
     let closing = proxy
         .departure

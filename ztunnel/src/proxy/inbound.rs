@@ -100,7 +100,7 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
         certificate: client,
     });
     // Set once this ztunnel leaves: the process does not exit before the
-    // connection closed (see `linger`).
+    // connection closed (see `CLOSE_LINGER`).
     let mut going_away = None;
     loop {
         let stream = tokio::select! {
@@ -116,7 +116,7 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
         };
         let Some(stream) = stream else {
             if going_away.is_some() {
-                linger().await;
+                tokio::time::sleep(CLOSE_LINGER).await;
             }
             break;
         };
@@ -139,28 +139,21 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<CapturedPod>, tcp: TcpStream, pe
 }
 
 /// How long a leaving ztunnel keeps an HBONE connection's socket open
-/// after HTTP/2 closed it: as long as Go's HTTP/2 server waits after its
-/// final GOAWAY.
+/// after HTTP/2 closed it (as long as Go's HTTP/2 server waits after its
+/// final GOAWAY). HTTP/2 closes once its final GOAWAY is out and no stream
+/// is left, but the client may not have read everything yet, and may still
+/// send a frame or two (a window update, a reset). Closing a socket with
+/// bytes unread makes the kernel reset the connection, and a client that
+/// then writes fails every stream whose answer it had not yet read with a
+/// broken connection: one it cannot retry, since it cannot tell whether the
+/// stream was served. (The process exiting while a client has not yet
+/// answered the GOAWAY would do the same, hence `Departure::closed`.)
 pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// How long a leaving ztunnel waits, once everything moved, for its HBONE
 /// connections to close: its clients' acknowledgement of the GOAWAY, the
 /// answers to the last requests, the linger.
 pub const CLOSE_WITHIN: Duration = Duration::from_secs(5);
-
-/// Keeps the socket of a connection HTTP/2 has just closed open for
-/// [`CLOSE_LINGER`]. HTTP/2 closes once its final GOAWAY is out and no
-/// stream is left, but the client may not have read everything yet, and
-/// may still send a frame or two (a window update, a reset). Closing a
-/// socket with bytes unread makes the kernel reset the connection, and a
-/// client that then writes fails every stream whose answer it had not yet
-/// read with a broken connection: one it cannot retry, since it cannot
-/// tell whether the stream was served. (The process exiting while a client
-/// has not yet answered the GOAWAY would do the same, hence
-/// `Departure::closed`.)
-async fn linger() {
-    tokio::time::sleep(CLOSE_LINGER).await;
-}
 
 /// The authenticated client of an HBONE connection.
 pub struct Client {

@@ -26,32 +26,41 @@ pub struct Departure {
     outbox: Mutex<Option<std::sync::mpsc::Sender<Outgoing>>>,
     /// The thread that empties `outbox` into the upgrade socket.
     sender: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Connections whose stream can move and has not moved yet.
-    movable: AtomicUsize,
-    /// Proxied connections whose task runs.
-    open: AtomicUsize,
-    /// Inbound HBONE connections told to go away that have not closed yet
-    /// (their lingering included, [`crate::proxy::inbound::CLOSE_LINGER`]).
-    closing: AtomicUsize,
+    /// What is still on its way out, by kind ([`MOVABLE`], [`OPEN`],
+    /// [`CLOSING`]), each held by a [`Counted`] guard.
+    counts: [AtomicUsize; 3],
     moved: AtomicU64,
     changed: Notify,
 }
 
+/// Connections whose stream can move and has not moved yet.
+const MOVABLE: usize = 0;
+/// Proxied connections whose task runs.
+const OPEN: usize = 1;
+/// Inbound HBONE connections told to go away that have not closed yet
+/// (their lingering included, [`crate::proxy::inbound::CLOSE_LINGER`]).
+const CLOSING: usize = 2;
+
+/// One of [`Departure`]'s counts (`KIND`), held until dropped. The kind is
+/// part of the type, so a guard costs a pointer and one kind cannot be
+/// dropped for another.
+pub struct Counted<const KIND: usize>(Arc<Departure>);
+
 /// One connection whose stream can move; dropped once it moved, can no
 /// longer move, or ended.
-pub struct MovableGuard(Arc<Departure>);
-
-impl std::fmt::Debug for MovableGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("MovableGuard")
-    }
-}
+pub type MovableGuard = Counted<MOVABLE>;
 
 /// One proxied connection's task.
-pub struct OpenGuard(Arc<Departure>);
+pub type OpenGuard = Counted<OPEN>;
 
 /// One inbound HBONE connection told to go away, until its socket closes.
-pub struct ClosingGuard(Arc<Departure>);
+pub type ClosingGuard = Counted<CLOSING>;
+
+impl<const KIND: usize> std::fmt::Debug for Counted<KIND> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(["MovableGuard", "OpenGuard", "ClosingGuard"][KIND])
+    }
+}
 
 impl Departure {
     /// Cancelled when this ztunnel starts handing its connections over.
@@ -91,23 +100,25 @@ impl Departure {
     }
 
     pub fn movable(self: &Arc<Self>) -> MovableGuard {
-        self.movable.fetch_add(1, Ordering::AcqRel);
-        MovableGuard(self.clone())
+        self.count()
     }
 
     pub fn open_connection(self: &Arc<Self>) -> OpenGuard {
-        self.open.fetch_add(1, Ordering::AcqRel);
-        OpenGuard(self.clone())
+        self.count()
     }
 
     pub fn closing_connection(self: &Arc<Self>) -> ClosingGuard {
-        self.closing.fetch_add(1, Ordering::AcqRel);
-        ClosingGuard(self.clone())
+        self.count()
+    }
+
+    fn count<const KIND: usize>(self: &Arc<Self>) -> Counted<KIND> {
+        self.counts[KIND].fetch_add(1, Ordering::AcqRel);
+        Counted(self.clone())
     }
 
     /// Connections whose task still runs here.
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+        self.counts[OPEN].load(Ordering::Acquire)
     }
 
     pub fn moved(&self) -> u64 {
@@ -159,19 +170,19 @@ impl Departure {
     /// Waits until no stream is left to move, or until `deadline`. Returns
     /// how many were still to move. (Woken promptly only once leaving.)
     pub async fn settled(&self, deadline: Instant) -> usize {
-        self.wait_for(&self.movable, deadline).await
+        self.wait_for(&self.counts[MOVABLE], deadline).await
     }
 
     /// Waits until no proxied connection is left, or until `deadline`.
     /// Returns how many were still open.
     pub async fn drained(&self, deadline: Instant) -> usize {
-        self.wait_for(&self.open, deadline).await
+        self.wait_for(&self.counts[OPEN], deadline).await
     }
 
     /// Waits until every HBONE connection told to go away has closed, or
     /// until `deadline`. Returns how many had not.
     pub async fn closed(&self, deadline: Instant) -> usize {
-        self.wait_for(&self.closing, deadline).await
+        self.wait_for(&self.counts[CLOSING], deadline).await
     }
 
     async fn wait_for(&self, count: &AtomicUsize, deadline: Instant) -> usize {
@@ -201,23 +212,9 @@ impl Departure {
     }
 }
 
-impl Drop for MovableGuard {
+impl<const KIND: usize> Drop for Counted<KIND> {
     fn drop(&mut self) {
-        self.0.movable.fetch_sub(1, Ordering::AcqRel);
-        self.0.counted();
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.counted();
-    }
-}
-
-impl Drop for ClosingGuard {
-    fn drop(&mut self) {
-        self.0.closing.fetch_sub(1, Ordering::AcqRel);
+        self.0.counts[KIND].fetch_sub(1, Ordering::AcqRel);
         self.0.counted();
     }
 }

@@ -251,6 +251,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_kind_is_counted_apart_and_closing_connections_are_awaited() {
+        let departure = Arc::new(Departure::default());
+        let (outbox, _inbox) = std::sync::mpsc::channel();
+        departure.start_leaving(outbox);
+        let closing = departure.closing_connection();
+        let soon = || Instant::now() + Duration::from_millis(50);
+        assert_eq!(departure.settled(soon()).await, 0, "nothing to move");
+        assert_eq!(departure.drained(soon()).await, 0, "nothing open");
+        assert_eq!(departure.open(), 0);
+        assert_eq!(departure.closed(soon()).await, 1, "one still closing");
+        let waiter = tokio::spawn({
+            let departure = departure.clone();
+            async move {
+                departure
+                    .closed(Instant::now() + Duration::from_secs(5))
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "the connection has not closed");
+        drop(closing);
+        assert_eq!(waiter.await.expect("joined"), 0);
+    }
+
+    #[tokio::test]
     async fn nothing_is_handed_over_without_a_successor() {
         let departure = Departure::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -223,11 +223,18 @@ impl<const KIND: usize> Drop for Counted<KIND> {
 mod tests {
     use super::*;
 
+    /// A departure that has started leaving, and the successor's end of its
+    /// outbox (kept, so the outbox stays open).
+    fn leaving() -> (Arc<Departure>, std::sync::mpsc::Receiver<Outgoing>) {
+        let departure = Arc::new(Departure::default());
+        let (outbox, inbox) = std::sync::mpsc::channel();
+        departure.start_leaving(outbox);
+        (departure, inbox)
+    }
+
     #[tokio::test]
     async fn waits_until_every_movable_connection_moved() {
-        let departure = Arc::new(Departure::default());
-        let (outbox, _inbox) = std::sync::mpsc::channel();
-        departure.start_leaving(outbox);
+        let (departure, _inbox) = leaving();
         let first = departure.movable();
         let second = departure.movable();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -252,9 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_kind_is_counted_apart_and_closing_connections_are_awaited() {
-        let departure = Arc::new(Departure::default());
-        let (outbox, _inbox) = std::sync::mpsc::channel();
-        departure.start_leaving(outbox);
+        let (departure, _inbox) = leaving();
         let closing = departure.closing_connection();
         let soon = || Instant::now() + Duration::from_millis(50);
         assert_eq!(departure.settled(soon()).await, 0, "nothing to move");
